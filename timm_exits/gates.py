@@ -1,0 +1,101 @@
+"""Exit gates: small modules that decide, per sample, how much weight an exit gets.
+
+A gate returns a logit; the exit weight is `sigmoid(logit)` (the soft-conditional recursion works on
+`logsigmoid` of it for numerical safety). Measured here (see the design notes), gates that see only
+pooled features lose to a plain max-softmax threshold on their own exits, while gates that also see
+the confidence statistics of their exit (and the earlier ones) do not, so "stats" is the default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["NUM_STATS", "logit_stats", "ExitGate"]
+
+NUM_STATS = 3
+
+
+def logit_stats(logits: torch.Tensor) -> torch.Tensor:
+    """Confidence statistics of one exit: max softmax, normalised entropy, top-2 margin.
+
+    Args:
+        logits: (B, K) logits.
+
+    Returns:
+        (B, 3) float32 tensor, each column in [0, 1].
+    """
+    logits = logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    k = logits.shape[-1]
+    entropy = -(p * logp).sum(-1) / math.log(k) if k > 1 else torch.zeros_like(p[:, 0])
+    if k > 1:
+        top2 = p.topk(2, dim=-1).values
+        margin = top2[:, 0] - top2[:, 1]
+        pmax = top2[:, 0]
+    else:
+        pmax = margin = p[:, 0]
+    return torch.stack([pmax, entropy, margin], dim=-1)
+
+
+class ExitGate(nn.Module):
+    """Gate of one exit: an MLP over confidence statistics and/or pooled features.
+
+    Args:
+        kind: "stats", "features" or "both".
+        position: 0-based index of the exit; "stats" gates read the statistics of exits 0..position.
+        feature_dim: Width of the pooled features (used by "features" and "both").
+        hidden: Hidden width; 0 makes the gate a single linear layer.
+        bias: Initial bias of the output logit (negative: the gate starts closed).
+        detach: Stop gradients from the gate into the exit head and the backbone.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        position: int,
+        feature_dim: int,
+        hidden: int = 32,
+        bias: float = -2.0,
+        detach: bool = True,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.detach = detach
+        in_dim = 0
+        if kind in ("stats", "both"):
+            in_dim += NUM_STATS * (position + 1)
+        if kind in ("features", "both"):
+            in_dim += feature_dim
+        if kind == "features" or hidden <= 0:
+            self.mlp = nn.Linear(in_dim, 1)
+            out = self.mlp
+        else:
+            self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+            out = self.mlp[-1]
+        nn.init.constant_(out.bias, bias)
+
+    def forward(self, features: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        """Return the gate logit, shape (B,).
+
+        Args:
+            features: (B, D) pooled features of this exit.
+            stats: (B, 3 * (position + 1)) statistics of this exit and the earlier ones.
+        """
+        parts = []
+        if self.kind in ("stats", "both"):
+            parts.append(stats)
+        if self.kind in ("features", "both"):
+            parts.append(features)
+        z = torch.cat([p.float() for p in parts], dim=-1) if len(parts) > 1 else parts[0]
+        if self.detach:
+            z = z.detach()
+        return self.mlp(z.to(self.mlp_dtype)).squeeze(-1)
+
+    @property
+    def mlp_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

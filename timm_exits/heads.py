@@ -1,0 +1,91 @@
+"""Exit heads: small classifiers that read a branch-point tensor and predict the classes.
+
+Every head pools the branch-point tensor the way the backbone pools its own features (see
+`timm_exits.layout.Pool`) and returns both the logits and the pooled features, which the
+"features" gates read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layout import Pool, to_nchw
+
+__all__ = ["ExitHead", "create_head"]
+
+
+class ExitHead(nn.Module):
+    """Pool -> (norm) -> (hidden layer) -> dropout -> linear.
+
+    Args:
+        layout: Layout of the input tensor ("NCHW", "NHWC", "NLC", "NC").
+        channels: Channels of the input tensor.
+        num_classes: Output classes.
+        kind: "linear", "mlp" or "conv".
+        hidden: Hidden width for "mlp" and "conv".
+        drop_rate: Dropout before the classifier.
+        num_prefix_tokens: Prefix tokens of NLC inputs.
+        token_pool: "token" or "avg" for NLC inputs (follows the backbone's `global_pool`).
+    """
+
+    def __init__(
+        self,
+        layout: str,
+        channels: int,
+        num_classes: int,
+        kind: str = "linear",
+        hidden: int = 256,
+        drop_rate: float = 0.0,
+        num_prefix_tokens: int = 0,
+        token_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        self.layout = layout
+        self.kind = kind
+        self.num_prefix_tokens = num_prefix_tokens
+        if kind == "conv":
+            if layout == "NC":
+                raise ValueError("head='conv' needs a spatial or token input; this exit is already pooled.")
+            self.conv = nn.Sequential(
+                nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(inplace=True),
+            )
+            self.pool = Pool("NCHW")
+            width = hidden
+        else:
+            self.conv = None
+            self.pool = Pool(layout, num_prefix_tokens, token_pool)
+            width = channels
+        # Transformer branch points carry un-normalised residual streams; normalise after pooling.
+        self.norm = nn.LayerNorm(width) if layout in ("NLC", "NHWC") and kind != "conv" else nn.Identity()
+        if kind == "mlp":
+            self.hidden = nn.Sequential(nn.Linear(width, hidden), nn.GELU())
+            width = hidden
+        else:
+            self.hidden = nn.Identity()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        self.num_features = width
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled (and normalised) features of a branch-point tensor."""
+        if self.conv is not None:
+            x = self.conv(to_nchw(x, self.layout, self.num_prefix_tokens))
+        return self.hidden(self.norm(self.pool(x)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, pooled features)."""
+        feats = self.pooled(x)
+        return self.fc(self.drop(feats)), feats
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the final linear layer for a new number of classes."""
+        device = next(self.parameters(), torch.empty(0)).device
+        self.fc = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+
+
+def create_head(kind: str, layout: str, channels: int, num_classes: int, **kwargs) -> ExitHead:
+    """Build an exit head; see `ExitHead` for the arguments."""
+    return ExitHead(layout, channels, num_classes, kind=kind, **kwargs)

@@ -1,0 +1,114 @@
+"""Training objectives for multi-exit models.
+
+* `SoftConditionalLoss`: the paper's objective, cross-entropy of the first soft output y_1 plus
+  `cost_weight` times the batch-mean expected cost, plus (by default) deep supervision of every
+  exit. Taken literally (`exit_weight=0`) the objective collapses onto the first exit: with g_1
+  near 1 the later exits get almost no gradient and stay at chance (measured in the design notes);
+  the mean per-exit cross-entropy beside it prevents that.
+* `BranchyNetLoss`: weighted sum of per-exit cross-entropies (B-Net).
+* `FinalExitLoss`: cross-entropy of the backbone's own head (the plain baseline).
+
+All accept hard labels (B,) or soft targets (B, K) such as mixup/cutmix produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import ExitOutput
+
+__all__ = ["cross_entropy", "SoftConditionalLoss", "BranchyNetLoss", "FinalExitLoss"]
+
+
+def _nll(log_probs: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    log_probs = log_probs.float()
+    if target.ndim == log_probs.ndim:
+        return -(target.to(log_probs) * log_probs).sum(-1).mean()
+    if target.ndim != 1 or target.shape[0] != log_probs.shape[0]:
+        raise ValueError(
+            f"targets of shape {tuple(target.shape)} do not match outputs {tuple(log_probs.shape)}; give class "
+            "indices (B,) or soft targets (B, K)."
+        )
+    return F.nll_loss(log_probs, target) if label_smoothing == 0 else _smoothed(log_probs, target, label_smoothing)
+
+
+def _smoothed(log_probs: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    nll = -log_probs.gather(1, target[:, None]).squeeze(1)
+    return ((1 - eps) * nll - eps * log_probs.mean(-1)).mean()
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy that accepts class indices or soft targets (float32 internally)."""
+    return _nll(F.log_softmax(logits.float(), dim=-1), target, label_smoothing)
+
+
+class SoftConditionalLoss(nn.Module):
+    """CE(y_1, target) + cost_weight * mean(C_1) + exit_weight * mean_b CE(f_b, target).
+
+    Args:
+        cost_weight: lambda, the weight of the expected cost. Training recipes warm it up from 0;
+            set the attribute to change it during training.
+        exit_weight: Weight of the deep supervision term (mean CE over all exits). 0 gives the paper's
+            loss taken literally, which collapses onto the first exit.
+        label_smoothing: Label smoothing for hard labels.
+    """
+
+    def __init__(self, cost_weight: float = 0.1, exit_weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.cost_weight = float(cost_weight)
+        self.exit_weight = float(exit_weight)
+        self.label_smoothing = float(label_smoothing)
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, out: ExitOutput, target: torch.Tensor) -> torch.Tensor:
+        soft = _nll(out.log_probs, target, self.label_smoothing)
+        cost = out.expected_cost.mean()
+        loss = soft + self.cost_weight * cost
+        parts = {"soft_ce": soft.detach(), "expected_cost": cost.detach()}
+        if self.exit_weight:
+            exits = torch.stack([cross_entropy(f, target, self.label_smoothing) for f in out.logits]).mean()
+            loss = loss + self.exit_weight * exits
+            parts["exit_ce"] = exits.detach()
+        self.last = parts
+        return loss
+
+
+class BranchyNetLoss(nn.Module):
+    """Weighted sum of per-exit cross-entropies (BranchyNet's joint loss).
+
+    Args:
+        weights: One weight per exit (final exit last); None gives 1 for every exit.
+        label_smoothing: Label smoothing for hard labels.
+    """
+
+    def __init__(self, weights: Sequence[float] | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.label_smoothing = float(label_smoothing)
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, out: ExitOutput, target: torch.Tensor) -> torch.Tensor:
+        weights = self.weights or [1.0] * len(out.logits)
+        if len(weights) != len(out.logits):
+            raise ValueError(f"BranchyNetLoss has {len(weights)} weights but the model has {len(out.logits)} exits.")
+        losses = [cross_entropy(f, target, self.label_smoothing) for f in out.logits]
+        self.last = {f"ce_{i}": loss.detach() for i, loss in enumerate(losses)}
+        return sum(w * loss for w, loss in zip(weights, losses))
+
+
+class FinalExitLoss(nn.Module):
+    """Cross-entropy of the final exit only: plain fine-tuning of the backbone."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = float(label_smoothing)
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, out: ExitOutput, target: torch.Tensor) -> torch.Tensor:
+        loss = cross_entropy(out.final, target, self.label_smoothing)
+        self.last = {"final_ce": loss.detach()}
+        return loss

@@ -1,0 +1,439 @@
+"""The multi-exit wrapper: exits attached to an unmodified backbone through forward hooks.
+
+`wrap(model, exits=...)` resolves exit points (`timm_exits.placement`), builds one `ExitBranch`
+(head + gate) per point and registers each branch's bound method `_hook` as a forward hook on the
+backbone module it reads. Hooks are bound methods of modules owned by the wrapper, so
+`copy.deepcopy` (timm's EMA) re-binds them to the copied branches; `unwrap()` removes them and
+returns the backbone untouched.
+
+The hooks do nothing unless a forward of the wrapper is running: calling `model.backbone(x)`
+directly gives exactly the plain model's output. During `EarlyExitModel.forward` every exit is
+computed (training and soft inference); `EarlyExitModel.predict` (see `timm_exits.policies`) runs
+the hard early-exit path in which exited samples leave the batch and the backbone stops when none
+is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._utils import evaluating
+from .config import ExitConfig
+from .cost import module_flops
+from .gates import ExitGate, logit_stats
+from .heads import ExitHead
+from .placement import ExitPoint, ExitRequest, resolve_exits
+from .soft import exit_log_probs, expected_cost, soft_log_output
+
+__all__ = ["ExitOutput", "ExitBranch", "EarlyExitModel", "wrap"]
+
+
+@dataclass
+class ExitOutput:
+    """Everything one forward of an `EarlyExitModel` computes.
+
+    Attributes:
+        logits: Logits of every exit, the backbone's final head last, each (B, K).
+        gate_logits: (B, num_exits - 1) gate logits of the early exits (the final gate is 1).
+        exit_log_probs: (B, num_exits) log-probability of leaving at each exit (log pi_b).
+        log_probs: (B, K) log of the soft-conditional output y_1.
+        expected_cost: (B,) expected cost C_1 per sample, in units of the backbone's FLOPs.
+    """
+
+    logits: list[torch.Tensor]
+    gate_logits: torch.Tensor
+    exit_log_probs: torch.Tensor
+    log_probs: torch.Tensor
+    expected_cost: torch.Tensor
+
+    @property
+    def gates(self) -> torch.Tensor:
+        """(B, num_exits) gate values, the final exit's fixed to 1."""
+        g = torch.sigmoid(self.gate_logits.float())
+        return torch.cat([g, g.new_ones(g.shape[0], 1)], dim=1)
+
+    @property
+    def soft(self) -> torch.Tensor:
+        """(B, K) class probabilities of the soft-conditional ensemble."""
+        return self.log_probs.exp()
+
+    @property
+    def final(self) -> torch.Tensor:
+        """Logits of the backbone's own head."""
+        return self.logits[-1]
+
+
+class ExitBranch(nn.Module):
+    """One early exit: a head reading a backbone module's output and the gate deciding on it."""
+
+    def __init__(self, point: ExitPoint, position: int, config: ExitConfig, num_prefix_tokens: int, token_pool: str):
+        super().__init__()
+        self.name = point.name
+        self.position = position
+        self.head = ExitHead(
+            point.layout,
+            point.channels,
+            config.num_classes,
+            kind=config.head,
+            hidden=config.head_hidden,
+            drop_rate=config.drop_rate,
+            num_prefix_tokens=num_prefix_tokens,
+            token_pool=token_pool,
+        )
+        self.gate = ExitGate(
+            config.gate,
+            position,
+            self.head.num_features,
+            hidden=config.gate_hidden,
+            bias=config.gate_bias,
+            detach=config.detach_gate_inputs,
+        )
+        self._run: Any = None
+
+    def forward(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (logits, gate logit, statistics of exits 0..position) for a branch-point tensor."""
+        logits, feats = self.head(x)
+        stats = torch.cat([prev_stats, logit_stats(logits)], dim=-1)
+        return logits, self.gate(feats, stats), stats
+
+    def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        run = self._run
+        if run is None:
+            return None
+        return run.on_exit(self, output)
+
+    def extra_repr(self) -> str:
+        return f"at={self.name!r}"
+
+
+class _FullRun:
+    """Collects every exit's logits and gate logit during one full forward."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.logits: list[torch.Tensor] = []
+        self.gate_logits: list[torch.Tensor] = []
+        self.stats = torch.zeros(batch, 0, device=device)
+
+    def on_exit(self, branch: ExitBranch, output: torch.Tensor) -> None:
+        if branch.position != len(self.logits):
+            raise RuntimeError(
+                f"exit {branch.name!r} fired out of order (expected exit {len(self.logits)}); the backbone's "
+                "forward no longer matches the one the exits were placed on."
+            )
+        logits, gate_logit, self.stats = branch(output, self.stats)
+        self.logits.append(logits)
+        self.gate_logits.append(gate_logit)
+        return None
+
+
+class EarlyExitModel(nn.Module):
+    """A timm (or any) backbone with early exits and gates attached through forward hooks.
+
+    Build it with `wrap()`. The backbone is held as `self.backbone`, unchanged.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        config: ExitConfig,
+        points: Sequence[ExitPoint],
+        final_head: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        num_prefix = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
+        token_pool = str(getattr(backbone, "global_pool", "avg"))
+        self.branches = nn.ModuleList(
+            [ExitBranch(p, i, config, num_prefix, "token" if token_pool == "token" else "avg") for i, p in enumerate(points)]
+        )
+        self.final_head = final_head
+        self._points = list(points)
+        self.register_buffer("exit_costs", torch.ones(len(points) + 1), persistent=True)
+        self._batch_shrink_safe: bool | None = None
+        self._install_hooks()
+
+    # ----------------------------------------------------------------------------------- hooks
+    def _install_hooks(self) -> None:
+        modules = dict(self.backbone.named_modules())
+        for branch in self.branches:
+            modules[branch.name].register_forward_hook(branch._hook)
+
+    def _remove_hooks(self) -> None:
+        mine = {id(b) for b in self.branches}
+        for module in self.backbone.modules():
+            for hook_id, hook in list(module._forward_hooks.items()):
+                if id(getattr(hook, "__self__", None)) in mine:
+                    del module._forward_hooks[hook_id]
+                    module._forward_hooks_with_kwargs.pop(hook_id, None)
+                    module._forward_hooks_always_called.pop(hook_id, None)
+
+    @contextlib.contextmanager
+    def _attached(self, run: Any) -> Iterator[None]:
+        for b in self.branches:
+            b._run = run
+        try:
+            yield
+        finally:
+            for b in self.branches:
+                b._run = None
+
+    def unwrap(self) -> nn.Module:
+        """Remove every exit hook and return the original backbone (parameters untouched)."""
+        self._remove_hooks()
+        return self.backbone
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def exits(self) -> list[ExitPoint]:
+        """The early exits: module name, channels, layout, reduction and costs (gamma_b)."""
+        costs = self.exit_costs.tolist()
+        return [replace(p, cost=costs[i]) for i, p in enumerate(self._points)]
+
+    @property
+    def num_exits(self) -> int:
+        """Number of exits, the final head included."""
+        return len(self.branches) + 1
+
+    @property
+    def costs(self) -> torch.Tensor:
+        """Per-exit costs gamma_b (final exit last), as fractions of the plain backbone's FLOPs."""
+        return self.exit_costs
+
+    def set_costs(self, costs: Sequence[float]) -> None:
+        """Override the per-exit costs gamma_b (one per exit, the final exit included)."""
+        values = [float(c) for c in costs]
+        if len(values) != self.num_exits:
+            raise ValueError(
+                f"got {len(values)} costs for {self.num_exits} exits; give one per exit, the final exit last."
+            )
+        t = torch.tensor(values)
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise ValueError(f"costs {values} must be finite and non-negative.")
+        self.exit_costs.copy_(t)
+        self.config.costs = values
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.config.input_size[0]) if self.config.input_size else 3
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def num_features(self) -> int | None:
+        return getattr(self.backbone, "num_features", None)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        return getattr(self.backbone, "pretrained_cfg", {}) or {}
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.pretrained_cfg
+
+    # -------------------------------------------------------------------- timm conventions
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's no-weight-decay names, prefixed so they resolve on this wrapper."""
+        fn = getattr(self.backbone, "no_weight_decay", None)
+        names = fn() if callable(fn) else set()
+        return {f"backbone.{n}" for n in names}
+
+    def get_classifier(self) -> nn.Module:
+        return self.final_head if self.final_head is not None else self.backbone.get_classifier()
+
+    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        """Reset the backbone's classifier and every exit classifier for `num_classes` classes."""
+        if self.final_head is not None:
+            self.final_head = nn.Linear(self.final_head.in_features, num_classes).to(self.exit_costs.device)
+        else:
+            self.backbone.reset_classifier(num_classes, *args, **kwargs)
+        for b in self.branches:
+            b.head.reset_classifier(num_classes)
+        self.config.num_classes = num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def exit_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the exit heads and gates (and the added final head), not the backbone's."""
+        yield from self.branches.parameters()
+        if self.final_head is not None:
+            yield from self.final_head.parameters()
+
+    # ------------------------------------------------------------------------------ forward
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear error unless `x` is a non-empty (B, C, H, W) batch with the right channels."""
+        if not torch.is_tensor(x):
+            raise TypeError(f"expected a tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            fix = " Add the batch dimension with x.unsqueeze(0)." if x.ndim == 3 else ""
+            raise ValueError(f"expected a (B, C, H, W) image batch, got shape {tuple(x.shape)}.{fix}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"input has {x.shape[1]} channels but the backbone takes {self.in_chans}; "
+                f"convert the images (e.g. x.expand(-1, {self.in_chans}, -1, -1) for grey images)."
+            )
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: the input has 0 samples.")
+
+    def final_logits(self, backbone_out: torch.Tensor) -> torch.Tensor:
+        """Logits of the final exit from the backbone's output."""
+        if not torch.is_tensor(backbone_out):
+            raise TypeError(f"the backbone returned {type(backbone_out).__name__}; a logits tensor is needed.")
+        return self.final_head(backbone_out) if self.final_head is not None else backbone_out
+
+    def assemble(self, logits: list[torch.Tensor], gate_logits: torch.Tensor) -> ExitOutput:
+        """Soft-conditional output and expected cost from every exit's logits and gate logits."""
+        log_pi = exit_log_probs(gate_logits)
+        return ExitOutput(
+            logits=logits,
+            gate_logits=gate_logits,
+            exit_log_probs=log_pi,
+            log_probs=soft_log_output(logits, log_pi),
+            expected_cost=expected_cost(log_pi, self.exit_costs),
+        )
+
+    def forward(self, x: torch.Tensor) -> ExitOutput:
+        """Run the backbone once, computing every exit (training and soft inference)."""
+        self.check_input(x)
+        run = _FullRun(x.shape[0], x.device)
+        with self._attached(run):
+            out = self.backbone(x)
+        if len(run.logits) != len(self.branches):
+            missing = [b.name for b in self.branches[len(run.logits) :]]
+            raise RuntimeError(f"exits {missing} did not fire during this forward.")
+        logits = run.logits + [self.final_logits(out)]
+        if run.gate_logits:
+            gate_logits = torch.stack(run.gate_logits, dim=1)
+        else:
+            gate_logits = x.new_zeros(x.shape[0], 0)
+        return self.assemble(logits, gate_logits)
+
+    def predict(self, x: torch.Tensor, policy: str | None = None, threshold: Any = None, **kwargs: Any):
+        """Hard early-exit inference; see `timm_exits.policies.predict`."""
+        from .policies import predict
+
+        return predict(self, x, policy=policy, threshold=threshold, **kwargs)
+
+
+def _default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, int, int]:
+    if input_size is not None:
+        size = tuple(int(v) for v in input_size)
+        if len(size) != 3:
+            raise ValueError(f"input_size must be (C, H, W), got {input_size}")
+        return size  # type: ignore[return-value]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
+    return (3, 224, 224)
+
+
+def wrap(
+    model: nn.Module,
+    exits: ExitRequest = "auto",
+    *,
+    num_classes: int | None = None,
+    head: str = "linear",
+    gate: str = "stats",
+    costs: Sequence[float] | None = None,
+    input_size: Sequence[int] | None = None,
+    config: ExitConfig | None = None,
+    **config_kwargs: Any,
+) -> EarlyExitModel:
+    """Attach early exits and gates to `model` without modifying it.
+
+    Args:
+        model: A timm model (or any `nn.Module` when exits are given as module names).
+        exits: "auto", "blocks", or a list of module names / `feature_info` indices / cost fractions.
+        num_classes: Classes of every exit. Defaults to the backbone's; required when the backbone has
+            `num_classes=0` (a linear final head is then added on its pooled features).
+        head: Exit head type ("linear", "mlp", "conv").
+        gate: Gate input ("stats", "features", "both").
+        costs: Per-exit costs gamma_b overriding the fvcore measurement (final exit included).
+        input_size: (C, H, W) used to probe shapes and count FLOPs (default: the model's pretrained_cfg).
+        config: A full `ExitConfig` (e.g. from a saved model); overrides the other options.
+        **config_kwargs: Further `ExitConfig` fields (head_hidden, gate_bias, drop_rate, ...).
+
+    Returns:
+        An `EarlyExitModel`.
+    """
+    if isinstance(model, EarlyExitModel):
+        raise ValueError("this model is already wrapped; call .unwrap() first or use it as it is.")
+    if config is not None:
+        exits = config.exits
+        input_size = config.input_size
+        costs = config.costs
+    size = _default_input_size(model, input_size)
+    backbone_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        num_classes = config.num_classes if config is not None else backbone_classes
+    if not num_classes:
+        raise ValueError(
+            f"{type(model).__name__} has num_classes=0 (it returns pooled features) and no num_classes was "
+            "given; pass wrap(model, num_classes=N) to add a final linear head, or create the model with "
+            "num_classes=N."
+        )
+    final_head = None
+    if backbone_classes == 0:
+        feats = getattr(model, "num_features", None)
+        if not feats:
+            raise ValueError(f"{type(model).__name__} has num_classes=0 and no num_features; cannot add a head.")
+        final_head = nn.Linear(int(feats), int(num_classes))
+    elif backbone_classes is not None and backbone_classes != num_classes:
+        raise ValueError(
+            f"the backbone predicts {backbone_classes} classes but num_classes={num_classes}; call "
+            f"model.reset_classifier({num_classes}) first (or create it with num_classes={num_classes})."
+        )
+
+    device = next(model.parameters(), torch.empty(0)).device
+    example = torch.randn(1, *size, device=device)
+    cfg = config or ExitConfig(
+        exits=[], num_classes=int(num_classes), head=head, gate=gate, input_size=size, **config_kwargs
+    )
+    points, pr, total = resolve_exits(
+        model, exits, example, layouts=cfg.layouts, measure_costs=costs is None
+    )
+    final_out = pr.final
+    if not torch.is_tensor(final_out) or final_out.ndim != 2:
+        shape = tuple(final_out.shape) if torch.is_tensor(final_out) else type(final_out).__name__
+        raise ValueError(f"the backbone's forward returns {shape}; a (B, classes) logits tensor is needed.")
+    cfg.exits = [p.name for p in points]
+    cfg.input_size = size
+
+    wrapped = EarlyExitModel(model, cfg, points, final_head=final_head)
+    wrapped.to(device)
+    if costs is not None:
+        wrapped.set_costs(costs)
+    else:
+        wrapped.set_costs(_measure_costs(wrapped, pr, total))
+        cfg.costs = None  # measured, not user-given: re-measured when rebuilt
+    return wrapped
+
+
+def _measure_costs(model: EarlyExitModel, pr, backbone_total: int) -> list[float]:
+    """gamma_b = (backbone FLOPs to exit b + every head and gate up to b) / (backbone + its head)."""
+    total = float(backbone_total)
+    if model.final_head is not None:
+        total += module_flops(model.final_head, (pr.final.new_zeros(1, model.final_head.in_features),))
+    stats = None
+    spent_on_exits = 0.0
+    costs = []
+    with evaluating(model.branches), torch.no_grad():
+        for b, point in zip(model.branches, model._points):
+            feat = pr.outputs[b.name][:1]
+            if stats is None:
+                stats = feat.new_zeros(1, 0)
+            spent_on_exits += module_flops(b, (feat, stats))
+            _, _, stats = b(feat, stats)
+            costs.append((point.backbone_cost * backbone_total + spent_on_exits) / total)
+    costs.append((total + spent_on_exits) / total)
+    return costs
+

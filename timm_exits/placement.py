@@ -1,0 +1,377 @@
+"""Exit placement: turn an `exits=` request into module names, checked against a real forward.
+
+Requests:
+  * "auto": the backbone's `feature_info` branch points, minus the last one (the backbone's own
+    head is the final exit), minus points reached within the first 15 % of the backbone's FLOPs
+    (stem-level points such as resnet's `act1` are too cheap to pay for an exit). When more than
+    four points remain (isotropic models such as ViT list every block), the three whose
+    cumulative cost is closest to 25 %, 50 % and 75 % are kept.
+  * "blocks": one exit per block inside the stages (the children of each `feature_info` stage), with
+    the same two exclusions, e.g. seven exits plus the final head on resnet18.
+  * a list of module names, of `feature_info` indices, or of cost fractions in (0, 1) (each placed
+    at the block whose cumulative cost is closest).
+
+Every placement is validated by one probe forward (eval mode, no grad, training flags restored):
+the modules must run exactly once, in the listed order, before the last branch point, and return a
+tensor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._utils import evaluating
+from .cost import cumulative_flops
+from .layout import channels_of, detect_layout
+
+__all__ = ["ExitPoint", "Probe", "ExitRequest", "feature_points", "block_points", "probe", "resolve_exits"]
+
+ExitRequest = str | Sequence[str] | Sequence[int] | Sequence[float]
+
+AUTO_MIN_COST = 0.15
+AUTO_MAX_EXITS = 4
+AUTO_TARGETS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class ExitPoint:
+    """A resolved exit.
+
+    Attributes:
+        name: Module name inside the backbone.
+        channels: Channels of the tensor the module returns.
+        layout: "NCHW", "NHWC", "NLC" or "NC".
+        reduction: Stride relative to the input, when `feature_info` declares it.
+        backbone_cost: Fraction of the backbone's FLOPs spent when this module finishes.
+        cost: gamma_b: backbone cost plus every exit head and gate evaluated up to this exit.
+    """
+
+    name: str
+    channels: int
+    layout: str
+    reduction: int | None = None
+    backbone_cost: float | None = None
+    cost: float | None = None
+
+
+@dataclass
+class Probe:
+    """What one forward revealed about a set of modules."""
+
+    order: dict[str, int]
+    calls: Counter
+    outputs: dict[str, Any]
+    final: Any
+
+
+def feature_points(model: nn.Module) -> list[dict[str, Any]]:
+    """The backbone's `feature_info` as a list of dicts, or a clear error if it has none."""
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        raise ValueError(
+            f"{type(model).__name__} has no `feature_info`, so exits='auto'/'blocks'/indices/fractions "
+            "cannot be resolved. Pass explicit module names, e.g. exits=['features.5', 'features.12'] "
+            "(list them with [n for n, _ in model.named_modules()])."
+        )
+    info = info.info if hasattr(info, "info") else info
+    return [dict(f) for f in info]
+
+
+def _block_children(model: nn.Module, stage_name: str) -> list[str]:
+    stage = model.get_submodule(stage_name)
+    container, prefix = stage, stage_name
+    for child in ("blocks", "layers"):
+        sub = getattr(stage, child, None)
+        if isinstance(sub, (nn.Sequential, nn.ModuleList)) and len(sub) > 0:
+            container, prefix = sub, f"{stage_name}.{child}"
+            break
+    named = [(n, m) for n, m in container.named_children() if not isinstance(m, nn.Identity)]
+    if isinstance(container, (nn.Sequential, nn.ModuleList)):
+        return [f"{prefix}.{n}" for n, _ in named] or [stage_name]
+    # A custom stage (e.g. RegStage, DenseBlock): its blocks are the repeated composite children.
+    kinds = Counter(type(m) for _, m in named if any(True for _ in m.children()))
+    if kinds:
+        kind, count = kinds.most_common(1)[0]
+        if count >= 2:
+            return [f"{prefix}.{n}" for n, m in named if type(m) is kind]
+    return [stage_name]
+
+
+def _stages(model: nn.Module) -> list[str]:
+    """`feature_info` modules plus the composite siblings between them (e.g. efficientnet's
+    `blocks.3`, which feature_info skips because it keeps the stride)."""
+    stages: list[str] = []
+    for f in feature_points(model):
+        name = f["module"]
+        parent_name, _, child = name.rpartition(".")
+        prev = stages[-1] if stages else None
+        if prev is not None and child.isdigit() and prev.rpartition(".")[0] == parent_name:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            start = int(prev.rpartition(".")[2]) if prev.rpartition(".")[2].isdigit() else None
+            if isinstance(parent, (nn.Sequential, nn.ModuleList)) and start is not None:
+                for i in range(start + 1, int(child)):
+                    sibling = parent[i]
+                    if any(True for _ in sibling.children()):
+                        stages.append(f"{parent_name}.{i}" if parent_name else str(i))
+        stages.append(name)
+    return stages
+
+
+def block_points(model: nn.Module) -> list[str]:
+    """One candidate exit point per block inside each stage, in model order."""
+    names: list[str] = []
+    for stage in _stages(model):
+        for n in _block_children(model, stage):
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Probe:
+    """Run `model(example)` once in eval mode and record when and how often each module finishes.
+
+    The model's parameters, buffers and train/eval flags are left exactly as they were.
+    """
+    modules = dict(model.named_modules())
+    order: dict[str, int] = {}
+    calls: Counter = Counter()
+    outputs: dict[str, Any] = {}
+    tick = itertools.count()
+    handles = []
+    for name in names:
+
+        def hook(_m, _i, out, name=name):
+            calls[name] += 1
+            if name not in order:
+                order[name] = next(tick)
+                outputs[name] = out
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with evaluating(model), torch.no_grad():
+            final = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return Probe(order, calls, outputs, final)
+
+
+def _unknown_module_error(model: nn.Module, name: str) -> ValueError:
+    names = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f" Did you mean {close}?" if close else ""
+    return ValueError(
+        f"exit {name!r}: {type(model).__name__} has no module of that name.{hint} "
+        "List the valid names with [n for n, _ in model.named_modules()]."
+    )
+
+
+def _request_kind(exits: ExitRequest) -> str:
+    if isinstance(exits, str):
+        if exits in ("auto", "blocks"):
+            return exits
+        raise ValueError(
+            f"exits={exits!r} is not understood; use 'auto', 'blocks', or a list of module names, "
+            "feature_info indices or cost fractions."
+        )
+    items = list(exits)
+    if not items:
+        raise ValueError("exits is empty; give at least one exit point or use exits='auto'.")
+    if all(isinstance(e, str) for e in items):
+        return "names"
+    if all(isinstance(e, int) and not isinstance(e, bool) for e in items):
+        return "indices"
+    if all(isinstance(e, float) for e in items):
+        return "fractions"
+    raise ValueError(
+        f"exits={items!r} mixes types; use only module names (str), feature_info indices (int) "
+        "or cost fractions (float in (0, 1))."
+    )
+
+
+def _check_duplicates(items: Sequence[Any]) -> None:
+    seen = [e for e, n in Counter(items).items() if n > 1]
+    if seen:
+        raise ValueError(f"exits {seen} are listed more than once; list each exit point once.")
+
+
+def resolve_exits(
+    model: nn.Module,
+    exits: ExitRequest,
+    example: torch.Tensor,
+    layouts: dict[str, str] | None = None,
+    measure_costs: bool = True,
+) -> tuple[list[ExitPoint], Probe, int | None]:
+    """Resolve an exit request to checked exit points.
+
+    Args:
+        model: The backbone.
+        exits: "auto", "blocks", or a list of module names / feature_info indices / cost fractions.
+        example: Input batch used for the probe forward and for counting FLOPs.
+        layouts: Optional {module name: layout} overrides.
+        measure_costs: Count FLOPs with fvcore (needed for "auto", "blocks" and fractions).
+
+    Returns:
+        (exit points in execution order, the probe, the backbone's total FLOPs or None).
+    """
+    kind = _request_kind(exits)
+    info = feature_points(model) if kind != "names" or hasattr(model, "feature_info") else []
+    fi_chs = {f["module"]: f.get("num_chs") for f in info}
+    fi_red = {f["module"]: f.get("reduction") for f in info}
+    last_point = info[-1]["module"] if info else None
+    modules = dict(model.named_modules())
+
+    if kind == "names":
+        requested = list(exits)
+        _check_duplicates(requested)
+        for n in requested:
+            if n not in modules or n == "":
+                raise _unknown_module_error(model, n)
+        candidates = requested
+    elif kind == "indices":
+        _check_duplicates(list(exits))
+        bad = [i for i in exits if not 0 <= i < len(info)]
+        if bad:
+            raise ValueError(
+                f"feature_info indices {bad} are out of range; {type(model).__name__} has {len(info)} "
+                f"branch points (0..{len(info) - 1}): {[f['module'] for f in info]}."
+            )
+        requested = [info[i]["module"] for i in exits]
+        candidates = requested
+    elif kind == "fractions":
+        bad = [f for f in exits if not 0.0 < f < 1.0]
+        if bad:
+            raise ValueError(f"cost fractions {bad} are outside (0, 1); give fractions of the backbone's FLOPs.")
+        requested = []
+        candidates = block_points(model)
+    elif kind == "blocks":
+        requested = []
+        candidates = block_points(model)
+    else:
+        requested = []
+        candidates = [f["module"] for f in info]
+
+    probe_names = list(dict.fromkeys(candidates + ([last_point] if last_point else [])))
+    pr = probe(model, probe_names, example)
+
+    if kind in ("names", "indices"):
+        _validate_explicit(model, requested, pr, last_point)
+        chosen = requested
+    else:
+        chosen = [
+            n
+            for n in candidates
+            if pr.calls[n] == 1 and torch.is_tensor(pr.outputs[n]) and n in pr.order and n != last_point
+        ]
+        if last_point in pr.order:
+            last_out = pr.outputs[last_point]
+            chosen = [n for n in chosen if pr.order[n] < pr.order[last_point] and pr.outputs[n] is not last_out]
+        chosen.sort(key=lambda n: pr.order[n])
+        if not chosen:
+            raise ValueError(
+                f"none of {type(model).__name__}'s candidate branch points {candidates} runs exactly once "
+                "before its last branch point, so no exit can be placed automatically. Pass explicit "
+                "module names that run during forward."
+            )
+
+    total = None
+    cum: dict[str, float] = {}
+    if measure_costs or kind in ("auto", "blocks", "fractions"):
+        marks, total = cumulative_flops(model, example, chosen)
+        cum = {n: marks[n] / total for n in chosen}
+
+    if kind in ("auto", "blocks"):
+        chosen = [n for n in chosen if cum[n] >= AUTO_MIN_COST]
+        if kind == "auto" and len(chosen) > AUTO_MAX_EXITS:
+            chosen = _nearest(chosen, cum, AUTO_TARGETS, strict=False)
+        if not chosen:
+            raise ValueError(
+                f"every branch point of {type(model).__name__} is reached within {AUTO_MIN_COST:.0%} of its "
+                "FLOPs; place exits explicitly by module name."
+            )
+    elif kind == "fractions":
+        chosen = _nearest(chosen, cum, list(exits), strict=True)
+
+    hint = _layout_hint(pr, fi_chs)
+    points = []
+    for n in chosen:
+        t = pr.outputs[n]
+        layout = (layouts or {}).get(n) or detect_layout(t, fi_chs.get(n), hint)
+        points.append(
+            ExitPoint(
+                name=n,
+                channels=channels_of(t, layout),
+                layout=layout,
+                reduction=fi_red.get(n),
+                backbone_cost=cum.get(n),
+            )
+        )
+    return points, pr, total
+
+
+def _validate_explicit(model: nn.Module, names: list[str], pr: Probe, last_point: str | None) -> None:
+    for n in names:
+        if pr.calls[n] == 0:
+            raise ValueError(
+                f"exit {n!r}: module never runs during {type(model).__name__}.forward, so an exit there "
+                "would never fire. Choose a module that runs (feature_info lists the usual branch points)."
+            )
+        if pr.calls[n] > 1:
+            raise ValueError(
+                f"exit {n!r}: module runs {pr.calls[n]} times per forward (a shared or reused module); "
+                "choose a module that runs exactly once."
+            )
+        if not torch.is_tensor(pr.outputs[n]):
+            raise ValueError(
+                f"exit {n!r}: module returns {type(pr.outputs[n]).__name__}, not a tensor; choose a module "
+                "whose output is a single feature tensor."
+            )
+    ran = sorted(names, key=lambda n: pr.order[n])
+    if ran != names:
+        raise ValueError(f"exits {names} are out of order; they run in the order {ran}. List them in that order.")
+    if last_point is not None and last_point in pr.order:
+        last_out = pr.outputs[last_point]
+        for n in names:
+            if n == last_point or pr.outputs[n] is last_out:
+                raise ValueError(
+                    f"exit {n!r} is the backbone's last branch point; its own head is already the final exit. "
+                    "Place exits before it."
+                )
+            if pr.order[n] > pr.order[last_point]:
+                raise ValueError(
+                    f"exit {n!r} runs after the last branch point {last_point!r} (in the backbone's head); "
+                    "place exits at or before the earlier branch points."
+                )
+
+
+def _nearest(names: list[str], cum: dict[str, float], targets: Sequence[float], strict: bool) -> list[str]:
+    picked: list[str] = []
+    for t in targets:
+        best = min(names, key=lambda n: (abs(cum[n] - t), cum[n]))
+        if best in picked:
+            if strict:
+                raise ValueError(
+                    f"cost fractions {list(targets)} place two exits at {best!r} "
+                    f"(cumulative cost {cum[best]:.3f}); available points: "
+                    + ", ".join(f"{n}={cum[n]:.2f}" for n in names)
+                )
+            continue
+        picked.append(best)
+    return sorted(picked, key=lambda n: cum[n])
+
+
+def _layout_hint(pr: Probe, fi_chs: dict[str, int | None]) -> str | None:
+    votes = Counter()
+    for n, chs in fi_chs.items():
+        t = pr.outputs.get(n)
+        if chs is not None and torch.is_tensor(t) and t.ndim == 4:
+            votes[detect_layout(t, chs)] += 1
+    return votes.most_common(1)[0][0] if votes else None
