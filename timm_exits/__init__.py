@@ -1,20 +1,32 @@
 """timm-exits: early exits and learned exit gates for any timm backbone.
 
-    import timm, timm_exits
-    model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), exits="auto")
-    out = model(images)                                   # every exit, gates, soft output, expected cost
-    loss = timm_exits.SoftConditionalLoss(cost_weight=0.1)(out, targets)
+import timm, timm_exits
+model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), exits="auto")
+out = model(images)                                   # every exit, gates, soft output, expected cost
+loss = timm_exits.SoftConditionalLoss(cost_weight=0.1)(out, targets)
 """
 
+from .calibration import Calibration, Collected, calibrate, collect, simulate, sweep
 from .config import ExitConfig
 from .losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss, cross_entropy
 from .model import EarlyExitModel, ExitBranch, ExitOutput, wrap
 from .placement import ExitPoint, block_points, feature_points
+from .policies import POLICIES, Prediction, PredictionStats, predict
 from .soft import exit_log_probs, expected_cost, soft_log_output
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "POLICIES",
+    "Calibration",
+    "Collected",
+    "Prediction",
+    "PredictionStats",
+    "calibrate",
+    "collect",
+    "predict",
+    "simulate",
+    "sweep",
     "BranchyNetLoss",
     "EarlyExitModel",
     "ExitBranch",

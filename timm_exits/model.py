@@ -151,7 +151,10 @@ class EarlyExitModel(nn.Module):
         num_prefix = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
         token_pool = str(getattr(backbone, "global_pool", "avg"))
         self.branches = nn.ModuleList(
-            [ExitBranch(p, i, config, num_prefix, "token" if token_pool == "token" else "avg") for i, p in enumerate(points)]
+            [
+                ExitBranch(p, i, config, num_prefix, "token" if token_pool == "token" else "avg")
+                for i, p in enumerate(points)
+            ]
         )
         self.final_head = final_head
         self._points = list(points)
@@ -398,9 +401,7 @@ def wrap(
     cfg = config or ExitConfig(
         exits=[], num_classes=int(num_classes), head=head, gate=gate, input_size=size, **config_kwargs
     )
-    points, pr, total = resolve_exits(
-        model, exits, example, layouts=cfg.layouts, measure_costs=costs is None
-    )
+    points, pr, total = resolve_exits(model, exits, example, layouts=cfg.layouts, measure_costs=costs is None)
     final_out = pr.final
     if not torch.is_tensor(final_out) or final_out.ndim != 2:
         shape = tuple(final_out.shape) if torch.is_tensor(final_out) else type(final_out).__name__
@@ -436,4 +437,3 @@ def _measure_costs(model: EarlyExitModel, pr, backbone_total: int) -> list[float
             costs.append((point.backbone_cost * backbone_total + spent_on_exits) / total)
     costs.append((total + spent_on_exits) / total)
     return costs
-

@@ -1,0 +1,282 @@
+"""Inference policies and the hard early-exit path that really skips compute.
+
+Policies decide, at each early exit b, which samples leave:
+
+* "gate":       sigmoid(gate logit) >= threshold (the paper's hard gating; 0.5 by default);
+* "confidence": max softmax >= threshold (Shallow-Deep Networks);
+* "entropy":    entropy / log(K) <= threshold (BranchyNet, normalised so thresholds lie in [0, 1]);
+* "soft":       no early exit; the soft-conditional ensemble of every exit (the paper's option 1).
+
+In the hard path the exit hooks raise `_AllExited` once no sample is left (the backbone stops
+there: at batch 1 nothing after the exit runs), and otherwise return `output[keep]`, so the rest of
+the backbone runs on the samples that stay. Results are scattered back in input order. For
+backbones whose later stages read earlier tensors (the batch cannot shrink mid-network), a one-off
+check detects it and the model falls back to masking: finished samples keep flowing through the
+backbone, but the forward still stops when every sample has exited.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .gates import logit_stats
+from .model import EarlyExitModel, ExitBranch
+
+__all__ = [
+    "POLICIES",
+    "DEFAULT_THRESHOLDS",
+    "Prediction",
+    "PredictionStats",
+    "exit_mask",
+    "resolve_thresholds",
+    "predict",
+]
+
+POLICIES = ("soft", "gate", "confidence", "entropy")
+DEFAULT_THRESHOLDS = {"gate": 0.5, "confidence": 0.9, "entropy": 0.2}
+
+
+@dataclass
+class PredictionStats:
+    """Aggregate statistics of one `predict` call.
+
+    Attributes:
+        counts: Samples that left at each exit (final exit last).
+        expected_cost: Mean gamma of the exits taken (fraction of the plain backbone's FLOPs).
+        exit_accuracy: Accuracy of the samples that left at each exit (None where none did), when
+            labels were given.
+        accuracy: Overall accuracy, when labels were given.
+        batch_shrink: Whether exited samples were removed from the batch mid-network.
+    """
+
+    counts: list[int]
+    expected_cost: float
+    exit_accuracy: list[float | None] | None = None
+    accuracy: float | None = None
+    batch_shrink: bool = True
+
+    @property
+    def distribution(self) -> list[float]:
+        """Fraction of samples per exit."""
+        n = max(sum(self.counts), 1)
+        return [c / n for c in self.counts]
+
+
+@dataclass
+class Prediction:
+    """Result of hard early-exit inference.
+
+    Attributes:
+        logits: (B, K) float32 logits of the exit each sample left at (for "soft": the log of the
+            soft-conditional output).
+        exit_index: (B,) 0-based exit taken by each sample; `num_exits - 1` is the backbone's head.
+        stats: Aggregate statistics.
+    """
+
+    logits: torch.Tensor
+    exit_index: torch.Tensor
+    stats: PredictionStats
+
+
+def exit_mask(policy: str, logits: torch.Tensor, gate_logit: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean (B,) mask of the samples that leave at this exit under `policy`."""
+    if policy == "gate":
+        return torch.sigmoid(gate_logit.float()) >= threshold
+    stats = logit_stats(logits)
+    if policy == "confidence":
+        return stats[:, 0] >= threshold
+    if policy == "entropy":
+        return stats[:, 1] <= threshold
+    raise ValueError(f"policy {policy!r} has no exit rule; use one of {POLICIES[1:]}")
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
+
+
+def resolve_thresholds(model: EarlyExitModel, policy: str, threshold: Any) -> list[float]:
+    """One threshold per early exit from a scalar, a sequence, or the model's stored calibration."""
+    n = len(model.branches)
+    if threshold is None:
+        stored = model.config.thresholds
+        threshold = stored if stored is not None and model.config.policy == policy else DEFAULT_THRESHOLDS[policy]
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.tolist()
+    values = [float(threshold)] * n if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
+    if len(values) != n:
+        raise ValueError(
+            f"got {len(values)} thresholds for {n} early exits; give one number for all or one per early exit "
+            "(the final exit takes every remaining sample and has none)."
+        )
+    bad = [t for t in values if not 0.0 <= t <= 1.0 or math.isnan(t)]
+    if bad:
+        what = {"gate": "gate values", "confidence": "max-softmax values", "entropy": "normalised entropies"}[policy]
+        raise ValueError(f"thresholds {bad} are outside [0, 1]; {policy!r} compares {what}, which lie in [0, 1].")
+    return values
+
+
+class _AllExited(Exception):
+    """Raised from an exit hook when no sample is left: stops the backbone's forward."""
+
+
+Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _HardRun:
+    """State of one hard early-exit forward (see the module docstring)."""
+
+    def __init__(self, batch: int, num_exits: int, device: torch.device, decide: Decide, shrink: bool):
+        self.decide = decide
+        self.shrink = shrink
+        self.alive = torch.arange(batch, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.stats = torch.zeros(batch, 0, device=device)
+        self.exit_index = torch.full((batch,), num_exits - 1, dtype=torch.long, device=device)
+        self.logits: torch.Tensor | None = None
+
+    def _write(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.logits is None:
+            self.logits = logits.new_zeros(self.exit_index.shape[0], logits.shape[-1], dtype=torch.float32)
+        self.logits[rows] = logits.float()
+
+    def on_exit(self, branch: ExitBranch, output: torch.Tensor) -> torch.Tensor | None:
+        logits, gate_logit, stats = branch(output, self.stats)
+        leave = self.decide(branch.position, logits, gate_logit)
+        if not self.shrink:
+            leave = leave & ~self.done
+        n_leave = int(leave.sum())
+        if n_leave:
+            rows = self.alive[leave]
+            self._write(rows, logits[leave])
+            self.exit_index[rows] = branch.position
+        if not self.shrink:
+            self.stats = stats
+            if n_leave:
+                self.done |= leave
+                if bool(self.done.all()):
+                    raise _AllExited
+            return None
+        if n_leave == self.alive.shape[0]:
+            raise _AllExited
+        if n_leave == 0:
+            self.stats = stats
+            return None
+        keep = ~leave
+        self.alive = self.alive[keep]
+        self.stats = stats[keep]
+        return output[keep]
+
+    def finish(self, final_logits: torch.Tensor) -> None:
+        if self.shrink:
+            self._write(self.alive, final_logits)
+        else:
+            rest = ~self.done
+            self._write(self.alive[rest], final_logits[rest])
+
+
+def _run_hard(model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bool) -> _HardRun:
+    run = _HardRun(x.shape[0], model.num_exits, x.device, decide, shrink)
+    try:
+        with model._attached(run):
+            out = model.backbone(x)
+        run.finish(model.final_logits(out))
+    except _AllExited:
+        pass
+    return run
+
+
+def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
+    """Check once whether dropping a sample at each exit leaves the other samples' results unchanged."""
+    if model._batch_shrink_safe is not None:
+        return model._batch_shrink_safe
+    pair = x[:2]
+    never: Decide = lambda pos, logits, gate: torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)  # noqa: E731
+    reason = ""
+    try:
+        ref = _run_hard(model, pair, never, shrink=False).logits
+        for b in range(len(model.branches)):
+
+            def first_leaves(pos: int, logits: torch.Tensor, gate: torch.Tensor, b: int = b) -> torch.Tensor:
+                mask = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+                if pos == b and logits.shape[0] == 2:
+                    mask[0] = True
+                return mask
+
+            got = _run_hard(model, pair, first_leaves, shrink=True).logits
+            if not torch.allclose(got[1], ref[1], rtol=1e-3, atol=1e-4):
+                reason = f"results change when a sample leaves at exit {b} ({model.branches[b].name!r})"
+                break
+    except Exception as e:  # a later stage indexing an earlier, full-batch tensor fails here
+        reason = f"{type(e).__name__}: {e}"
+    safe = not reason
+    if not safe:
+        warnings.warn(
+            f"{type(model.backbone).__name__} cannot drop exited samples mid-network ({reason}); hard early "
+            "exit falls back to masking: exited samples keep running until every sample has exited.",
+            stacklevel=3,
+        )
+    model._batch_shrink_safe = safe
+    return safe
+
+
+def _summarise(model: EarlyExitModel, exit_index: torch.Tensor, logits: torch.Tensor, labels, shrink: bool):
+    counts = torch.bincount(exit_index, minlength=model.num_exits).tolist()
+    cost = float(model.exit_costs.to(exit_index.device)[exit_index].float().mean())
+    stats = PredictionStats(counts=counts, expected_cost=cost, batch_shrink=shrink)
+    if labels is not None:
+        correct = logits.argmax(-1) == labels.to(logits.device)
+        stats.accuracy = float(correct.float().mean())
+        stats.exit_accuracy = [
+            float(correct[exit_index == b].float().mean()) if counts[b] else None for b in range(model.num_exits)
+        ]
+    return stats
+
+
+def predict(
+    model: EarlyExitModel,
+    x: torch.Tensor,
+    policy: str | None = None,
+    threshold: float | Sequence[float] | None = None,
+    labels: torch.Tensor | None = None,
+    batch_shrink: bool | None = None,
+) -> Prediction:
+    """Hard early-exit inference.
+
+    Args:
+        model: A wrapped model (use `model.eval()` first; dropout/BatchNorm follow the model's mode).
+        x: (B, C, H, W) batch.
+        policy: "gate", "confidence", "entropy" or "soft"; default: the model's stored policy.
+        threshold: One value for every early exit or one per early exit; default: the calibrated
+            thresholds stored on the model for this policy, else `DEFAULT_THRESHOLDS[policy]`.
+        labels: Optional (B,) labels for per-exit accuracy in the stats.
+        batch_shrink: Remove exited samples from the batch mid-network. None checks once whether
+            the backbone allows it (see the module docstring).
+
+    Returns:
+        A `Prediction` with logits, per-sample exit index and stats, in input order.
+    """
+    policy = policy or model.config.policy
+    _check_policy(policy)
+    model.check_input(x)
+    with torch.no_grad():
+        if policy == "soft":
+            out = model(x)
+            logits = out.log_probs
+            exit_index = torch.full((x.shape[0],), model.num_exits - 1, dtype=torch.long, device=x.device)
+            return Prediction(logits, exit_index, _summarise(model, exit_index, logits, labels, False))
+        thresholds = resolve_thresholds(model, policy, threshold)
+        if batch_shrink is None:
+            batch_shrink = x.shape[0] == 1 or _batch_shrink_safe(model, x)
+
+        def decide(pos: int, logits: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
+            return exit_mask(policy, logits, gate_logit, thresholds[pos])
+
+        run = _run_hard(model, x, decide, shrink=batch_shrink)
+    return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
