@@ -8,6 +8,8 @@ NHWC models do not set.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -55,11 +57,11 @@ def to_nchw(x: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.T
         return x.permute(0, 3, 1, 2)
     if layout == "NLC":
         tokens = x[:, num_prefix_tokens:]
-        side = int(round(tokens.shape[1] ** 0.5))
-        if side * side != tokens.shape[1]:
+        n = int(tokens.shape[1])
+        side = math.isqrt(n)
+        if side * side != n:
             raise ValueError(
-                f"{tokens.shape[1]} patch tokens do not form a square grid; use head='linear' or "
-                "head='mlp' for this exit."
+                f"{n} patch tokens do not form a square grid; use head='linear' or head='mlp' for this exit."
             )
         return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
     raise ValueError(f"layout {layout!r} has no spatial form")

@@ -326,6 +326,18 @@ class EarlyExitModel(nn.Module):
 
         return predict(self, x, policy=policy, threshold=threshold, **kwargs)
 
+    def save_pretrained(self, save_directory: str, report: dict | None = None, **kwargs: Any):
+        """Write a folder that is both a timm model repo and this multi-exit model; see `timm_exits.hub`."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, report, **kwargs)
+
+    def push_to_hub(self, repo_id: str, report: dict | None = None, **kwargs: Any):
+        """Upload to the Hugging Face Hub in one commit; see `timm_exits.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, report, **kwargs)
+
 
 def _default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, int, int]:
     if input_size is not None:
@@ -376,21 +388,23 @@ def wrap(
         costs = config.costs
     size = _default_input_size(model, input_size)
     backbone_classes = getattr(model, "num_classes", None)
+    if num_classes is None and config is not None:
+        num_classes = config.num_classes
     if num_classes is None:
-        num_classes = config.num_classes if config is not None else backbone_classes
-    if not num_classes:
-        raise ValueError(
-            f"{type(model).__name__} has num_classes=0 (it returns pooled features) and no num_classes was "
-            "given; pass wrap(model, num_classes=N) to add a final linear head, or create the model with "
-            "num_classes=N."
-        )
+        num_classes = backbone_classes
     final_head = None
     if backbone_classes == 0:
         feats = getattr(model, "num_features", None)
+        if not num_classes:
+            raise ValueError(
+                f"{type(model).__name__} has num_classes=0 (it returns pooled features) and no num_classes was "
+                "given; pass wrap(model, num_classes=N) to add a final linear head, or create the model with "
+                "num_classes=N."
+            )
         if not feats:
             raise ValueError(f"{type(model).__name__} has num_classes=0 and no num_features; cannot add a head.")
         final_head = nn.Linear(int(feats), int(num_classes))
-    elif backbone_classes is not None and backbone_classes != num_classes:
+    elif backbone_classes is not None and num_classes != backbone_classes:
         raise ValueError(
             f"the backbone predicts {backbone_classes} classes but num_classes={num_classes}; call "
             f"model.reset_classifier({num_classes}) first (or create it with num_classes={num_classes})."
@@ -398,14 +412,19 @@ def wrap(
 
     device = next(model.parameters(), torch.empty(0)).device
     example = torch.randn(1, *size, device=device)
-    cfg = config or ExitConfig(
-        exits=[], num_classes=int(num_classes), head=head, gate=gate, input_size=size, **config_kwargs
-    )
+    cfg = config or ExitConfig(exits=[], num_classes=0, head=head, gate=gate, input_size=size, **config_kwargs)
     points, pr, total = resolve_exits(model, exits, example, layouts=cfg.layouts, measure_costs=costs is None)
     final_out = pr.final
     if not torch.is_tensor(final_out) or final_out.ndim != 2:
         shape = tuple(final_out.shape) if torch.is_tensor(final_out) else type(final_out).__name__
         raise ValueError(f"the backbone's forward returns {shape}; a (B, classes) logits tensor is needed.")
+    out_classes = int(final_out.shape[1])
+    if final_head is None and num_classes is not None and num_classes != out_classes:
+        raise ValueError(
+            f"the backbone outputs {out_classes} classes but num_classes={num_classes}; replace its classifier "
+            f"so it predicts {num_classes} classes before wrapping."
+        )
+    cfg.num_classes = int(num_classes or out_classes)
     cfg.exits = [p.name for p in points]
     cfg.input_size = size
 

@@ -1,0 +1,695 @@
+"""Hub format: local round trips, a hand-built offline HF cache, uploads to a local hub server, strict loading
+errors and model cards whose numbers come from the training report."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors
+import safetensors.torch
+import timm
+import torch
+import yaml
+from timm.models._hub import save_for_hf
+
+from timm_exits import EarlyExitModel, wrap
+from timm_exits.config import FORMAT_VERSION, ExitConfig
+from timm_exits.hub import (
+    ExitCheckpointError,
+    from_pretrained,
+    load_exits,
+    push_run,
+    push_to_hub,
+    render_model_card,
+    save_pretrained,
+)
+
+SIZE = 32
+FILES = {"config.json", "model.safetensors", "exits.safetensors", "README.md", "report.json"}
+CASES = {
+    "resnet": ("test_resnet", {}, 10, {}),
+    "vit": ("test_vit", {"img_size": SIZE}, 10, {}),
+    "added_head": ("test_resnet", {}, 0, {"num_classes": 10}),  # num_classes=0 backbone: exits add a final head
+}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _make(case: str, seed: int = 0) -> EarlyExitModel:
+    """A wrapped tiny backbone whose every tensor differs from a fresh init (exit weights, BN statistics)."""
+    name, kwargs, classes, wrap_kwargs = CASES[case]
+    torch.manual_seed(seed)
+    backbone = timm.create_model(name, pretrained=False, num_classes=classes, **kwargs)
+    model = wrap(backbone, input_size=(3, SIZE, SIZE), **wrap_kwargs)
+    with torch.no_grad():
+        for p in model.exit_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model.train()
+        model(torch.randn(4, 3, SIZE, SIZE))  # moves the BatchNorm running statistics
+    return model.eval()
+
+
+def _report(model: EarlyExitModel) -> dict[str, Any]:
+    n = model.num_exits
+    dist = [0.004, 0.224] + [0.0] * (n - 3) + [0.772]
+    return {
+        "model": "test_resnet",
+        "dataset": "cifar10",
+        "method": "soft",
+        "recipe": {"epochs": 30, "lr": 0.05, "batch_size": 128, "cost_weight": 0.1, "opt": "sgd"},
+        "exits": [{"name": b.name, "cost": round(0.17 * (i + 1), 3)} for i, b in enumerate(model.branches)],
+        "test": {
+            "exit_accuracy": [round(0.5 + 0.07 * i, 4) for i in range(n)],
+            "soft_accuracy": 0.8712,
+            "final_accuracy": 0.8634,
+            "num_samples": 10000,
+        },
+        "policies": {
+            "gate": {
+                "threshold": 0.5,
+                "accuracy": 0.8492,
+                "expected_cost": 0.4217,
+                "exit_distribution": dist,
+                "ms_per_image": 2.18,
+                "speedup": 1.58,
+            },
+            "confidence": {"threshold": 0.93, "accuracy": 0.8611, "expected_cost": 0.6133, "ms_per_image": 2.71},
+        },
+        "timing": {"machine": "Xeon 8480 VM", "threads": 2, "batch_size": 1, "baseline_ms_per_image": 3.45},
+    }
+
+
+def _x(seed: int = 1) -> torch.Tensor:
+    return torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _outputs(model: EarlyExitModel, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = model(x)
+    res = {f"logits.{i}": t for i, t in enumerate(out.logits)}
+    res.update(
+        gate_logits=out.gate_logits,
+        gates=out.gates,
+        soft=out.soft,
+        log_probs=out.log_probs,
+        exit_log_probs=out.exit_log_probs,
+        expected_cost=out.expected_cost,
+    )
+    return res
+
+
+def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def _edit_config(folder: Path, edit) -> None:
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Rewrite a safetensors header (JSON) in place, keeping the data bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def _header(path: Path) -> dict[str, Any]:
+    raw = path.read_bytes()
+    return json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; two spin against each other when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _Models(dict):
+    """Models built on first use, once per module."""
+
+    def __missing__(self, case: str) -> EarlyExitModel:
+        self[case] = _make(case)
+        return self[case]
+
+
+@pytest.fixture(scope="module")
+def models() -> _Models:
+    return _Models()
+
+
+@pytest.fixture(scope="module")
+def saved(models, tmp_path_factory) -> Path:
+    """The resnet model saved with a report; tests copy it before breaking it."""
+    folder = tmp_path_factory.mktemp("saved") / "resnet-exits"
+    save_pretrained(models["resnet"], folder, _report(models["resnet"]))
+    return folder
+
+
+class _HubServer(http.server.ThreadingHTTPServer):
+    """The few Hub endpoints an upload uses, recording what they receive."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _HubHandler)
+        self.created: list[dict] = []
+        self.branches: list[str] = []
+        self.validated: list[str] = []
+        self.preuploads: list[dict] = []
+        self.commits: list[dict] = []
+        self.unknown: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HubServer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                n = int(self.rfile.readline().strip(), 16)
+                chunk = self.rfile.read(n + 2)[:n]
+                if n == 0:
+                    return data
+                data += chunk
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _send(self, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _not_found(self) -> None:
+        self.server.unknown.append(f"{self.command} {self.path}")
+        self._send(404, {"error": "not found"}, {"X-Error-Code": "EntryNotFound"})
+
+    def do_GET(self) -> None:
+        self._not_found()
+
+    def do_HEAD(self) -> None:
+        self._not_found()
+
+    def do_POST(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        body = self._body()
+        srv = self.server
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            srv.created.append(payload)
+            repo = f"{payload['organization']}/{payload['name']}"
+            return self._send(200, {"url": f"{srv.url}/{repo}", "name": repo, "id": "0" * 24})
+        if path == "/api/validate-yaml":
+            srv.validated.append(json.loads(body)["content"])
+            return self._send(200, {"errors": [], "warnings": []})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/(.+)", path)
+        if m is None:
+            return self._not_found()
+        repo, kind, rev = m.group(1), m.group(2), urllib.parse.unquote(m.group(3))
+        if kind == "branch":
+            srv.branches.append(f"{repo}@{rev}")
+            return self._send(200, {})
+        if kind == "preupload":
+            files = json.loads(body)["files"]
+            srv.preuploads.append({"repo": repo, "revision": rev, "files": files})
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+            return self._send(200, {"files": modes})
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        files = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines if v["key"] == "file"}
+        oid = hashlib.sha1(body).hexdigest()
+        srv.commits.append({"repo": repo, "revision": rev, "header": lines[0], "files": files, "oid": oid})
+        self._send(200, {"commitUrl": f"{srv.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
+
+
+@pytest.fixture
+def hub_server():
+    """A local hub on a random port; shuts down after the test, or by itself after two minutes."""
+    server = _HubServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    watchdog = threading.Timer(120.0, server.shutdown)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield server
+    finally:
+        watchdog.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_local_folder(case, models, tmp_path, monkeypatch):
+    model = models[case]
+    data_config = {"input_size": (3, SIZE, SIZE), "mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)}
+    folder = save_pretrained(model, tmp_path / "first" / "m", _report(model), data_config=data_config)
+    assert {p.name for p in folder.iterdir()} == FILES  # no pickle (pytorch_model.bin) anywhere
+
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["architecture"] == CASES[case][0]
+    expected = model.config.to_dict() | {"costs": model.exit_costs.tolist()}
+    assert cfg["timm_exits"] == json.loads(json.dumps(expected))
+    assert cfg["timm_exits"]["format_version"] == FORMAT_VERSION
+    exit_keys = set(safetensors.torch.load_file(folder / "exits.safetensors"))
+    assert exit_keys == {k for k in model.state_dict() if not k.startswith("backbone.")}
+    assert "exit_costs" in exit_keys and any(k.startswith("final_head.") for k in exit_keys) == (case == "added_head")
+
+    def no_pickle(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("torch.load called: pickle must never be read")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    loaded = from_pretrained(folder)
+    x = _x()
+    _assert_equal(_outputs(model, x), _outputs(loaded, x))
+    _assert_equal(_state(model), _state(loaded))
+    assert loaded.config == ExitConfig.from_dict(cfg["timm_exits"])
+    assert not loaded.training
+
+    plain = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # timm alone loads the backbone
+    with torch.no_grad():
+        assert torch.equal(plain(x), model.backbone(x))
+    assert timm.data.resolve_data_config({}, model=plain)["input_size"] == (3, SIZE, SIZE)
+
+    again = save_pretrained(loaded, tmp_path / "again" / "m", folder / "report.json")
+    for name in FILES:  # saving what was loaded writes the same bytes
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_load_exits_keeps_the_users_backbone(models, saved):
+    backbone = timm.create_model(f"local-dir:{saved}", pretrained=True)  # train mode, as timm returns it
+    backbone.layer1.eval()  # a mixed mode the wrapper must not flatten
+    modes = {n: m.training for n, m in backbone.named_modules()}
+    before = _state(backbone)
+
+    model = load_exits(backbone, saved)
+    assert model.backbone is backbone
+    _assert_equal(before, _state(backbone))
+    assert modes == {n: m.training for n, m in backbone.named_modules()}
+    assert model.training and all(b.training for b in model.branches)
+
+    _assert_equal(_outputs(models["resnet"], _x()), _outputs(model.eval(), _x()))
+
+
+def test_load_exits_refuses_another_architecture(saved):
+    other = timm.create_model("test_vit", pretrained=False, num_classes=10, img_size=SIZE)
+    with pytest.raises(ExitCheckpointError, match="test_resnet") as e:
+        load_exits(other, saved)
+    assert e.value.key == "architecture" and e.value.file.endswith("config.json")
+
+
+_OFFLINE_SCRIPT = r"""
+import os, sys
+import huggingface_hub.constants as c
+assert c.HF_HUB_OFFLINE, "offline mode must be set before huggingface_hub is imported"
+import safetensors.torch, timm, torch
+from timm_exits.hub import from_pretrained, load_exits
+
+x = safetensors.torch.load_file(sys.argv[1])["x"]
+res = {}
+with torch.no_grad():
+    for tag, source in (("main", "hf-hub:org/multi-exit"), ("v1", "hf-hub:org/multi-exit@v1")):
+        out = from_pretrained(source)(x)
+        res[tag + ".soft"] = out.soft
+        res[tag + ".gates"] = out.gates
+        for i, t in enumerate(out.logits):
+            res[f"{tag}.logits.{i}"] = t
+    backbone = timm.create_model("hf-hub:org/multi-exit", pretrained=True).eval()
+    res["timm"] = backbone(x)
+    res["load_exits.soft"] = load_exits(backbone, "hf-hub:org/multi-exit")(x).soft
+safetensors.torch.save_file({k: v.contiguous() for k, v in res.items()}, sys.argv[2])
+"""
+
+
+def _build_hf_cache(cache: Path, repo_id: str, revisions: dict[str, Path]) -> None:
+    """models--org--name/{refs/<ref>, blobs/<sha256>, snapshots/<commit>/<file> -> blob}, as the HF cache."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    for ref, folder in revisions.items():
+        commit = hashlib.sha1(ref.encode()).hexdigest()
+        (repo / "refs" / ref).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for f in folder.iterdir():
+            data = f.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            if not blob.exists():
+                blob.write_bytes(data)
+            (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+def test_offline_hf_cache_loads_with_both_loaders(models, saved, tmp_path):
+    v1_model = copy.deepcopy(models["resnet"])
+    with torch.no_grad():
+        for p in v1_model.exit_parameters():
+            p.mul_(-1.0)
+    v1 = save_pretrained(v1_model, tmp_path / "v1")
+    cache = tmp_path / "hub"
+    _build_hf_cache(cache, "org/multi-exit", {"main": saved, "v1": v1})
+
+    x = _x()
+    safetensors.torch.save_file({"x": x}, tmp_path / "x.safetensors")
+    script = tmp_path / "offline.py"
+    script.write_text(_OFFLINE_SCRIPT)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: any request would fail
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [sys.executable, str(script), str(tmp_path / "x.safetensors"), str(tmp_path / "out.safetensors")]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = safetensors.torch.load_file(tmp_path / "out.safetensors")
+
+    for tag, model in (("main", models["resnet"]), ("v1", v1_model)):
+        ref = _outputs(model, x)
+        assert torch.equal(got[f"{tag}.soft"], ref["soft"]) and torch.equal(got[f"{tag}.gates"], ref["gates"])
+        for i in range(model.num_exits):
+            assert torch.equal(got[f"{tag}.logits.{i}"], ref[f"logits.{i}"])
+    assert not torch.equal(got["main.logits.0"], got["v1.logits.0"])
+    with torch.no_grad():
+        assert torch.equal(got["timm"], models["resnet"].backbone(x))
+    assert torch.equal(got["load_exits.soft"], _outputs(models["resnet"], x)["soft"])
+
+
+# ---------------------------------------------------------------------------------------------- upload
+def test_push_to_hub_sends_one_commit(models, hub_server, tmp_path):
+    model, report = models["resnet"], _report(models["resnet"])
+    info = push_to_hub(model, "org/resnet-exits", report, endpoint=hub_server.url, token="hf_test")
+
+    assert [(c["organization"], c["name"]) for c in hub_server.created] == [("org", "resnet-exits")]
+    assert hub_server.created[0].get("visibility") != "private"
+    assert len(hub_server.commits) == 1 and not hub_server.unknown and not hub_server.branches
+    commit = hub_server.commits[0]
+    assert commit["repo"] == "org/resnet-exits" and commit["revision"] == "main"
+    assert info.oid == commit["oid"]
+    files = commit["files"]
+    assert set(files) == FILES
+
+    # what arrived is byte for byte what save_pretrained writes, and the announced sizes match
+    local = save_pretrained(model, tmp_path / "local", report, repo_id="org/resnet-exits")
+    sizes = {f["path"]: f["size"] for f in hub_server.preuploads[0]["files"]}
+    for name, data in files.items():
+        assert data == (local / name).read_bytes(), name
+        assert sizes[name] == len(data)
+    exits = safetensors.torch.load(files["exits.safetensors"])
+    assert set(exits) == {k for k in model.state_dict() if not k.startswith("backbone.")}
+    weights = safetensors.torch.load(files["model.safetensors"])
+    assert set(weights) == set(model.backbone.state_dict())
+    assert "timm_exits" in json.loads(files["config.json"])
+
+    card = files["README.md"].decode()
+    assert hub_server.validated == [card]
+    assert "hf-hub:org/resnet-exits" in card
+    for text in ("87.12 %", "86.34 %", "84.92 %", "1.58x", "3.45 ms", "Xeon 8480 VM", "#1: 0.4 %, #2: 22.4 %"):
+        assert text in card, text
+    _assert_card_numbers_from_report(card, report, model)
+
+
+def test_push_run_to_a_branch(models, hub_server, tmp_path):
+    run = tmp_path / "run"
+    report = _report(models["resnet"])
+    save_pretrained(models["resnet"], run / "model")
+    (run / "report.json").write_text(json.dumps(report))
+
+    push_run(run, "org/run-exits", revision="v1", endpoint=hub_server.url, token="hf_test")
+    assert hub_server.branches == ["org/run-exits@v1"]
+    assert len(hub_server.commits) == 1 and hub_server.commits[0]["revision"] == "v1"
+    assert hub_server.commits[0]["header"]["value"]["summary"] == "Upload run run (timm-exits)"
+    card = hub_server.commits[0]["files"]["README.md"].decode()
+    assert "hf-hub:org/run-exits@v1" in card and "87.12 %" in card
+    assert json.loads(hub_server.commits[0]["files"]["report.json"]) == report
+
+
+# ----------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("file", ["exits.safetensors", "model.safetensors"])
+def test_missing_tensor(saved, tmp_path, file):
+    folder = _copy(saved, tmp_path)
+    tensors = safetensors.torch.load_file(folder / file)
+    key = sorted(tensors)[1]
+    del tensors[key]
+    safetensors.torch.save_file(tensors, folder / file)
+    with pytest.raises(ExitCheckpointError, match="missing") as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith(file) and e.value.key == key
+
+
+@pytest.mark.parametrize("file", ["exits.safetensors", "model.safetensors"])
+def test_unexpected_tensor(saved, tmp_path, file):
+    folder = _copy(saved, tmp_path)
+    tensors = safetensors.torch.load_file(folder / file)
+    tensors["branches.9.head.fc.weight"] = torch.zeros(2, 2)
+    safetensors.torch.save_file(tensors, folder / file)
+    with pytest.raises(ExitCheckpointError, match="unexpected") as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith(file) and e.value.key == "branches.9.head.fc.weight"
+
+
+def test_shape_mismatch(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    tensors = safetensors.torch.load_file(folder / "exits.safetensors")
+    tensors["branches.1.head.fc.weight"] = torch.zeros(7, 3)
+    safetensors.torch.save_file(tensors, folder / "exits.safetensors")
+    with pytest.raises(ExitCheckpointError, match=r"shape \(7, 3\)") as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith("exits.safetensors") and e.value.key == "branches.1.head.fc.weight"
+
+
+def test_config_names_another_architecture_than_the_weights(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, lambda c: c.update(architecture="test_vit", model_args={"num_classes": 10}))
+    with pytest.raises(ExitCheckpointError, match="architecture 'test_vit'") as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith("model.safetensors") and e.value.key is not None
+
+
+@pytest.mark.parametrize("where", ["config", "exits"])
+def test_newer_format_version(saved, tmp_path, where):
+    folder = _copy(saved, tmp_path)
+    if where == "config":
+        _edit_config(folder, lambda c: c["timm_exits"].update(format_version=FORMAT_VERSION + 1))
+        file, key = "config.json", "timm_exits.format_version"
+    else:
+        path = folder / "exits.safetensors"
+        with safetensors.safe_open(path, "pt") as f:
+            meta = f.metadata()
+        tensors = safetensors.torch.load_file(path)
+        info = json.loads(meta["timm_exits"])
+        assert info == {"format_version": FORMAT_VERSION, "architecture": "test_resnet", "exits": info["exits"]}
+        info["format_version"] = FORMAT_VERSION + 1
+        safetensors.torch.save_file(tensors, path, metadata={"timm_exits": json.dumps(info)})
+        file, key = "exits.safetensors", "__metadata__.timm_exits.format_version"
+    with pytest.raises(ExitCheckpointError, match="newer") as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith(file) and e.value.key == key
+
+
+@pytest.mark.parametrize("file", ["exits.safetensors", "model.safetensors"])
+def test_truncated_file(saved, tmp_path, file):
+    folder = _copy(saved, tmp_path)
+    path = folder / file
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    keep = (len(raw) - 8 - n) // 2
+    entries = sorted((v["data_offsets"], k) for k, v in _header(path).items() if k != "__metadata__")
+    first_cut = next(k for (begin, end), k in entries if end > keep)
+    path.write_bytes(raw[: 8 + n + keep])
+    with pytest.raises(ExitCheckpointError, match="truncated") as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith(file) and e.value.key == first_cut
+
+
+def test_corrupted_header(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    path = folder / "exits.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[9:40] = b"\xff" * 31
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ExitCheckpointError, match="corrupted") as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith("exits.safetensors")
+
+
+def test_corrupted_tensor_entry(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    key = "branches.0.head.fc.weight"
+    _rewrite_header(folder / "exits.safetensors", lambda h: h[key]["shape"].__setitem__(0, 11))
+    with pytest.raises(ExitCheckpointError, match="corrupted") as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith("exits.safetensors") and e.value.key == key
+
+
+def test_costs_must_agree(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, lambda c: c["timm_exits"].update(costs=[0.5 * v for v in c["timm_exits"]["costs"]]))
+    with pytest.raises(ExitCheckpointError, match="disagree") as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith("exits.safetensors") and e.value.key == "exit_costs"
+
+
+def test_exits_that_do_not_fit_the_backbone(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, lambda c: c["timm_exits"].update(exits=["layer1", "no_such_module"]))
+    with pytest.raises(ExitCheckpointError) as e:
+        from_pretrained(folder)
+    assert e.value.file.endswith("config.json") and e.value.key == "timm_exits.exits"
+
+
+def test_plain_timm_model_and_pickles_are_refused(models, tmp_path):
+    plain = tmp_path / "plain"
+    save_for_hf(models["resnet"].backbone, plain, safe_serialization=True)
+    with pytest.raises(ExitCheckpointError, match="plain timm model") as e:
+        from_pretrained(plain)
+    assert e.value.key == "timm_exits"
+
+    folder = save_pretrained(models["resnet"], tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    torch.save(models["resnet"].backbone.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="never loads pickle"):
+        from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="hf-hub:org/name"):
+        from_pretrained(tmp_path / "does-not-exist")
+
+
+# ------------------------------------------------------------------------------------------ model card
+_NUM = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
+
+
+def _card_numbers(card: str) -> list[str]:
+    """Numbers a reader sees as statements: prose and tables, not code, identifiers or exit ordinals."""
+    body = card.split("---", 2)[2]
+    body = re.sub(r"```.*?```", "", body, flags=re.S)
+    body = re.sub(r"`[^`]*`", "", body)
+    body = re.sub(r"#\d+", "", body)
+    return _NUM.findall(body)
+
+
+def _report_values(obj: Any) -> list[float]:
+    if isinstance(obj, dict):
+        return [v for x in obj.values() for v in _report_values(x)]
+    if isinstance(obj, list):
+        return [v for x in obj for v in _report_values(x)]
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [float(obj)]
+    if isinstance(obj, str):
+        return [float(s) for s in _NUM.findall(obj)]
+    return []
+
+
+def _assert_card_numbers_from_report(card: str, report: dict[str, Any], model: EarlyExitModel) -> None:
+    constants = set(_card_numbers(render_model_card(model, None)))  # the template's own (the citation year)
+    values = _report_values(report)
+    for s in _card_numbers(card):
+        if s in constants:
+            continue
+        tol = 0.5 * 10 ** -(len(s.split(".")[1]) if "." in s else 0) + 1e-9
+        x = float(s)
+        assert any(abs(x - v) <= tol or abs(x - 100 * v) <= tol for v in values), f"{s} is not in the report"
+
+
+def test_card_without_report_states_no_numbers(models):
+    card = render_model_card(models["resnet"], None, repo_id="org/resnet-2")
+    assert "no training report was given" in card.lower() and "states no results" in card
+    assert set(_card_numbers(card)) <= {"2020"}  # the citation's year only
+    assert "%" not in card.split("---", 2)[2]
+    assert "metrics" not in yaml.safe_load(card.split("---", 2)[1])
+
+
+def test_card_numbers_come_from_the_report(models):
+    model = models["vit"]
+    report = _report(model)
+    card = render_model_card(model, report, repo_id="org/vit-exits-2")
+    _assert_card_numbers_from_report(card, report, model)
+    # each kind of number is there: per-exit accuracy and cost, the distribution, speed, the machine, the recipe
+    for text in ("50.00 %", "57.00 %", "0.17", "0.51", "#1: 0.4 %, #2: 22.4 %, #3: 0.0 %", "77.2 %", "2.18", "3.45"):
+        assert text in card, text
+    assert "Xeon 8480 VM" in card and "2 threads" in card and "cost_weight: 0.1" in card
+    assert "Scardapane" in card and "ICASSP 2020" in card
+    assert 'from_pretrained("hf-hub:org/vit-exits-2")' in card
+    assert 'timm.create_model("hf-hub:org/vit-exits-2", pretrained=True)' in card
+
+    # a number changed in the report changes on the card; a partial report gives a partial card
+    report["policies"]["gate"]["speedup"] = 1.93
+    assert "1.93x" in render_model_card(model, report)
+    partial = {"dataset": "cifar100", "test": {"soft_accuracy": 0.6231}}
+    card = render_model_card(model, partial)
+    assert "62.31 %" in card and "gives no exit-policy results" in card
+    _assert_card_numbers_from_report(card, partial, model)
+
+
+def test_card_front_matter(models):
+    report = _report(models["resnet"]) | {"base_model": "timm/test_resnet.r160_in1k", "license": "mit"}
+    meta = yaml.safe_load(render_model_card(models["resnet"], report).split("---", 2)[1])
+    assert meta["library_name"] == "timm" and meta["pipeline_tag"] == "image-classification"
+    assert {"early-exit", "image-classification", "timm"} <= set(meta["tags"])
+    assert meta["datasets"] == ["cifar10"] and meta["metrics"] == ["accuracy"]
+    assert meta["base_model"] == "timm/test_resnet.r160_in1k" and meta["license"] == "mit"
+    meta = yaml.safe_load(render_model_card(models["resnet"], _report(models["resnet"])).split("---", 2)[1])
+    assert "base_model" not in meta and meta["license"] == "apache-2.0"  # trained from scratch: no base model
+
+
+def test_report_for_other_exits_is_refused(models, tmp_path):
+    report = _report(models["resnet"])
+    report["exits"][0]["name"] = "layer4"
+    with pytest.raises(ValueError, match="exits"):
+        save_pretrained(models["resnet"], tmp_path / "m", report)
+    assert not (tmp_path / "m").exists()
+    report = _report(models["resnet"])
+    report["policies"]["gate"]["exit_distribution"] = [0.5, 0.5]
+    with pytest.raises(ValueError, match="distribution"):
+        render_model_card(models["resnet"], report)
