@@ -12,13 +12,23 @@ from .hub import ExitCheckpointError, from_pretrained, load_exits, push_to_hub, 
 from .losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss, cross_entropy
 from .model import EarlyExitModel, ExitBranch, ExitOutput, wrap
 from .placement import ExitPoint, block_points, feature_points
+from .planning import SplitPlan, plan_split
 from .policies import POLICIES, Prediction, PredictionStats, predict
 from .soft import exit_log_probs, expected_cost, soft_log_output
+from .split import CloudPart, EdgePart, Split, SplitError, export, split
 
 __version__ = "0.1.0"
 
 __all__ = [
     "POLICIES",
+    "CloudPart",
+    "EdgePart",
+    "Split",
+    "SplitError",
+    "SplitPlan",
+    "export",
+    "plan_split",
+    "split",
     "ExitCheckpointError",
     "from_pretrained",
     "load_exits",

@@ -1,0 +1,232 @@
+"""Splitting a multi-exit model into edge and cloud parts, and exporting the parts."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from timm_exits import wrap
+from timm_exits.split import CloudPart, EdgePart, SplitError, export, run_onnx, split
+
+# name -> (create_model kwargs, wrap input size); pretrained=False, small inputs where the model allows.
+MODELS = {
+    "resnet18": ({}, (3, 64, 64)),
+    "test_vit": ({}, None),  # its 160 px default
+    "test_convnext": ({}, (3, 64, 64)),
+    "test_efficientnet": ({}, (3, 64, 64)),
+}
+
+
+def _wrapped(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    kwargs, size = MODELS[name]
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    return wrap(model, input_size=size).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on 2 shared cores, two OpenMP threads contending with other jobs run far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: _wrapped(name) for name in MODELS}
+
+
+def _images(model, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *model.config.input_size, generator=g)
+
+
+def _exit_features(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each exit module's output during a plain backbone forward."""
+    seen: dict[str, torch.Tensor] = {}
+    modules = dict(model.backbone.named_modules())
+    handles = [
+        modules[b.name].register_forward_hook(lambda m, i, o, n=b.name: seen.setdefault(n, o.clone()))
+        for b in model.branches
+    ]
+    try:
+        with torch.no_grad():
+            model.backbone(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_composition_reproduces_model_at_every_exit(models, name):
+    model = models[name]
+    x = _images(model)
+    with torch.no_grad():
+        ref = model(x)
+    feats = _exit_features(model, x)
+    want_logits = torch.stack(ref.logits, dim=1)
+    for k, branch in enumerate(model.branches):
+        edge, cloud = split(model, at=k if k % 2 == 0 else branch.name, check=False)  # compared below
+        assert isinstance(edge, EdgePart) and isinstance(cloud, CloudPart)
+        assert edge.exit_name == branch.name and edge.split_index == k
+        with torch.no_grad():
+            e = edge(x)
+            c = cloud(e.features, e.stats)
+        assert e.logits.shape == (3, k + 1, 10) and e.gate_logits.shape == (3, k + 1)
+        assert e.stats.shape == (3, 3 * (k + 1))
+        assert c.logits.shape == (3, model.num_exits - k - 1, 10)
+        assert c.gate_logits.shape == (3, model.num_exits - k - 2)
+        torch.testing.assert_close(e.features, feats[branch.name])
+        torch.testing.assert_close(torch.cat([e.logits, c.logits], 1), want_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.cat([e.gate_logits, c.gate_logits], 1), ref.gate_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(e.gates, torch.sigmoid(ref.gate_logits[:, : k + 1]))
+        torch.testing.assert_close(c.gates[:, -1], torch.ones(3))
+
+
+def test_split_shares_modules_and_leaves_model_unchanged(models):
+    model = models["resnet18"]
+    model.train()
+    try:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        flags = [m.training for m in model.modules()]
+        hooks = sum(len(m._forward_hooks) for m in model.modules())
+        edge, cloud = split(model, at="layer2")
+        assert edge.net.backbone.layer1 is model.backbone.layer1
+        assert getattr(cloud.net.branches, "2") is model.branches[2]
+        assert [m.training for m in model.modules()] == flags
+        assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert edge.training and cloud.training  # the parts' own flags follow the model's
+    finally:
+        model.eval()
+    x = _images(model)
+    with torch.no_grad():
+        out = model(x)
+        plain = model.backbone(x)
+    torch.testing.assert_close(out.final, plain)
+
+
+@pytest.mark.parametrize("at", [3, -1, 7, "layer4", "layer9", True, 1.5])
+def test_split_point_that_does_not_exist(models, at):
+    model = models["resnet18"]
+    with pytest.raises(SplitError, match="early exit|out of range|index"):
+        split(model, at=at)
+
+
+class _DenseNet(nn.Module):
+    """Tiny dense connectivity: layer c reads a and b, so the graph cannot be cut at b."""
+
+    num_classes = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        b = self.b(a)
+        return self.head(self.c(torch.cat([a, b], 1)).mean((2, 3)))
+
+
+class _DataDependent(_DenseNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        if a.sum() > 0:
+            a = a * 2
+        return self.head(self.c(torch.cat([a, self.b(a)], 1)).mean((2, 3)))
+
+
+def test_cut_that_later_layers_bypass_is_refused():
+    torch.manual_seed(0)
+    model = wrap(_DenseNet(), exits=["a", "b"], input_size=(3, 16, 16)).eval()
+    edge, cloud = split(model, at="a")  # a's output is all the rest needs
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        e = edge(x)
+        torch.testing.assert_close(cloud(e.features, e.stats).logits[:, -1], model(x).final)
+    with pytest.raises(SplitError, match=r"cannot split at 'b'.*cat.*needs a \(call_module 'a'\)"):
+        split(model, at="b")
+
+
+def test_untraceable_backbone_is_reported():
+    model = wrap(_DataDependent(), exits=["a", "b"], input_size=(3, 16, 16)).eval()
+    with pytest.raises(SplitError, match="torch.fx could not trace _DataDependent"):
+        split(model, at=0)
+
+
+def test_split_needs_a_wrapped_model():
+    with pytest.raises(TypeError, match="wrapped model"):
+        split(nn.Linear(2, 2), at=0)
+
+
+def test_torch_export_both_parts_dynamic_batch(models, tmp_path):
+    model = models["resnet18"]
+    edge, cloud = split(model, at=1)
+    r = export(edge, path=tmp_path / "edge.pt2", format="torch")
+    assert r.max_abs_diff is not None and r.max_abs_diff < 1e-4 and (tmp_path / "edge.pt2").is_file()
+    x = _images(model, batch=5)
+    with torch.no_grad():
+        got = r.program.module()(x)
+        e = edge(x)
+    assert len(got) == 4  # (logits, gate_logits, stats, features)
+    torch.testing.assert_close(got[3], e.features)
+    rc = export(cloud, format="torch")
+    assert rc.output_names == ["logits", "gate_logits"]
+    with torch.no_grad():
+        torch.testing.assert_close(rc.program.module()(e.features, e.stats)[0], cloud(e.features, e.stats).logits)
+    loaded = torch.export.load(tmp_path / "edge.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module()(x)[0], e.logits)
+
+
+def test_onnx_export_matches_onnxruntime(models, tmp_path):
+    model = models["test_convnext"]
+    edge, cloud = split(model, at=1)
+    re = export(edge, path=tmp_path / "edge.onnx", format="onnx")
+    rc = export(cloud, format="onnx")
+    assert re.input_names == ["image"] and rc.input_names == ["features", "stats"]
+    assert (tmp_path / "edge.onnx").is_file() and isinstance(rc.program, bytes)
+    assert re.max_abs_diff < 1e-4 and rc.max_abs_diff < 1e-4
+    x = _images(model, batch=5)  # another batch size than the example's: the batch is dynamic
+    with torch.no_grad():
+        e = edge(x)
+        c = cloud(e.features, e.stats)
+    logits, gates, stats, features = run_onnx(tmp_path / "edge.onnx", [x])
+    torch.testing.assert_close(features, e.features, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, e.logits, rtol=1e-4, atol=1e-4)
+    cl, cg = run_onnx(rc.program, [e.features, e.stats])
+    torch.testing.assert_close(cl, c.logits, rtol=1e-4, atol=1e-4)
+    assert cg.shape == c.gate_logits.shape
+
+
+def test_onnx_check_without_onnxruntime(models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match="pip install"):
+        run_onnx(b"", [torch.zeros(1)])
+
+
+def test_export_rejects_unknown_format(models):
+    edge, _ = split(models["resnet18"], at=0)
+    with pytest.raises(ValueError, match="format"):
+        export(edge, format="tflite")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("fmt", ["torch", "onnx"])
+def test_export_every_model(models, name, fmt):
+    model = models[name]
+    for part in split(model, at=len(model.branches) // 2):
+        result = export(part, format=fmt)
+        assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
