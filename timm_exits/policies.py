@@ -36,6 +36,7 @@ __all__ = [
     "exit_mask",
     "resolve_thresholds",
     "predict",
+    "run_assigned",
 ]
 
 POLICIES = ("soft", "gate", "confidence", "entropy")
@@ -126,7 +127,8 @@ class _AllExited(Exception):
     """Raised from an exit hook when no sample is left: stops the backbone's forward."""
 
 
-Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+# decide(exit position, logits, gate logits, original row indices of the samples still running) -> leave mask
+Decide = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _HardRun:
@@ -148,7 +150,7 @@ class _HardRun:
 
     def on_exit(self, branch: ExitBranch, output: torch.Tensor) -> torch.Tensor | None:
         logits, gate_logit, stats = branch(output, self.stats)
-        leave = self.decide(branch.position, logits, gate_logit)
+        leave = self.decide(branch.position, logits, gate_logit, self.alive)
         if not self.shrink:
             leave = leave & ~self.done
         n_leave = int(leave.sum())
@@ -181,6 +183,23 @@ class _HardRun:
             self._write(self.alive[rest], final_logits[rest])
 
 
+def run_assigned(model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tensor, batch_shrink: bool = True):
+    """Hard early exit with each sample's exit fixed in advance (benchmarks and tests of the mechanism).
+
+    Runs exactly the code path of `predict`, with the policy's decision replaced by `exit_index`.
+
+    Returns:
+        (B, K) logits of the assigned exits.
+    """
+    assigned = exit_index.to(x.device)
+
+    def decide(pos: int, logits: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return assigned[rows] == pos
+
+    with torch.no_grad():
+        return _run_hard(model, x, decide, batch_shrink).logits
+
+
 def _run_hard(model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bool) -> _HardRun:
     run = _HardRun(x.shape[0], model.num_exits, x.device, decide, shrink)
     try:
@@ -197,17 +216,14 @@ def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
     if model._batch_shrink_safe is not None:
         return model._batch_shrink_safe
     pair = x[:2]
-    never: Decide = lambda pos, logits, gate: torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)  # noqa: E731
+    never: Decide = lambda pos, logits, gate, rows: torch.zeros_like(rows, dtype=torch.bool)  # noqa: E731
     reason = ""
     try:
         ref = _run_hard(model, pair, never, shrink=False).logits
         for b in range(len(model.branches)):
 
-            def first_leaves(pos: int, logits: torch.Tensor, gate: torch.Tensor, b: int = b) -> torch.Tensor:
-                mask = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-                if pos == b and logits.shape[0] == 2:
-                    mask[0] = True
-                return mask
+            def first_leaves(pos: int, logits: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor, b: int = b):
+                return (rows == 0) & (pos == b)
 
             got = _run_hard(model, pair, first_leaves, shrink=True).logits
             if not torch.allclose(got[1], ref[1], rtol=1e-3, atol=1e-4):
@@ -275,7 +291,7 @@ def predict(
         if batch_shrink is None:
             batch_shrink = x.shape[0] == 1 or _batch_shrink_safe(model, x)
 
-        def decide(pos: int, logits: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
+        def decide(pos: int, logits: torch.Tensor, gate_logit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             return exit_mask(policy, logits, gate_logit, thresholds[pos])
 
         run = _run_hard(model, x, decide, shrink=batch_shrink)

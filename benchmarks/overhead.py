@@ -1,0 +1,123 @@
+"""Overhead of the exits when none is taken: plain timm forward vs the wrapped model.
+
+For resnet18 and vit_tiny at 224x224 on the CPU, batch 1 and 64, measures in one process:
+  * plain:           `backbone(x)` with the exit hooks inactive (the user's model as it is);
+  * gates_closed:    `predict(policy="gate", threshold=1.0)`: hard path, every exit evaluated, none
+                     taken (the run asserts that every sample reached the final head);
+  * full_forward:    `model(x)`: every exit and the soft output (training/soft-inference path);
+and the training step (forward, loss, backward, SGD step) of the plain backbone with cross-entropy
+vs the wrapped model with SoftConditionalLoss. The predicted cost of "no exit taken" is the plain
+time times gamma_final (backbone plus every head and gate, in fvcore FLOPs).
+
+Prints JSON (medians over interleaved repeats after warm-up).
+
+    python benchmarks/overhead.py --threads 2 > benchmarks/results/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import timm
+import torch
+import torch.nn.functional as F
+from _timing import machine, time_interleaved
+
+from timm_exits import SoftConditionalLoss, predict, wrap
+
+
+def _inference(name: str, batch: int, repeats: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = wrap(timm.create_model(name, num_classes=10), "auto").eval()
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.no_grad():
+        check = predict(model, x, "gate", 1.0)
+    assert check.stats.counts[-1] == batch, "a gate fired at threshold 1.0"
+
+    def plain():
+        with torch.no_grad():
+            model.backbone(x)
+
+    def closed():
+        predict(model, x, "gate", 1.0)
+
+    def full():
+        with torch.no_grad():
+            model(x)
+
+    ms = time_interleaved({"plain": plain, "gates_closed": closed, "full_forward": full}, repeats, warmup)
+    gamma = float(model.costs[-1])
+    predicted = ms["plain"] * gamma
+    return {
+        "model": name,
+        "batch": batch,
+        "exits": [e.name for e in model.exits],
+        "gamma_final": gamma,
+        "ms": ms,
+        "predicted_ms_no_exit": predicted,
+        "gates_closed_over_predicted": ms["gates_closed"] / predicted,
+        "full_forward_over_predicted": ms["full_forward"] / predicted,
+        "target": "gates_closed_over_predicted <= 1.03",
+    }
+
+
+def _training(name: str, batch: int, repeats: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    plain_model = timm.create_model(name, num_classes=10).train()
+    wrapped = wrap(timm.create_model(name, num_classes=10), "auto").train()
+    x = torch.randn(batch, 3, 224, 224)
+    y = torch.randint(0, 10, (batch,))
+    opt_plain = torch.optim.SGD(plain_model.parameters(), lr=1e-3)
+    opt_wrapped = torch.optim.SGD(wrapped.parameters(), lr=1e-3)
+    loss_fn = SoftConditionalLoss(cost_weight=0.1)
+
+    def plain_step():
+        opt_plain.zero_grad(set_to_none=True)
+        F.cross_entropy(plain_model(x), y).backward()
+        opt_plain.step()
+
+    def wrapped_step():
+        opt_wrapped.zero_grad(set_to_none=True)
+        loss_fn(wrapped(x), y).backward()
+        opt_wrapped.step()
+
+    ms = time_interleaved({"plain_step": plain_step, "wrapped_step": wrapped_step}, repeats, warmup)
+    return {
+        "model": name,
+        "batch": batch,
+        "ms": ms,
+        "wrapped_over_plain": ms["wrapped_step"] / ms["plain_step"],
+        "target": "wrapped_over_plain <= 1.15",
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--models", nargs="+", default=["resnet18", "vit_tiny_patch16_224"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {
+        "benchmark": "overhead",
+        "machine": machine(args.threads),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "input_size": [3, 224, 224],
+        "inference": [],
+        "training": [],
+    }
+    for name in args.models:
+        for batch in args.batches:
+            reps = args.repeats if batch == 1 else max(5, args.repeats // 3)
+            result["inference"].append(_inference(name, batch, reps, args.warmup))
+        result["training"].append(_training(name, args.train_batch, max(5, args.repeats // 3), 2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Hard early exit on the wall clock: measured vs FLOP-predicted speed-up.
+
+For resnet18 at 224x224 and 32x32 and vit_tiny at 224x224 (CPU, fixed threads), batch 1 and 64,
+measures in one process: the plain timm forward (`backbone(x)`, hooks inactive); the wrapped model
+with no exit taken; and hard early exit with controlled exit mixes, every sample at exit k for each
+k, and a mixed distribution. Exits are assigned with `timm_exits.policies.run_assigned`, the same
+code path as `predict` with the policy's decision fixed in advance, so the mix is exactly known.
+
+For each case: measured speed-up = plain time / case time; predicted speed-up = 1 / mean(gamma_b
+of the exits taken); their ratio. Prints JSON (medians over interleaved repeats after warm-up).
+
+    python benchmarks/speed.py --threads 2 > benchmarks/results/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import timm
+import torch
+from _timing import machine, time_interleaved
+
+from timm_exits import wrap
+from timm_exits.policies import run_assigned
+
+CASES = [("resnet18", 224), ("resnet18", 32), ("vit_tiny_patch16_224", 224)]
+MIX = (0.4, 0.3, 0.2, 0.1)  # share of samples per exit (first exits first), the final head last
+
+
+def _mixed_assignment(batch: int, num_exits: int) -> torch.Tensor:
+    shares = list(MIX[: num_exits - 1]) + [1.0 - sum(MIX[: num_exits - 1])]
+    counts = [round(s * batch) for s in shares]
+    counts[-1] = batch - sum(counts[:-1])
+    index = torch.cat([torch.full((c,), b, dtype=torch.long) for b, c in enumerate(counts)])
+    return index[torch.randperm(batch, generator=torch.Generator().manual_seed(0))]
+
+
+def _case(name: str, size: int, batch: int, repeats: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = wrap(timm.create_model(name, num_classes=10), "auto", input_size=(3, size, size)).eval()
+    x = torch.randn(batch, 3, size, size)
+    k = model.num_exits
+    gamma = model.costs.float()
+    assignments = {f"all_at_exit_{b + 1}": torch.full((batch,), b, dtype=torch.long) for b in range(k)}
+    if batch > 1:
+        assignments["mixed"] = _mixed_assignment(batch, k)
+
+    fns = {}
+
+    def plain():
+        with torch.no_grad():
+            model.backbone(x)
+
+    fns["plain"] = plain
+    for label, index in assignments.items():
+        fns[label] = lambda index=index: run_assigned(model, x, index)
+    ms = time_interleaved(fns, repeats, warmup)
+    rows = []
+    for label, index in assignments.items():
+        predicted = 1.0 / float(gamma[index].mean())
+        measured = ms["plain"] / ms[label]
+        rows.append(
+            {
+                "case": label,
+                "exit_distribution": (torch.bincount(index, minlength=k).float() / batch).tolist(),
+                "ms": ms[label],
+                "measured_speedup": measured,
+                "predicted_speedup": predicted,
+                "measured_over_predicted": measured / predicted,
+            }
+        )
+    return {
+        "model": name,
+        "input_size": [3, size, size],
+        "batch": batch,
+        "repeats": repeats,
+        "exits": [e.name for e in model.exits],
+        "gamma": gamma.tolist(),
+        "plain_ms": ms["plain"],
+        "cases": rows,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--repeats", type=int, default=21)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = {
+        "benchmark": "speed",
+        "machine": machine(args.threads),
+        "warmup": args.warmup,
+        "targets": {
+            "batch_1": "measured_over_predicted >= 0.9",
+            "batch_64": "measured_over_predicted >= 0.8",
+            "resnet18_224_b1_all_at_exit_1": "measured_speedup >= 2",
+        },
+        "results": [],
+    }
+    for name, size in CASES:
+        for batch in args.batches:
+            reps = args.repeats if batch == 1 or size <= 64 else max(5, args.repeats // 3)
+            out["results"].append(_case(name, size, batch, reps, args.warmup))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

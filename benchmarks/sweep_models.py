@@ -1,0 +1,542 @@
+"""Sweep `timm_exits.wrap(model, exits="auto")` over every `timm.list_models()` name.
+
+For each model: create it (pretrained=False, default num_classes), wrap it with exits="auto", run a
+random batch of 2 at the model's default input size (`pretrained_cfg["input_size"]`) in train mode,
+back-propagate a `SoftConditionalLoss` (soft output, expected cost and every exit's cross-entropy)
+and check that every output, the loss and the exit gradients are finite.
+
+Models run one at a time in a persistent worker process (one torch thread) that is restarted after a
+crash, a timeout, a memory kill, or every `--restart-every` models. Per model there is a wall-clock
+timeout, an address-space limit inside the worker (allocations beyond it raise) and an RSS watchdog in
+the parent that kills the worker. A crash, timeout or memory kill is a recorded failure, never a stop.
+Models whose parameters alone (weights + gradients, counted on the meta device) exceed the memory
+limit are not built; they are recorded as "excluded" with the reason.
+
+Results are written after every model to `--out` (one short record per model) and printed as JSON at
+the end; a rerun skips the models already recorded there, so the sweep can be resumed.
+
+    nice -n 19 .venv/bin/python benchmarks/sweep_models.py --limit 30
+    nice -n 19 .venv/bin/python benchmarks/sweep_models.py --filter 'resnet*' --timeout 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fnmatch
+import gc
+import json
+import os
+import platform
+import random
+import re
+import resource
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, TextIO
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "results" / "sweep_models.json"
+STAGES = ("create", "wrap", "forward", "backward")
+RESTART_RSS_KB = 3 * 2**20  # restart a worker that keeps more than 3 GiB after a model
+MEMORY_ERRORS = ("MemoryError", "OutOfMemory", "MemoryKill")
+THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
+
+
+# ------------------------------------------------------------------------------------------ worker
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "")[:200]
+
+
+class NonFiniteError(RuntimeError):
+    """An output, the loss or a gradient contains NaN or Inf."""
+
+
+def _vm_kb(field: str, pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _exercise(model: Any, size: tuple[int, ...], state: dict[str, str], send: Any, **wrap_kwargs: Any) -> int:
+    """Wrap with exits="auto", forward a batch of 2, back-propagate and check; return the number of exits."""
+    import torch
+
+    import timm_exits
+
+    def enter(stage: str) -> None:
+        state["stage"] = stage
+        send({"stage": stage})
+
+    enter("wrap")
+    wrapped = timm_exits.wrap(model, exits="auto", **wrap_kwargs)
+    wrapped.train()
+
+    enter("forward")
+    x = torch.randn(2, *size)
+    out = wrapped(x)
+    tensors = {f"logits[{i}]": t for i, t in enumerate(out.logits)}
+    tensors.update(log_probs=out.log_probs, expected_cost=out.expected_cost, gate_logits=out.gate_logits)
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        with torch.no_grad():
+            plain = wrapped.backbone(x)
+        plain_ok = bool(torch.isfinite(plain).all()) if torch.is_tensor(plain) else None
+        raise NonFiniteError(f"non-finite {bad}; plain backbone output finite: {plain_ok}")
+
+    enter("backward")
+    target = torch.randint(0, wrapped.num_classes, (2,))
+    loss = timm_exits.SoftConditionalLoss(cost_weight=0.1)(out, target)
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"loss is {loss.item()}")
+    loss.backward()
+    no_grad = [b.name for b in wrapped.branches if all(p.grad is None for p in b.parameters())]
+    if no_grad:
+        raise RuntimeError(f"exit branches {no_grad} received no gradient")
+    grads = [(n, p.grad) for n, p in wrapped.named_parameters() if p.grad is not None]
+    bad_grads = [n for n, g in grads if not torch.isfinite(g).all()]
+    if bad_grads:
+        raise NonFiniteError(f"non-finite gradients in {len(bad_grads)} tensors, e.g. {bad_grads[:3]}")
+    n = wrapped.num_exits
+    wrapped.unwrap()
+    return n
+
+
+def _error_fields(e: BaseException) -> tuple[str, str]:
+    msg = _first_line(e)
+    err = type(e).__name__
+    if "can't allocate memory" in msg or "not enough memory" in msg:
+        err = "OutOfMemory"
+    return err, msg
+
+
+def _run_one(name: str, mem_bytes: int, send: Any) -> dict[str, Any]:
+    """Create, wrap, forward and backward one model; return its record (without time and name)."""
+    import timm
+    import torch
+
+    rec: dict[str, Any] = {}
+    state = {"stage": "create"}
+    model = None
+    try:
+        send({"stage": "size"})
+        n_params = None
+        with contextlib.suppress(Exception), torch.device("meta"):  # a size estimate only; the real build decides
+            n_params = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+            rec["params_m"] = round(n_params / 1e6, 1)
+        need = (n_params or 0) * 4 * 2  # fp32 weights + gradients, before any activation
+        if n_params and need > mem_bytes:
+            rec.update(
+                status="excluded",
+                stage="create",
+                error="TooLarge",
+                message=f"{n_params / 1e9:.2f}B params need > {need / 2**30:.1f} GiB for weights + grads "
+                f"(limit {mem_bytes / 2**30:.1f} GiB)",
+            )
+            return rec
+
+        send({"stage": "create"})
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False)
+        rec["cls"] = type(model).__name__
+        size = tuple(int(v) for v in model.pretrained_cfg["input_size"])
+        rec["input"] = list(size)
+        rec["exits"] = _exercise(model, size, state, send)
+        rec["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - every failure (MemoryError included) is a result here
+        err, msg = _error_fields(e)
+        rec.update(status="fail", stage=state["stage"], error=err, message=msg)
+    if rec.get("status") == "fail" and model is not None and getattr(model, "num_classes", None) == 0:
+        # A pooled-feature model (num_classes=0 by default): wrap() asks for num_classes by design. Say
+        # whether the exits themselves would work once a head is requested.
+        send({"primary": dict(rec)})  # the parent keeps this if the retry times out or crashes
+        try:
+            rec["nc1000"] = f"ok, {_exercise(model, rec['input'], state, send, num_classes=1000)} exits"
+        except Exception as e:  # noqa: BLE001
+            err, msg = _error_fields(e)
+            rec["nc1000"] = f"{state['stage']} {err}: {msg[:150]}"
+    return rec
+
+
+def worker_main(mem_gb: float) -> None:
+    """Serve model names from stdin; answer stage markers and records on the original stdout."""
+    proto: TextIO = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything the models print goes to stderr, not into the protocol
+    sys.stdout = sys.stderr
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import timm  # noqa: F401
+    import torch
+
+    import timm_exits  # noqa: F401
+
+    torch.set_num_threads(1)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    mem_bytes = int(mem_gb * 2**30)
+    base = _vm_kb("VmSize") * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (base + mem_bytes, base + mem_bytes))
+
+    def send(msg: dict[str, Any]) -> None:
+        proto.write(json.dumps(msg) + "\n")
+
+    send({"ready": True})
+    for line in sys.stdin:
+        name = line.strip()
+        if not name:
+            continue
+        print(f"### {name}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) so rss_gb is this model's
+        t0 = time.perf_counter()
+        rec = _run_one(name, mem_bytes, send)
+        rec["time_s"] = round(time.perf_counter() - t0, 1)
+        rec["rss_gb"] = round(_vm_kb("VmHWM") / 2**20, 1)
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back before the next model
+        send({"result": rec})
+
+
+# ------------------------------------------------------------------------------------------ parent
+class Worker:
+    """A worker subprocess speaking the JSON-lines protocol of `worker_main`."""
+
+    def __init__(self, mem_gb: float, log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "--worker", "--mem-gb", str(mem_gb)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+            cwd=str(ROOT),
+            text=True,
+            bufsize=1,
+        )
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self.served = 0
+        msg = self._read(deadline=time.monotonic() + 180, rss_limit_kb=None)
+        if not msg or not msg.get("ready"):
+            self.kill()
+            raise RuntimeError(f"worker failed to start; see {log_path}")
+
+    def _read(self, deadline: float, rss_limit_kb: int | None) -> dict[str, Any] | str | None:
+        """Next protocol message, or "timeout" / "memory" / None (worker died)."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            if rss_limit_kb and _vm_kb("VmRSS", self.proc.pid) > rss_limit_kb:
+                return "memory"
+            if self.sel.select(timeout=min(left, 0.5)):
+                line = self.proc.stdout.readline()
+                if not line:
+                    return None
+                with contextlib.suppress(json.JSONDecodeError):
+                    return json.loads(line)
+
+    def run(self, name: str, timeout: float, rss_limit_kb: int) -> dict[str, Any]:
+        self.served += 1
+        self.log.flush()
+        log_start = self.log_path.stat().st_size
+        t0 = time.perf_counter()
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        stage = "create"
+        primary: dict[str, Any] | None = None
+        while True:
+            msg = self._read(deadline, rss_limit_kb)
+            if isinstance(msg, dict) and "stage" in msg:
+                stage = "create" if msg["stage"] == "size" else msg["stage"]
+                continue
+            if isinstance(msg, dict) and "primary" in msg:
+                primary = msg["primary"]
+                continue
+            if isinstance(msg, dict) and "result" in msg:
+                return msg["result"]
+            elapsed = round(time.perf_counter() - t0, 1)
+            rec = self._lost(msg, stage, elapsed, timeout, rss_limit_kb, log_start)
+            if primary is not None:  # the run died in the num_classes=1000 retry; the real result stands
+                return {**primary, "nc1000": f"{stage} {rec['error']}: {rec['message']}"[:150], "time_s": elapsed}
+            return rec
+
+    def _lost(
+        self, msg: Any, stage: str, elapsed: float, timeout: float, rss_limit_kb: int, log_start: int
+    ) -> dict[str, Any]:
+        """The record of a model whose worker timed out, ran out of memory or died (the worker is gone)."""
+        if msg == "timeout":
+            error, message = "Timeout", f"> {timeout:.0f} s"
+        elif msg == "memory":
+            error, message = "MemoryKill", f"RSS > {rss_limit_kb / 2**20:.0f} GiB"
+        else:
+            self.proc.wait()
+            error, message = "Crash", f"exit code {self.proc.returncode}: {self._log_tail(log_start)}"
+        self.kill()
+        return {"status": "fail", "stage": stage, "error": error, "message": message, "time_s": elapsed}
+
+    def _log_tail(self, start: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(start)
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        # the first error-looking line is usually the cause (a C++ abort message, a fatal signal, ...)
+        for ln in lines:
+            if re.search(r"terminate|Error|error|Fatal|Abort|Segmentation|Killed", ln):
+                return ln[:200]
+        return (lines[-1] if lines else "no output")[:200]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        if self.proc.poll() is None:
+            self.kill()
+        self.sel.close()
+        self.log.close()
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    import timm
+    import torch
+
+    import timm_exits
+
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": 1,
+        "workers": 1,
+        "ram_gb": mem_gb,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "timm_exits": timm_exits.__version__,
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
+    }
+
+
+def reason_key(rec: dict[str, Any]) -> str:
+    """Group failures: stage, exception type and the message with names and numbers blanked out."""
+    msg = rec.get("message", "")
+    if rec.get("cls"):
+        msg = re.sub(rf"\b{re.escape(rec['cls'])}\b", "<Model>", msg)
+    msg = re.sub(r"\[[^\]]*\]|\([^)]*\)", "[…]", msg)
+    msg = re.sub(r"'[^'\s]*'|\"[^\"]*\"", "'…'", msg)
+    msg = re.sub(r"\d+(\.\d+)?", "N", msg)
+    return f"{rec['stage']}: {rec['error']}: {msg[:160]}"
+
+
+def summarize(records: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    done = [records[n] for n in names if n in records]
+    status = Counter(r["status"] for r in done)
+    created = [r for r in done if r["status"] == "ok" or (r["status"] == "fail" and r["stage"] != "create")]
+    resource_limited = [r for r in created if r.get("error") in ("Timeout", *MEMORY_ERRORS)]
+    ok = status["ok"]
+
+    def rate(n: int) -> float | None:
+        return round(ok / n, 4) if n else None
+
+    return {
+        "models_listed": len(names),
+        "models_done": len(done),
+        "ok": ok,
+        "fail": status["fail"],
+        "excluded": status["excluded"],
+        "create_failures": sum(1 for r in done if r["status"] == "fail" and r["stage"] == "create"),
+        "failures_by_stage": dict(Counter(r["stage"] for r in done if r["status"] == "fail")),
+        "created": len(created),
+        "resource_limited_after_create": len(resource_limited),
+        "pass_rate_all": rate(len(done)),
+        "pass_rate_created": rate(len(created)),
+        "pass_rate_created_within_limits": rate(len(created) - len(resource_limited)),
+        "num_classes0_models": sum(1 for r in done if "nc1000" in r),
+        "num_classes0_ok_with_num_classes_1000": sum(1 for r in done if r.get("nc1000", "").startswith("ok")),
+        "exits_histogram": dict(sorted(Counter(r.get("exits") for r in done if r["status"] == "ok").items())),
+        "model_seconds": round(sum(r.get("time_s", 0.0) for r in done), 1),
+    }
+
+
+def group_failures(records: dict[str, dict[str, Any]], names: list[str], examples: int = 6) -> list[dict[str, Any]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        r = records.get(n)
+        if r and r["status"] == "fail":
+            groups[reason_key(r)].append(n)
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return [
+        {"reason": k, "count": len(v), "examples": v[:examples], "message": records[v[0]].get("message", "")}
+        for k, v in ordered
+    ]
+
+
+def write_results(path: Path, payload: dict[str, Any]) -> None:
+    """Write the results JSON atomically, one record per line so the file diffs well."""
+    records = payload["records"]
+    head = {k: v for k, v in payload.items() if k != "records"}
+    text = json.dumps(head, indent=1, ensure_ascii=False)[:-2]
+    lines = [
+        f"  {json.dumps(n)}: {json.dumps(r, ensure_ascii=False, separators=(',', ':'))}"
+        for n, r in sorted(records.items())
+    ]
+    text += ',\n "records": {\n' + ",\n".join(lines) + "\n }\n}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--filter", default="*", help="fnmatch pattern(s) on timm model names, comma-separated")
+    p.add_argument("--limit", type=int, default=None, help="run at most this many models not yet in --out")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per model (default 120)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--mem-gb",
+        type=float,
+        default=16.0,
+        help="memory limit per model in GiB; larger models are excluded (default 16)",
+    )
+    p.add_argument(
+        "--order",
+        choices=("shuffle", "name"),
+        default="shuffle",
+        help="shuffle (seeded, so a partial sweep is a random sample) or alphabetical",
+    )
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--restart-every", type=int, default=40, help="restart the worker after this many models")
+    p.add_argument("--retry-failed", action="store_true", help="rerun models recorded as failed")
+    p.add_argument("--log", type=Path, default=None, help="worker stderr log (default: <tmpdir>/sweep_models.log)")
+    p.add_argument("--quiet", action="store_true", help="no per-model progress lines on stderr")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.mem_gb)
+        return 0
+    os.environ.update(THREAD_ENV)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import timm
+
+    all_names = timm.list_models()
+    patterns = [p.strip() for p in args.filter.split(",") if p.strip()]
+    names = [n for n in all_names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+
+    out: Path = args.out
+    previous: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    records: dict[str, dict[str, Any]] = previous.get("records", {})
+    if args.retry_failed:
+        records = {n: r for n, r in records.items() if r["status"] != "fail"}
+    todo = [n for n in names if n not in records]
+    if args.order == "shuffle":
+        random.Random(args.seed).shuffle(todo)
+    if args.limit is not None:
+        todo = todo[: args.limit]
+
+    config = {
+        "batch": 2,
+        "exits": "auto",
+        "loss": "SoftConditionalLoss(cost_weight=0.1)",
+        "mode": "train",
+        "timeout_s": args.timeout,
+        "mem_limit_gib": args.mem_gb,
+        "filter": args.filter,
+    }
+    payload: dict[str, Any] = {"machine": machine_info(), "config": config}
+
+    def save() -> dict[str, Any]:
+        payload.update(
+            summary=summarize(records, names),
+            failures=group_failures(records, names),
+            excluded=[
+                {"model": n, "reason": records[n]["message"]}
+                for n in names
+                if records.get(n, {}).get("status") == "excluded"
+            ],
+            records=records,
+        )
+        write_results(out, payload)
+        return payload
+
+    log_path = args.log or Path(tempfile.gettempdir()) / "sweep_models.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    rss_limit_kb = int((args.mem_gb + 1.0) * 2**20)
+    worker: Worker | None = None
+    signal.signal(signal.SIGTERM, _terminate)
+    t_start = time.perf_counter()
+    try:
+        for i, name in enumerate(todo, 1):
+            if worker is None:
+                worker = Worker(args.mem_gb, log_path)
+            rec = worker.run(name, args.timeout, rss_limit_kb)
+            records[name] = rec
+            dead = worker.proc.poll() is not None or _vm_kb("VmRSS", worker.proc.pid) > RESTART_RSS_KB
+            if dead or worker.served >= args.restart_every or rec.get("error") in MEMORY_ERRORS:
+                worker.close()
+                worker = None
+            save()
+            if not args.quiet:
+                detail = (
+                    f"exits={rec.get('exits')}"
+                    if rec["status"] == "ok"
+                    else (f"{rec['stage']} {rec.get('error')}: {rec.get('message', '')[:90]}")
+                )
+                print(
+                    f"[{i}/{len(todo)} {time.perf_counter() - t_start:.0f}s] {name}: {rec['status']} "
+                    f"{rec.get('time_s')}s {detail}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        if worker is not None:
+            worker.kill()  # a stopped sweep abandons the model in progress; it is rerun on resume
+    final = save()
+    print(json.dumps({k: v for k, v in final.items() if k != "records"}, indent=1, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

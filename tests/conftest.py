@@ -1,0 +1,44 @@
+"""Shared fixtures: small but real backbones, built with pretrained=False at small input sizes."""
+
+from __future__ import annotations
+
+import os
+
+import timm
+import torch
+import torchvision
+
+# One thread: the suite is many small ops, and 2-thread OpenMP collapses when the cores are shared.
+torch.set_num_threads(int(os.environ.get("TIMM_EXITS_TEST_THREADS", "1")))
+
+# name -> (timm kwargs, input size). Each keeps its architecture (and layout) but runs fast on 2 cores.
+BACKBONES: dict[str, tuple[dict, int]] = {
+    "resnet18": ({}, 64),
+    "vgg13": ({"mlp_ratio": 0.125}, 64),
+    "mobilenetv3_small_100": ({}, 64),
+    "convnext_atto": ({}, 64),
+    "vit_tiny_patch16_224": ({"img_size": 96}, 96),
+    "swin_tiny_patch4_window7_224": ({"embed_dim": 32, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 4, 8)}, 224),
+    "levit_128s": ({"img_size": 128}, 128),
+    "regnetx_002": ({}, 64),
+    "densenet121": ({"growth_rate": 8}, 64),
+    "test_mambaout": ({}, 64),
+}
+
+
+def make_backbone(name: str, num_classes: int = 10, seed: int = 0) -> tuple[torch.nn.Module, int]:
+    """Build a backbone of the test list with fixed weights; returns (model, input size)."""
+    torch.manual_seed(seed)
+    kwargs, size = BACKBONES[name]
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs), size
+
+
+def make_alexnet(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
+    """torchvision's AlexNet (no feature_info): exits must be given by module name."""
+    torch.manual_seed(seed)
+    return torchvision.models.alexnet(weights=None, num_classes=num_classes)
+
+
+def images(batch: int, size: int, seed: int = 1, channels: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, size, size, generator=g)

@@ -1,0 +1,255 @@
+"""Wrapping: the backbone stays untouched, exits attach by hooks, and the exits train."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import BACKBONES, images, make_alexnet, make_backbone
+from timm.optim import create_optimizer_v2
+
+import timm_exits
+from timm_exits import SoftConditionalLoss, wrap
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def _train_steps(model, x, y, steps: int = 4) -> list[float]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = SoftConditionalLoss(cost_weight=0.1)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_wrap_train_unwrap_deepcopy(name):
+    backbone, size = make_backbone(name)
+    reference = copy.deepcopy(backbone).eval()
+    before = _snapshot(backbone)
+    model = wrap(backbone, exits="auto", input_size=(3, size, size))
+    assert _same_state(before, _snapshot(backbone)), "wrapping changed the backbone"
+    assert model.backbone is backbone
+    assert len(model.exits) >= 1 and all(e.cost is not None for e in model.exits)
+
+    x, y = images(4, size), torch.arange(4) % 10
+    # The backbone's own forward is unchanged while wrapped.
+    backbone.eval()
+    with torch.no_grad():
+        assert torch.equal(backbone(x), reference(x))
+
+    model.train()
+    out = model(x)
+    assert len(out.logits) == model.num_exits
+    assert all(f.shape == (4, 10) for f in out.logits)
+    assert out.gate_logits.shape == (4, model.num_exits - 1)
+    assert torch.isfinite(out.log_probs).all() and torch.isfinite(out.expected_cost).all()
+
+    losses = _train_steps(model, x, y)
+    assert losses[-1] < losses[0], losses
+
+    # deepcopy (timm's EMA) gets its own, working hooks.
+    twin = copy.deepcopy(model).eval()
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), twin(x)
+    for fa, fb in zip(a.logits, b.logits):
+        torch.testing.assert_close(fa, fb)
+    trained = _snapshot(backbone)
+    gone = model.unwrap()
+    assert gone is backbone and _hook_count(gone) == 0
+    assert _same_state(trained, _snapshot(gone))
+    assert _hook_count(twin.backbone) == len(twin.branches)
+
+
+def test_deepcopy_hooks_write_into_the_copy():
+    backbone, size = make_backbone("resnet18")
+    model = wrap(backbone, input_size=(3, size, size))
+    twin = copy.deepcopy(model)
+    for p in model.parameters():
+        p.grad = None
+    twin(images(2, size)).log_probs.sum().backward()
+    assert all(p.grad is None for p in model.parameters()), "the copy's hooks fed the original's exits"
+    assert all(p.grad is not None for p in twin.branches.parameters() if p.requires_grad and p.ndim > 1)
+
+
+def test_unwrap_gives_original_model_bit_for_bit():
+    backbone, size = make_backbone("vit_tiny_patch16_224")
+    before = _snapshot(backbone)
+    original_hooks = _hook_count(backbone)
+    model = wrap(backbone, exits="blocks", input_size=(3, size, size))
+    assert _hook_count(backbone) == original_hooks + len(model.exits)
+    assert model.unwrap() is backbone
+    assert _hook_count(backbone) == original_hooks
+    assert _same_state(before, _snapshot(backbone))
+
+
+def test_state_dict_round_trip():
+    a, size = make_backbone("resnet18", seed=0)
+    b, _ = make_backbone("resnet18", seed=1)
+    ma, mb = wrap(a, input_size=(3, size, size)), wrap(b, input_size=(3, size, size))
+    mb.load_state_dict(ma.state_dict())
+    ma.eval(), mb.eval()
+    x = images(3, size)
+    with torch.no_grad():
+        oa, ob = ma(x), mb(x)
+    for fa, fb in zip(oa.logits, ob.logits):
+        assert torch.equal(fa, fb)
+    assert torch.equal(oa.log_probs, ob.log_probs)
+    assert {k for k in ma.state_dict() if k.startswith("backbone.")} == {f"backbone.{k}" for k in a.state_dict()}
+
+
+def test_alexnet_explicit_exits():
+    net = make_alexnet()
+    before = _snapshot(net)
+    model = wrap(net, exits=["features.2", "features.5", "features.12"], input_size=(3, 96, 96))
+    assert [e.name for e in model.exits] == ["features.2", "features.5", "features.12"]
+    assert [e.layout for e in model.exits] == ["NCHW"] * 3
+    assert [e.channels for e in model.exits] == [64, 192, 256]
+    x, y = images(4, 96), torch.arange(4)
+    losses = _train_steps(model, x, y)
+    assert losses[-1] < losses[0]
+    copy.deepcopy(model)(x)
+    trained = _snapshot(net)
+    assert _hook_count(model.unwrap()) == 0 and _same_state(trained, _snapshot(net))
+    assert before.keys() == trained.keys()
+    with pytest.raises(ValueError, match="no `feature_info`"):
+        wrap(make_alexnet(), exits="auto", input_size=(3, 96, 96))
+
+
+def test_placement_rules_resnet18():
+    m, size = make_backbone("resnet18")
+    auto = wrap(m, "auto", input_size=(3, 224, 224))
+    # act1 (6.6 % of FLOPs) is below the 15 % stem rule; layer4 is the last branch point.
+    assert [e.name for e in auto.exits] == ["layer1", "layer2", "layer3"]
+    assert [round(e.backbone_cost, 2) for e in auto.exits] == [0.32, 0.55, 0.77]
+    auto.unwrap()
+    blocks = wrap(m, "blocks", input_size=(3, 224, 224))
+    assert [e.name for e in blocks.exits] == [
+        "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0"
+    ]  # fmt: skip
+    blocks.unwrap()
+    idx = wrap(m, [1, 3], input_size=(3, size, size))
+    assert [e.name for e in idx.exits] == ["layer1", "layer3"]
+    idx.unwrap()
+    frac = wrap(m, [0.25, 0.5, 0.75], input_size=(3, 224, 224))
+    costs = [e.backbone_cost for e in frac.exits]
+    # each fraction lands on the block whose cumulative cost is nearest
+    assert [e.name for e in frac.exits] == ["layer1.0", "layer2.0", "layer3.1"] or len(costs) == 3
+    for target, got in zip([0.25, 0.5, 0.75], costs):
+        assert abs(got - target) < 0.08
+    frac.unwrap()
+
+
+def test_auto_on_isotropic_vit_keeps_three_exits():
+    m, size = make_backbone("vit_tiny_patch16_224")
+    model = wrap(m, "auto", input_size=(3, size, size))
+    costs = [e.backbone_cost for e in model.exits]
+    assert len(costs) == 3 and all(abs(c - t) < 0.06 for c, t in zip(costs, [0.25, 0.5, 0.75]))
+    assert all(e.layout == "NLC" for e in model.exits)
+
+
+def test_layouts_detected():
+    swin, s = make_backbone("swin_tiny_patch4_window7_224")
+    assert {e.layout for e in wrap(swin, input_size=(3, s, s)).exits} == {"NHWC"}
+    mo, s = make_backbone("test_mambaout")
+    assert {e.layout for e in wrap(mo, input_size=(3, s, s)).exits} == {"NHWC"}
+    r, s = make_backbone("resnet18")
+    assert {e.layout for e in wrap(r, input_size=(3, s, s)).exits} == {"NCHW"}
+
+
+def test_token_exits_pool_like_the_backbone():
+    m, size = make_backbone("vit_tiny_patch16_224")
+    model = wrap(m, [0.5], input_size=(3, size, size))
+    pool = model.branches[0].head.pool
+    assert m.global_pool == "token" and pool.token_pool == "token" and pool.num_prefix_tokens == 1
+    t = torch.randn(2, 1 + 36, 192)
+    assert torch.equal(pool(t), t[:, 0])
+    avg = timm.create_model("vit_tiny_patch16_224", img_size=96, global_pool="avg", num_classes=10)
+    pool = wrap(avg, [0.5], input_size=(3, 96, 96)).branches[0].head.pool
+    assert pool.token_pool == "avg"
+    torch.testing.assert_close(pool(t), t[:, 1:].mean(1))
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp", "conv"])
+@pytest.mark.parametrize("gate", ["stats", "features", "both"])
+def test_head_and_gate_types(head, gate):
+    m, size = make_backbone("resnet18")
+    model = wrap(m, head=head, gate=gate, input_size=(3, size, size))
+    out = model(images(2, size))
+    out.log_probs.sum().backward()
+    assert all(torch.isfinite(f).all() for f in out.logits)
+    # gates start closed (bias -2) so early exits do not take everything at step 0
+    assert (out.gates[:, :-1] < 0.5).all() and (out.gates[:, -1] == 1).all()
+
+
+def test_conv_head_on_tokens():
+    m, size = make_backbone("vit_tiny_patch16_224")
+    model = wrap(m, head="conv", input_size=(3, size, size))
+    out = model(images(2, size))
+    assert out.logits[0].shape == (2, 10)
+
+
+def test_num_classes_zero_backbone_gets_final_head():
+    m = timm.create_model("resnet18", num_classes=0)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        wrap(m, input_size=(3, 64, 64))
+    model = wrap(m, num_classes=7, input_size=(3, 64, 64))
+    out = model(images(2, 64))
+    assert all(f.shape == (2, 7) for f in out.logits)
+    assert model.final_head is not None and model.unwrap() is m
+    with pytest.raises(ValueError, match="reset_classifier"):
+        wrap(timm.create_model("resnet18", num_classes=10), num_classes=5, input_size=(3, 64, 64))
+
+
+def test_timm_conventions_pass_through():
+    m, size = make_backbone("vit_tiny_patch16_224")
+    model = wrap(m, input_size=(3, size, size))
+    assert model.no_weight_decay() == {f"backbone.{n}" for n in m.no_weight_decay()}
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(m.pos_embed) in no_decay and id(m.cls_token) in no_decay
+    assert id(model.branches[0].head.fc.weight) not in no_decay
+    assert timm.data.resolve_data_config(model=model) == timm.data.resolve_data_config(model=m)
+    assert model.pretrained_cfg is m.pretrained_cfg
+    model.reset_classifier(5)
+    out = model(images(2, size))
+    assert all(f.shape == (2, 5) for f in out.logits) and model.config.num_classes == 5
+
+
+def test_costs_measured_and_overridable():
+    m, size = make_backbone("resnet18")
+    model = wrap(m, input_size=(3, 224, 224))
+    c = model.costs.tolist()
+    assert len(c) == model.num_exits and c == sorted(c) and 1.0 <= c[-1] < 1.01
+    model.set_costs([0.3, 0.5, 0.7, 1.0])
+    assert model.costs.tolist() == pytest.approx([0.3, 0.5, 0.7, 1.0])
+    out = model(images(2, size))
+    ref = (out.exit_log_probs.exp() * torch.tensor([0.3, 0.5, 0.7, 1.0])).sum(1)
+    torch.testing.assert_close(out.expected_cost, ref)
+    with pytest.raises(ValueError, match="one per exit"):
+        model.set_costs([0.5, 1.0])
+    given = wrap(make_backbone("resnet18")[0], costs=[0.2, 0.4, 0.6, 1.0], input_size=(3, size, size))
+    assert given.costs.tolist() == pytest.approx([0.2, 0.4, 0.6, 1.0])
+
+
+def test_module_exports():
+    for name in timm_exits.__all__:
+        assert hasattr(timm_exits, name), name

@@ -1,0 +1,195 @@
+"""Hard early exit: same answers as a full forward, fewer samples in later stages, calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import images, make_backbone
+
+from timm_exits import calibrate, collect, predict, simulate, wrap
+from timm_exits.gates import logit_stats
+from timm_exits.policies import exit_mask
+
+
+def _wrapped(name: str, exits="auto"):
+    m, size = make_backbone(name)
+    return wrap(m, exits, input_size=(3, size, size)).eval(), size
+
+
+def _reference(model, x, policy, thresholds):
+    """Full forward, then pick each sample's first exit whose rule fires."""
+    with torch.no_grad():
+        out = model(x)
+    index = torch.full((x.shape[0],), model.num_exits - 1)
+    for b in reversed(range(model.num_exits - 1)):
+        index[exit_mask(policy, out.logits[b], out.gate_logits[:, b], thresholds[b])] = b
+    logits = torch.stack([out.logits[int(index[i])][i] for i in range(x.shape[0])])
+    return index, logits.float(), out
+
+
+def _mixing_thresholds(model, x, policy):
+    """Per-exit thresholds that send roughly a quarter of the remaining samples out at each exit."""
+    with torch.no_grad():
+        out = model(x)
+    ts = []
+    for b in range(model.num_exits - 1):
+        if policy == "gate":
+            s = torch.sigmoid(out.gate_logits[:, b])
+            ts.append(float(torch.quantile(s, 0.75)))
+        elif policy == "confidence":
+            ts.append(float(torch.quantile(logit_stats(out.logits[b])[:, 0], 0.75)))
+        else:
+            ts.append(float(torch.quantile(logit_stats(out.logits[b])[:, 1], 0.25)))
+    return ts
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("policy", ["gate", "confidence", "entropy"])
+def test_hard_exit_equals_full_forward_then_pick(name, policy):
+    model, size = _wrapped(name)
+    x = images(16, size, seed=3)
+    thresholds = _mixing_thresholds(model, x, policy)
+    index, logits, _ = _reference(model, x, policy, thresholds)
+    assert len(set(index.tolist())) >= 3, "the thresholds should mix exits"
+    pred = predict(model, x, policy, thresholds)
+    assert pred.stats.batch_shrink
+    assert torch.equal(pred.exit_index, index)
+    torch.testing.assert_close(pred.logits, logits, rtol=1e-4, atol=1e-4)
+    assert pred.stats.counts == torch.bincount(index, minlength=model.num_exits).tolist()
+    torch.testing.assert_close(pred.stats.expected_cost, float(model.costs[index].mean()))
+
+
+def _stage_batch_sizes(model, names):
+    seen = {n: [] for n in names}
+    modules = dict(model.backbone.named_modules())
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].shape[0])) for n in names]
+    return seen, handles
+
+
+def test_batch_1_stops_the_backbone():
+    model, size = _wrapped("resnet18")
+    seen, handles = _stage_batch_sizes(model, ["layer2", "layer3", "layer4", "fc"])
+    x = images(1, size)
+    pred = predict(model, x, "confidence", 0.0)  # every sample leaves at the first exit
+    assert pred.exit_index.tolist() == [0]
+    assert seen == {"layer2": [], "layer3": [], "layer4": [], "fc": []}
+    pred = predict(model, x, "confidence", 1.0)  # nobody is that confident: all layers run
+    assert pred.exit_index.tolist() == [model.num_exits - 1]
+    assert seen == {"layer2": [1], "layer3": [1], "layer4": [1], "fc": [1]}
+    for h in handles:
+        h.remove()
+
+
+def test_batch_shrinks_after_each_exit():
+    model, size = _wrapped("resnet18")
+    x = images(12, size, seed=5)
+    thresholds = _mixing_thresholds(model, x, "confidence")
+    index, _, _ = _reference(model, x, "confidence", thresholds)
+    predict(model, x, "confidence", thresholds)  # runs the one-off batch-shrink check (on 2 samples)
+    assert model._batch_shrink_safe is True
+    seen, handles = _stage_batch_sizes(model, ["layer2", "layer3", "layer4"])
+    predict(model, x, "confidence", thresholds)
+    remaining = [int((index > b).sum()) for b in range(3)]
+    assert seen == {"layer2": [remaining[0]], "layer3": [remaining[1]], "layer4": [remaining[2]]}
+    for h in handles:
+        h.remove()
+
+
+def test_unsafe_backbone_falls_back_to_masking():
+    # Exits inside densenet's dense blocks: the block concatenates earlier layers' full-batch outputs.
+    m, size = make_backbone("densenet121")
+    model = wrap(
+        m, ["features.denseblock1.denselayer2", "features.denseblock2.denselayer3"], input_size=(3, size, size)
+    )
+    model.eval()
+    x = images(8, size)
+    thresholds = _mixing_thresholds(model, x, "confidence")
+    index, logits, _ = _reference(model, x, "confidence", thresholds)
+    with pytest.warns(UserWarning, match="cannot drop exited samples"):
+        pred = predict(model, x, "confidence", thresholds)
+    assert not pred.stats.batch_shrink
+    assert torch.equal(pred.exit_index, index)
+    torch.testing.assert_close(pred.logits, logits, rtol=1e-4, atol=1e-4)
+    # said once: the result of the check is kept
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict(model, x, "confidence", thresholds)
+
+
+def test_soft_policy_and_labels():
+    model, size = _wrapped("resnet18")
+    x = images(6, size)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    pred = predict(model, x, "soft", labels=y)
+    with torch.no_grad():
+        ref = model(x).log_probs
+    torch.testing.assert_close(pred.logits, ref)
+    assert pred.stats.counts[-1] == 6
+    assert pred.stats.accuracy == pytest.approx(float((ref.argmax(-1) == y).float().mean()))
+    hard = predict(model, x, "confidence", 0.0, labels=y)
+    acc0 = float((hard.logits.argmax(-1) == y).float().mean())
+    assert hard.stats.exit_accuracy[0] == pytest.approx(acc0)
+    assert hard.stats.exit_accuracy[1:] == [None] * (model.num_exits - 1)
+
+
+def test_inference_mode_and_bf16_autocast():
+    model, size = _wrapped("resnet18")
+    x = images(8, size)
+    with torch.inference_mode():
+        a = predict(model, x, "confidence", 0.101)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        b = predict(model, x, "confidence", 0.101)
+        out = model(x)
+    assert a.logits.dtype == b.logits.dtype == torch.float32
+    assert torch.isfinite(b.logits).all() and torch.isfinite(out.log_probs).all()
+
+
+def test_bad_inputs():
+    model, size = _wrapped("resnet18")
+    x = images(2, size)
+    with pytest.raises(ValueError, match="unknown policy"):
+        predict(model, x, "fastest")
+    with pytest.raises(ValueError, match="thresholds for 3 early exits"):
+        predict(model, x, "gate", [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        predict(model, x, "gate", 1.5)
+    with pytest.raises(ValueError, match="empty batch"):
+        predict(model, x[:0], "gate")
+    with pytest.raises(ValueError, match="channels"):
+        predict(model, images(2, size, channels=1), "gate")
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model(x[0])
+
+
+def _loader(x, y, batch=8):
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, x.shape[0], batch)]
+
+
+def test_calibration_meets_targets_and_matches_hard_path():
+    model, size = _wrapped("resnet18")
+    torch.manual_seed(0)
+    x = images(48, size, seed=7)
+    with torch.no_grad():
+        y = model(x).logits[-1].argmax(-1)  # labels the final exit gets right
+    loader = _loader(x, y)
+    data = collect(model, loader)
+    assert data.exit_accuracy[-1] == 1.0
+    cal = calibrate(model, data, policy="confidence", target_cost=0.6)
+    assert cal.cost <= 0.6 and cal.threshold == model.config.thresholds[0]
+    assert model.config.policy == "confidence"
+    # predict() uses the stored calibration and reproduces the simulated cost
+    pred = predict(model, x)
+    assert torch.equal(pred.exit_index, simulate(data, "confidence", cal.threshold))
+    assert pred.stats.expected_cost == pytest.approx(cal.cost, abs=1e-6)
+    drop = calibrate(model, data, policy="entropy", max_accuracy_drop=0.0, apply=False)
+    assert drop.accuracy == 1.0 and drop.cost <= float(model.costs[-1]) + 1e-5
+    again = calibrate(model, _loader(x, y), policy="entropy", max_accuracy_drop=0.0, apply=False)
+    assert again.threshold == drop.threshold and again.curve == drop.curve
+    with pytest.raises(ValueError, match="lowest expected cost"):
+        calibrate(model, data, policy="gate", target_cost=0.05)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate(model, data, policy="gate")
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate(model, [], policy="gate", target_cost=0.5)
