@@ -1,0 +1,144 @@
+"""FLOP-based exit costs (checked against truncated forwards) and the errors for bad placements."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import images, make_alexnet
+from torch import nn
+
+from timm_exits import wrap
+from timm_exits.cost import cumulative_flops, module_flops
+
+
+class _Truncated(nn.Module):
+    def __init__(self, model: nn.Module, index: int):
+        super().__init__()
+        self.model, self.index = model, index
+
+    def forward(self, x):
+        return self.model.forward_intermediates(x, indices=[self.index], stop_early=True, intermediates_only=True)[0]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "convnext_atto"])
+def test_cumulative_flops_equal_truncated_forwards(name):
+    kwargs = {"img_size": 96} if "vit" in name else {}
+    size = 96 if "vit" in name else 64
+    m = timm.create_model(name, num_classes=10, **kwargs).eval()
+    x = torch.randn(1, 3, size, size)
+    points = [f["module"] for f in m.feature_info]
+    marks, total = cumulative_flops(m, x, points)
+    assert total == module_flops(m, (x,))
+    for i, p in enumerate(points):
+        assert marks[p] == module_flops(_Truncated(m, i), (x,)), p
+
+
+def test_attention_is_counted():
+    x = torch.randn(1, 3, 96, 96)
+    fused = timm.create_model("vit_tiny_patch16_224", img_size=96, num_classes=10).eval()
+    timm.layers.set_fused_attn(False)
+    try:
+        unfused = timm.create_model("vit_tiny_patch16_224", img_size=96, num_classes=10).eval()
+    finally:
+        timm.layers.set_fused_attn(True)
+    assert not unfused.blocks[0].attn.fused_attn and fused.blocks[0].attn.fused_attn
+    # fvcore counts the explicit matmuls of the unfused path; the SDPA handle must give the same total
+    assert module_flops(fused, (x,)) == module_flops(unfused, (x,))
+
+
+def test_gamma_is_backbone_plus_heads_and_gates():
+    m = timm.create_model("resnet18", num_classes=10)
+    model = wrap(m, input_size=(3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    names = [e.name for e in model.exits]
+    marks, total = cumulative_flops(m, x, names)
+    spent = 0
+    expected = []
+    with torch.no_grad():
+        feats = {}
+        hooks = [
+            m.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: feats.__setitem__(n, o)) for n in names
+        ]
+        m.eval()(x)
+        for h in hooks:
+            h.remove()
+        for b, n in zip(model.branches, names):
+            # linear head: C*K MACs; stats gate MLP: (3(b+1))*32 + 32*1 MACs (biases and pooling are not counted)
+            c = feats[n].shape[1]
+            spent += c * 10 + 3 * (b.position + 1) * 32 + 32
+            expected.append((marks[n] + spent) / total)
+    expected.append((total + spent) / total)
+    torch.testing.assert_close(model.costs.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.unused = nn.Conv2d(8, 8, 3)
+        self.shared = nn.ReLU()
+        self.b = nn.Conv2d(8, 8, 3)
+        self.split = _TupleOut()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.shared(self.a(x))
+        x = self.shared(self.b(x))
+        x = self.split(x)[0]
+        return self.head(x.mean((2, 3)))
+
+
+class _TupleOut(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+@pytest.mark.parametrize(
+    ("exits", "match"),
+    [
+        (["a", "nope"], "has no module of that name"),
+        (["unused"], "never runs"),
+        (["shared"], "runs 2 times"),
+        (["split"], "not a tensor"),
+        (["b", "a"], "out of order"),
+        (["a", "a"], "more than once"),
+        (["a", 1], "mixes types"),
+        ([], "empty"),
+        ("everywhere", "not understood"),
+        ("auto", "no `feature_info`"),
+        ([0.5], "no `feature_info`"),
+    ],
+)
+def test_placement_errors_toy(exits, match):
+    with pytest.raises(ValueError, match=match):
+        wrap(_Toy(), exits, num_classes=4, input_size=(3, 16, 16))
+
+
+def test_placement_errors_timm():
+    m = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match="Did you mean"):
+        wrap(m, ["layer_1"], input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match="last branch point"):
+        wrap(m, ["layer4"], input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match="after the last branch point"):
+        wrap(m, ["layer2", "fc"], input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match="out of range"):
+        wrap(m, [1, 9], input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match=r"outside \(0, 1\)"):
+        wrap(m, [0.5, 1.5], input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match="place two exits"):
+        wrap(m, [0.5, 0.51], input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match="already wrapped"):
+        wrap(wrap(m, input_size=(3, 64, 64)))
+    assert all(len(mod._forward_hooks) == 1 for mod in [m.layer1, m.layer2, m.layer3])
+
+
+def test_input_errors():
+    model = wrap(make_alexnet(), ["features.2"], input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        model(torch.randn(2, 3, 64))
+    with pytest.raises(ValueError, match="1 channels"):
+        model(images(2, 64, channels=1))
+    with pytest.raises(ValueError, match="empty batch"):
+        model(images(2, 64)[:0])

@@ -1,0 +1,107 @@
+"""The soft-conditional output and expected cost against a direct, slow evaluation of the recursion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from timm_exits import SoftConditionalLoss, exit_log_probs, expected_cost, soft_log_output
+from timm_exits.losses import BranchyNetLoss, FinalExitLoss
+from timm_exits.model import ExitOutput
+
+
+def _slow(logits: list[torch.Tensor], gate_logits: torch.Tensor, costs: torch.Tensor):
+    """y_b = g_b f_b + (1 - g_b) y_{b+1} and C_b = g_b gamma_b + (1 - g_b) C_{b+1}, in float64, per sample."""
+    batch = logits[0].shape[0]
+    ys, cs = [], []
+    for i in range(batch):
+        y = torch.softmax(logits[-1][i].double(), -1)
+        c = costs[-1].double()
+        for b in reversed(range(len(logits) - 1)):
+            g = torch.sigmoid(gate_logits[i, b].double())
+            y = g * torch.softmax(logits[b][i].double(), -1) + (1 - g) * y
+            c = g * costs[b].double() + (1 - g) * c
+        ys.append(y)
+        cs.append(c)
+    return torch.stack(ys), torch.stack(cs)
+
+
+@pytest.mark.parametrize("num_exits", [1, 2, 4, 8])
+def test_matches_direct_recursion(num_exits):
+    g = torch.Generator().manual_seed(num_exits)
+    logits = [torch.randn(5, 7, generator=g) * 3 for _ in range(num_exits)]
+    gates = torch.randn(5, num_exits - 1, generator=g) * 2
+    costs = torch.sort(torch.rand(num_exits, generator=g)).values
+    log_pi = exit_log_probs(gates)
+    y, c = _slow(logits, gates, costs)
+    torch.testing.assert_close(soft_log_output(logits, log_pi).exp().double(), y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(expected_cost(log_pi, costs).double(), c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(log_pi.exp().sum(1), torch.ones(5))
+
+
+def test_confident_gates_stay_finite_and_route_exactly():
+    logits = [torch.randn(3, 4) * 50 for _ in range(3)]
+    gates = torch.tensor([[100.0, -100.0], [-100.0, 100.0], [-100.0, -100.0]])
+    log_pi = exit_log_probs(gates)
+    out = soft_log_output(logits, log_pi)
+    assert torch.isfinite(out).all() and torch.isfinite(log_pi).all()
+    # each sample's soft output is (numerically) the exit its gates pick
+    for i, b in enumerate([0, 1, 2]):
+        torch.testing.assert_close(out[i], torch.log_softmax(logits[b][i], -1), rtol=1e-4, atol=1e-4)
+    cost = expected_cost(log_pi, torch.tensor([0.2, 0.5, 1.0]))
+    torch.testing.assert_close(cost, torch.tensor([0.2, 0.5, 1.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    logits = [(torch.randn(4, 10) * 30).to(dtype) for _ in range(3)]
+    gates = (torch.randn(4, 2) * 40).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_pi = exit_log_probs(gates)
+        out = soft_log_output(logits, log_pi)
+        cost = expected_cost(log_pi, torch.tensor([0.3, 0.6, 1.0]))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and torch.isfinite(cost).all()
+    y, c = _slow([f.float() for f in logits], gates.float(), torch.tensor([0.3, 0.6, 1.0]))
+    torch.testing.assert_close(out.exp().double(), y, rtol=1e-4, atol=1e-5)
+
+
+def _output(num_exits=3, batch=6, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = [torch.randn(batch, classes, generator=g, requires_grad=True) for _ in range(num_exits)]
+    gates = torch.randn(batch, num_exits - 1, generator=g, requires_grad=True)
+    log_pi = exit_log_probs(gates)
+    costs = torch.tensor([0.3, 0.6, 1.0][:num_exits])
+    out = ExitOutput(logits, gates, log_pi, soft_log_output(logits, log_pi), expected_cost(log_pi, costs))
+    return out, costs
+
+
+def test_losses_hard_and_soft_targets():
+    out, _ = _output()
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    onehot = torch.nn.functional.one_hot(y, 5).float()
+    literal = SoftConditionalLoss(cost_weight=0.5, exit_weight=0.0)
+    ref = torch.nn.functional.nll_loss(out.log_probs, y) + 0.5 * out.expected_cost.mean()
+    torch.testing.assert_close(literal(out, y), ref)
+    torch.testing.assert_close(literal(out, onehot), ref)
+    deep = SoftConditionalLoss(cost_weight=0.5, exit_weight=1.0)
+    ce = torch.stack([torch.nn.functional.cross_entropy(f, y) for f in out.logits]).mean()
+    torch.testing.assert_close(deep(out, y), ref + ce)
+    bnet = BranchyNetLoss([1.0, 0.5, 0.25])
+    ref_b = sum(w * torch.nn.functional.cross_entropy(f, y) for w, f in zip([1.0, 0.5, 0.25], out.logits))
+    torch.testing.assert_close(bnet(out, y), ref_b)
+    mixed = 0.7 * onehot + 0.3 * onehot.roll(1, 0)
+    ref_mix = -(mixed * torch.log_softmax(out.logits[-1], -1)).sum(-1).mean()
+    torch.testing.assert_close(FinalExitLoss()(out, mixed), ref_mix)
+    with pytest.raises(ValueError, match="3 exits"):
+        BranchyNetLoss([1.0, 1.0])(out, y)
+    with pytest.raises(ValueError, match="do not match"):
+        FinalExitLoss()(out, y[:3])
+
+
+def test_cost_term_pushes_gates_open():
+    out, _ = _output()
+    loss = SoftConditionalLoss(cost_weight=1.0, exit_weight=0.0)
+    out.expected_cost.mean().backward()
+    # raising a gate sends mass to a cheaper exit, so the cost's gradient on every gate logit is negative
+    assert (out.gate_logits.grad < 0).all()
+    assert loss.cost_weight == 1.0
