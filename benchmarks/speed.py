@@ -7,7 +7,10 @@ k, and a mixed distribution. Exits are assigned with `timm_exits.policies.run_as
 code path as `predict` with the policy's decision fixed in advance, so the mix is exactly known.
 
 For each case: measured speed-up = plain time / case time; predicted speed-up = 1 / mean(gamma_b
-of the exits taken); their ratio. Prints JSON (medians over interleaved repeats after warm-up).
+of the exits taken); their ratio. FLOPs over-predict the saving where early, high-resolution stages
+are memory-bound, so "all at exit k" also reports the time of the bare backbone truncated at that
+exit (`forward_intermediates(..., stop_early=True)`, no heads): the honest limit for that pattern.
+Prints JSON (medians over interleaved repeats after warm-up).
 
     python benchmarks/speed.py --threads 2 > benchmarks/results/speed.json
 """
@@ -55,21 +58,33 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int) -> dict:
     fns["plain"] = plain
     for label, index in assignments.items():
         fns[label] = lambda index=index: run_assigned(model, x, index)
+    info = [f["module"] for f in model.backbone.feature_info]
+    for b, e in enumerate(model.exits):
+
+        def truncated(i: int = info.index(e.name)) -> None:
+            with torch.no_grad():
+                model.backbone.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
+
+        fns[f"truncated_{b + 1}"] = truncated
     ms = time_interleaved(fns, repeats, warmup)
     rows = []
     for label, index in assignments.items():
         predicted = 1.0 / float(gamma[index].mean())
         measured = ms["plain"] / ms[label]
-        rows.append(
-            {
-                "case": label,
-                "exit_distribution": (torch.bincount(index, minlength=k).float() / batch).tolist(),
-                "ms": ms[label],
-                "measured_speedup": measured,
-                "predicted_speedup": predicted,
-                "measured_over_predicted": measured / predicted,
-            }
-        )
+        row = {
+            "case": label,
+            "exit_distribution": (torch.bincount(index, minlength=k).float() / batch).tolist(),
+            "ms": ms[label],
+            "measured_speedup": measured,
+            "predicted_speedup": predicted,
+            "measured_over_predicted": measured / predicted,
+        }
+        trunc = ms.get(label.replace("all_at_exit_", "truncated_"))
+        if trunc is not None:
+            row["truncated_backbone_ms"] = trunc
+            row["truncated_speedup"] = ms["plain"] / trunc
+            row["measured_over_truncated"] = trunc / ms[label]
+        rows.append(row)
     return {
         "model": name,
         "input_size": [3, size, size],

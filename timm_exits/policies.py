@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .gates import logit_stats
+from .gates import NUM_STATS, logit_stats
 from .model import EarlyExitModel, ExitBranch
 
 __all__ = [
@@ -85,16 +85,28 @@ class Prediction:
     stats: PredictionStats
 
 
-def exit_mask(policy: str, logits: torch.Tensor, gate_logit: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean (B,) mask of the samples that leave at this exit under `policy`."""
+def exit_mask(
+    policy: str,
+    logits: torch.Tensor,
+    gate_logit: torch.Tensor,
+    threshold: float,
+    stats: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean (B,) mask of the samples that leave at this exit under `policy`.
+
+    Args:
+        policy: "gate", "confidence" or "entropy".
+        logits: (B, K) logits of this exit.
+        gate_logit: (B,) gate logits of this exit.
+        threshold: The exit's threshold.
+        stats: (B, 3) `logit_stats(logits)` when already computed.
+    """
     if policy == "gate":
         return torch.sigmoid(gate_logit.float()) >= threshold
-    stats = logit_stats(logits)
-    if policy == "confidence":
-        return stats[:, 0] >= threshold
-    if policy == "entropy":
-        return stats[:, 1] <= threshold
-    raise ValueError(f"policy {policy!r} has no exit rule; use one of {POLICIES[1:]}")
+    if policy not in ("confidence", "entropy"):
+        raise ValueError(f"policy {policy!r} has no exit rule; use one of {POLICIES[1:]}")
+    stats = logit_stats(logits) if stats is None else stats
+    return stats[:, 0] >= threshold if policy == "confidence" else stats[:, 1] <= threshold
 
 
 def _check_policy(policy: str) -> None:
@@ -127,7 +139,7 @@ class _AllExited(Exception):
     """Raised from an exit hook when no sample is left: stops the backbone's forward."""
 
 
-# decide(exit position, logits, gate logits, original row indices of the samples still running) -> leave mask
+# decide(exit position, this exit's (B, 3) stats, gate logits, original rows of the samples still running) -> mask
 Decide = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -150,7 +162,7 @@ class _HardRun:
 
     def on_exit(self, branch: ExitBranch, output: torch.Tensor) -> torch.Tensor | None:
         logits, gate_logit, stats = branch(output, self.stats)
-        leave = self.decide(branch.position, logits, gate_logit, self.alive)
+        leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
         if not self.shrink:
             leave = leave & ~self.done
         n_leave = int(leave.sum())
@@ -193,7 +205,7 @@ def run_assigned(model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tenso
     """
     assigned = exit_index.to(x.device)
 
-    def decide(pos: int, logits: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def decide(pos: int, stats: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return assigned[rows] == pos
 
     with torch.no_grad():
@@ -222,7 +234,7 @@ def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
         ref = _run_hard(model, pair, never, shrink=False).logits
         for b in range(len(model.branches)):
 
-            def first_leaves(pos: int, logits: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor, b: int = b):
+            def first_leaves(pos: int, stats: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor, b: int = b):
                 return (rows == 0) & (pos == b)
 
             got = _run_hard(model, pair, first_leaves, shrink=True).logits
@@ -291,8 +303,8 @@ def predict(
         if batch_shrink is None:
             batch_shrink = x.shape[0] == 1 or _batch_shrink_safe(model, x)
 
-        def decide(pos: int, logits: torch.Tensor, gate_logit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            return exit_mask(policy, logits, gate_logit, thresholds[pos])
+        def decide(pos: int, stats: torch.Tensor, gate_logit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return exit_mask(policy, stats, gate_logit, thresholds[pos], stats=stats)
 
         run = _run_hard(model, x, decide, shrink=batch_shrink)
     return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
