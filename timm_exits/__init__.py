@@ -8,6 +8,7 @@ loss = timm_exits.SoftConditionalLoss(cost_weight=0.1)(out, targets)
 
 from .calibration import Calibration, Collected, calibrate, collect, simulate, sweep
 from .config import ExitConfig
+from .gate_fitting import GateFit, fit_gates
 from .hub import ExitCheckpointError, from_pretrained, load_exits, push_to_hub, save_pretrained
 from .losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss, cross_entropy
 from .model import EarlyExitModel, ExitBranch, ExitOutput, wrap
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "POLICIES",
+    "GateFit",
+    "fit_gates",
     "CloudPart",
     "EdgePart",
     "Split",

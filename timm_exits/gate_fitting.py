@@ -1,0 +1,140 @@
+"""Fit the exit gates on frozen exits and held-out data, with the paper's objective.
+
+Gates trained jointly with the exits see training data, on which the final exit is nearly always
+right; they learn to defer everything to it (measured here and in the design notes: such gates
+lose to a plain max-softmax threshold on their own exits). Fitting the gates afterwards on
+held-out outputs of the frozen exits fixes that. Two objectives:
+
+* "correct" (default): each gate learns P(exit b's prediction is right | statistics of exits 1..b)
+  with binary cross-entropy. Thresholding it is a learned generalisation of max-softmax that also
+  reads entropy, margin and the earlier exits' agreement.
+* "soft": the paper's objective  -log sum_b pi_b p_b(y) + cost_weight * sum_b pi_b gamma_b.
+  It weighs log-likelihood, not accuracy: a final exit far more confident than an exit that is
+  also right pulls every gate shut, so its gates rank samples poorly for a threshold.
+
+Only the gate MLPs are trained, full batch, deterministically. "stats" gates read only the exits'
+confidence statistics, so this needs no further pass over the backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import Collected
+from .gates import logit_stats
+from .model import EarlyExitModel
+from .soft import exit_log_probs
+
+__all__ = ["GateFit", "fit_gates"]
+
+
+@dataclass
+class GateFit:
+    """Loss and expected cost of the gates before and after fitting (on the data they were fitted on)."""
+
+    loss_before: float
+    loss_after: float
+    cost_before: float
+    cost_after: float
+    steps: int
+
+
+def _objective(
+    model: EarlyExitModel,
+    stats: torch.Tensor,
+    logp_y: torch.Tensor,
+    correct: torch.Tensor,
+    costs: torch.Tensor,
+    lam: float,
+    objective: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gate_logits = torch.stack([b.gate(None, stats[:, : 3 * (b.position + 1)]) for b in model.branches], dim=1).float()
+    log_pi = exit_log_probs(gate_logits)
+    cost = (log_pi.exp() * costs).sum(1).mean()
+    if objective == "correct":
+        return F.binary_cross_entropy_with_logits(gate_logits, correct), cost
+    nll = -torch.logsumexp(log_pi + logp_y, dim=1).mean()
+    return nll + lam * cost, cost
+
+
+def fit_gates(
+    model: EarlyExitModel,
+    data: Collected,
+    cost_weight: float = 0.1,
+    steps: int = 500,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    reset: bool = True,
+    seed: int = 0,
+    objective: str = "correct",
+) -> GateFit:
+    """Train only the gates, on collected outputs of the frozen exits (see the module docstring).
+
+    Args:
+        model: A wrapped model with gate="stats".
+        data: `timm_exits.collect(model, held_out_loader)`: never the training data.
+        cost_weight: lambda of the expected-cost term.
+        steps: Full-batch Adam steps.
+        lr: Learning rate.
+        weight_decay: L2 on the gate weights.
+        reset: Re-initialise the gates first (their joint-training weights learned to defer).
+        seed: Seed of the re-initialisation.
+        objective: "correct": each gate learns the probability that its exit's prediction is right
+            (binary cross-entropy), so thresholding it is a learned, multi-statistic generalisation of
+            max-softmax; "soft": the paper's soft-conditional objective with `cost_weight`.
+
+    Returns:
+        A `GateFit` with the objective and expected cost before and after.
+    """
+    if model.config.gate != "stats":
+        raise ValueError(
+            f"fit_gates trains gates on cached exit statistics; this model has gate={model.config.gate!r}. "
+            "Wrap with gate='stats' or train the gates in the recipes' joint stage."
+        )
+    if objective not in ("correct", "soft"):
+        raise ValueError(f"objective={objective!r} is not 'correct' or 'soft'.")
+    if data.gate_logits.shape[1] != len(model.branches):
+        raise ValueError(f"data has {data.gate_logits.shape[1]} early exits; the model has {len(model.branches)}.")
+    device = model.exit_costs.device
+    logits = data.logits.to(device).float()
+    labels = data.labels.to(device)
+    stats = torch.cat([logit_stats(logits[:, b]) for b in range(logits.shape[1] - 1)], dim=1)
+    logp_y = F.log_softmax(logits, dim=-1).gather(-1, labels[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
+    correct = (logits[:, :-1].argmax(-1) == labels[:, None]).float()
+    costs = model.exit_costs.detach().float()
+    args = (stats, logp_y, correct, costs, cost_weight, objective)
+    params = [p for b in model.branches for p in b.gate.parameters()]
+    if reset:
+        gen = torch.Generator().manual_seed(seed)
+        bias = model.config.gate_bias
+        with torch.no_grad():
+            for b in model.branches:
+                layers = [m for m in b.gate.modules() if isinstance(m, torch.nn.Linear)]
+                for layer in layers:
+                    bound = 1.0 / layer.in_features**0.5
+                    layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=gen))
+                    layer.bias.copy_(torch.empty_like(layer.bias).uniform_(-bound, bound, generator=gen))
+                layers[-1].bias.fill_(bias)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    try:
+        with torch.enable_grad():
+            with torch.no_grad():
+                before, cost_before = _objective(model, *args)
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss, _ = _objective(model, *args)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                after, cost_after = _objective(model, *args)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+            p.grad = None
+    return GateFit(float(before), float(after), float(cost_before), float(cost_after), steps)
