@@ -79,19 +79,32 @@ class _Toy(nn.Module):
         self.unused = nn.Conv2d(8, 8, 3)
         self.shared = nn.ReLU()
         self.b = nn.Conv2d(8, 8, 3)
-        self.split = _TupleOut()
+        self.split = _DictOut()
+        self.pair = _PairOut()
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
         x = self.shared(self.a(x))
         x = self.shared(self.b(x))
-        x = self.split(x)[0]
-        return self.head(x.mean((2, 3)))
+        x = self.split(x)["x"]
+        x, scale = self.pair(x)
+        return self.head(x.mean((2, 3))) * scale
 
 
-class _TupleOut(nn.Module):
+class _DictOut(nn.Module):
     def forward(self, x):
-        return x, x
+        return {"x": x}
+
+
+class _PairOut(nn.Module):
+    """Returns a tuple, like PiT's stages: the exit reads its first tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.conv(x), x.mean((1, 2, 3))[:, None]
 
 
 @pytest.mark.parametrize(
@@ -113,6 +126,22 @@ class _TupleOut(nn.Module):
 def test_placement_errors_toy(exits, match):
     with pytest.raises(ValueError, match=match):
         wrap(_Toy(), exits, num_classes=4, input_size=(3, 16, 16))
+
+
+def test_tuple_output_exit_reads_first_tensor_and_shrinks_batch():
+    from timm_exits import predict
+    from timm_exits.policies import run_assigned
+
+    model = wrap(_Toy(), ["a", "pair"], num_classes=4, input_size=(3, 16, 16)).eval()
+    assert model.exits[1].channels == 8 and model.exits[1].layout == "NCHW"
+    x = images(6, 16)
+    with torch.no_grad():
+        out = model(x)
+    index = torch.tensor([0, 1, 2, 2, 1, 0])
+    expected = torch.stack([out.logits[int(index[i])][i] for i in range(6)])
+    torch.testing.assert_close(run_assigned(model, x, index), expected)
+    predict(model, x, "confidence", 0.5)
+    assert model._batch_shrink_safe is True
 
 
 def test_placement_errors_timm():

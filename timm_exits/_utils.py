@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["evaluating"]
+__all__ = ["evaluating", "feature_tensor", "take_rows"]
 
 
 @contextlib.contextmanager
@@ -20,3 +22,21 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def feature_tensor(output: Any) -> torch.Tensor | None:
+    """The feature tensor of a module's output: the output itself, or the first element of a
+    tuple/list output (e.g. PiT stages return `(tokens_map, cls_tokens)`); None if neither."""
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    return None
+
+
+def take_rows(output: Any, keep: torch.Tensor) -> Any:
+    """Keep the rows `keep` of a module output: of the tensor, or of every batch-first tensor of a tuple/list."""
+    if torch.is_tensor(output):
+        return output[keep]
+    batch = keep.shape[0]
+    return type(output)(t[keep] if torch.is_tensor(t) and t.ndim and t.shape[0] == batch else t for t in output)

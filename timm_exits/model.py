@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import evaluating
+from ._utils import evaluating, feature_tensor
 from .config import ExitConfig
 from .cost import module_flops
 from .gates import ExitGate, logit_stats
@@ -102,7 +102,7 @@ class ExitBranch(nn.Module):
         stats = torch.cat([prev_stats, logit_stats(logits)], dim=-1)
         return logits, self.gate(feats, stats), stats
 
-    def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         run = self._run
         if run is None:
             return None
@@ -120,13 +120,13 @@ class _FullRun:
         self.gate_logits: list[torch.Tensor] = []
         self.stats = torch.zeros(batch, 0, device=device)
 
-    def on_exit(self, branch: ExitBranch, output: torch.Tensor) -> None:
+    def on_exit(self, branch: ExitBranch, output: Any) -> None:
         if branch.position != len(self.logits):
             raise RuntimeError(
                 f"exit {branch.name!r} fired out of order (expected exit {len(self.logits)}); the backbone's "
                 "forward no longer matches the one the exits were placed on."
             )
-        logits, gate_logit, self.stats = branch(output, self.stats)
+        logits, gate_logit, self.stats = branch(feature_tensor(output), self.stats)
         self.logits.append(logits)
         self.gate_logits.append(gate_logit)
         return None

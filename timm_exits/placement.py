@@ -22,13 +22,13 @@ import difflib
 import itertools
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._utils import evaluating
+from ._utils import evaluating, feature_tensor
 from .cost import cumulative_flops
 from .layout import channels_of, detect_layout
 
@@ -70,6 +70,7 @@ class Probe:
     calls: Counter
     outputs: dict[str, Any]
     final: Any
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 def feature_points(model: nn.Module) -> list[dict[str, Any]]:
@@ -128,7 +129,10 @@ def _stages(model: nn.Module) -> list[str]:
 def block_points(model: nn.Module) -> list[str]:
     """One candidate exit point per block inside each stage, in model order."""
     names: list[str] = []
+    modules = dict(model.named_modules())
     for stage in _stages(model):
+        if stage not in modules:  # feature_info naming a module that does not exist (e.g. mvitv2)
+            continue
         for n in _block_children(model, stage):
             if n not in names:
                 names.append(n)
@@ -144,6 +148,7 @@ def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Prob
     order: dict[str, int] = {}
     calls: Counter = Counter()
     outputs: dict[str, Any] = {}
+    kinds: dict[str, str] = {}
     tick = itertools.count()
     handles = []
     for name in names:
@@ -152,7 +157,8 @@ def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Prob
             calls[name] += 1
             if name not in order:
                 order[name] = next(tick)
-                outputs[name] = out
+                outputs[name] = feature_tensor(out)
+                kinds[name] = type(out).__name__
 
         handles.append(modules[name].register_forward_hook(hook))
     try:
@@ -161,7 +167,7 @@ def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Prob
     finally:
         for h in handles:
             h.remove()
-    return Probe(order, calls, outputs, final)
+    return Probe(order, calls, outputs, final, kinds)
 
 
 def _unknown_module_error(model: nn.Module, name: str) -> ValueError:
@@ -226,8 +232,9 @@ def resolve_exits(
     info = feature_points(model) if kind != "names" or hasattr(model, "feature_info") else []
     fi_chs = {f["module"]: f.get("num_chs") for f in info}
     fi_red = {f["module"]: f.get("reduction") for f in info}
-    last_point = info[-1]["module"] if info else None
     modules = dict(model.named_modules())
+    existing = [f["module"] for f in info if f["module"] in modules]
+    last_point = existing[-1] if existing else None
 
     if kind == "names":
         requested = list(exits)
@@ -255,9 +262,19 @@ def resolve_exits(
     elif kind == "blocks":
         requested = []
         candidates = block_points(model)
+        if not candidates:
+            raise ValueError(
+                f"{type(model).__name__}.feature_info names modules that do not exist in the model; pass explicit "
+                "module names instead."
+            )
     else:
         requested = []
-        candidates = [f["module"] for f in info]
+        candidates = list(dict.fromkeys(existing))
+        if not candidates:
+            raise ValueError(
+                f"{type(model).__name__}.feature_info names modules that do not exist in the model "
+                f"({[f['module'] for f in info]}); pass explicit module names instead."
+            )
 
     probe_names = list(dict.fromkeys(candidates + ([last_point] if last_point else [])))
     pr = probe(model, probe_names, example)
@@ -266,11 +283,7 @@ def resolve_exits(
         _validate_explicit(model, requested, pr, last_point)
         chosen = requested
     else:
-        chosen = [
-            n
-            for n in candidates
-            if pr.calls[n] == 1 and torch.is_tensor(pr.outputs[n]) and n in pr.order and n != last_point
-        ]
+        chosen = [n for n in candidates if pr.calls[n] == 1 and pr.outputs.get(n) is not None and n != last_point]
         if last_point in pr.order:
             last_out = pr.outputs[last_point]
             chosen = [n for n in chosen if pr.order[n] < pr.order[last_point] and pr.outputs[n] is not last_out]
@@ -329,10 +342,10 @@ def _validate_explicit(model: nn.Module, names: list[str], pr: Probe, last_point
                 f"exit {n!r}: module runs {pr.calls[n]} times per forward (a shared or reused module); "
                 "choose a module that runs exactly once."
             )
-        if not torch.is_tensor(pr.outputs[n]):
+        if pr.outputs[n] is None:
             raise ValueError(
-                f"exit {n!r}: module returns {type(pr.outputs[n]).__name__}, not a tensor; choose a module "
-                "whose output is a single feature tensor."
+                f"exit {n!r}: module returns {pr.kinds[n]}, not a tensor (or a tuple starting with one); choose a "
+                "module whose output is a feature tensor."
             )
     ran = sorted(names, key=lambda n: pr.order[n])
     if ran != names:

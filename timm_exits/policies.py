@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ._utils import feature_tensor, take_rows
 from .gates import NUM_STATS, logit_stats
 from .model import EarlyExitModel, ExitBranch
 
@@ -160,8 +161,8 @@ class _HardRun:
             self.logits = logits.new_zeros(self.exit_index.shape[0], logits.shape[-1], dtype=torch.float32)
         self.logits[rows] = logits.float()
 
-    def on_exit(self, branch: ExitBranch, output: torch.Tensor) -> torch.Tensor | None:
-        logits, gate_logit, stats = branch(output, self.stats)
+    def on_exit(self, branch: ExitBranch, output: Any) -> Any:
+        logits, gate_logit, stats = branch(feature_tensor(output), self.stats)
         leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
         if not self.shrink:
             leave = leave & ~self.done
@@ -185,7 +186,7 @@ class _HardRun:
         keep = ~leave
         self.alive = self.alive[keep]
         self.stats = stats[keep]
-        return output[keep]
+        return take_rows(output, keep)
 
     def finish(self, final_logits: torch.Tensor) -> None:
         if self.shrink:
