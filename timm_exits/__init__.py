@@ -6,6 +6,7 @@ out = model(images)                                   # every exit, gates, soft 
 loss = timm_exits.SoftConditionalLoss(cost_weight=0.1)(out, targets)
 """
 
+from . import models as _models  # noqa: F401  (registers alexnet_cifar with timm)
 from .calibration import Calibration, Collected, calibrate, collect, simulate, sweep
 from .config import ExitConfig
 from .gate_fitting import GateFit, fit_gates

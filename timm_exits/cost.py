@@ -20,10 +20,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_analysis import _get_scoped_trace_graph
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.jit.script
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_analysis import _get_scoped_trace_graph
+    from fvcore.nn.jit_handles import get_shape
 
 from ._utils import evaluating
 

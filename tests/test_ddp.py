@@ -1,0 +1,93 @@
+"""Two CPU processes (torchrun, gloo on 127.0.0.1) train the same model as one process with the same global batch.
+
+The backbone is timm's `test_vit` (LayerNorm, no BatchNorm, no dropout), so per-rank batch statistics cannot
+differ from the global batch's; augmentation is seeded per sample, so both runs see the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from timm_exits.train import load_checkpoint, train
+
+RECIPE = {
+    "name": "ddp",
+    "method": "soft",
+    "model": "test_vit",
+    "model_kwargs": {"img_size": 32},
+    "dataset": "digits",
+    "img_size": 32,
+    "max_train_samples": 96,
+    "max_eval_samples": 50,
+    "batch_size": 16,
+    "eval_batch_size": 32,
+    "num_workers": 0,
+    "epochs": 1,
+    "lr": 0.05,
+    "threads": 1,
+    "progress": False,
+    "report": False,
+}
+
+
+def test_two_processes_match_one_process(tmp_path):
+    recipe_file = tmp_path / "ddp.yaml"
+    recipe_file.write_text(yaml.safe_dump(RECIPE))
+    one = train(str(recipe_file), tmp_path / "one")
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        "PYTHONWARNINGS": "ignore",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "-m",
+        "timm_exits.train",
+        "-c",
+        str(recipe_file),
+        "--output",
+        str(tmp_path / "two"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = tmp_path / "two"
+
+    a, _ = load_checkpoint(one)
+    b, meta = load_checkpoint(two)
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # the optimizer state is the same too (DDP averages the gradients of the two half batches)
+    for k, v in a["optim"].items():
+        torch.testing.assert_close(b["optim"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+    # validation metrics are summed over both ranks: every val image counted once, same accuracies
+    va = json.loads((one / "metrics.jsonl").read_text().splitlines()[-1])["val"]
+    vb = meta["history"][-1]["val"]
+    assert vb["num_samples"] == va["num_samples"] == 50
+    assert vb["exit_accuracy"] == va["exit_accuracy"]
+    assert vb["gate"]["exit_distribution"] == va["gate"]["exit_distribution"]
+
+    # only rank 0 wrote: one start line and one epoch line in the log, world size recorded
+    log = (two / "train.log").read_text().splitlines()
+    assert sum(line.startswith("starting") for line in log) == 1
+    assert sum(line.startswith("epoch ") for line in log) == 1
+    assert "2 process(es)" in log[0]
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in Path(two).iterdir()) == sorted(p.name for p in Path(one).iterdir())

@@ -1,0 +1,370 @@
+"""Training recipes end to end on tiny offline runs: methods, report, resume, CLI, data and bad input.
+
+Every run uses scikit-learn's bundled digits, `test_resnet` at 32x32, a 128-image train subset, one
+thread and one short epoch, so the whole file takes well under a minute on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import yaml
+from PIL import Image
+
+from timm_exits import hub
+from timm_exits.cli import main as cli_main
+from timm_exits.data import ShardSampler, build_datasets, load_splits
+from timm_exits.train import (
+    DEFAULTS,
+    CheckpointError,
+    RecipeError,
+    RunFolderError,
+    build_model,
+    load_checkpoint,
+    load_recipe,
+    train,
+)
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny(**overrides) -> dict:
+    """A recipe that trains in a few seconds on 2 CPU cores."""
+    base = {
+        "name": "tiny",
+        "model": "test_resnet",
+        "dataset": "digits",
+        "img_size": 32,
+        "max_train_samples": 128,
+        "max_eval_samples": 64,
+        "batch_size": 32,
+        "eval_batch_size": 64,
+        "num_workers": 0,
+        "epochs": 1,
+        "lr": 0.05,
+        "hflip": 0.0,
+        "threads": 1,
+        "progress": False,
+        "timing_images": 3,
+        "timing_repeats": 1,
+        "timing_warmup": 1,
+    }
+    base.update(overrides)
+    return base
+
+
+def model_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    groups, _ = load_checkpoint(run_dir)
+    return groups["model"]
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------- methods
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One short run per method (branchynet with a frozen stage first, baseline under bf16 autocast)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    variants = (
+        ("soft", {}),
+        ("branchynet", {"frozen_epochs": 1}),
+        ("baseline", {"amp": "bf16", "channels_last": True}),
+    )
+    for method, extra in variants:
+        out[method] = train(tiny(method=method, **extra), root / method)
+    return out
+
+
+@pytest.mark.parametrize("method", ["soft", "branchynet", "baseline"])
+def test_method_trains_one_epoch_and_writes_a_valid_report(runs, method):
+    run = runs[method]
+    report = json.loads((run / "report.json").read_text())
+    assert report["method"] == method and report["model"] == "test_resnet" and report["dataset"] == "digits"
+    assert report["recipe"]["method"] == method and set(DEFAULTS) <= set(report["recipe"])
+    exits = report["exits"]
+    assert exits[-1]["name"] == "final" and len(exits) >= 2
+    costs = [e["cost"] for e in exits]
+    assert costs == sorted(costs) and 0 < costs[0] < 1
+    test = report["test"]
+    assert len(test["exit_accuracy"]) == len(exits) and test["num_samples"] == 64
+    assert all(0 <= a <= 1 for a in test["exit_accuracy"])
+    assert test["final_accuracy"] == test["exit_accuracy"][-1] and 0 <= test["soft_accuracy"] <= 1
+    for name in ("gate", "confidence", "entropy", "gate_0.5", "soft"):
+        pol = report["policies"][name]
+        assert 0 <= pol["accuracy"] <= 1 and costs[0] - 1e-9 <= pol["expected_cost"] <= costs[-1] + 1e-9
+        assert len(pol["exit_distribution"]) == len(exits) and abs(sum(pol["exit_distribution"]) - 1) < 1e-6
+        assert pol["ms_per_image"] > 0 and pol["speedup"] > 0
+    assert report["policies"]["gate_0.5"]["threshold"] == 0.5
+    assert report["policies"]["gate"]["calibration"]["split"] == "val"
+    fit = report["gate_fit"]  # stats gates are re-fitted on the val split before calibration
+    assert fit["objective"] == "correct" and fit["split"] == "val" and fit["loss_after"] < fit["loss_before"]
+    joint = report["policies"]["gate_joint"]
+    assert joint["ms_per_image"] > 0 and len(joint["exit_distribution"]) == len(exits)
+    timing = report["timing"]
+    assert timing["batch_size"] == 1 and timing["threads"] == 1 and timing["baseline_ms_per_image"] > 0
+    assert isinstance(timing["machine"], str) and timing["repeats"] == 1
+
+    md = (run / "report.md").read_text()
+    assert "#1: " in md and "Soft-conditional ensemble" in md and "ms / image" in md
+    for png in ("gate_histograms", "accuracy_vs_cost", "exit_distribution"):
+        data = (run / "plots" / f"{png}.png").read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 2000, png
+
+    # one log line per epoch with per-exit val accuracy and the gate policy's exit distribution
+    log = (run / "train.log").read_text()
+    epochs = [line for line in log.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == (2 if method == "branchynet" else 1)
+    assert all("val exits" in line and "soft" in line and "#1: " in line for line in epochs)
+    rec = history(run)[-1]
+    assert len(rec["val"]["exit_accuracy"]) == len(exits) and len(rec["val"]["gate"]["exit_distribution"]) == len(exits)
+
+    # the saved model loads back strictly and carries the stored policy with its calibrated threshold
+    model = hub.from_pretrained(run / "model")
+    assert model.config.policy == report["recommended_policy"]
+    expected = {"soft": "gate", "branchynet": "entropy", "baseline": "confidence"}[method]
+    assert report["recommended_policy"] == expected
+    thr = report["policies"][expected]["threshold"]
+    assert model.config.thresholds == pytest.approx([thr] * (len(exits) - 1))
+
+
+def test_frozen_stage_keeps_backbone_and_batchnorm_fixed(tmp_path):
+    run = train(tiny(method="soft", frozen_epochs=1, epochs=0, report=False), tmp_path / "frozen")
+    torch.manual_seed(0)
+    fresh = build_model(load_recipe(tiny()), 10).state_dict()
+    saved = model_tensors(run)
+    classifier = "backbone.fc."
+    for k, v in fresh.items():
+        if k.startswith("backbone.") and not k.startswith(classifier):
+            assert torch.equal(saved[k], v), f"{k} changed in the frozen stage"
+    changed = [k for k in saved if k.startswith("branches.") and not torch.equal(saved[k], fresh[k])]
+    assert changed, "exit heads / gates were not trained"
+    assert not torch.equal(saved["backbone.fc.weight"], fresh["backbone.fc.weight"])
+
+
+def test_soft_cost_weight_is_warmed_up(runs):
+    rec = history(runs["soft"])[-1]
+    # one epoch of 4 steps with cost_warmup 0.2 of 4 steps: lambda reaches cost_weight
+    assert rec["train"]["cost_weight"] == pytest.approx(DEFAULTS["cost_weight"])
+    assert "soft_ce" in rec["train"] and "exit_ce" in rec["train"]
+
+
+# ------------------------------------------------------------------------------------ resume
+def test_resume_after_a_kill_mid_epoch_ends_like_an_uninterrupted_run(tmp_path):
+    recipe = tiny(
+        epochs=2,
+        ema=True,
+        ema_decay=0.9,
+        mixup=0.2,
+        exit_drop_rate=0.1,
+        checkpoint_every_steps=2,
+        report=False,
+    )
+    full = train(recipe, tmp_path / "full")
+    killed = train(recipe, tmp_path / "killed", stop_after_steps=7)
+    _, meta = load_checkpoint(killed)
+    assert meta["position"]["step"] == 6 and meta["position"]["batch"] == 2  # mid-epoch checkpoint
+    with pytest.raises(RunFolderError, match="--resume"):
+        train(recipe, tmp_path / "killed")
+    train(recipe, tmp_path / "killed", resume=True)
+
+    a, b = load_checkpoint(full), load_checkpoint(killed)
+    for prefix in ("model", "ema"):
+        assert a[0][prefix].keys() == b[0][prefix].keys()
+        for k, v in a[0][prefix].items():
+            torch.testing.assert_close(b[0][prefix][k], v, rtol=1e-5, atol=1e-6, msg=f"{prefix}/{k}")
+    ha, hb = history(full), history(killed)
+    assert len(ha) == len(hb) == 2
+    for ra, rb in zip(ha, hb):
+        assert ra["val"]["exit_accuracy"] == pytest.approx(rb["val"]["exit_accuracy"])
+        assert ra["train"]["loss"] == pytest.approx(rb["train"]["loss"], rel=1e-5)
+    assert b[1]["position"]["done"]
+
+
+# --------------------------------------------------------------------------------------- CLI
+def test_cli_recipe_eval_and_bench(runs, tmp_path, capsys):
+    assert cli_main(["recipe", "-c", str(RECIPES / "digits_quick.yaml"), "epochs=2", "--set", "lr=0.01"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["epochs"] == 2 and printed["lr"] == 0.01 and printed["name"] == "digits_quick"
+
+    run = tmp_path / "copy"
+    shutil.copytree(runs["soft"], run)
+    assert cli_main(["eval", str(run), "--policy", "entropy", "--no-timing", "--threads", "1"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["recommended_policy"] == "entropy"
+    assert hub.from_pretrained(run / "model").config.policy == "entropy"
+    assert "policy entropy" in capsys.readouterr().out
+
+    assert cli_main(["bench", str(run), "--images", "2", "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["timing"]["baseline_ms_per_image"] > 0
+    assert set(bench["policies"]) == {"gate", "confidence", "entropy", "soft"}
+
+
+def test_every_recipe_file_resolves():
+    files = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith("_"))
+    assert len(files) >= 16
+    methods = set()
+    for path in files:
+        r = load_recipe(path)
+        assert r["name"] == path.stem
+        methods.add(r["method"])
+        for m in ("baseline", "branchynet", "soft"):
+            assert load_recipe(path, {"method": m})["method"] == m
+    grid = {p.stem for p in files}
+    for ds in ("cifar10", "cifar100", "cinic10"):
+        for arch in ("resnet18", "vgg13", "alexnet"):
+            assert f"{ds}_{arch}" in grid
+    assert "digits_quick" in grid
+
+
+def test_alexnet_cifar_builds_with_auto_exits_and_saves_as_a_timm_model(tmp_path):
+    recipe = load_recipe(RECIPES / "cifar10_alexnet.yaml")
+    model = build_model(recipe, 10).eval()
+    assert [b.name for b in model.branches] == ["stages.1", "stages.2", "stages.3"]
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert len(out.logits) == 4 and out.final.shape == (2, 10)
+    back = hub.from_pretrained(hub.save_pretrained(model, tmp_path / "alexnet"))
+    torch.testing.assert_close(back(x).log_probs, out.log_probs)
+
+
+# -------------------------------------------------------------------------------------- data
+def test_shard_sampler_splits_global_batches_exactly():
+    one = ShardSampler(50, 1, 0, shuffle=True, seed=3, batch_size=8)
+    two = [ShardSampler(50, 2, r, shuffle=True, seed=3, batch_size=4) for r in range(2)]
+    for s in (one, *two):
+        s.set_epoch(1)
+    assert one.batches_per_epoch == two[0].batches_per_epoch == 6
+    full, parts = list(one), [list(s) for s in two]
+    for step in range(6):
+        glob = set(full[8 * step : 8 * step + 8])
+        assert glob == set(parts[0][4 * step : 4 * step + 4]) | set(parts[1][4 * step : 4 * step + 4])
+    one.set_epoch(1, start_batch=2)
+    assert list(one) == full[16:]
+    ev = [list(ShardSampler(11, 2, r, shuffle=False)) for r in range(2)]
+    assert sorted(ev[0] + ev[1]) == list(range(11))
+
+
+def test_digits_splits_are_fixed_and_disjoint():
+    cfg = load_recipe(None, {"dataset": "digits"})
+    a, b = load_splits(cfg), load_splits(cfg)
+    assert a.train[1] == b.train[1] and a.test[1] == b.test[1]
+    tr, va, te = set(a.train[1]), set(a.val[1]), set(a.test[1])
+    assert not (tr & va or tr & te or va & te) and len(tr | va | te) == 1797
+    data = build_datasets(cfg)
+    x, y = data.train[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < 10 and data.num_classes == 10
+
+
+def _image_tree(root: Path, splits: dict[str, int]) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in splits.items():
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_imagefolder_tree_holds_out_val_when_missing(tmp_path):
+    _image_tree(tmp_path, {"train": 10, "test": 3})
+    cfg = load_recipe(None, {"dataset": "imagefolder", "data_dir": str(tmp_path), "val_split": 4})
+    data = build_datasets(cfg)
+    assert (len(data.train), len(data.val), len(data.test)) == (16, 4, 6)
+    assert data.classes == ["cat", "dog"] and data.test[0][0].shape == (3, 32, 32)
+
+
+def test_cifar_npz_copy_is_read(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "cifar10").mkdir()
+    for split, n in (("train", 40), ("test", 10)):
+        np.savez(
+            tmp_path / "cifar10" / f"{split}.npz",
+            x=rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8),
+            y=np.arange(n) % 10,
+            label_names=np.array([f"c{i}" for i in range(10)]),
+        )
+    data = build_datasets(load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path), "val_split": 10}))
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 10) and data.classes[0] == "c0"
+
+
+# --------------------------------------------------------------------------------- bad input
+def test_missing_data_folder_is_a_clear_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="restore.py|download"):
+        train(tiny(dataset="cifar10", data_dir=str(tmp_path / "nope")), out)
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="needs data_dir"):
+        train(tiny(dataset="imagefolder"), out)
+    assert not out.exists()
+
+
+def test_unknown_recipe_key_names_the_valid_keys(tmp_path, capsys):
+    with pytest.raises(RecipeError, match="Did you mean .*'lr'.*Valid keys: name, method"):
+        load_recipe(tiny(), {"lr_rate": 0.1})
+    with pytest.raises(RecipeError, match="unknown recipe key 'epoch'"):
+        load_recipe(None, ["epoch=3"])
+    with pytest.raises(RecipeError, match="'epochs'.*not a valid"):
+        load_recipe(None, {"epochs": "many"})
+    with pytest.raises(RecipeError, match="method.*not one of"):
+        load_recipe(None, {"method": "fancy"})
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("base: digits_quick.yaml\nlearning_rate: 0.1\n")
+    (tmp_path / "digits_quick.yaml").write_text((RECIPES / "digits_quick.yaml").read_text())
+    assert cli_main(["train", "-c", str(recipe), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe key 'learning_rate'" in err and "Valid keys:" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_from_another_architecture_is_refused(runs, tmp_path):
+    vit = tiny(model="test_vit", model_kwargs={"img_size": 32}, init_checkpoint=str(runs["soft"]))
+    with pytest.raises(CheckpointError, match="different architecture"):
+        train(vit, tmp_path / "vit")
+    # a checkpoint swapped into a run folder is refused on resume, and left as it is
+    stop = {"stop_after_steps": 2, "checkpoint_every_steps": 1}
+    other = train(tiny(model="test_vit", model_kwargs={"img_size": 32}, **stop), tmp_path / "o")
+    target = train(tiny(**stop), tmp_path / "t")
+    (target / "checkpoint.safetensors").write_bytes((other / "checkpoint.safetensors").read_bytes())
+    before = (target / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="different architecture"):
+        train(tiny(), tmp_path / "t", resume=True)
+    assert (target / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_output_folder_with_another_run_or_other_files_is_not_touched(runs, tmp_path):
+    run = runs["baseline"]
+    same = tiny(method="baseline", amp="bf16", channels_last=True)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RunFolderError, match="different run.*lr"):
+        train({**same, "lr": 0.01}, run)
+    with pytest.raises(RunFolderError, match="different run"):
+        train({**same, "lr": 0.01}, run, resume=True)
+    with pytest.raises(RunFolderError, match="already holds this run"):
+        train(same, run)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(RunFolderError, match="no timm-exits run"):
+        train(tiny(), other)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_checkpoints_are_safetensors_without_pickle(runs):
+    path = runs["soft"] / "checkpoint.safetensors"
+    tensors = safetensors.torch.load_file(str(path))
+    assert any(k.startswith("optim/") for k in tensors) and any(k.startswith("model/") for k in tensors)
+    assert not list(runs["soft"].rglob("*.pt")) and not list(runs["soft"].rglob("*.bin"))
+    assert not list(runs["soft"].glob(".*tmp*"))

@@ -1,0 +1,125 @@
+"""Small backbones registered with timm for the paper's recipes.
+
+timm has no AlexNet, and torchvision's AlexNet (11x11 stride-4 stem, three 3x3/2 max-pools) cannot
+run on 32x32 images at all (its last pool gets a 1x1 map). The paper's AlexNet column is a
+CIFAR-sized AlexNet-style network, so `alexnet_cifar` is registered here as an ordinary timm model
+(``timm.create_model("alexnet_cifar", num_classes=10)`` once ``timm_exits.models`` is imported): five
+3x3 convolutions of AlexNet's widths (64, 192, 384, 256, 256) with BatchNorm, max-pools after the
+first, second and fifth, and AlexNet's dropout + two-layer classifier (sized down) on a 2x2 pooled
+map. Being a timm model, it has ``feature_info`` (so ``exits="auto"`` works), ``pretrained_cfg``,
+``reset_classifier`` and saves / loads through timm's Hub format.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+__all__ = ["AlexNetCifar", "alexnet_cifar"]
+
+
+class _Stage(nn.Sequential):
+    def __init__(self, cin: int, cout: int, pool: bool, norm: bool) -> None:
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not norm)]
+        if norm:
+            layers.append(nn.BatchNorm2d(cout))
+        layers.append(nn.ReLU(inplace=True))
+        if pool:
+            layers.append(nn.MaxPool2d(2))
+        super().__init__(*layers)
+
+
+class AlexNetCifar(nn.Module):
+    """AlexNet-style network for small images (see the module docstring).
+
+    Args:
+        num_classes: Output classes (0: return pooled features).
+        in_chans: Input channels.
+        widths: Channels of the five convolutions.
+        hidden: Width of the classifier's hidden layer.
+        drop_rate: Dropout before each classifier layer (AlexNet: 0.5).
+        norm: BatchNorm after each convolution.
+        pool_size: Side of the adaptive average pool before the classifier.
+        global_pool: Pooling before the classifier; only "avg" (kept as timm's model argument).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        widths: tuple[int, ...] = (64, 192, 384, 256, 256),
+        hidden: int = 1024,
+        drop_rate: float = 0.5,
+        norm: bool = True,
+        pool_size: int = 2,
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"AlexNetCifar pools with 'avg' only, got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        pools = (True, True, False, False, True)
+        chans = (in_chans, *widths)
+        self.stages = nn.Sequential(*[_Stage(chans[i], chans[i + 1], pools[i], norm) for i in range(5)])
+        reductions = [2, 4, 4, 4, 8]
+        self.feature_info = [
+            {"num_chs": widths[i], "reduction": reductions[i], "module": f"stages.{i}"} for i in range(5)
+        ]
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.pre_logits = nn.Sequential(
+            nn.Flatten(1),
+            nn.Dropout(drop_rate),
+            nn.Linear(widths[-1] * pool_size * pool_size, hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.num_features = self.head_hidden_size = hidden
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool = "avg"  # timm reads it when saving the model's arguments
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pre_logits(self.pool(x))
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+        "first_conv": "stages.0.0",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({"alexnet_cifar.untrained": _cfg()})
+
+
+@register_model
+def alexnet_cifar(pretrained: bool = False, **kwargs: Any) -> AlexNetCifar:
+    """AlexNet-style network for 32x32 images (no pretrained weights)."""
+    return build_model_with_cfg(AlexNetCifar, "alexnet_cifar", pretrained, **kwargs)

@@ -1,0 +1,671 @@
+"""Evaluation, timing and the report of a trained run.
+
+`evaluate(run_dir)` loads the run's model (EMA weights when it kept an EMA), runs every exit over the
+val and test splits, and writes into the run folder:
+
+* ``report.json`` (schema below; the Hub model-card generator reads these keys) and ``report.md``;
+* ``plots/``: gate-value histograms per exit (the paper's Figure 4), accuracy against expected cost
+  for a threshold sweep of every policy next to static truncation (every image at exit k), and the
+  exit distribution of each policy;
+* ``model/``: the model saved with `timm_exits.hub.save_pretrained`, with the recommended policy and
+  its calibrated thresholds stored in its config.
+
+Thresholds of the "gate", "confidence" and "entropy" policies are calibrated on the val split with
+`timm_exits.calibrate` (lowest cost within ``calibrate_max_drop`` of the final exit's accuracy, or
+best accuracy at ``calibrate_target_cost``); "gate_0.5" is the paper's plain hard gating and "soft"
+the soft-conditional ensemble (every exit runs). Test numbers come from the real hard early-exit
+path (`EarlyExitModel.predict`), not a simulation. Times are measured at batch 1: the median over
+``timing_repeats`` passes over ``timing_images`` test images (after ``timing_warmup`` untimed
+images), all candidates interleaved within each pass, against ``model.backbone`` called directly
+(its exit hooks inactive: the plain model's forward) in the same process.
+
+report.json::
+
+    {"model", "dataset", "method", "recipe": {...},
+     "exits": [{"name", "cost"}, ..., final last],
+     "test": {"exit_accuracy": [...], "soft_accuracy", "final_accuracy", "num_samples"},
+     "policies": {name: {"threshold", "accuracy", "expected_cost", "exit_distribution", "ms_per_image",
+                         "speedup", ...}},
+     "timing": {"machine", "threads", "batch_size", "repeats", "baseline_ms_per_image", ...}, ...}
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .calibration import Collected, calibrate, collect, sweep
+from .gate_fitting import fit_gates
+from .model import EarlyExitModel
+from .soft import exit_log_probs, soft_log_output
+
+__all__ = [
+    "HARD_POLICIES",
+    "evaluate",
+    "benchmark",
+    "time_per_image",
+    "machine_name",
+    "format_distribution",
+    "write_plots",
+    "render_markdown",
+]
+
+HARD_POLICIES = ("gate", "confidence", "entropy")
+
+
+def format_distribution(dist: Sequence[float]) -> str:
+    """The paper's Table 2 form: ``"#1: 0.4 %, #2: 22.4 %, ..."``."""
+    return ", ".join(f"#{i + 1}: {100 * float(p):.1f} %" for i, p in enumerate(dist))
+
+
+def machine_name(device: torch.device | str = "cpu") -> str:
+    """A short description of the processor (or GPU) the timings ran on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_per_image(
+    candidates: Mapping[str, Callable[[torch.Tensor], Any]],
+    inputs: Sequence[torch.Tensor],
+    repeats: int = 5,
+    warmup: int = 10,
+) -> dict[str, float]:
+    """Median milliseconds per image of each candidate over `repeats` passes through `inputs`.
+
+    Candidates run one after the other within every pass, so a load change on the machine hits all
+    of them alike.
+
+    Args:
+        candidates: Name -> function called on one input batch.
+        inputs: Input batches (batch 1 for latency).
+        repeats: Timed passes; the median is returned.
+        warmup: Untimed calls per candidate before timing.
+
+    Returns:
+        Name -> median ms per image.
+    """
+    if not inputs:
+        raise ValueError("time_per_image needs at least one input.")
+    device = inputs[0].device
+    n_images = sum(int(x.shape[0]) for x in inputs)
+    with torch.no_grad():
+        for fn in candidates.values():
+            for i in range(warmup):
+                fn(inputs[i % len(inputs)])
+        _sync(device)
+        times: dict[str, list[float]] = {k: [] for k in candidates}
+        for _ in range(max(1, repeats)):
+            for name, fn in candidates.items():
+                t0 = time.perf_counter()
+                for x in inputs:
+                    fn(x)
+                _sync(device)
+                times[name].append(1000.0 * (time.perf_counter() - t0) / n_images)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def _soft_accuracy(data: Collected) -> float:
+    logits = list(data.logits.unbind(1))
+    log_probs = soft_log_output(logits, exit_log_probs(data.gate_logits))
+    return float((log_probs.argmax(-1) == data.labels).float().mean())
+
+
+@torch.no_grad()
+def _hard(model: EarlyExitModel, loader: Any, policy: str, threshold: float, device: torch.device) -> dict[str, Any]:
+    """Accuracy, expected cost and exit shares of the real hard early-exit path over a loader."""
+    e = model.num_exits
+    counts = torch.zeros(e, dtype=torch.long)
+    hits = torch.zeros(e, dtype=torch.long)
+    n = 0
+    for x, y in loader:
+        pred = model.predict(x.to(device), policy=policy, threshold=threshold)
+        idx = pred.exit_index.cpu()
+        ok = pred.logits.argmax(-1).cpu() == y
+        counts += torch.bincount(idx, minlength=e)
+        hits += torch.bincount(idx[ok], minlength=e)
+        n += len(y)
+    costs = model.exit_costs.detach().double().cpu()
+    return {
+        "threshold": float(threshold),
+        "accuracy": float(hits.sum()) / n,
+        "expected_cost": float((counts.double() * costs).sum()) / n,
+        "exit_distribution": (counts.double() / n).tolist(),
+        "exit_accuracy": [float(h) / float(c) if c else None for h, c in zip(hits.tolist(), counts.tolist())],
+    }
+
+
+def _timing_inputs(dataset: Any, count: int, device: torch.device) -> list[torch.Tensor]:
+    count = min(int(count), len(dataset))
+    return [dataset[i][0].unsqueeze(0).to(device) for i in range(count)]
+
+
+def _time_model(
+    model: EarlyExitModel,
+    thresholds: Mapping[str, float | None],
+    inputs: Sequence[torch.Tensor],
+    repeats: int,
+    warmup: int,
+) -> tuple[float, dict[str, float]]:
+    """(baseline ms per image, {policy: ms per image}); "gate_0.5" style names map to their policy."""
+    candidates: dict[str, Callable[[torch.Tensor], Any]] = {"baseline": model.backbone}
+    for name, thr in thresholds.items():
+        policy = name.split("_")[0]
+        candidates[name] = lambda x, p=policy, t=thr: model.predict(x, policy=p, threshold=t)
+    ms = time_per_image(candidates, inputs, repeats, warmup)
+    base = ms.pop("baseline")
+    return base, ms
+
+
+def evaluate(
+    run_dir: str | os.PathLike,
+    *,
+    policy: str | None = None,
+    threshold: float | None = None,
+    target_cost: float | None = None,
+    max_accuracy_drop: float | None = None,
+    data_dir: str | None = None,
+    timing: bool = True,
+    save_model: bool = True,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate a trained run and write its report, plots and saved model (see the module docstring).
+
+    Args:
+        run_dir: The run folder.
+        policy: Policy stored with the saved model and shown first (default: the recipe's ``policy``).
+        threshold: Use this threshold for `policy` instead of the calibrated one.
+        target_cost: Calibrate for the best accuracy at this expected cost.
+        max_accuracy_drop: Calibrate for the lowest cost within this accuracy drop (default: the recipe's).
+        data_dir: Where the data set lives now, if it moved.
+        timing: Measure inference times (batch 1).
+        save_model: Save the model to ``run_dir/model`` (via `timm_exits.hub`).
+        device: Device to evaluate on.
+        threads: torch threads (default: the recipe's ``threads``, else torch's default).
+        log: Where progress lines go.
+
+    Returns:
+        The report dict (also written to ``run_dir/report.json``).
+    """
+    from .data import build_datasets, load_splits, make_loader
+    from .policies import POLICIES
+    from .train import load_run
+
+    run_dir = Path(run_dir)
+    device = torch.device(device)
+    run = load_run(run_dir, device=device, data_dir=data_dir, threads=threads)
+    recipe, model = run.recipe, run.model
+    policy = policy or recipe["policy"]
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
+    if threshold is not None and policy == "soft":
+        raise ValueError("the soft policy has no threshold.")
+    if recipe["threads"]:
+        torch.set_num_threads(recipe["threads"])
+    if target_cost is None and max_accuracy_drop is None:
+        target_cost, max_accuracy_drop = recipe["calibrate_target_cost"], recipe["calibrate_max_drop"]
+    if target_cost is not None:
+        max_accuracy_drop = None
+    t0 = time.time()
+    data = build_datasets(recipe, model, load_splits(recipe))
+    bs = recipe["eval_batch_size"]
+    val_loader = make_loader(data.val, bs, train=False)
+    test_loader = make_loader(data.test, bs, train=False)
+    val = collect(model, val_loader, device=device)
+    test = collect(model, test_loader, device=device)
+    costs = [float(c) for c in model.exit_costs.tolist()]
+
+    policies: dict[str, dict[str, Any]] = {}
+    curves: dict[str, list[dict[str, float]]] = {}
+    do_timing = timing and recipe["timing_images"] > 0
+    inputs = _timing_inputs(data.test, recipe["timing_images"], device) if do_timing else []
+
+    def time_policies(entries: dict[str, dict[str, Any]]) -> float | None:
+        """Time `entries` at batch 1 against the plain backbone, in place; return the backbone's ms/image."""
+        if not do_timing:
+            return None
+        thresholds = {k: v["threshold"] for k, v in entries.items()}
+        base, ms = _time_model(model, thresholds, inputs, recipe["timing_repeats"], recipe["timing_warmup"])
+        for k, v in ms.items():
+            entries[k]["ms_per_image"] = v
+            entries[k]["speedup"] = base / v if v > 0 else None
+        return base
+
+    def calibrated(p: str, val: Collected, test: Collected) -> dict[str, Any]:
+        entry: dict[str, Any] = {"calibration": {"split": "val", "target_cost": target_cost}}
+        entry["calibration"]["max_accuracy_drop"] = max_accuracy_drop
+        try:
+            cal = calibrate(model, val, p, target_cost=target_cost, max_accuracy_drop=max_accuracy_drop, apply=False)
+            thr = cal.threshold
+            entry["calibration"].update({"val_accuracy": cal.accuracy, "val_expected_cost": cal.cost})
+        except ValueError as e:  # target cost out of reach: fall back to the policy's default
+            from .policies import DEFAULT_THRESHOLDS
+
+            thr = DEFAULT_THRESHOLDS[p]
+            entry["calibration"]["error"] = str(e)
+            log(f"calibration of {p!r} failed ({e}); using threshold {thr}")
+        if p == policy and threshold is not None:
+            thr = float(threshold)
+            entry["calibration"]["overridden_by_user"] = True
+        entry.update(_hard(model, test_loader, p, thr, device))
+        curves[p] = sweep(test, p, num=101)
+        return entry
+
+    gate_fit = None
+    timed_joint: dict[str, Any] = {}
+    objective = recipe["fit_gates"]
+    if objective != "none" and model.config.gate == "stats" and len(model.branches):
+        # The jointly trained gates, kept for comparison, then gates re-fitted on the val split.
+        policies["gate_joint"] = calibrated("gate", val, test)
+        policies["gate_0.5"] = _hard(model, test_loader, "gate", 0.5, device)
+        curves["gate_joint"] = curves.pop("gate")
+        timed_joint = {k: policies[k] for k in ("gate_joint", "gate_0.5")}
+        time_policies(timed_joint)
+        gate_fit = {"objective": objective, "split": "val", **fit_gates(model, val, objective=objective).__dict__}
+        val = collect(model, val_loader, device=device)
+        test = collect(model, test_loader, device=device)
+    for p in HARD_POLICIES:
+        policies[p] = calibrated(p, val, test)
+    if "gate_0.5" not in policies:
+        policies["gate_0.5"] = _hard(model, test_loader, "gate", 0.5, device)
+    soft_acc = _soft_accuracy(test)
+    policies["soft"] = {
+        "threshold": None,
+        "accuracy": soft_acc,
+        "expected_cost": costs[-1],
+        "exit_distribution": [0.0] * (len(costs) - 1) + [1.0],
+    }
+
+    timing_info: dict[str, Any] = {
+        "machine": machine_name(device),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "batch_size": 1,
+        "repeats": int(recipe["timing_repeats"]),
+        "images": min(int(recipe["timing_images"]), len(data.test)),
+        "warmup": int(recipe["timing_warmup"]),
+        "baseline_ms_per_image": None,
+    }
+    # policies of the jointly trained gates were timed before the gates were re-fitted
+    timing_info["baseline_ms_per_image"] = time_policies({k: v for k, v in policies.items() if k not in timed_joint})
+
+    from . import __version__
+
+    report: dict[str, Any] = {
+        "model": recipe["model"],
+        "dataset": recipe["dataset"],
+        "method": recipe["method"],
+        "recipe": recipe,
+        "exits": [{"name": b.name, "cost": c} for b, c in zip(model.branches, costs)]
+        + [{"name": "final", "cost": costs[-1]}],
+        "test": {
+            "exit_accuracy": test.exit_accuracy,
+            "soft_accuracy": soft_acc,
+            "final_accuracy": test.exit_accuracy[-1],
+            "num_samples": int(test.labels.shape[0]),
+        },
+        "val": {
+            "exit_accuracy": val.exit_accuracy,
+            "soft_accuracy": _soft_accuracy(val),
+            "num_samples": int(val.labels.shape[0]),
+        },
+        "policies": policies,
+        "gate_fit": gate_fit,
+        "recommended_policy": policy,
+        "static": [
+            {"exit": i + 1, "cost": c, "accuracy": a} for i, (c, a) in enumerate(zip(costs, test.exit_accuracy))
+        ],
+        "timing": timing_info,
+        "training": _training_summary(run.meta),
+        "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timm_exits_version": __version__,
+    }
+
+    plot_paths = write_plots(run_dir / "plots", test, report, curves)
+    _write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    _write_text(run_dir / "report.md", render_markdown(report, plot_paths, run_dir))
+
+    if policy != "soft":
+        model.config.policy = policy
+        model.config.thresholds = [float(policies[policy]["threshold"])] * len(model.branches)
+    else:
+        model.config.policy, model.config.thresholds = "soft", None
+    if save_model:
+        _save_model(model, run_dir / "model", report, data.data_config, log)
+    log(_summary(report, policy) + f" (evaluated in {time.time() - t0:.1f} s; report: {run_dir / 'report.md'})")
+    return report
+
+
+def _training_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
+    history = list(meta.get("history", []))
+    if not history:
+        return {}
+    last = history[-1]
+    return {
+        "epochs": last.get("epochs"),
+        "steps": last.get("step"),
+        "seconds": sum(float(h.get("seconds", 0.0)) for h in history),
+        "last_epoch": last,
+    }
+
+
+def _save_model(model: EarlyExitModel, folder: Path, report: dict[str, Any], data_config: dict, log: Callable) -> None:
+    from . import hub
+
+    keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items() if k in keep}
+    try:
+        hub.save_pretrained(model, folder, report=report, data_config=cfg)
+    except ValueError as e:  # e.g. a backbone that is not a timm model
+        log(f"model not saved to {folder}: {e}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _summary(report: Mapping[str, Any], policy: str) -> str:
+    t = report["test"]
+    p = report["policies"][policy]
+    accs = "/".join(f"{100 * a:.1f}" for a in t["exit_accuracy"])
+    text = (
+        f"test: exits {accs} %, soft {100 * t['soft_accuracy']:.2f} %; policy {policy}: "
+        f"{100 * p['accuracy']:.2f} % at cost {p['expected_cost']:.3f}, "
+        f"exits {format_distribution(p['exit_distribution'])}"
+    )
+    if p.get("speedup") is not None:
+        text += f", {p['ms_per_image']:.3f} ms/image, speed-up {p['speedup']:.2f}x"
+    return text
+
+
+# ------------------------------------------------------------------------------------------ bench
+def benchmark(
+    run_dir: str | os.PathLike,
+    *,
+    policies: Sequence[str] | None = None,
+    batch_size: int = 1,
+    images: int | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Measured inference time of a trained run's policies against its plain backbone.
+
+    Thresholds are the calibrated ones of the run's report.json (else each policy's default).
+
+    Args:
+        run_dir: The run folder.
+        policies: Policies to time (default: gate, confidence, entropy, soft).
+        batch_size: Images per call.
+        images: Test images to time (default: the recipe's ``timing_images``).
+        repeats: Timed passes (median reported).
+        warmup: Untimed calls per candidate first.
+        threads: torch threads (default: the recipe's, else torch's).
+        data_dir: Where the data set lives now.
+        device: Device to time on.
+
+    Returns:
+        {"timing": {...}, "policies": {name: {"threshold", "ms_per_image", "speedup"}}}.
+    """
+    from .data import build_datasets, load_splits
+    from .train import load_run
+
+    run = load_run(run_dir, device=device, data_dir=data_dir)
+    recipe, model = run.recipe, run.model
+    device = torch.device(device)
+    if threads or recipe["threads"]:
+        torch.set_num_threads(int(threads or recipe["threads"]))
+    names = list(policies or ("gate", "confidence", "entropy", "soft"))
+    report_path = Path(run_dir) / "report.json"
+    saved = json.loads(report_path.read_text(encoding="utf-8")).get("policies", {}) if report_path.is_file() else {}
+    thresholds: dict[str, float | None] = {}
+    for name in names:
+        pol = name.split("_")[0]
+        if pol not in ("gate", "confidence", "entropy", "soft"):
+            raise ValueError(f"unknown policy {name!r}; choose from gate, gate_0.5, confidence, entropy, soft.")
+        default = 0.5 if name == "gate_0.5" else None
+        thresholds[name] = saved.get(name, {}).get("threshold", default) if pol != "soft" else None
+    data = build_datasets(recipe, model, load_splits(recipe))
+    count = min(int(images or recipe["timing_images"]), len(data.test))
+    singles = _timing_inputs(data.test, count, device)
+    inputs = [torch.cat(singles[i : i + batch_size]) for i in range(0, len(singles), batch_size)]
+    reps = int(repeats or recipe["timing_repeats"])
+    base, ms = _time_model(model, thresholds, inputs, reps, int(recipe["timing_warmup"] if warmup is None else warmup))
+    return {
+        "timing": {
+            "machine": machine_name(device),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "batch_size": batch_size,
+            "images": count,
+            "repeats": reps,
+            "baseline_ms_per_image": base,
+        },
+        "policies": {
+            k: {"threshold": thresholds[k], "ms_per_image": v, "speedup": base / v if v > 0 else None}
+            for k, v in ms.items()
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def write_plots(
+    folder: Path, test: Collected, report: Mapping[str, Any], curves: Mapping[str, list[dict[str, float]]]
+) -> dict[str, Path]:
+    """Write the three report plots as PNG (matplotlib's Agg canvas; no global backend change).
+
+    Args:
+        folder: Output folder (created).
+        test: Every exit's outputs on the test split.
+        report: The report dict (exits, static points, policies).
+        curves: Policy -> threshold sweep on the test split (from `timm_exits.sweep`).
+
+    Returns:
+        Plot name -> path.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    pols = report["policies"]
+
+    n_early = test.gate_logits.shape[1]
+    cols = max(1, min(4, n_early))
+    rows = max(1, -(-n_early // cols))
+    fig = _figure(3.2 * cols, 2.6 * rows)
+    gates = torch.sigmoid(test.gate_logits.float())
+    for b in range(n_early):
+        ax = fig.add_subplot(rows, cols, b + 1)
+        ax.hist(gates[:, b].numpy(), bins=40, range=(0, 1), color="tab:blue")
+        ax.axvline(0.5, color="k", ls="--", lw=1, label="0.5")
+        ax.axvline(pols["gate"]["threshold"], color="tab:red", lw=1, label="calibrated")
+        ax.set_title(f"exit #{b + 1} ({report['exits'][b]['name']})", fontsize=9)
+        ax.set_xlabel("gate value g(x)", fontsize=8)
+        ax.set_yscale("log")
+        if b == 0:
+            ax.set_ylabel("test images", fontsize=8)
+            ax.legend(fontsize=7)
+    if n_early == 0:
+        fig.text(0.5, 0.5, "no early exits", ha="center")
+    fig.suptitle("Gate values on the test split", fontsize=10)
+    fig.tight_layout()
+    paths["gate_histograms"] = folder / "gate_histograms.png"
+    fig.savefig(paths["gate_histograms"])
+
+    fig = _figure(6.4, 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    static = report["static"]
+    ax.plot(
+        [s["cost"] for s in static], [100 * s["accuracy"] for s in static], "ks-", lw=1, label="static: all at exit k"
+    )
+    for i, s in enumerate(static):
+        ax.annotate(
+            f"#{i + 1}", (s["cost"], 100 * s["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=7
+        )
+    colors = {"gate": "tab:blue", "gate_joint": "tab:purple", "confidence": "tab:orange", "entropy": "tab:green"}
+    for p, curve in curves.items():
+        pts = sorted((c["cost"], 100 * c["accuracy"]) for c in curve)
+        ax.plot([c for c, _ in pts], [a for _, a in pts], "-", color=colors.get(p), lw=1, alpha=0.8, label=f"{p} sweep")
+        ax.plot(pols[p]["expected_cost"], 100 * pols[p]["accuracy"], "o", color=colors.get(p), ms=7, mec="k")
+    g = pols["gate_0.5"]
+    ax.plot(g["expected_cost"], 100 * g["accuracy"], "D", color="tab:blue", mec="k", label="gate @ 0.5")
+    s = pols["soft"]
+    ax.plot(s["expected_cost"], 100 * s["accuracy"], "*", color="tab:purple", ms=11, mec="k", label="soft ensemble")
+    ax.set_xlabel("expected cost (share of the backbone's FLOPs)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs cost (circles: thresholds calibrated on val)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    paths["accuracy_vs_cost"] = folder / "accuracy_vs_cost.png"
+    fig.savefig(paths["accuracy_vs_cost"])
+
+    fig = _figure(6.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    names = [n for n in ("gate", "gate_joint", "gate_0.5", "confidence", "entropy") if n in pols]
+    e = len(report["exits"])
+    width = 0.8 / max(1, len(names))
+    for j, n in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(e)]
+        ax.bar(xs, [100 * v for v in pols[n]["exit_distribution"]], width, label=n)
+    ax.set_xticks(range(e), [f"#{i + 1}" for i in range(e)])
+    ax.set_xlabel("exit")
+    ax.set_ylabel("share of test images (%)")
+    ax.set_title("Exit distribution per policy", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths["exit_distribution"] = folder / "exit_distribution.png"
+    fig.savefig(paths["exit_distribution"])
+    return paths
+
+
+# --------------------------------------------------------------------------------------- markdown
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_dir: Path) -> str:
+    """The human-readable report.md of a report dict."""
+    r = report["recipe"]
+    t = report["test"]
+    tm = report["timing"]
+    sp = report.get("splits", {})
+    lines = [
+        f"# {r['name'] or r['model']}: {report['method']} on {report['dataset']}",
+        "",
+        f"Backbone `{report['model']}` (pretrained: {r['pretrained']}, input {r['img_size']} px), method "
+        f"`{report['method']}`, {len(report['exits'])} exits. Splits: {sp.get('train')} train / {sp.get('val')} val "
+        f"(calibration) / {sp.get('test')} test images.",
+    ]
+    tr = report.get("training") or {}
+    if tr:
+        lines.append(f"Trained {tr['epochs']} epochs ({tr['steps']} steps) in {tr['seconds']:.1f} s.")
+    lines += [
+        "",
+        "## Test accuracy per exit",
+        "",
+        "| exit | module | cost (share of backbone FLOPs) | accuracy |",
+        "|---|---|---|---|",
+    ]
+    for i, (ex, acc) in enumerate(zip(report["exits"], t["exit_accuracy"])):
+        lines.append(f"| #{i + 1} | `{ex['name']}` | {ex['cost']:.3f} | {_pct(acc)} |")
+    lines += [
+        "",
+        f"Soft-conditional ensemble: **{_pct(t['soft_accuracy'])}**; final exit: {_pct(t['final_accuracy'])} "
+        f"({t['num_samples']} test images).",
+        "",
+        "## Hard early exit",
+        "",
+    ]
+    cal = report["policies"]["gate"].get("calibration", {})
+    if cal.get("target_cost") is not None:
+        how = f"best val accuracy at an expected cost of at most {cal['target_cost']}"
+    else:
+        how = f"lowest val cost within {100 * (cal.get('max_accuracy_drop') or 0):.1f} points of the final exit"
+    fit = report.get("gate_fit")
+    gates = (
+        f"`gate` uses gates re-fitted on the val split on frozen exits (objective `{fit['objective']}`, "
+        "`timm_exits.fit_gates`); `gate_joint` and `gate_0.5` use the jointly trained gates (timed before the "
+        "re-fit; the saved model holds the re-fitted gates)"
+        if fit
+        else "`gate` and `gate_0.5` use the jointly trained gates"
+    )
+    lines += [
+        f"Thresholds of gate / confidence / entropy calibrated on the val split ({how}); `gate_0.5` is the "
+        f"paper's plain hard gating, `soft` runs every exit; {gates}. Test numbers from the real early-exit path.",
+        "",
+        "| policy | threshold | accuracy | expected cost | ms / image | speed-up | exit distribution |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, p in report["policies"].items():
+        thr = "-" if p.get("threshold") is None else f"{p['threshold']:.4g}"
+        ms = "-" if p.get("ms_per_image") is None else f"{p['ms_per_image']:.3f}"
+        su = "-" if p.get("speedup") is None else f"{p['speedup']:.2f}x"
+        mark = " (stored)" if name == report.get("recommended_policy") else ""
+        lines.append(
+            f"| `{name}`{mark} | {thr} | {_pct(p['accuracy'])} | {p['expected_cost']:.3f} | {ms} | {su} | "
+            f"{format_distribution(p['exit_distribution'])} |"
+        )
+    lines.append("")
+    if tm.get("baseline_ms_per_image") is not None:
+        threads = f"{tm['threads']} thread{'s' if tm['threads'] != 1 else ''}"
+        lines.append(
+            f"Timing: batch {tm['batch_size']}, {threads} on {tm['machine']} ({tm['device']}); median of "
+            f"{tm['repeats']} passes over {tm['images']} test images after {tm['warmup']} warm-up images. Plain "
+            f"backbone (`model.backbone`, exit hooks inactive): {tm['baseline_ms_per_image']:.3f} ms / image. "
+            "Speed-up = backbone time / policy time, measured in the same process."
+        )
+    else:
+        lines.append("Timing was not measured.")
+    if plots:
+        lines += ["", "## Plots", ""]
+        titles = {
+            "accuracy_vs_cost": "Accuracy vs expected cost",
+            "gate_histograms": "Gate values per exit",
+            "exit_distribution": "Exit distribution",
+        }
+        for key, path in plots.items():
+            lines.append(f"![{titles.get(key, key)}]({Path(path).relative_to(run_dir).as_posix()})")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
