@@ -278,6 +278,8 @@ def evaluate(
         curves[p] = sweep(test, p, num=101)
         return entry
 
+    # The soft ensemble is the jointly trained gates' mixture: measured before any re-fit of the gates.
+    soft_acc, soft_val_acc = _soft_accuracy(test), _soft_accuracy(val)
     gate_fit = None
     timed_joint: dict[str, Any] = {}
     objective = recipe["fit_gates"]
@@ -295,7 +297,6 @@ def evaluate(
         policies[p] = calibrated(p, val, test)
     if "gate_0.5" not in policies:
         policies["gate_0.5"] = _hard(model, test_loader, "gate", 0.5, device)
-    soft_acc = _soft_accuracy(test)
     policies["soft"] = {
         "threshold": None,
         "accuracy": soft_acc,
@@ -333,7 +334,7 @@ def evaluate(
         },
         "val": {
             "exit_accuracy": val.exit_accuracy,
-            "soft_accuracy": _soft_accuracy(val),
+            "soft_accuracy": soft_val_acc,
             "num_samples": int(val.labels.shape[0]),
         },
         "policies": policies,
