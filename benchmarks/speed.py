@@ -79,7 +79,7 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int) -> dict:
             "predicted_speedup": predicted,
             "measured_over_predicted": measured / predicted,
         }
-        trunc = ms.get(label.replace("all_at_exit_", "truncated_"))
+        trunc = ms.get(label.replace("all_at_exit_", "truncated_")) if label.startswith("all_at_exit_") else None
         if trunc is not None:
             row["truncated_backbone_ms"] = trunc
             row["truncated_speedup"] = ms["plain"] / trunc

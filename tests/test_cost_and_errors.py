@@ -113,7 +113,7 @@ class _PairOut(nn.Module):
         (["a", "nope"], "has no module of that name"),
         (["unused"], "never runs"),
         (["shared"], "runs 2 times"),
-        (["split"], "not a tensor"),
+        (["split"], "returns dict; an exit needs a"),
         (["b", "a"], "out of order"),
         (["a", "a"], "more than once"),
         (["a", 1], "mixes types"),

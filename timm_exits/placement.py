@@ -157,8 +157,14 @@ def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Prob
             calls[name] += 1
             if name not in order:
                 order[name] = next(tick)
-                outputs[name] = feature_tensor(out)
-                kinds[name] = type(out).__name__
+                feat = feature_tensor(out)
+                if feat is not None and (feat.ndim < 2 or feat.shape[0] != example.shape[0]):
+                    # e.g. TNT's inner pixel tokens: batch * patches rows, not one row per image
+                    kinds[name] = f"a tensor of shape {tuple(feat.shape)} whose first dim is not the batch"
+                    feat = None
+                else:
+                    kinds[name] = type(out).__name__
+                outputs[name] = feat
 
         handles.append(modules[name].register_forward_hook(hook))
     try:
@@ -344,8 +350,8 @@ def _validate_explicit(model: nn.Module, names: list[str], pr: Probe, last_point
             )
         if pr.outputs[n] is None:
             raise ValueError(
-                f"exit {n!r}: module returns {pr.kinds[n]}, not a tensor (or a tuple starting with one); choose a "
-                "module whose output is a feature tensor."
+                f"exit {n!r}: module returns {pr.kinds[n]}; an exit needs a (batch, ...) feature tensor or a tuple "
+                "starting with one. Choose another module."
             )
     ran = sorted(names, key=lambda n: pr.order[n])
     if ran != names:
