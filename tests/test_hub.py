@@ -149,15 +149,6 @@ def _header(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two spin against each other when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _Models(dict):
     """Models built on first use, once per module."""
 

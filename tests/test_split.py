@@ -28,15 +28,6 @@ def _wrapped(name: str, seed: int = 0):
     return wrap(model, input_size=size).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, two OpenMP threads contending with other jobs run far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     return {name: _wrapped(name) for name in MODELS}

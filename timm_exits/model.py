@@ -29,7 +29,7 @@ from .cost import module_flops
 from .gates import ExitGate, logit_stats
 from .heads import ExitHead
 from .placement import ExitPoint, ExitRequest, resolve_exits
-from .soft import exit_log_probs, expected_cost, soft_log_output
+from .soft import exit_log_probs, expected_cost, gates_with_final, soft_log_output
 
 __all__ = ["ExitOutput", "ExitBranch", "EarlyExitModel", "wrap"]
 
@@ -55,8 +55,7 @@ class ExitOutput:
     @property
     def gates(self) -> torch.Tensor:
         """(B, num_exits) gate values, the final exit's fixed to 1."""
-        g = torch.sigmoid(self.gate_logits.float())
-        return torch.cat([g, g.new_ones(g.shape[0], 1)], dim=1)
+        return gates_with_final(self.gate_logits)
 
     @property
     def soft(self) -> torch.Tensor:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["exit_log_probs", "soft_log_output", "expected_cost"]
+__all__ = ["exit_log_probs", "soft_log_output", "expected_cost", "gates_with_final"]
 
 
 def exit_log_probs(gate_logits: torch.Tensor) -> torch.Tensor:
@@ -61,3 +61,9 @@ def expected_cost(log_pi: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
         (B,) expected cost of each sample.
     """
     return (log_pi.exp() * costs.to(log_pi)).sum(dim=1)
+
+
+def gates_with_final(gate_logits: torch.Tensor) -> torch.Tensor:
+    """(B, E) gate logits -> (B, E + 1) gate values, the final exit's fixed to 1."""
+    g = torch.sigmoid(gate_logits.float())
+    return torch.cat([g, g.new_ones(g.shape[0], 1)], dim=1)

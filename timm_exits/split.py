@@ -42,6 +42,7 @@ from torch import nn
 
 from ._utils import evaluating
 from .model import EarlyExitModel
+from .soft import gates_with_final
 
 __all__ = [
     "SplitError",
@@ -99,8 +100,7 @@ class CloudOutput(NamedTuple):
     @property
     def gates(self) -> torch.Tensor:
         """(B, m) gate values, the final exit's fixed to 1."""
-        g = torch.sigmoid(self.gate_logits.float())
-        return torch.cat([g, g.new_ones(g.shape[0], 1)], dim=1)
+        return gates_with_final(self.gate_logits)
 
 
 class _Part(nn.Module):
