@@ -6,9 +6,11 @@ back-propagate a `SoftConditionalLoss` (soft output, expected cost and every exi
 and check that every output, the loss and the exit gradients are finite.
 
 Models run one at a time in a persistent worker process (one torch thread) that is restarted after a
-crash, a timeout, a memory kill, or every `--restart-every` models. Per model there is a wall-clock
-timeout, an address-space limit inside the worker (allocations beyond it raise) and an RSS watchdog in
-the parent that kills the worker. A crash, timeout or memory kill is a recorded failure, never a stop.
+crash, a timeout, a memory kill, or every `--restart-every` models. Per model there is a timeout in CPU
+seconds of the worker (the machine is shared and niced processes get paused, so wall time is no fair
+limit) plus a wall-clock limit (`--wall-factor` times it), an address-space limit inside the worker
+(allocations beyond it raise), and watchdogs in the parent that kill the worker when its RSS passes the
+limit or the machine's available memory runs low. A crash, timeout or memory kill is a recorded failure, never a stop.
 Models whose parameters alone (weights + gradients, counted on the meta device) exceed the memory
 limit are not built; they are recorded as "excluded" with the reason.
 
@@ -46,11 +48,24 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "results" / "sweep_models.json"
 STAGES = ("create", "wrap", "forward", "backward")
 RESTART_RSS_KB = 3 * 2**20  # restart a worker that keeps more than 3 GiB after a model
+MIN_AVAILABLE_KB = 2 * 2**20  # kill the worker before the machine itself runs out of memory
 MEMORY_ERRORS = ("MemoryError", "OutOfMemory", "MemoryKill")
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
 
 
 # ------------------------------------------------------------------------------------------ worker
+def source_hash() -> str:
+    """Short hash of the timm_exits sources a result was measured with (the package changes during a sweep)."""
+    import hashlib
+
+    import timm_exits
+
+    h = hashlib.sha1()
+    for f in sorted(Path(timm_exits.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else "")[:200]
@@ -123,6 +138,24 @@ def _error_fields(e: BaseException) -> tuple[str, str]:
     return err, msg
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _mem_available_kb() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    return 2**40
+
+
 def _run_one(name: str, mem_bytes: int, send: Any) -> dict[str, Any]:
     """Create, wrap, forward and backward one model; return its record (without time and name)."""
     import timm
@@ -191,6 +224,8 @@ def worker_main(mem_gb: float) -> None:
     base = _vm_kb("VmSize") * 1024
     resource.setrlimit(resource.RLIMIT_AS, (base + mem_bytes, base + mem_bytes))
 
+    src = source_hash()
+
     def send(msg: dict[str, Any]) -> None:
         proto.write(json.dumps(msg) + "\n")
 
@@ -202,10 +237,12 @@ def worker_main(mem_gb: float) -> None:
         print(f"### {name}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) so rss_gb is this model's
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rec = _run_one(name, mem_bytes, send)
         rec["time_s"] = round(time.perf_counter() - t0, 1)
+        rec["cpu_s"] = round(time.process_time() - c0, 1)
         rec["rss_gb"] = round(_vm_kb("VmHWM") / 2**20, 1)
+        rec["src"] = src
         gc.collect()
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back before the next model
@@ -233,19 +270,25 @@ class Worker:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.proc.stdout, selectors.EVENT_READ)
         self.served = 0
-        msg = self._read(deadline=time.monotonic() + 180, rss_limit_kb=None)
+        msg = self._read(deadline=time.monotonic() + 600, cpu_deadline=None, rss_limit_kb=None)
         if not msg or not msg.get("ready"):
             self.kill()
             raise RuntimeError(f"worker failed to start; see {log_path}")
 
-    def _read(self, deadline: float, rss_limit_kb: int | None) -> dict[str, Any] | str | None:
-        """Next protocol message, or "timeout" / "memory" / None (worker died)."""
+    def _read(
+        self, deadline: float, cpu_deadline: float | None, rss_limit_kb: int | None
+    ) -> dict[str, Any] | str | None:
+        """Next protocol message, or "timeout" / "cpu-timeout" / "memory" / "system-memory" / None (worker died)."""
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return "timeout"
+            if cpu_deadline is not None and _cpu_seconds(self.proc.pid) > cpu_deadline:
+                return "cpu-timeout"
             if rss_limit_kb and _vm_kb("VmRSS", self.proc.pid) > rss_limit_kb:
                 return "memory"
+            if rss_limit_kb and _mem_available_kb() < MIN_AVAILABLE_KB:
+                return "system-memory"
             if self.sel.select(timeout=min(left, 0.5)):
                 line = self.proc.stdout.readline()
                 if not line:
@@ -253,18 +296,22 @@ class Worker:
                 with contextlib.suppress(json.JSONDecodeError):
                     return json.loads(line)
 
-    def run(self, name: str, timeout: float, rss_limit_kb: int) -> dict[str, Any]:
+    def run(self, name: str, timeout: float, wall_timeout: float, rss_limit_kb: int) -> dict[str, Any]:
+        """Run one model: `timeout` is in CPU seconds of the worker (robust to a shared, niced or paused
+        machine), `wall_timeout` in wall-clock seconds."""
         self.served += 1
         self.log.flush()
         log_start = self.log_path.stat().st_size
         t0 = time.perf_counter()
         self.proc.stdin.write(name + "\n")
         self.proc.stdin.flush()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wall_timeout
+        cpu_start = _cpu_seconds(self.proc.pid)
+        cpu_deadline = cpu_start + timeout
         stage = "create"
         primary: dict[str, Any] | None = None
         while True:
-            msg = self._read(deadline, rss_limit_kb)
+            msg = self._read(deadline, cpu_deadline, rss_limit_kb)
             if isinstance(msg, dict) and "stage" in msg:
                 stage = "create" if msg["stage"] == "size" else msg["stage"]
                 continue
@@ -274,19 +321,26 @@ class Worker:
             if isinstance(msg, dict) and "result" in msg:
                 return msg["result"]
             elapsed = round(time.perf_counter() - t0, 1)
-            rec = self._lost(msg, stage, elapsed, timeout, rss_limit_kb, log_start)
+            used = {"cpu_s": round(_cpu_seconds(self.proc.pid) - cpu_start, 1), "src": source_hash()}
+            limit = timeout if msg == "cpu-timeout" else wall_timeout
+            rec = self._lost(msg, stage, elapsed, limit, rss_limit_kb, log_start)
             if primary is not None:  # the run died in the num_classes=1000 retry; the real result stands
-                return {**primary, "nc1000": f"{stage} {rec['error']}: {rec['message']}"[:150], "time_s": elapsed}
-            return rec
+                nc1000 = f"{stage} {rec['error']}: {rec['message']}"[:150]
+                return {**primary, "nc1000": nc1000, "time_s": elapsed, **used}
+            return {**rec, **used}
 
     def _lost(
         self, msg: Any, stage: str, elapsed: float, timeout: float, rss_limit_kb: int, log_start: int
     ) -> dict[str, Any]:
         """The record of a model whose worker timed out, ran out of memory or died (the worker is gone)."""
-        if msg == "timeout":
-            error, message = "Timeout", f"> {timeout:.0f} s"
+        if msg == "cpu-timeout":
+            error, message = "Timeout", f"> {timeout:.0f} CPU-s"
+        elif msg == "timeout":
+            error, message = "Timeout", f"> {timeout:.0f} s wall clock"
         elif msg == "memory":
             error, message = "MemoryKill", f"RSS > {rss_limit_kb / 2**20:.0f} GiB"
+        elif msg == "system-memory":
+            error, message = "MemoryKill", f"machine's available memory < {MIN_AVAILABLE_KB / 2**20:.1f} GiB"
         else:
             self.proc.wait()
             error, message = "Crash", f"exit code {self.proc.returncode}: {self._log_tail(log_start)}"
@@ -321,6 +375,13 @@ class Worker:
         self.log.close()
 
 
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -344,6 +405,8 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "timm_exits": timm_exits.__version__,
+        "timm_exits_src": source_hash(),
+        "git_head": _git("rev-parse", "--short", "HEAD"),
         "nice": os.getpriority(os.PRIO_PROCESS, 0),
     }
 
@@ -356,7 +419,7 @@ def reason_key(rec: dict[str, Any]) -> str:
     msg = re.sub(r"\[[^\]]*\]|\([^)]*\)", "[…]", msg)
     msg = re.sub(r"'[^'\s]*'|\"[^\"]*\"", "'…'", msg)
     msg = re.sub(r"\d+(\.\d+)?", "N", msg)
-    return f"{rec['stage']}: {rec['error']}: {msg[:160]}"
+    return f"{rec['stage']}: {rec['error']}: {msg[:100]}"
 
 
 def summarize(records: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -427,7 +490,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--filter", default="*", help="fnmatch pattern(s) on timm model names, comma-separated")
     p.add_argument("--limit", type=int, default=None, help="run at most this many models not yet in --out")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per model (default 120)")
+    p.add_argument("--timeout", type=float, default=120.0, help="CPU seconds per model (default 120)")
+    p.add_argument(
+        "--wall-factor", type=float, default=5.0, help="wall-clock limit per model, as a multiple of --timeout"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     p.add_argument(
         "--mem-gb",
@@ -443,7 +509,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--restart-every", type=int, default=40, help="restart the worker after this many models")
-    p.add_argument("--retry-failed", action="store_true", help="rerun models recorded as failed")
+    p.add_argument(
+        "--retry-failed",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="REGEX",
+        help="rerun models recorded as failed (only those whose 'error: message nc1000' matches REGEX, if given)",
+    )
     p.add_argument("--log", type=Path, default=None, help="worker stderr log (default: <tmpdir>/sweep_models.log)")
     p.add_argument("--quiet", action="store_true", help="no per-model progress lines on stderr")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -468,11 +541,19 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     previous: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     records: dict[str, dict[str, Any]] = previous.get("records", {})
-    if args.retry_failed:
-        records = {n: r for n, r in records.items() if r["status"] != "fail"}
+    before = set(records)
+    if args.retry_failed is not None:
+        pattern = re.compile(args.retry_failed)
+        records = {
+            n: r
+            for n, r in records.items()
+            if r["status"] != "fail"
+            or not pattern.search(f"{r['error']}: {r.get('message', '')} {r.get('nc1000', '')}")
+        }
     todo = [n for n in names if n not in records]
     if args.order == "shuffle":
         random.Random(args.seed).shuffle(todo)
+    todo.sort(key=lambda n: n not in before)  # retried models first
     if args.limit is not None:
         todo = todo[: args.limit]
 
@@ -481,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         "exits": "auto",
         "loss": "SoftConditionalLoss(cost_weight=0.1)",
         "mode": "train",
-        "timeout_s": args.timeout,
+        "timeout_cpu_s": args.timeout,
+        "timeout_wall_s": args.timeout * args.wall_factor,
         "mem_limit_gib": args.mem_gb,
         "filter": args.filter,
     }
@@ -511,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(todo, 1):
             if worker is None:
                 worker = Worker(args.mem_gb, log_path)
-            rec = worker.run(name, args.timeout, rss_limit_kb)
+            rec = worker.run(name, args.timeout, args.timeout * args.wall_factor, rss_limit_kb)
             records[name] = rec
             dead = worker.proc.poll() is not None or _vm_kb("VmRSS", worker.proc.pid) > RESTART_RSS_KB
             if dead or worker.served >= args.restart_every or rec.get("error") in MEMORY_ERRORS:
@@ -526,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(
                     f"[{i}/{len(todo)} {time.perf_counter() - t_start:.0f}s] {name}: {rec['status']} "
-                    f"{rec.get('time_s')}s {detail}",
+                    f"{rec.get('time_s')}s ({rec.get('cpu_s')} CPU-s) {detail}",
                     file=sys.stderr,
                     flush=True,
                 )
