@@ -24,13 +24,16 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def feature_tensor(output: Any) -> torch.Tensor | None:
-    """The feature tensor of a module's output: the output itself, or the first element of a
-    tuple/list output (e.g. PiT stages return `(tokens_map, cls_tokens)`); None if neither."""
+def feature_tensor(output: Any, batch: int | None = None) -> torch.Tensor | None:
+    """The feature tensor of a module's output: the output itself, or the first batch-first tensor of
+    a tuple/list output (PiT stages return `(tokens_map, cls_tokens)`, TNT blocks
+    `(pixel_tokens, patch_tokens)` whose pixel tokens have batch * patches rows); None if none fits."""
     if torch.is_tensor(output):
         return output
-    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
-        return output[0]
+    if isinstance(output, (tuple, list)):
+        for t in output:
+            if torch.is_tensor(t) and t.ndim >= 2 and (batch is None or t.shape[0] == batch):
+                return t
     return None
 
 

@@ -157,7 +157,7 @@ def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Prob
             calls[name] += 1
             if name not in order:
                 order[name] = next(tick)
-                feat = feature_tensor(out)
+                feat = feature_tensor(out, example.shape[0])
                 if feat is not None and (feat.ndim < 2 or feat.shape[0] != example.shape[0]):
                     # e.g. TNT's inner pixel tokens: batch * patches rows, not one row per image
                     kinds[name] = f"a tensor of shape {tuple(feat.shape)} whose first dim is not the batch"

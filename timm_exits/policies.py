@@ -162,7 +162,7 @@ class _HardRun:
         self.logits[rows] = logits.float()
 
     def on_exit(self, branch: ExitBranch, output: Any) -> Any:
-        logits, gate_logit, stats = branch(feature_tensor(output), self.stats)
+        logits, gate_logit, stats = branch(feature_tensor(output, self.stats.shape[0]), self.stats)
         leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
         if not self.shrink:
             leave = leave & ~self.done
