@@ -144,6 +144,45 @@ def test_tuple_output_exit_reads_first_tensor_and_shrinks_batch():
     assert model._batch_shrink_safe is True
 
 
+class _PixelsFirst(nn.Module):
+    """Returns (per-pixel rows, per-image map) like TNT's blocks: the exit must read the per-image map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.flatten(2).transpose(1, 2).reshape(-1, 1, 8), y
+
+
+class _ToyPixels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.block = _PixelsFirst()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        pixels, y = self.block(self.a(x))
+        return self.head(y.mean((2, 3)) + pixels.view(x.shape[0], -1, 8).mean(1))
+
+
+def test_tuple_output_exit_skips_non_batch_first_tensors():
+    model = wrap(_ToyPixels(), ["block"], num_classes=4, input_size=(3, 12, 12)).eval()
+    assert model.exits[0].layout == "NCHW" and model.exits[0].channels == 8
+    x = images(5, 12)
+    with torch.no_grad():
+        out = model(x)
+    assert out.logits[0].shape == (5, 4)
+    from timm_exits import predict
+
+    with pytest.warns(UserWarning, match="cannot drop exited samples"):
+        pred = predict(model, x, "confidence", 0.26)
+    index = torch.where(torch.softmax(out.logits[0], -1).max(-1).values >= 0.26, 0, 1)
+    assert torch.equal(pred.exit_index, index)
+
+
 def test_placement_errors_timm():
     m = timm.create_model("resnet18", num_classes=10)
     with pytest.raises(ValueError, match="Did you mean"):

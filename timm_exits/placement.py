@@ -176,6 +176,15 @@ def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Prob
     return Probe(order, calls, outputs, final, kinds)
 
 
+def _runnable(modules: dict[str, nn.Module], name: str) -> str:
+    """A ModuleList never runs itself (CoaT's `serial_blocksN`): its last child marks the branch point."""
+    module = modules[name]
+    while isinstance(module, nn.ModuleList) and len(module):
+        name = f"{name}.{len(module) - 1}"
+        module = modules[name]
+    return name
+
+
 def _unknown_module_error(model: nn.Module, name: str) -> ValueError:
     names = [n for n, _ in model.named_modules() if n]
     close = difflib.get_close_matches(name, names, n=3)
@@ -239,7 +248,7 @@ def resolve_exits(
     fi_chs = {f["module"]: f.get("num_chs") for f in info}
     fi_red = {f["module"]: f.get("reduction") for f in info}
     modules = dict(model.named_modules())
-    existing = [f["module"] for f in info if f["module"] in modules]
+    existing = [_runnable(modules, f["module"]) for f in info if f["module"] in modules]
     last_point = existing[-1] if existing else None
 
     if kind == "names":
