@@ -60,7 +60,7 @@ def test_correctness_gates_beat_max_softmax_at_equal_cost():
         assert gate.accuracy > conf.accuracy, (budget, gate.accuracy, conf.accuracy)
         assert gate.cost <= budget
     idx = simulate(test, "gate", gate.threshold)
-    assert idx.max() <= 1
+    assert (idx == 0).any() and (idx == 1).any(), "the calibrated gates should route some samples to each exit"
 
 
 def _stats(data: Collected, b: int) -> torch.Tensor:
