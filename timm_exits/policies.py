@@ -88,7 +88,7 @@ class Prediction:
 
 def exit_mask(
     policy: str,
-    logits: torch.Tensor,
+    logits: torch.Tensor | None,
     gate_logit: torch.Tensor,
     threshold: float,
     stats: torch.Tensor | None = None,
@@ -97,7 +97,7 @@ def exit_mask(
 
     Args:
         policy: "gate", "confidence" or "entropy".
-        logits: (B, K) logits of this exit.
+        logits: (B, K) logits of this exit (not needed when `stats` is given).
         gate_logit: (B,) gate logits of this exit.
         threshold: The exit's threshold.
         stats: (B, 3) `logit_stats(logits)` when already computed.
@@ -305,7 +305,7 @@ def predict(
             batch_shrink = x.shape[0] == 1 or _batch_shrink_safe(model, x)
 
         def decide(pos: int, stats: torch.Tensor, gate_logit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            return exit_mask(policy, stats, gate_logit, thresholds[pos], stats=stats)
+            return exit_mask(policy, None, gate_logit, thresholds[pos], stats=stats)
 
         run = _run_hard(model, x, decide, shrink=batch_shrink)
     return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
