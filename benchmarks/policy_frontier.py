@@ -58,9 +58,10 @@ def main() -> None:
     p.add_argument("--run", required=True, help="a run folder written by timm-exits train")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    p.add_argument("--device", default="cpu", help="where the exits' outputs are collected (cpu, cuda)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    run = load_run(args.run)
+    run = load_run(args.run, device=args.device)
     model = run.model.eval()
     splits = build_datasets(run.recipe, model)
     loaders = {name: make_loader(getattr(splits, name), 256, train=False) for name in ("val", "test")}
@@ -88,7 +89,7 @@ def main() -> None:
         table.append(row)
     result = {
         "benchmark": "policy_frontier",
-        "machine": machine(args.threads),
+        "machine": machine(args.threads) | {"device": args.device},
         "run": args.run,
         "recipe": {k: run.recipe.get(k) for k in ("model", "dataset", "method", "img_size", "epochs", "exits")},
         "splits": {"val": int(val.labels.shape[0]), "test": int(test.labels.shape[0])},

@@ -8,7 +8,7 @@ from conftest import images, make_backbone
 
 from timm_exits import calibrate, collect, predict, simulate, wrap
 from timm_exits.gates import logit_stats
-from timm_exits.policies import exit_mask
+from timm_exits.policies import _run_hard, exit_mask
 
 
 def _wrapped(name: str, exits="auto"):
@@ -193,3 +193,58 @@ def test_calibration_meets_targets_and_matches_hard_path():
         calibrate(model, data, policy="gate")
     with pytest.raises(ValueError, match="no batches"):
         calibrate(model, [], policy="gate", target_cost=0.5)
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@_CUDA
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_hard_exit_equals_full_forward_then_pick(name, amp):
+    model, size = _wrapped(name)
+    model = model.cuda()
+    x = images(16, size, seed=3).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp), torch.inference_mode():
+        thresholds = _mixing_thresholds(model, x, "confidence")
+        index, logits, _ = _reference(model, x, "confidence", thresholds)
+        pred = predict(model, x, "confidence", thresholds)
+    assert pred.logits.device.type == "cuda" and pred.stats.batch_shrink
+    assert len(set(index.tolist())) >= 3
+    assert torch.equal(pred.exit_index.cpu(), index)
+    torch.testing.assert_close(pred.logits.cpu(), logits.cpu(), rtol=1e-2 if amp else 1e-4, atol=1e-2 if amp else 1e-4)
+
+
+@_CUDA
+@pytest.mark.parametrize("batch", [1, 32])
+def test_cuda_hard_exit_syncs_once_per_exit(batch):
+    """Deciding an exit needs one host sync (how many samples leave); nothing else in the path may sync."""
+    model, size = _wrapped("resnet18")
+    model = model.cuda()
+    x = images(batch, size, seed=3).cuda()
+    thresholds = _mixing_thresholds(model, images(32, size, seed=3).cuda(), "confidence")
+    predict(model, x, "confidence", thresholds)  # the one-off batch-shrink check syncs; keep it out of the count
+    with torch.inference_mode():
+        logits = model.backbone(x)  # warm-up of the plain path
+    torch.cuda.synchronize()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.inference_mode():
+                run = _run_hard(model, x, _decide_confidence(thresholds), shrink=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    exits_reached = int(run.exit_index.max()) + 1 if batch > 1 else int(run.exit_index[0]) + 1
+    assert len(syncs) <= min(exits_reached, model.num_exits - 1), [str(w.message) for w in syncs]
+    assert logits.shape == (batch, 10)
+
+
+def _decide_confidence(thresholds):
+    def decide(pos, stats, gate, rows):
+        return exit_mask("confidence", None, gate, thresholds[pos], stats=stats)
+
+    return decide

@@ -37,9 +37,11 @@ def feature_tensor(output: Any, batch: int | None = None) -> torch.Tensor | None
     return None
 
 
-def take_rows(output: Any, keep: torch.Tensor) -> Any:
-    """Keep the rows `keep` of a module output: of the tensor, or of every batch-first tensor of a tuple/list."""
+def take_rows(output: Any, rows: torch.Tensor, batch: int) -> Any:
+    """Keep the rows `rows` (an index tensor) of a module output whose batch size is `batch`: of the
+    tensor, or of every batch-first tensor of a tuple/list. Index tensors need no host sync on CUDA."""
     if torch.is_tensor(output):
-        return output[keep]
-    batch = keep.shape[0]
-    return type(output)(t[keep] if torch.is_tensor(t) and t.ndim and t.shape[0] == batch else t for t in output)
+        return output.index_select(0, rows)
+    return type(output)(
+        t.index_select(0, rows) if torch.is_tensor(t) and t.ndim and t.shape[0] == batch else t for t in output
+    )

@@ -154,39 +154,44 @@ class _HardRun:
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.stats = torch.zeros(batch, 0, device=device)
         self.exit_index = torch.full((batch,), num_exits - 1, dtype=torch.long, device=device)
+        self.n_done = 0
         self.logits: torch.Tensor | None = None
 
     def _write(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
         if self.logits is None:
             self.logits = logits.new_zeros(self.exit_index.shape[0], logits.shape[-1], dtype=torch.float32)
-        self.logits[rows] = logits.float()
+        self.logits.index_copy_(0, rows, logits.float())
 
     def on_exit(self, branch: ExitBranch, output: Any) -> Any:
-        logits, gate_logit, stats = branch(feature_tensor(output, self.stats.shape[0]), self.stats)
+        batch = self.alive.shape[0]
+        logits, gate_logit, stats = branch(feature_tensor(output, batch), self.stats)
         leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
         if not self.shrink:
             leave = leave & ~self.done
+        # The one host sync of this exit: how many leave fixes every shape below. The rest uses index
+        # tensors (index_select / index_fill), which, unlike boolean masks, need no sync on CUDA.
         n_leave = int(leave.sum())
-        if n_leave:
-            rows = self.alive[leave]
-            self._write(rows, logits[leave])
-            self.exit_index[rows] = branch.position
-        if not self.shrink:
-            self.stats = stats
-            if n_leave:
-                self.done |= leave
-                if bool(self.done.all()):
-                    raise _AllExited
-            return None
-        if n_leave == self.alive.shape[0]:
-            raise _AllExited
         if n_leave == 0:
             self.stats = stats
             return None
-        keep = ~leave
-        self.alive = self.alive[keep]
-        self.stats = stats[keep]
-        return take_rows(output, keep)
+        order = torch.argsort(leave.logical_not().to(torch.uint8), stable=True)  # leaving rows first, in order
+        leaving = order[:n_leave]
+        rows = self.alive.index_select(0, leaving)
+        self._write(rows, logits.index_select(0, leaving))
+        self.exit_index.index_fill_(0, rows, branch.position)
+        self.n_done += n_leave
+        if not self.shrink:
+            self.stats = stats
+            self.done.index_fill_(0, leaving, True)
+            if self.n_done == batch:
+                raise _AllExited
+            return None
+        if n_leave == batch:
+            raise _AllExited
+        keep = order[n_leave:]
+        self.alive = self.alive.index_select(0, keep)
+        self.stats = stats.index_select(0, keep)
+        return take_rows(output, keep, batch)
 
     def finish(self, final_logits: torch.Tensor) -> None:
         if self.shrink:
