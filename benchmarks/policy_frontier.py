@@ -6,9 +6,9 @@ budget). For each budget, each policy's threshold is the one with the best valid
 validation cost within the budget; the table gives the test accuracy and test cost it reaches.
 
 Policies: static truncation (every sample at exit k), the max-softmax threshold, BranchyNet's
-entropy threshold, the jointly trained gates, gates fitted on the validation split to predict
-correctness (`fit_gates(objective="correct")`, the library's recommended policy) and gates fitted
-with the paper's objective (`objective="soft"`).
+entropy threshold, the jointly trained gates, and gates fitted on the validation split with each
+objective of `fit_gates`: "no_gain" (the library's default and recommended policy), "correct" and the
+paper's "soft".
 
     python benchmarks/policy_frontier.py --run runs/digits_quick > benchmarks/results/policy_frontier_digits.json
 """
@@ -24,6 +24,7 @@ from _timing import machine
 
 from timm_exits import Collected, collect, fit_gates, simulate, sweep
 from timm_exits.data import build_datasets, make_loader
+from timm_exits.gate_fitting import GATE_OBJECTIVES
 from timm_exits.train import load_run
 
 BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -59,9 +60,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     p.add_argument("--device", default="cpu", help="where the exits' outputs are collected (cpu, cuda)")
+    p.add_argument("--data-dir", help="where the run's data set lives now, if it moved")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    run = load_run(args.run, device=args.device)
+    run = load_run(args.run, device=args.device, data_dir=args.data_dir)
     model = run.model.eval()
     splits = build_datasets(run.recipe, model)
     loaders = {name: make_loader(getattr(splits, name), 256, train=False) for name in ("val", "test")}
@@ -76,7 +78,7 @@ def main() -> None:
         "gate_joint": (val, test, "gate"),
     }
     fits = {}
-    for objective in ("correct", "soft"):
+    for objective in GATE_OBJECTIVES:
         fitted = copy.deepcopy(model)
         fits[objective] = fit_gates(fitted, val, objective=objective).__dict__
         fval, ftest = outputs(fitted)
@@ -97,7 +99,7 @@ def main() -> None:
         "val_exit_accuracy": val.exit_accuracy,
         "test_exit_accuracy": test.exit_accuracy,
         "gate_fits": fits,
-        "recommended": "gate_fitted_correct",
+        "recommended": "gate_fitted_no_gain",
         "table": table,
     }
     print(json.dumps(result, indent=2))

@@ -46,6 +46,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: the recipe's)")
     p.add_argument("--no-timing", action="store_true", help="skip the batch-1 timing")
+    p.add_argument("--timing-images", type=int, help="test images timed at batch 1 (default: the recipe's)")
+    p.add_argument(
+        "--fit-gates", choices=("no_gain", "correct", "soft", "none"), help="gate re-fit objective (default: recipe's)"
+    )
     p.add_argument("--no-save", action="store_true", help="do not rewrite run_dir/model")
 
 
@@ -124,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_model=not args.no_save,
                 device=args.device,
                 threads=args.threads,
+                timing_images=args.timing_images,
+                fit_gates_objective=args.fit_gates,
             )
         elif args.command == "bench":
             from .report import benchmark

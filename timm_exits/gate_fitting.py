@@ -1,13 +1,17 @@
-"""Fit the exit gates on frozen exits and held-out data, with the paper's objective.
+"""Fit the exit gates on frozen exits and held-out data.
 
 Gates trained jointly with the exits see training data, on which the final exit is nearly always
 right; they learn to defer everything to it (measured here and in the design notes: such gates
 lose to a plain max-softmax threshold on their own exits). Fitting the gates afterwards on
-held-out outputs of the frozen exits fixes that. Two objectives:
+held-out outputs of the frozen exits fixes that. Three objectives, each a per-exit target:
 
-* "correct" (default): each gate learns P(exit b's prediction is right | statistics of exits 1..b)
-  with binary cross-entropy. Thresholding it is a learned generalisation of max-softmax that also
-  reads entropy, margin and the earlier exits' agreement.
+* "no_gain" (default): each gate learns P(going on to the final exit gains nothing | statistics of
+  exits 1..b) = 1 - P(exit b is wrong and the final exit is right), with binary cross-entropy.
+  Unlike a confidence threshold it also lets out early the hard samples that no later exit gets
+  right, which spends the budget where it changes answers (on the CIFAR-10 ResNet-18 runs of
+  README.md it beats max-softmax by 1 to 2 points at 35-45 % of the cost).
+* "correct": each gate learns P(exit b's prediction is right | ...): a learned generalisation of
+  max-softmax that also reads entropy, margin and the earlier exits; it ties with max-softmax.
 * "soft": the paper's objective  -log sum_b pi_b p_b(y) + cost_weight * sum_b pi_b gamma_b.
   It weighs log-likelihood, not accuracy: a final exit far more confident than an exit that is
   also right pulls every gate shut, so its gates rank samples poorly for a threshold.
@@ -28,7 +32,9 @@ from .gates import logit_stats
 from .model import EarlyExitModel
 from .soft import exit_log_probs
 
-__all__ = ["GateFit", "fit_gates"]
+__all__ = ["GATE_OBJECTIVES", "GateFit", "fit_gates"]
+
+GATE_OBJECTIVES = ("no_gain", "correct", "soft")
 
 
 @dataclass
@@ -46,7 +52,7 @@ def _objective(
     model: EarlyExitModel,
     stats: torch.Tensor,
     logp_y: torch.Tensor,
-    correct: torch.Tensor,
+    target: torch.Tensor,
     costs: torch.Tensor,
     lam: float,
     objective: str,
@@ -54,8 +60,8 @@ def _objective(
     gate_logits = torch.stack([b.gate(None, stats[:, : 3 * (b.position + 1)]) for b in model.branches], dim=1).float()
     log_pi = exit_log_probs(gate_logits)
     cost = (log_pi.exp() * costs).sum(1).mean()
-    if objective == "correct":
-        return F.binary_cross_entropy_with_logits(gate_logits, correct), cost
+    if objective != "soft":
+        return F.binary_cross_entropy_with_logits(gate_logits, target), cost
     nll = -torch.logsumexp(log_pi + logp_y, dim=1).mean()
     return nll + lam * cost, cost
 
@@ -69,7 +75,7 @@ def fit_gates(
     weight_decay: float = 1e-4,
     reset: bool = True,
     seed: int = 0,
-    objective: str = "correct",
+    objective: str = "no_gain",
 ) -> GateFit:
     """Train only the gates, on collected outputs of the frozen exits (see the module docstring).
 
@@ -82,9 +88,9 @@ def fit_gates(
         weight_decay: L2 on the gate weights.
         reset: Re-initialise the gates first (their joint-training weights learned to defer).
         seed: Seed of the re-initialisation.
-        objective: "correct": each gate learns the probability that its exit's prediction is right
-            (binary cross-entropy), so thresholding it is a learned, multi-statistic generalisation of
-            max-softmax; "soft": the paper's soft-conditional objective with `cost_weight`.
+        objective: "no_gain": each gate learns the probability that going on to the final exit
+            would not fix its exit's answer; "correct": the probability that its exit is right;
+            "soft": the paper's soft-conditional objective with `cost_weight` (module docstring).
 
     Returns:
         A `GateFit` with the objective and expected cost before and after.
@@ -94,8 +100,8 @@ def fit_gates(
             f"fit_gates trains gates on cached exit statistics; this model has gate={model.config.gate!r}. "
             "Wrap with gate='stats' or train the gates in the recipes' joint stage."
         )
-    if objective not in ("correct", "soft"):
-        raise ValueError(f"objective={objective!r} is not 'correct' or 'soft'.")
+    if objective not in GATE_OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of {GATE_OBJECTIVES}.")
     if data.gate_logits.shape[1] != len(model.branches):
         raise ValueError(f"data has {data.gate_logits.shape[1]} early exits; the model has {len(model.branches)}.")
     device = model.exit_costs.device
@@ -103,9 +109,13 @@ def fit_gates(
     labels = data.labels.to(device)
     stats = torch.cat([logit_stats(logits[:, b]) for b in range(logits.shape[1] - 1)], dim=1)
     logp_y = F.log_softmax(logits, dim=-1).gather(-1, labels[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
-    correct = (logits[:, :-1].argmax(-1) == labels[:, None]).float()
+    correct = (logits.argmax(-1) == labels[:, None]).float()  # every exit, the final one last
+    if objective == "no_gain":  # 0 only where this exit is wrong and the final exit is right
+        target = 1.0 - (1.0 - correct[:, :-1]) * correct[:, -1:]
+    else:
+        target = correct[:, :-1]
     costs = model.exit_costs.detach().float()
-    args = (stats, logp_y, correct, costs, cost_weight, objective)
+    args = (stats, logp_y, target, costs, cost_weight, objective)
     params = [p for b in model.branches for p in b.gate.parameters()]
     if reset:
         gen = torch.Generator().manual_seed(seed)
@@ -115,8 +125,9 @@ def fit_gates(
                 layers = [m for m in b.gate.modules() if isinstance(m, torch.nn.Linear)]
                 for layer in layers:
                     bound = 1.0 / layer.in_features**0.5
-                    layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=gen))
-                    layer.bias.copy_(torch.empty_like(layer.bias).uniform_(-bound, bound, generator=gen))
+                    # drawn on the CPU generator, then copied: the same start on every device
+                    layer.weight.copy_(torch.empty(layer.weight.shape).uniform_(-bound, bound, generator=gen))
+                    layer.bias.copy_(torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=gen))
                 layers[-1].bias.fill_(bias)
     flags = [p.requires_grad for p in params]
     for p in params:

@@ -194,6 +194,8 @@ def evaluate(
     save_model: bool = True,
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    timing_images: int | None = None,
+    fit_gates_objective: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate a trained run and write its report, plots and saved model (see the module docstring).
@@ -209,6 +211,9 @@ def evaluate(
         save_model: Save the model to ``run_dir/model`` (via `timm_exits.hub`).
         device: Device to evaluate on.
         threads: torch threads (default: the recipe's ``threads``, else torch's default).
+        timing_images: Test images timed at batch 1 (default: the recipe's ``timing_images``).
+        fit_gates_objective: Objective of the gate re-fit on the val split, or "none" (default: the
+            recipe's ``fit_gates``).
         log: Where progress lines go.
 
     Returns:
@@ -220,7 +225,14 @@ def evaluate(
 
     run_dir = Path(run_dir)
     device = torch.device(device)
-    run = load_run(run_dir, device=device, data_dir=data_dir, threads=threads)
+    run = load_run(
+        run_dir,
+        device=device,
+        data_dir=data_dir,
+        threads=threads,
+        timing_images=timing_images,
+        fit_gates=fit_gates_objective,
+    )
     recipe, model = run.recipe, run.model
     policy = policy or recipe["policy"]
     if policy not in POLICIES:

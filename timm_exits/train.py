@@ -165,7 +165,7 @@ DEFAULTS: dict[str, Any] = {
     # -- evaluation and report
     "report": True,  # write the report and save the model at the end
     "policy": None,  # policy stored with the saved model (default: gate / entropy / confidence by method)
-    "fit_gates": "correct",  # before calibration, re-fit stats gates on the val split: correct | soft | none
+    "fit_gates": "no_gain",  # before calibration, re-fit stats gates on the val split: no_gain | correct | soft | none
     "calibrate_max_drop": 0.01,  # thresholds: lowest cost within this accuracy drop of the final exit (val)
     "calibrate_target_cost": None,  # or: best accuracy at this expected cost (overrides calibrate_max_drop)
     "timing_images": 100,  # test images timed one by one (batch 1)
@@ -202,7 +202,7 @@ _CHOICES = {
     "gate": ("stats", "features", "both"),
     "amp": (None, "bf16", "fp16"),
     "policy": (None, *POLICIES),
-    "fit_gates": ("correct", "soft", "none"),
+    "fit_gates": ("no_gain", "correct", "soft", "none"),
     "progress": ("auto", True, False),
 }
 
