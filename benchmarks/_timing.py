@@ -11,7 +11,7 @@ from collections.abc import Callable
 import timm
 import torch
 
-__all__ = ["machine", "time_interleaved"]
+__all__ = ["interleaved_samples", "machine", "paired_ratio", "time_interleaved"]
 
 
 def machine(threads: int) -> dict:
@@ -35,6 +35,11 @@ def machine(threads: int) -> dict:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
     """Median wall time (ms) of each function, run in interleaved rounds so drift hits all alike."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(fns, repeats, warmup).items()}
+
+
+def interleaved_samples(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Wall times (ms) of each function, one per interleaved round (round i of every function together)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -44,4 +49,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def paired_ratio(samples: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of `name`'s time over `baseline`'s time in the same round: drift that slows a
+    whole round (another process, a frequency change) cancels out, unlike a ratio of two medians."""
+    return statistics.median(a / b for a, b in zip(samples[name], samples[baseline]))
