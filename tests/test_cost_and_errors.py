@@ -210,3 +210,26 @@ def test_input_errors():
         model(images(2, 64, channels=1))
     with pytest.raises(ValueError, match="empty batch"):
         model(images(2, 64)[:0])
+
+
+def test_feature_info_names_that_miss_the_module_are_mapped():
+    """Twins' (and MViTv2's) feature_info says `block.i`; the stages are `blocks.i` (`stages.i`)."""
+    torch.manual_seed(0)
+    m = timm.create_model(
+        "twins_svt_small",
+        num_classes=10,
+        img_size=64,
+        embed_dims=(16, 32, 64, 128),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 4, 8),
+        wss=(4, 4, 4, 4),
+        sr_ratios=(8, 4, 2, 1),
+    )
+    assert [f["module"] for f in m.feature_info] == ["block.0", "block.1", "block.2", "block.3"]
+    model = wrap(m, "auto", input_size=(3, 64, 64))
+    # each stage is a ModuleList that never runs itself: the exit sits on its last block
+    assert [e.name for e in model.exits] == ["blocks.0.0", "blocks.1.0", "blocks.2.1"]
+    assert [e.layout for e in model.exits] == ["NLC"] * 3
+    out = model(torch.randn(2, 3, 64, 64))
+    assert len(out.logits) == 4 and all(t.shape == (2, 10) for t in out.logits)
+    assert [f["module"] for f in m.feature_info] == ["block.0", "block.1", "block.2", "block.3"], "left untouched"

@@ -83,7 +83,21 @@ def feature_points(model: nn.Module) -> list[dict[str, Any]]:
             "(list them with [n for n, _ in model.named_modules()])."
         )
     info = info.info if hasattr(info, "info") else info
-    return [dict(f) for f in info]
+    modules = dict(model.named_modules())
+    return [{**f, "module": _existing_module(modules, f["module"])} for f in info]
+
+
+def _existing_module(modules: dict[str, nn.Module], name: str) -> str:
+    """`name`, or the module timm meant by it: MViTv2's and Twins' `feature_info` name `block.i`, where
+    the modules are `stages.i` and `blocks.i`. Unrepairable names are returned as they are."""
+    if name in modules:
+        return name
+    prefix, _, index = name.rpartition(".")
+    if index.isdigit():
+        for alt in (f"{prefix}s.{index}", f"stages.{index}"):
+            if alt in modules:
+                return alt
+    return name
 
 
 def _block_children(model: nn.Module, stage_name: str) -> list[str]:
