@@ -239,6 +239,9 @@ def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
     # The property is structural, so it is checked in float32: under bf16 autocast, kernels picked per
     # batch size round differently and would hide it behind noise.
     no_autocast = torch.autocast(device_type=x.device.type, enabled=False)
+    # a half-precision model rounds differently per batch size on some kernels; a structural change
+    # (a later stage reading the full batch) moves results far more than this
+    tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
     try:
         with no_autocast:
             ref = _run_hard(model, pair, never, shrink=False).logits
@@ -249,7 +252,7 @@ def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
 
             with no_autocast:
                 got = _run_hard(model, pair, first_leaves, shrink=True).logits
-            if not torch.allclose(got[1], ref[1], rtol=1e-3, atol=1e-4):
+            if not torch.allclose(got[1], ref[1], rtol=tol, atol=tol / 10):
                 reason = f"results change when a sample leaves at exit {b} ({model.branches[b].name!r})"
                 break
     except Exception as e:  # a later stage indexing an earlier, full-batch tensor fails here
