@@ -204,6 +204,13 @@ def test_cli_recipe_eval_and_bench(runs, tmp_path, capsys):
     assert hub.from_pretrained(run / "model").config.policy == "entropy"
     assert "policy entropy" in capsys.readouterr().out
 
+    # runtime overrides of the evaluation: the gate re-fit objective and the number of timed images
+    assert cli_main(["eval", str(run), "--fit-gates", "correct", "--timing-images", "3", "--threads", "1"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["gate_fit"]["objective"] == "correct" and report["timing"]["images"] == 3
+    assert report["policies"]["gate"]["ms_per_image"] > 0
+    capsys.readouterr()
+
     assert cli_main(["bench", str(run), "--images", "2", "--repeats", "1", "--warmup", "0", "--json"]) == 0
     bench = json.loads(capsys.readouterr().out)
     assert bench["timing"]["baseline_ms_per_image"] > 0
