@@ -9,7 +9,7 @@ held-out outputs of the frozen exits fixes that. Three objectives, each a per-ex
   exits 1..b) = 1 - P(exit b is wrong and the final exit is right), with binary cross-entropy.
   Unlike a confidence threshold it also lets out early the hard samples that no later exit gets
   right, which spends the budget where it changes answers (on the CIFAR-10 ResNet-18 runs of
-  README.md it beats max-softmax by 1 to 2 points at 35-45 % of the cost).
+  README.md it beats max-softmax by 0.8 to 2 points at 35-45 % of the cost).
 * "correct": each gate learns P(exit b's prediction is right | ...): a learned generalisation of
   max-softmax that also reads entropy, margin and the earlier exits; it ties with max-softmax.
 * "soft": the paper's objective  -log sum_b pi_b p_b(y) + cost_weight * sum_b pi_b gamma_b.

@@ -8,8 +8,9 @@ Policies decide, at each early exit b, which samples leave:
 * "soft":       no early exit; the soft-conditional ensemble of every exit (the paper's option 1).
 
 In the hard path the exit hooks raise `_AllExited` once no sample is left (the backbone stops
-there: at batch 1 nothing after the exit runs), and otherwise return `output[keep]`, so the rest of
-the backbone runs on the samples that stay. Results are scattered back in input order. For
+there: at batch 1 nothing after the exit runs), and otherwise return the rows that stay
+(`index_select`), so the rest of the backbone runs on those samples only; deciding an exit costs one
+host sync on CUDA. Results are scattered back in input order. For
 backbones whose later stages read earlier tensors (the batch cannot shrink mid-network), a one-off
 check detects it and the model falls back to masking: finished samples keep flowing through the
 backbone, but the forward still stops when every sample has exited.
