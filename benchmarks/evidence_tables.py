@@ -55,6 +55,16 @@ def _dataset(row: str) -> str:
     return row.split(", ")[1].lower().replace("-", "")
 
 
+def _exit_ce(r: dict) -> str:
+    """How much per-exit cross-entropy (deep supervision) the run's loss has."""
+    rec = r["recipe"]
+    if r["method"] == "soft":
+        return f"{rec['exit_weight']:g} x mean" if rec["exit_weight"] else "none"
+    if r["method"] == "branchynet":
+        return "sum" if not rec.get("branchynet_weights") else f"weighted sum {rec['branchynet_weights']}"
+    return "final exit only"
+
+
 def _headline(r: dict) -> float:
     t = r["test"]
     return t["soft_accuracy"] if r["method"] == "soft" else t["final_accuracy"]
@@ -62,8 +72,8 @@ def _headline(r: dict) -> float:
 
 def table1(runs: dict[str, dict]) -> str:
     lines = [
-        "| run | method | exits | lambda | test accuracy | final exit | best early exit | paper |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | method | exits | lambda | per-exit CE | test accuracy | final exit | best early exit | paper |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
         r = run["report"]
@@ -71,7 +81,7 @@ def table1(runs: dict[str, dict]) -> str:
         lam = rec["cost_weight"] if r["method"] == "soft" else "-"
         early = max(t["exit_accuracy"][:-1])
         lines.append(
-            f"| {name} | {r['method']} | {rec['exits']} ({len(t['exit_accuracy']) - 1}) | {lam} | "
+            f"| {name} | {r['method']} | {rec['exits']} ({len(t['exit_accuracy']) - 1}) | {lam} | {_exit_ce(r)} | "
             f"{100 * _headline(r):.2f} % | {100 * t['final_accuracy']:.2f} % | {100 * early:.2f} % | "
             f"{PAPER[r['method']]:.2f} % |"
         )
