@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from timm_exits import SoftConditionalLoss, calibrate, collect, predict, wrap
+from timm_exits import SoftConditionalLoss, calibrate, collect, fit_gates, predict, wrap
 from timm_exits.planning import plan_split
 from timm_exits.split import split
 from timm_exits.tiered import COMPRESSIONS, CloudServer, EdgeRunner, measure_compression
@@ -106,11 +106,17 @@ def _load_run(args: argparse.Namespace) -> tuple[Any, DataLoader, DataLoader, di
         from timm_exits.train import load_run
     except ImportError as e:
         sys.exit(f"--run needs timm_exits.train / timm_exits.data: {e}")
-    run = load_run(args.run)
+    run = load_run(args.run, data_dir=args.data_dir)
     splits = build_datasets(run.recipe, run.model)
     val = DataLoader(splits.val, batch_size=128)
     test = DataLoader(splits.test, batch_size=128)
-    return run.model, val, test, {"run": str(args.run), "arch": run.recipe.get("model")}
+    info = {"run": str(args.run), "arch": run.recipe.get("model"), "dataset": run.recipe.get("dataset")}
+    return run.model, val, test, info
+
+
+def _gates_note(info: dict[str, Any]) -> str:
+    fit = info.get("gate_fit")
+    return f" (gates fitted on val, {fit['objective']})" if fit else ""
 
 
 def _tiered(model, parts, test: DataLoader, policy: str, thresholds: list[float], requests: int) -> dict[str, Any]:
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, help="a run folder written by timm_exits.train (default: train here)")
     p.add_argument("--out", type=Path, default=Path("runs/plan_split"))
+    p.add_argument("--data-dir", help="where the --run's data set lives now, if it moved")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=8)
@@ -205,6 +212,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--requests", type=int, default=100, help="batch-of-one requests in the HTTP run")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadier on a shared box)")
+    p.add_argument(
+        "--fit-gates",
+        default="no_gain",
+        choices=["no_gain", "correct", "soft", "none"],
+        help="re-fit the stats gates on val before calibrating the 'gate' policy (none: the trained gates)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -216,7 +229,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         val = DataLoader(data["val"], batch_size=128)
         test = DataLoader(data["test"], batch_size=128)
     info["exits"] = [e.name for e in model.exits]
-    info["exit_accuracy_val"] = collect(model, val).exit_accuracy
+    val_outputs = collect(model, val)
+    info["exit_accuracy_val"] = val_outputs.exit_accuracy
+    if args.fit_gates != "none" and args.policy == "gate":
+        info["gate_fit"] = {
+            "objective": args.fit_gates,
+            **fit_gates(model, val_outputs, objective=args.fit_gates).__dict__,
+        }
 
     if args.threshold is None:
         cal = calibrate(model, val, args.policy, max_accuracy_drop=args.max_accuracy_drop, apply=False)
@@ -285,8 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     png = plan.plot(args.out / "plan.png")
     md = "\n\n".join(
         [
-            f"# Split plan ({info.get('arch')}, digits {args.img_size}px, policy {args.policy!r}, "
-            f"threshold {threshold:.4f})",
+            f"# Split plan ({info.get('arch')}, {info.get('dataset', 'digits')} {args.img_size}px, policy "
+            f"{args.policy!r}{_gates_note(info)}, threshold {threshold:.4f})",
             plan.to_markdown(),
             "## Link scenarios",
             _scenario_table(scenarios),
