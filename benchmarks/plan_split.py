@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from timm_exits import SoftConditionalLoss, calibrate, collect, fit_gates, predict, wrap
+from timm_exits.gate_fitting import GATE_OBJECTIVES
 from timm_exits.planning import plan_split
 from timm_exits.split import split
 from timm_exits.tiered import COMPRESSIONS, CloudServer, EdgeRunner, measure_compression
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--fit-gates",
         default="no_gain",
-        choices=["no_gain", "correct", "soft", "none"],
+        choices=[*GATE_OBJECTIVES, "none"],
         help="re-fit the stats gates on val before calibrating the 'gate' policy (none: the trained gates)",
     )
     args = p.parse_args(argv)

@@ -60,6 +60,7 @@ from torch import nn
 
 from .calibration import Collected, simulate
 from .data import DATASETS, build_datasets, load_splits, make_loader, make_mixup, seed_for
+from .gate_fitting import GATE_OBJECTIVES
 from .losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss
 from .model import EarlyExitModel, wrap
 from .policies import POLICIES
@@ -202,7 +203,7 @@ _CHOICES = {
     "gate": ("stats", "features", "both"),
     "amp": (None, "bf16", "fp16"),
     "policy": (None, *POLICIES),
-    "fit_gates": ("no_gain", "correct", "soft", "none"),
+    "fit_gates": (*GATE_OBJECTIVES, "none"),
     "progress": ("auto", True, False),
 }
 
