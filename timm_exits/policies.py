@@ -175,6 +175,10 @@ class _HardRun:
         if n_leave == 0:
             self.stats = stats
             return None
+        if self.shrink and n_leave == batch:  # every sample left (always so at batch 1): stop here
+            self._write(self.alive, logits)
+            self.exit_index.index_fill_(0, self.alive, branch.position)
+            raise _AllExited
         order = torch.argsort(leave.logical_not().to(torch.uint8), stable=True)  # leaving rows first, in order
         leaving = order[:n_leave]
         rows = self.alive.index_select(0, leaving)
@@ -187,8 +191,6 @@ class _HardRun:
             if self.n_done == batch:
                 raise _AllExited
             return None
-        if n_leave == batch:
-            raise _AllExited
         keep = order[n_leave:]
         self.alive = self.alive.index_select(0, keep)
         self.stats = stats.index_select(0, keep)
