@@ -250,3 +250,38 @@ def _decide_confidence(thresholds):
         return exit_mask("confidence", None, gate, thresholds[pos], stats=stats)
 
     return decide
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize(
+    ("head", "gate", "gate_hidden"), [("linear", "stats", 32), ("mlp", "both", 0), ("conv", "features", 32)]
+)
+def test_branch_infer_equals_forward(name, head, gate, gate_hidden):
+    """The hard path's functional `infer` gives the module forward's logits, gate logits and statistics."""
+    m, size = make_backbone(name)
+    model = wrap(m, "auto", head=head, gate=gate, gate_hidden=gate_hidden, input_size=(3, size, size)).eval()
+    for p in model.branches.parameters():  # non-trivial norms and biases
+        torch.nn.init.normal_(p, std=0.2)
+    x = images(4, size, seed=5)
+    with torch.no_grad():
+        out = model(x)
+        captured = {}
+        hooks = [
+            dict(model.backbone.named_modules())[b.name].register_forward_hook(
+                lambda mod, i, o, name=b.name: captured.__setitem__(name, o)
+            )
+            for b in model.branches
+        ]
+        model.backbone(x)
+        for h in hooks:
+            h.remove()
+        stats = x.new_zeros(4, 0)
+        for b, branch in enumerate(model.branches):
+            logits, gate_logit, new_stats = branch.infer(captured[branch.name], stats)
+            ref_logits, ref_gate, ref_stats = branch(captured[branch.name], stats)
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gate_logit, ref_gate, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(new_stats, ref_stats, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, out.logits[b], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gate_logit, out.gate_logits[:, b], rtol=1e-5, atol=1e-5)
+            stats = new_stats

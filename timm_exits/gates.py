@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NUM_STATS", "logit_stats", "ExitGate"]
+__all__ = ["NUM_STATS", "logit_stats", "append_stats", "ExitGate"]
 
 NUM_STATS = 3
 
@@ -28,18 +28,29 @@ def logit_stats(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, 3) float32 tensor, each column in [0, 1].
     """
-    logits = logits.float()
-    logp = F.log_softmax(logits, dim=-1)
-    p = logp.exp()
+    return append_stats(logits.new_zeros(logits.shape[0], 0, dtype=torch.float32), logits)
+
+
+def append_stats(prev: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """`logit_stats(logits)` appended to the statistics of the earlier exits, in one concatenation.
+
+    Args:
+        prev: (B, 3 * b) float32 statistics of the exits before this one.
+        logits: (B, K) logits of this exit.
+
+    Returns:
+        (B, 3 * (b + 1)) float32 tensor.
+    """
     k = logits.shape[-1]
-    entropy = -(p * logp).sum(-1) / math.log(k) if k > 1 else torch.zeros_like(p[:, 0])
-    if k > 1:
-        top2 = p.topk(2, dim=-1).values
-        margin = top2[:, 0] - top2[:, 1]
-        pmax = top2[:, 0]
-    else:
-        pmax = margin = p[:, 0]
-    return torch.stack([pmax, entropy, margin], dim=-1)
+    if k == 1:  # one class: certain, no entropy
+        one = logits.new_ones(logits.shape[0], 1, dtype=torch.float32)
+        return torch.cat([prev, one, one.new_zeros(one.shape), one], dim=-1)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    entropy = (p * logp).sum(-1, keepdim=True).mul_(-1.0 / math.log(k))
+    top2 = p.topk(2, dim=-1).values
+    pmax = top2[:, :1]
+    return torch.cat([prev, pmax, entropy, pmax - top2[:, 1:]], dim=-1)
 
 
 class ExitGate(nn.Module):
@@ -95,6 +106,21 @@ class ExitGate(nn.Module):
         if self.detach:
             z = z.detach()
         return self.mlp(z.to(self.mlp_dtype)).squeeze(-1)
+
+    def infer(self, features: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        """`forward` for inference without autograd, calling the MLP's parameters functionally (see
+        `ExitHead.infer` for why)."""
+        if self.kind == "stats":
+            z = stats
+        elif self.kind == "features":
+            z = features
+        else:
+            z = torch.cat([stats, features.float()], dim=-1)
+        if isinstance(self.mlp, nn.Linear):
+            return F.linear(z.to(self.mlp.weight.dtype), self.mlp.weight, self.mlp.bias).squeeze(-1)
+        first, _, last = self.mlp
+        h = F.linear(z.to(first.weight.dtype), first.weight, first.bias).relu_()
+        return F.linear(h, last.weight, last.bias).squeeze(-1)
 
     @property
     def mlp_dtype(self) -> torch.dtype:

@@ -8,9 +8,10 @@ Every head pools the branch-point tensor the way the backbone pools its own feat
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .layout import Pool, to_nchw
+from .layout import Pool, pool, to_nchw
 
 __all__ = ["ExitHead", "create_head"]
 
@@ -79,6 +80,26 @@ class ExitHead(nn.Module):
         """Return (logits, pooled features)."""
         feats = self.pooled(x)
         return self.fc(self.drop(feats)), feats
+
+    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for inference without autograd, in as few kernels as possible.
+
+        The hard early-exit path runs this between two backbone stages, where every kernel launch
+        costs several times what it costs in a warm loop; it calls the same parameters functionally
+        instead of going through each submodule's `__call__` (so hooks on the head's submodules do
+        not fire here). Heads with a conv layer, and heads in training mode (dropout), use `forward`.
+        """
+        if self.conv is not None or self.training:
+            return self(x)
+        feats = pool(x, self.pool.layout, self.pool.num_prefix_tokens, self.pool.token_pool)
+        if isinstance(self.norm, nn.LayerNorm):
+            feats = F.layer_norm(feats, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        if isinstance(self.hidden, nn.Sequential):
+            linear, act = self.hidden
+            feats = act(F.linear(feats, linear.weight, linear.bias))
+        if isinstance(self.fc, nn.Linear):
+            return F.linear(feats, self.fc.weight, self.fc.bias), feats
+        return feats, feats
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the final linear layer for a new number of classes."""

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["LAYOUTS", "detect_layout", "channels_of", "Pool", "to_nchw"]
+__all__ = ["LAYOUTS", "detect_layout", "channels_of", "pool", "Pool", "to_nchw"]
 
 LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")
 
@@ -67,6 +67,19 @@ def to_nchw(x: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.T
     raise ValueError(f"layout {layout!r} has no spatial form")
 
 
+def pool(x: torch.Tensor, layout: str, num_prefix_tokens: int = 0, token_pool: str = "avg") -> torch.Tensor:
+    """Pool a branch-point tensor to (B, C); see `Pool` (this is its forward, without the module call)."""
+    if layout == "NCHW":
+        return x.mean(dim=(2, 3))
+    if layout == "NHWC":
+        return x.mean(dim=(1, 2))
+    if layout == "NLC":
+        if token_pool == "token":
+            return x[:, 0]
+        return x[:, num_prefix_tokens:].mean(dim=1)
+    return x
+
+
 class Pool(nn.Module):
     """Global pooling for one layout: spatial mean, or token pooling like the backbone's head.
 
@@ -85,15 +98,7 @@ class Pool(nn.Module):
         self.token_pool = "token" if token_pool == "token" and num_prefix_tokens > 0 else "avg"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "NCHW":
-            return x.mean(dim=(2, 3))
-        if self.layout == "NHWC":
-            return x.mean(dim=(1, 2))
-        if self.layout == "NLC":
-            if self.token_pool == "token":
-                return x[:, 0]
-            return x[:, self.num_prefix_tokens :].mean(dim=1)
-        return x
+        return pool(x, self.layout, self.num_prefix_tokens, self.token_pool)
 
     def extra_repr(self) -> str:
         return f"layout={self.layout}, token_pool={self.token_pool}, prefix={self.num_prefix_tokens}"

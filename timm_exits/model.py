@@ -26,7 +26,7 @@ from torch import nn
 from ._utils import evaluating, feature_tensor
 from .config import ExitConfig
 from .cost import module_flops
-from .gates import ExitGate, logit_stats
+from .gates import ExitGate, append_stats
 from .heads import ExitHead
 from .placement import ExitPoint, ExitRequest, resolve_exits
 from .soft import exit_log_probs, expected_cost, gates_with_final, soft_log_output
@@ -98,8 +98,14 @@ class ExitBranch(nn.Module):
     def forward(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (logits, gate logit, statistics of exits 0..position) for a branch-point tensor."""
         logits, feats = self.head(x)
-        stats = torch.cat([prev_stats, logit_stats(logits)], dim=-1)
+        stats = append_stats(prev_stats, logits)
         return logits, self.gate(feats, stats), stats
+
+    def infer(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` for the hard early-exit path (no autograd): the same result in fewer kernels."""
+        logits, feats = self.head.infer(x)
+        stats = append_stats(prev_stats, logits)
+        return logits, self.gate.infer(feats, stats), stats
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         run = self._run

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -152,7 +153,7 @@ class _HardRun:
         self.decide = decide
         self.shrink = shrink
         self.alive = torch.arange(batch, device=device)
-        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.done = None if shrink else torch.zeros(batch, dtype=torch.bool, device=device)
         self.stats = torch.zeros(batch, 0, device=device)
         self.exit_index = torch.full((batch,), num_exits - 1, dtype=torch.long, device=device)
         self.n_done = 0
@@ -165,19 +166,23 @@ class _HardRun:
 
     def on_exit(self, branch: ExitBranch, output: Any) -> Any:
         batch = self.alive.shape[0]
-        logits, gate_logit, stats = branch(feature_tensor(output, batch), self.stats)
+        logits, gate_logit, stats = branch.infer(feature_tensor(output, batch), self.stats)
         leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
         if not self.shrink:
             leave = leave & ~self.done
         # The one host sync of this exit: how many leave fixes every shape below. The rest uses index
         # tensors (index_select / index_fill), which, unlike boolean masks, need no sync on CUDA.
-        n_leave = int(leave.sum())
+        n_leave = int(leave.sum()) if batch > 1 else int(leave)
         if n_leave == 0:
             self.stats = stats
             return None
         if self.shrink and n_leave == batch:  # every sample left (always so at batch 1): stop here
-            self._write(self.alive, logits)
-            self.exit_index.index_fill_(0, self.alive, branch.position)
+            if self.n_done == 0:  # nobody left before: rows are still in input order
+                self.logits = logits.float()
+                self.exit_index.fill_(branch.position)
+            else:
+                self._write(self.alive, logits)
+                self.exit_index.index_fill_(0, self.alive, branch.position)
             raise _AllExited
         order = torch.argsort(leave.logical_not().to(torch.uint8), stable=True)  # leaving rows first, in order
         leaving = order[:n_leave]
@@ -197,7 +202,9 @@ class _HardRun:
         return take_rows(output, keep, batch)
 
     def finish(self, final_logits: torch.Tensor) -> None:
-        if self.shrink:
+        if self.shrink and self.n_done == 0:  # no sample left early: rows are in input order
+            self.logits = final_logits.float()
+        elif self.shrink:
             self._write(self.alive, final_logits)
         else:
             rest = ~self.done
@@ -272,8 +279,11 @@ def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
 
 
 def _summarise(model: EarlyExitModel, exit_index: torch.Tensor, logits: torch.Tensor, labels, shrink: bool):
-    counts = torch.bincount(exit_index, minlength=model.num_exits).tolist()
-    cost = float(model.exit_costs.to(exit_index.device)[exit_index].float().mean())
+    # one device-to-host copy; counting in Python avoids two more kernels on the small batches that
+    # dominate latency-bound inference
+    taken = Counter(exit_index.tolist())
+    counts = [taken.get(b, 0) for b in range(model.num_exits)]
+    cost = sum(c * g for c, g in zip(counts, model.exit_costs.tolist())) / max(sum(counts), 1)
     stats = PredictionStats(counts=counts, expected_cost=cost, batch_shrink=shrink)
     if labels is not None:
         correct = logits.argmax(-1) == labels.to(logits.device)
