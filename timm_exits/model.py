@@ -131,7 +131,8 @@ class _FullRun:
                 f"exit {branch.name!r} fired out of order (expected exit {len(self.logits)}); the backbone's "
                 "forward no longer matches the one the exits were placed on."
             )
-        logits, gate_logit, self.stats = branch(feature_tensor(output, self.stats.shape[0]), self.stats)
+        run = branch if torch.is_grad_enabled() else branch.infer
+        logits, gate_logit, self.stats = run(feature_tensor(output, self.stats.shape[0]), self.stats)
         self.logits.append(logits)
         self.gate_logits.append(gate_logit)
         return None
