@@ -9,10 +9,14 @@ code path as `predict` with the policy's decision fixed in advance, so the mix i
 For each case: measured speed-up = plain time / case time; predicted speed-up = 1 / mean(gamma_b
 of the exits taken); their ratio. FLOPs over-predict the saving where early, high-resolution stages
 are memory-bound, so "all at exit k" also reports the time of the bare backbone truncated at that
-exit (`forward_intermediates(..., stop_early=True)`, no heads): the honest limit for that pattern.
+exit (`forward_intermediates(..., stop_early=True)`, no heads): the honest limit for that pattern;
+for the mixed pattern the limit is the sum of each stage's time at the batch that runs it
+(truncated runs at the shrunk batch sizes). `--channels-last` runs everything in that memory format.
 Prints JSON (medians over interleaved repeats after warm-up).
 
     python benchmarks/speed.py --threads 2 > benchmarks/results/speed.json
+    python benchmarks/speed.py --threads 2 --models resnet18 --channels-last \
+        > benchmarks/results/speed_channels_last.json
 """
 
 from __future__ import annotations
@@ -39,33 +43,28 @@ def _mixed_assignment(batch: int, num_exits: int) -> torch.Tensor:
     return index[torch.randperm(batch, generator=torch.Generator().manual_seed(0))]
 
 
-def _case(name: str, size: int, batch: int, repeats: int, warmup: int) -> dict:
+def _case(name: str, size: int, batch: int, repeats: int, warmup: int, channels_last: bool = False) -> dict:
     torch.manual_seed(0)
     model = wrap(timm.create_model(name, num_classes=10), "auto", input_size=(3, size, size)).eval()
     x = torch.randn(batch, 3, size, size)
+    if channels_last:  # the plain forward, the truncated backbone and the hard path all run in it
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     k = model.num_exits
     gamma = model.costs.float()
     assignments = {f"all_at_exit_{b + 1}": torch.full((batch,), b, dtype=torch.long) for b in range(k)}
     if batch > 1:
         assignments["mixed"] = _mixed_assignment(batch, k)
 
-    fns = {}
-
-    def plain():
-        with torch.no_grad():
-            model.backbone(x)
-
-    fns["plain"] = plain
+    fns = {"plain": _timed_prefix(model, x, None)}
     for label, index in assignments.items():
         fns[label] = lambda index=index: run_assigned(model, x, index)
-    info = [f["module"] for f in model.backbone.feature_info]
-    for b, e in enumerate(model.exits):
-
-        def truncated(i: int = info.index(e.name)) -> None:
-            with torch.no_grad():
-                model.backbone.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
-
-        fns[f"truncated_{b + 1}"] = truncated
+    for b in range(k - 1):
+        fns[f"truncated_{b + 1}"] = _timed_prefix(model, x, b)
+    if "mixed" in assignments:  # each stage's bounds at the batch that runs it: the mix's limit
+        for b, n in enumerate(_running(assignments["mixed"], k)):
+            for end in (b - 1, b) if b else (b,):
+                fns[f"end_{end}@{n}"] = _timed_prefix(model, x[:n], end if end < k - 1 else None)
     ms = time_interleaved(fns, repeats, warmup)
     rows = []
     for label, index in assignments.items():
@@ -79,7 +78,10 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int) -> dict:
             "predicted_speedup": predicted,
             "measured_over_predicted": measured / predicted,
         }
-        trunc = ms.get(label.replace("all_at_exit_", "truncated_")) if label.startswith("all_at_exit_") else None
+        if label.startswith("all_at_exit_"):
+            trunc = ms.get(label.replace("all_at_exit_", "truncated_"))
+        else:
+            trunc = _stage_limit_ms(ms, index, k)
         if trunc is not None:
             row["truncated_backbone_ms"] = trunc
             row["truncated_speedup"] = ms["plain"] / trunc
@@ -88,6 +90,7 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int) -> dict:
     return {
         "model": name,
         "input_size": [3, size, size],
+        "memory_format": "channels_last" if channels_last else "contiguous (NCHW)",
         "batch": batch,
         "repeats": repeats,
         "exits": [e.name for e in model.exits],
@@ -97,12 +100,47 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int) -> dict:
     }
 
 
+def _timed_prefix(model, x: torch.Tensor, exit_index: int | None):
+    """A function running the bare backbone up to early exit `exit_index` (None: the whole backbone)."""
+    if exit_index is None:
+
+        def whole() -> None:
+            with torch.no_grad():
+                model.backbone(x)
+
+        return whole
+    i = [f["module"] for f in model.backbone.feature_info].index(model.exits[exit_index].name)
+
+    def prefix() -> None:
+        with torch.no_grad():
+            model.backbone.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
+
+    return prefix
+
+
+def _stage_limit_ms(ms: dict[str, float], index: torch.Tensor, k: int) -> float:
+    """The truncated backbone's limit for a mix of exits: the sum over stages of each stage's time at
+    the batch that runs it (from truncated runs at that batch, timed in `_case`)."""
+    limit = 0.0
+    for b, n in enumerate(_running(index, k)):
+        if n:
+            limit += ms[f"end_{b}@{n}"] - (ms[f"end_{b - 1}@{n}"] if b else 0.0)
+    return limit
+
+
+def _running(index: torch.Tensor, k: int) -> list[int]:
+    """Samples that run through stage b (the backbone up to exit b) for b = 0..k-1."""
+    return [int((index >= b).sum()) for b in range(k)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=None, help="subset of the cases' model names")
+    p.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = {
@@ -117,9 +155,11 @@ def main() -> None:
         "results": [],
     }
     for name, size in CASES:
+        if args.models and name not in args.models:
+            continue
         for batch in args.batches:
             reps = args.repeats if batch == 1 or size <= 64 else max(5, args.repeats // 3)
-            out["results"].append(_case(name, size, batch, reps, args.warmup))
+            out["results"].append(_case(name, size, batch, reps, args.warmup, args.channels_last))
     print(json.dumps(out, indent=2))
 
 
