@@ -1,0 +1,44 @@
+"""Markdown table of `speed.py` output, as shown in README.md.
+
+python benchmarks/speed_table.py benchmarks/results/speed.json benchmarks/results/speed_channels_last.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def rows(result: dict) -> list[str]:
+    """Table rows of one (model, input size, batch) result of speed.py."""
+    fmt = "channels_last" if result["memory_format"].startswith("channels") else "NCHW"
+    head = f"| {result['model']} @ {result['input_size'][1]} | {fmt} | {result['batch']} |"
+    out = []
+    for c in result["cases"]:
+        case = "mixed 40/30/20/10 %" if c["case"] == "mixed" else c["case"].replace("all_at_exit_", "all at exit ")
+        limit = f"{c['truncated_speedup']:.2f}x" if "truncated_speedup" in c else "-"
+        out.append(
+            f"{head} {case} | {c['ms']:.2f} | {c['measured_speedup']:.2f}x | {c['predicted_speedup']:.2f}x "
+            f"| {c['measured_over_predicted']:.2f} | {limit} |"
+        )
+    out.append(f"{head} plain timm forward | {result['plain_ms']:.2f} | 1.00x | | | |")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("files", nargs="+", help="JSON files written by speed.py")
+    args = p.parse_args()
+    print(
+        "| model @ input | memory format | batch | exits taken | ms | measured speed-up | predicted "
+        "| measured / predicted | bare backbone's limit |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in args.files:
+        with open(path) as f:
+            for result in json.load(f)["results"]:
+                print("\n".join(rows(result)))
+
+
+if __name__ == "__main__":
+    main()
