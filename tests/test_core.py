@@ -220,6 +220,52 @@ def test_num_classes_zero_backbone_gets_final_head():
         wrap(timm.create_model("resnet18", num_classes=10), num_classes=5, input_size=(3, 64, 64))
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "layout"),
+    [("resnet18", {"global_pool": ""}, "NCHW"), ("vit_tiny_patch16_224", {"global_pool": ""}, "NLC")],
+)
+def test_unpooled_headless_backbone_gets_pooled_final_head(name, kwargs, layout):
+    """A backbone returning an unpooled map or token sequence (num_classes=0, no global pool) gets a
+    final head that pools like the backbone would, then classifies; its keys are a Linear's."""
+    size = 64 if layout == "NCHW" else 224
+    torch.manual_seed(0)
+    m = timm.create_model(name, num_classes=0, **kwargs).eval()
+    x = images(2, size)
+    with torch.no_grad():
+        unpooled = m(x)
+    assert unpooled.ndim == (4 if layout == "NCHW" else 3)
+    model = wrap(m, num_classes=5, input_size=(3, size, size)).eval()
+    assert model.final_head.pool.layout == layout
+    assert set(model.final_head.state_dict()) == {"weight", "bias"}
+    pooled = unpooled.mean((2, 3)) if layout == "NCHW" else unpooled[:, m.num_prefix_tokens :].mean(1)
+    with torch.no_grad():
+        out = model(x)
+        pred = model.predict(x, "gate", 1.0)
+    ref = pooled @ model.final_head.weight.T + model.final_head.bias
+    torch.testing.assert_close(out.logits[-1], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pred.logits, ref, rtol=1e-5, atol=1e-5)
+    assert 0.0 < float(model.costs[0]) < 1.0 and float(model.costs[-1]) >= 1.0
+    model.reset_classifier(3)
+    assert model.final_head.pool.layout == layout and model(x).logits[-1].shape == (2, 3)
+
+
+def test_feature_extractor_gets_pooled_final_head():
+    """A plain module that returns a feature map (torchvision AlexNet's `features`) is wrapped with
+    explicit exits once num_classes is given; without it the error says so."""
+    features = make_alexnet().features
+    with pytest.raises(ValueError, match="num_classes=N"):
+        wrap(features, ["2", "5"], input_size=(3, 64, 64))
+    model = wrap(features, ["2", "5"], num_classes=4, input_size=(3, 64, 64))
+    x = images(3, 64)
+    out = model(x)
+    assert [t.shape for t in out.logits] == [(3, 4)] * 3
+    with torch.no_grad():
+        ref = model.final_head(features(x))
+        torch.testing.assert_close(ref, features(x).mean((2, 3)) @ model.final_head.weight.T + model.final_head.bias)
+    SoftConditionalLoss(0.1)(out, torch.tensor([0, 1, 2])).backward()
+    assert model.final_head.weight.grad is not None and model.unwrap() is features
+
+
 def test_timm_conventions_pass_through():
     m, size = make_backbone("vit_tiny_patch16_224")
     model = wrap(m, input_size=(3, size, size))

@@ -13,7 +13,7 @@ from torch import nn
 
 from .layout import Pool, pool, to_nchw
 
-__all__ = ["ExitHead", "create_head"]
+__all__ = ["ExitHead", "FinalHead", "create_head"]
 
 
 class ExitHead(nn.Module):
@@ -105,6 +105,42 @@ class ExitHead(nn.Module):
         """Replace the final linear layer for a new number of classes."""
         device = next(self.parameters(), torch.empty(0)).device
         self.fc = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+
+
+class FinalHead(nn.Linear):
+    """Linear classifier added after a backbone that has none (`num_classes=0`, or a plain feature
+    extractor), pooling the backbone's output first when it is an unpooled map or token sequence.
+
+    A subclass of `nn.Linear`, so its state_dict keys are `weight` and `bias` whatever the layout.
+
+    Args:
+        in_features: Channels of the backbone's output.
+        num_classes: Output classes.
+        layout: Layout of the backbone's output ("NC" when it is already pooled).
+        num_prefix_tokens: Prefix tokens of an NLC output.
+        token_pool: "token" or "avg" for an NLC output.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        layout: str = "NC",
+        num_prefix_tokens: int = 0,
+        token_pool: str = "avg",
+    ) -> None:
+        super().__init__(in_features, num_classes)
+        self.pool = Pool(layout, num_prefix_tokens, token_pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pool(x))
+
+    def reset(self, num_classes: int) -> FinalHead:
+        """A new, freshly initialised head with the same pooling for `num_classes` classes."""
+        p = self.pool
+        return FinalHead(self.in_features, num_classes, p.layout, p.num_prefix_tokens, p.token_pool).to(
+            self.weight.device
+        )
 
 
 def create_head(kind: str, layout: str, channels: int, num_classes: int, **kwargs) -> ExitHead:

@@ -27,7 +27,8 @@ from ._utils import evaluating, feature_tensor
 from .config import ExitConfig
 from .cost import module_flops
 from .gates import ExitGate, append_stats
-from .heads import ExitHead
+from .heads import ExitHead, FinalHead
+from .layout import channels_of, detect_layout
 from .placement import ExitPoint, ExitRequest, resolve_exits
 from .soft import exit_log_probs, expected_cost, gates_with_final, soft_log_output
 
@@ -261,7 +262,7 @@ class EarlyExitModel(nn.Module):
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         """Reset the backbone's classifier and every exit classifier for `num_classes` classes."""
         if self.final_head is not None:
-            self.final_head = nn.Linear(self.final_head.in_features, num_classes).to(self.exit_costs.device)
+            self.final_head = self.final_head.reset(num_classes)
         else:
             self.backbone.reset_classifier(num_classes, *args, **kwargs)
         for b in self.branches:
@@ -398,19 +399,13 @@ def wrap(
         num_classes = config.num_classes
     if num_classes is None:
         num_classes = backbone_classes
-    final_head = None
-    if backbone_classes == 0:
-        feats = getattr(model, "num_features", None)
-        if not num_classes:
-            raise ValueError(
-                f"{type(model).__name__} has num_classes=0 (it returns pooled features) and no num_classes was "
-                "given; pass wrap(model, num_classes=N) to add a final linear head, or create the model with "
-                "num_classes=N."
-            )
-        if not feats:
-            raise ValueError(f"{type(model).__name__} has num_classes=0 and no num_features; cannot add a head.")
-        final_head = nn.Linear(int(feats), int(num_classes))
-    elif backbone_classes is not None and num_classes != backbone_classes:
+    if backbone_classes == 0 and not num_classes:
+        raise ValueError(
+            f"{type(model).__name__} has num_classes=0 (it returns features, no logits) and no num_classes was "
+            "given; pass wrap(model, num_classes=N) to add a final linear head, or create the model with "
+            "num_classes=N."
+        )
+    if backbone_classes not in (None, 0) and num_classes != backbone_classes:
         raise ValueError(
             f"the backbone predicts {backbone_classes} classes but num_classes={num_classes}; call "
             f"model.reset_classifier({num_classes}) first (or create it with num_classes={num_classes})."
@@ -421,9 +416,13 @@ def wrap(
     cfg = config or ExitConfig(exits=[], num_classes=0, head=head, gate=gate, input_size=size, **config_kwargs)
     points, pr, total = resolve_exits(model, exits, example, layouts=cfg.layouts, measure_costs=costs is None)
     final_out = pr.final
-    if not torch.is_tensor(final_out) or final_out.ndim != 2:
+    final_head = _final_head(model, final_out, backbone_classes, num_classes)
+    if final_head is None and (not torch.is_tensor(final_out) or final_out.ndim != 2):
         shape = tuple(final_out.shape) if torch.is_tensor(final_out) else type(final_out).__name__
-        raise ValueError(f"the backbone's forward returns {shape}; a (B, classes) logits tensor is needed.")
+        raise ValueError(
+            f"the backbone's forward returns {shape}; a (B, classes) logits tensor is needed. For a feature "
+            "extractor, pass wrap(model, num_classes=N) to add a pooled linear final head."
+        )
     out_classes = int(final_out.shape[1])
     if final_head is None and num_classes is not None and num_classes != out_classes:
         raise ValueError(
@@ -444,11 +443,26 @@ def wrap(
     return wrapped
 
 
+def _final_head(model: nn.Module, out: Any, backbone_classes: int | None, num_classes: int | None) -> FinalHead | None:
+    """A linear final head for a backbone without logits: one with `num_classes=0`, or a plain module
+    returning an unpooled map or token sequence when `num_classes` is given; None otherwise."""
+    if not torch.is_tensor(out) or out.ndim not in (2, 3, 4):
+        return None
+    headless = backbone_classes == 0 or (backbone_classes is None and num_classes and out.ndim > 2)
+    if not headless:
+        return None
+    feats = getattr(model, "num_features", None)
+    layout = detect_layout(out, int(feats) if feats else None)
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0) if layout == "NLC" else 0
+    pool = "token" if str(getattr(model, "global_pool", "avg")) == "token" else "avg"
+    return FinalHead(channels_of(out, layout), int(num_classes), layout, prefix, pool)
+
+
 def _measure_costs(model: EarlyExitModel, pr, backbone_total: int) -> list[float]:
     """gamma_b = (backbone FLOPs to exit b + every head and gate up to b) / (backbone + its head)."""
     total = float(backbone_total)
     if model.final_head is not None:
-        total += module_flops(model.final_head, (pr.final.new_zeros(1, model.final_head.in_features),))
+        total += module_flops(model.final_head, (pr.final[:1],))
     stats = None
     spent_on_exits = 0.0
     costs = []
