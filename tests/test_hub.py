@@ -684,3 +684,19 @@ def test_report_for_other_exits_is_refused(models, tmp_path):
     report["policies"]["gate"]["exit_distribution"] = [0.5, 0.5]
     with pytest.raises(ValueError, match="distribution"):
         render_model_card(models["resnet"], report)
+
+
+def test_pooled_final_head_round_trips(tmp_path):
+    """A backbone returning tokens (num_classes=0, global_pool="") comes back with the same pooling
+    and the same logits: timm's config keeps global_pool, the final head's weights sit in exits.safetensors."""
+    from timm_exits import from_pretrained
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", num_classes=0, global_pool="", depth=4).eval()
+    model = wrap(backbone, num_classes=5, input_size=(3, 224, 224)).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m").eval()
+    assert loaded.final_head.pool.layout == "NLC"
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits[-1], model(x).logits[-1], rtol=0, atol=0)
