@@ -545,10 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     before = set(records)
     if args.retry_failed is not None:
         pattern = re.compile(args.retry_failed)
+        selected = set(names)  # only failures within --filter are retried; the others stay recorded
         records = {
             n: r
             for n, r in records.items()
             if r["status"] != "fail"
+            or n not in selected
             or not pattern.search(f"{r['error']}: {r.get('message', '')} {r.get('nc1000', '')}")
         }
     todo = [n for n in names if n not in records]
