@@ -456,8 +456,8 @@ def _final_head(model: nn.Module, out: Any, backbone_classes: int | None, num_cl
     feats = getattr(model, "num_features", None)
     layout = detect_layout(out, int(feats) if feats else None)
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0) if layout == "NLC" else 0
-    pool = "token" if str(getattr(model, "global_pool", "avg")) == "token" else "avg"
-    return FinalHead(channels_of(out, layout), int(num_classes), layout, prefix, pool)
+    token_pool = "token" if str(getattr(model, "global_pool", "avg")) == "token" else "avg"
+    return FinalHead(channels_of(out, layout), int(num_classes), layout, prefix, token_pool)
 
 
 def _measure_costs(model: EarlyExitModel, pr, backbone_total: int) -> list[float]:
