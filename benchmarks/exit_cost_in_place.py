@@ -3,10 +3,11 @@
 During real forwards of the backbone (hard-path hooks replaced by a timing probe), at each exit the
 probe times the exit's work twice in a row on the branch-point tensor: the first call runs right
 after the backbone stage ("in place", the caches full of the backbone's code and data), the second
-immediately after the first ("warm"). Forwards alternate between the module path (`branch(x, s)`,
-what training runs) and the lean inference path (`branch.infer(x, s)`, what the hard path runs),
-so each is measured first in half of them. It also times the first kernel alone: the mean over the
-branch-point tensor, first and second time. Prints JSON: medians in microseconds per exit.
+immediately after the first ("warm"). Each forward runs one of three probes in turn: the module
+path (`branch(x, s)`, what training runs), the lean inference path (`branch.infer(x, s)`, what the
+hard path runs), and the first kernel alone (the pooling mean over the branch-point tensor), so each
+probe's first call is always the one right after the stage. Prints JSON: medians in microseconds per
+exit.
 
     python benchmarks/exit_cost_in_place.py --threads 2 > benchmarks/results/exit_cost_in_place.json
 """
