@@ -3,10 +3,11 @@
 During real forwards of the backbone (hard-path hooks replaced by a timing probe), at each exit the
 probe times the exit's work twice in a row on the branch-point tensor: the first call runs right
 after the backbone stage ("in place", the caches full of the backbone's code and data), the second
-immediately after the first ("warm"). Each forward runs one of three probes in turn: the module
-path (`branch(x, s)`, what training runs), the lean inference path (`branch.infer(x, s)`, what the
-hard path runs), and the first kernel alone (the pooling mean over the branch-point tensor), so each
-probe's first call is always the one right after the stage. Prints JSON: medians in microseconds per
+immediately after the first ("warm"). Each forward runs one of four probes in turn: the module
+path (`branch(x, s)`, what training runs), the PyTorch inference path (`branch.infer(x, s)` with the
+compiled path off), the compiled path (`timm_exits.fused.run_fused`, what the hard path runs where a
+C compiler is present), and the first kernel alone (the pooling mean over the branch-point tensor),
+so each probe's first call is always the one right after the stage. Prints JSON: medians in microseconds per
 exit.
 
     python benchmarks/exit_cost_in_place.py --threads 2 > benchmarks/results/exit_cost_in_place.json
@@ -26,9 +27,10 @@ from _timing import machine
 
 from timm_exits import wrap
 from timm_exits._utils import feature_tensor
+from timm_exits.fused import fused_available, run_fused, set_fused
 from timm_exits.layout import pool
 
-PATHS = ("module", "infer", "pool")
+PATHS = ("module", "infer", "fused", "pool")
 
 
 class _Probe:
@@ -43,8 +45,14 @@ class _Probe:
         if self.path == "pool":
             head = branch.head.pool
             return pool(x, head.layout, head.num_prefix_tokens, head.token_pool)
-        fn = branch if self.path == "module" else branch.infer
-        return fn(x, self.stats)
+        if self.path == "fused":
+            return run_fused(branch, x, self.stats)
+        if self.path == "module":
+            return branch(x, self.stats)
+        previous = set_fused(False)
+        out = branch.infer(x, self.stats)
+        set_fused(previous)
+        return out
 
     def on_exit(self, branch, output):
         x = feature_tensor(output, self.stats.shape[0])
@@ -82,6 +90,7 @@ def _measure(name: str, rounds: int, warmup: int) -> dict:
         "us_per_exit": med,
         "in_place_over_warm": {p: med[f"{p}.in_place"] / med[f"{p}.warm"] for p in PATHS},
         "infer_over_module_in_place": med["infer.in_place"] / med["module.in_place"],
+        "fused_over_infer_in_place": med["fused.in_place"] / med["infer.in_place"],
     }
 
 
@@ -92,6 +101,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if not fused_available():
+        raise SystemExit("the compiled exit path is unavailable here (no C compiler?); see timm_exits/fused.py")
     out = {
         "benchmark": "exit_cost_in_place",
         "machine": machine(args.threads),

@@ -3,7 +3,10 @@
 For resnet18 and vit_tiny at 224x224 on the CPU, batch 1 and 64, measures in one process:
   * plain:           `backbone(x)` with the exit hooks inactive (the user's model as it is);
   * gates_closed:    `predict(policy="gate", threshold=1.0)`: hard path, every exit evaluated, none
-                     taken (the run asserts that every sample reached the final head);
+                     taken (the run asserts that every sample reached the final head); each exit runs
+                     as one compiled call where `timm_exits.fused` serves it (batch 1 here);
+  * gates_closed_pytorch: the same with the compiled path off (`set_fused(False)`): every exit on
+                     PyTorch kernels, as on a machine without a C compiler;
   * full_forward:    `model(x)`: every exit and the soft output (training/soft-inference path);
 and the training step (forward, loss, backward, SGD step) of the plain backbone with cross-entropy
 vs the wrapped model with SoftConditionalLoss. The predicted cost of "no exit taken" is the plain
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from _timing import interleaved_samples, machine, paired_ratio
 
 from timm_exits import SoftConditionalLoss, predict, wrap
+from timm_exits.fused import fused_available, set_fused
 
 
 def _inference(name: str, batch: int, repeats: int, warmup: int) -> dict:
@@ -48,11 +52,17 @@ def _inference(name: str, batch: int, repeats: int, warmup: int) -> dict:
     def closed():
         predict(model, x, "gate", 1.0)
 
+    def closed_pytorch():
+        previous = set_fused(False)
+        predict(model, x, "gate", 1.0)
+        set_fused(previous)
+
     def full():
         with torch.no_grad():
             model(x)
 
-    samples = interleaved_samples({"plain": plain, "gates_closed": closed, "full_forward": full}, repeats, warmup)
+    fns = {"plain": plain, "gates_closed": closed, "gates_closed_pytorch": closed_pytorch, "full_forward": full}
+    samples = interleaved_samples(fns, repeats, warmup)
     ms = {k: statistics.median(v) for k, v in samples.items()}
     gamma = float(model.costs[-1])
     predicted = ms["plain"] * gamma
@@ -67,6 +77,7 @@ def _inference(name: str, batch: int, repeats: int, warmup: int) -> dict:
         "gates_closed_over_predicted": ms["gates_closed"] / predicted,
         "full_forward_over_predicted": ms["full_forward"] / predicted,
         "gates_closed_over_predicted_paired": paired_ratio(samples, "gates_closed", "plain") / gamma,
+        "gates_closed_pytorch_over_predicted_paired": paired_ratio(samples, "gates_closed_pytorch", "plain") / gamma,
         "full_forward_over_predicted_paired": paired_ratio(samples, "full_forward", "plain") / gamma,
         "exits_alone_ms": isolated,
         "exits_alone_share": {k: v / ms["plain"] for k, v in isolated.items()},
@@ -91,7 +102,7 @@ def _exits_isolated_ms(model, x: torch.Tensor, repeats: int) -> dict[str, float]
     def exits():
         stats = torch.zeros(x.shape[0], 0)
         for b, e in zip(model.branches, model.exits):
-            _, _, stats = b.infer(feats[e.name], stats)  # what the hard path runs
+            _, _, stats = b.infer(feats[e.name], stats)  # what the hard path runs (compiled where it applies)
 
     times: dict[str, list[float]] = {"warm": [], "after_backbone": []}
     with torch.no_grad():
@@ -156,6 +167,7 @@ def main() -> None:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "input_size": [3, 224, 224],
+        "fused_available": fused_available(),
         "inference": [],
         "training": [],
     }

@@ -26,6 +26,7 @@ from torch import nn
 from ._utils import evaluating, feature_tensor
 from .config import ExitConfig
 from .cost import module_flops
+from .fused import run_fused
 from .gates import ExitGate, append_stats
 from .heads import ExitHead, FinalHead
 from .layout import channels_of, detect_layout
@@ -103,7 +104,11 @@ class ExitBranch(nn.Module):
         return logits, self.gate(feats, stats), stats
 
     def infer(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`forward` for the hard early-exit path (no autograd): the same result in fewer kernels."""
+        """`forward` for the hard early-exit path (no autograd): the same result in fewer kernels, or
+        in one compiled call where `timm_exits.fused` serves this exit and input."""
+        fused = run_fused(self, x, prev_stats)
+        if fused is not None:
+            return fused
         logits, feats = self.head.infer(x)
         stats = append_stats(prev_stats, logits)
         return logits, self.gate.infer(feats, stats), stats

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ._utils import feature_tensor, take_rows
+from .fused import run_fused_decide
 from .gates import NUM_STATS, logit_stats
 from .model import EarlyExitModel, ExitBranch
 
@@ -149,8 +150,17 @@ Decide = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class _HardRun:
     """State of one hard early-exit forward (see the module docstring)."""
 
-    def __init__(self, batch: int, num_exits: int, device: torch.device, decide: Decide, shrink: bool):
+    def __init__(
+        self,
+        batch: int,
+        num_exits: int,
+        device: torch.device,
+        decide: Decide,
+        shrink: bool,
+        rule: tuple[str, list[float]] | None = None,
+    ):
         self.decide = decide
+        self.rule = rule  # (policy, thresholds) that `decide` applies, for the compiled path to apply itself
         self.shrink = shrink
         self.alive = torch.arange(batch, device=device)
         self.done = None if shrink else torch.zeros(batch, dtype=torch.bool, device=device)
@@ -166,13 +176,23 @@ class _HardRun:
 
     def on_exit(self, branch: ExitBranch, output: Any) -> Any:
         batch = self.alive.shape[0]
-        logits, gate_logit, stats = branch.infer(feature_tensor(output, batch), self.stats)
-        leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
+        x = feature_tensor(output, batch)
+        fused = None
+        if self.rule is not None:
+            fused = run_fused_decide(branch, x, self.stats, self.rule[0], self.rule[1][branch.position])
+        if fused is not None:
+            logits, gate_logit, stats, leave, n_leave = fused
+        else:
+            logits, gate_logit, stats = branch.infer(x, self.stats)
+            leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
+            n_leave = -1
         if not self.shrink:
             leave = leave & ~self.done
-        # The one host sync of this exit: how many leave fixes every shape below. The rest uses index
-        # tensors (index_select / index_fill), which, unlike boolean masks, need no sync on CUDA.
-        n_leave = int(leave.sum()) if batch > 1 else int(leave)
+            n_leave = -1
+        if n_leave < 0:
+            # The one host sync of this exit: how many leave fixes every shape below. The rest uses
+            # index tensors (index_select / index_fill), which, unlike boolean masks, need no sync on CUDA.
+            n_leave = int(leave.sum()) if batch > 1 else int(leave)
         if n_leave == 0:
             self.stats = stats
             return None
@@ -228,8 +248,10 @@ def run_assigned(model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tenso
         return _run_hard(model, x, decide, batch_shrink).logits
 
 
-def _run_hard(model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bool) -> _HardRun:
-    run = _HardRun(x.shape[0], model.num_exits, x.device, decide, shrink)
+def _run_hard(
+    model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bool, rule: tuple[str, list[float]] | None = None
+) -> _HardRun:
+    run = _HardRun(x.shape[0], model.num_exits, x.device, decide, shrink, rule)
     try:
         with model._attached(run):
             out = model.backbone(x)
@@ -333,5 +355,5 @@ def predict(
         def decide(pos: int, stats: torch.Tensor, gate_logit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             return exit_mask(policy, None, gate_logit, thresholds[pos], stats=stats)
 
-        run = _run_hard(model, x, decide, shrink=batch_shrink)
+        run = _run_hard(model, x, decide, shrink=batch_shrink, rule=(policy, thresholds))
     return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
