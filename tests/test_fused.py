@@ -61,6 +61,7 @@ CASES = [
     ("vit_tiny_patch16_224", {}, {"global_pool": "avg"}),  # tokens, mean over the non-prefix tokens
     ("swin_tiny_patch4_window7_224", {"head": "mlp"}, {}),  # NHWC
     ("convnext_atto", {"gate": "both", "num_classes": 1}, {}),  # one class: fixed statistics
+    ("resnet18", {"head": "mlp", "head_hidden": 4200, "gate": "both"}, {}),  # scratch beyond the stack buffer
 ]
 
 
@@ -149,6 +150,8 @@ def test_predict_same_with_and_without_the_kernel():
             set_fused(previous)
             assert torch.equal(a.exit_index, b.exit_index)
             torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+            masked = predict(model, x[:batch], policy, thresholds, batch_shrink=False)
+            assert torch.equal(masked.exit_index, a.exit_index)
         assert len(set(a.exit_index.tolist())) > 1, f"the {policy} thresholds should mix exits"
 
 

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
-import weakref
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -165,26 +164,38 @@ def _library() -> ctypes.CDLL | None:
 
 
 class _Compiled:
-    """One exit's parameters as the kernel reads them, and what must stay the same for that to hold."""
+    """An exit as the kernel reads it (`plan` None where the kernel does not implement the exit), and
+    what must stay the same for that to hold."""
 
-    __slots__ = ("head", "drop", "slots", "tensors", "ptrs", "plan", "gate_in", "layout", "prefix", "token_pool")
+    __slots__ = ("head", "drop", "slots", "params", "ptrs", "shapes", "plan", "gate_in", "pool")
 
     def is_current(self) -> bool:
-        """Same modules in the same places, same tensors at the same addresses, head in eval mode
-        (the only mode-dependent layer of an exit is the head's dropout)."""
-        if self.head.training or self.drop.training:
-            return False
+        """Same modules in the same places; the parameters the kernel reads at the same addresses
+        with the same shapes (a replaced parameter or `.data` shows as a new address)."""
         for parent, name, obj in self.slots:
             if parent.get(name) is not obj:
                 return False
-        for t, ptr in zip(self.tensors, self.ptrs):  # noqa: SIM110 (no generator on the hot path)
-            if t.data_ptr() != ptr:
+        for (owner, name), ptr, shape in zip(self.params, self.ptrs, self.shapes):
+            t = owner.get(name)
+            if t is None or t.data_ptr() != ptr or t.shape != shape:
                 return False
         return True
 
 
-# Keyed weakly by the branch, outside its __dict__: deepcopy and pickling of the model never see it.
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, _Compiled | None] = weakref.WeakKeyDictionary()
+class _Holder:
+    """Keeps a branch's `_Compiled` in the branch's __dict__; deep copies and pickles of the branch get
+    an empty holder (the plan holds raw addresses of this branch's tensors)."""
+
+    __slots__ = ("compiled",)
+
+    def __init__(self) -> None:
+        self.compiled: _Compiled | None = None
+
+    def __deepcopy__(self, memo: dict) -> _Holder:
+        return _Holder()
+
+    def __reduce__(self) -> tuple:
+        return (_Holder, ())
 
 
 def _slot(parent: nn.Module, name: str, kind: str = "_modules") -> tuple[dict, str, Any]:
@@ -192,13 +203,11 @@ def _slot(parent: nn.Module, name: str, kind: str = "_modules") -> tuple[dict, s
     return container, name, container.get(name)
 
 
-def _compile_branch(branch: nn.Module) -> _Compiled | None:
-    """Read an exit's modules into a `_Compiled`, or None if they are outside what fused_exit.c does."""
-    head, gate = branch.head, branch.gate
+def _kernel_tensors(head: nn.Module, gate: nn.Module) -> list[torch.Tensor | None] | None:
+    """The tensors fused_exit.c reads, in `_Plan` order (None for absent layers), or None if the
+    exit's layers are outside what it implements."""
     if head.conv is not None or not isinstance(head.fc, nn.Linear) or head.fc.bias is None:
         return None
-    slots = [_slot(branch, "head"), _slot(branch, "gate"), _slot(head, "pool")]
-    slots += [_slot(head, n) for n in ("norm", "hidden", "drop", "fc")] + [_slot(gate, "mlp")]
     if isinstance(head.norm, nn.LayerNorm):
         if head.norm.weight is None or head.norm.bias is None or len(head.norm.normalized_shape) != 1:
             return None
@@ -212,7 +221,6 @@ def _compile_branch(branch: nn.Module) -> _Compiled | None:
         if not (isinstance(act, nn.GELU) and act.approximate == "none" and linear.bias is not None):
             return None
         hid = [linear.weight, linear.bias]
-        slots += [_slot(head.hidden, "0"), _slot(head.hidden, "1")]
     elif isinstance(head.hidden, nn.Identity):
         hid = [None, None]
     else:
@@ -221,26 +229,33 @@ def _compile_branch(branch: nn.Module) -> _Compiled | None:
         g = [gate.mlp.weight, gate.mlp.bias, None, None]
     else:
         first, act, last = gate.mlp
-        if not isinstance(act, nn.ReLU) or first.bias is None or last.bias is None:
+        if not isinstance(act, nn.ReLU) or last.bias is None:
             return None
         g = [first.weight, first.bias, last.weight, last.bias]
-        slots += [_slot(gate.mlp, str(i)) for i in range(3)]
     if g[1] is None:
         return None
     tensors = [*ln, *hid, head.fc.weight, head.fc.bias, *g]
-    present = [t for t in tensors if t is not None]
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in present):
-        return None
-    owners = [m for m in branch.modules() if m._parameters]
-    slots += [_slot(m, n, "_parameters") for m in owners for n in m._parameters]
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+            return None
+    return tensors
+
+
+def _compile_branch(branch: nn.Module) -> _Compiled:
+    head, gate = branch.head, branch.gate
     c = _Compiled()
-    c.head, c.drop = head, head.drop
-    c.slots = tuple(slots)
-    c.tensors = tuple(present)
+    c.head, c.drop, c.pool = head, head.drop, head.pool
+    modules = list(branch.modules())
+    c.slots = tuple(_slot(m, n) for m in modules for n in m._modules)
+    tensors = _kernel_tensors(head, gate)
+    # each tensor the kernel reads, found again through its owner's _parameters on every check
+    owners = {id(t): (m._parameters, n) for m in modules for n, t in m._parameters.items() if t is not None}
+    present = [] if tensors is None else [t for t in tensors if t is not None]
+    c.params = tuple(owners[id(t)] for t in present)
     c.ptrs = tuple(t.data_ptr() for t in present)
-    c.plan = _plan(branch, tensors)
-    c.gate_in = g[0].shape[1]
-    c.layout, c.prefix, c.token_pool = head.pool.layout, head.pool.num_prefix_tokens, head.pool.token_pool
+    c.shapes = tuple(t.shape for t in present)
+    c.plan = None if tensors is None else _plan(branch, tensors)
+    c.gate_in = 0 if tensors is None else tensors[6].shape[1]
     return c
 
 
@@ -271,13 +286,13 @@ def _plan(branch: nn.Module, tensors: list[torch.Tensor | None]) -> _Plan:
     )
 
 
-def _compiled(branch: nn.Module) -> _Compiled | None:
-    c = _COMPILED.get(branch)
+def _compiled(branch: nn.Module) -> _Compiled:
+    holder = branch.__dict__.get("_fused")
+    if holder is None:
+        holder = branch.__dict__["_fused"] = _Holder()  # a plain attribute, not a parameter, buffer or state
+    c = holder.compiled
     if c is None or not c.is_current():
-        if branch.head.training or branch.head.drop.training:
-            return None
-        c = _compile_branch(branch)
-        _COMPILED[branch] = c
+        c = holder.compiled = _compile_branch(branch)
     return c
 
 
@@ -329,8 +344,9 @@ def run_fused_decide(
     `threshold`, taken in the same call, so deciding costs no further kernel or host sync.
 
     Returns:
-        (logits, gate logits, statistics, (B,) bool mask of the samples that leave, how many leave),
-        or None where the kernel does not serve this exit or input.
+        (logits, gate logits, statistics, (B,) bool mask of the samples that leave (None at batch 1,
+        where the count says it), how many leave), or None where the kernel does not serve this exit
+        or input.
     """
     return _run(branch, x, prev_stats, RULES[policy], threshold)
 
@@ -351,10 +367,11 @@ def _run(branch: nn.Module, x: torch.Tensor, prev_stats: torch.Tensor, rule: int
     if lib is None:
         return None
     compiled = _compiled(branch)
-    if compiled is None:
-        return None
     plan = compiled.plan
-    geometry = _geometry(x, compiled.layout, compiled.prefix, compiled.token_pool)
+    if plan is None or compiled.head.training or compiled.drop.training:
+        return None  # not implemented here, or dropout in the head: the reference runs
+    pool = compiled.pool
+    geometry = _geometry(x, pool.layout, pool.num_prefix_tokens, pool.token_pool)
     if geometry is None:
         return None
     offset, rows, s_row, s_chan, channels = geometry
@@ -367,7 +384,7 @@ def _run(branch: nn.Module, x: torch.Tensor, prev_stats: torch.Tensor, rule: int
     logits = torch.empty(batch, plan.classes)
     stats = torch.empty(batch, n_prev + NUM_STATS)
     gate = torch.empty(batch)
-    leave = torch.empty(batch, dtype=torch.bool) if rule else None
+    leave = torch.empty(batch, dtype=torch.bool) if rule and batch > 1 else None  # batch 1: n_leave says it
     n_leave = lib.exit_infer(
         ctypes.byref(plan),
         x.data_ptr() + offset,

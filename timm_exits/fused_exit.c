@@ -106,7 +106,8 @@ enum { RULE_NONE = 0, RULE_GATE = 1, RULE_CONFIDENCE = 2, RULE_ENTROPY = 3 };
 /* Run one exit on `batch` samples. Sample b's branch-point tensor starts at x + b * s_batch and is
  * pooled over `rows` rows of strides (s_row, s_chan). Writes logits (batch, classes), stats (batch, prev_stats + 3) with the
  * earlier exits' statistics `prev` (batch, prev_stats) copied in front, and gate logits (batch,).
- * With a rule, also writes leave[b] = 1 for the samples that leave under it at `threshold`.
+ * With a rule, also writes leave[b] = 1 (when `leave` is not NULL) for the samples that leave under
+ * it at `threshold`.
  * Returns the number of samples that leave (0 without a rule), -1 when the scratch memory cannot be
  * allocated, or -2 when a gate value lies within a few float steps of the threshold: PyTorch's
  * sigmoid may round it to the other side, so the caller decides with PyTorch (exit_mask). */
@@ -116,7 +117,9 @@ int exit_infer(const exit_plan *p, const float *x, int64_t batch, int64_t s_batc
     const int64_t width = p->hidden > 0 ? p->hidden : p->channels;
     const int64_t n_stats = prev_stats + NUM_STATS;
     const int64_t gate_in = (p->gate_stats ? n_stats : 0) + (p->gate_features ? width : 0);
-    float *scratch = malloc(sizeof(float) * (size_t)(p->channels + p->hidden + gate_in + p->gate_hidden + 1));
+    const size_t need = (size_t)(p->channels + p->hidden + gate_in + p->gate_hidden + 1);
+    float local[4096]; /* most exits fit: no allocation between two backbone stages */
+    float *scratch = need <= 4096 ? local : malloc(sizeof(float) * need);
     if (!scratch) return -1;
     float *pooled = scratch;
     float *hidden = pooled + p->channels;
@@ -166,10 +169,10 @@ int exit_infer(const exit_plan *p, const float *x, int64_t batch, int64_t s_batc
                 go = own[0] >= threshold;
             else
                 go = own[1] <= threshold;
-            leave[b] = (uint8_t)go;
+            if (leave) leave[b] = (uint8_t)go;
             n_leave += go;
         }
     }
-    free(scratch);
+    if (scratch != local) free(scratch);
     return ambiguous ? -2 : n_leave;
 }

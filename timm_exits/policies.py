@@ -187,6 +187,8 @@ class _HardRun:
             leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
             n_leave = -1
         if not self.shrink:
+            if leave is None:  # the compiled path leaves the mask out at batch 1
+                leave = torch.full((1,), bool(n_leave), device=x.device)
             leave = leave & ~self.done
             n_leave = -1
         if n_leave < 0:
