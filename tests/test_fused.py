@@ -14,7 +14,7 @@ import torch
 from conftest import BACKBONES, images, make_backbone
 
 from timm_exits import predict, wrap
-from timm_exits.fused import MAX_ELEMENTS, fused_available, run_fused, run_fused_decide, set_fused
+from timm_exits.fused import MAX_ELEMENTS, FusedExits, fused_available, run_fused, run_fused_decide, set_fused
 from timm_exits.gates import logit_stats
 from timm_exits.policies import exit_mask
 
@@ -251,3 +251,29 @@ def test_compiled_once_into_the_cache_and_optional(tmp_path):
     # no compiler: the PyTorch path runs, same answer shape
     assert _child(tmp_path / "elsewhere", CC="/nonexistent/cc", PATH="/nonexistent") == ["False", "10"]
     assert _child(tmp_path, TIMM_EXITS_FUSED="0") == ["False", "10"]
+
+
+def test_prepared_exits_equal_single_calls_and_switch_off():
+    """`predict` prepares every exit's call before the backbone runs; each prepared call gives what
+    `run_fused_decide` gives, and nothing is prepared where the compiled path may not run."""
+    model, size = _wrapped("resnet18")
+    _randomise(model, seed=10)
+    feats = _branch_inputs(model, images(4, size, seed=11))
+    thresholds = [0.3, 0.5, 0.7]
+    with torch.no_grad():
+        prepared = FusedExits.prepare(list(model.branches), "confidence", thresholds)
+        assert prepared is not None
+        stats = torch.zeros(4, 0)
+        for b, (branch, feat) in enumerate(zip(model.branches, feats)):
+            got = prepared.run(b, feat, stats)
+            want = run_fused_decide(branch, feat, stats, "confidence", thresholds[b])
+            for u, v in zip(got, want):
+                assert torch.equal(u, v) if torch.is_tensor(u) else u == v
+            stats = got[2]
+        previous = set_fused(False)
+        assert FusedExits.prepare(list(model.branches), "gate", thresholds) is None
+        set_fused(previous)
+    assert FusedExits.prepare(list(model.branches), "gate", thresholds) is None  # autograd on
+    conv, _ = _wrapped("resnet18", head="conv")
+    with torch.no_grad():
+        assert FusedExits.prepare(list(conv.branches), "gate", thresholds).run(0, feats[0], torch.zeros(4, 0)) is None

@@ -36,7 +36,7 @@ from torch import nn
 
 from .gates import NUM_STATS
 
-__all__ = ["MAX_ELEMENTS", "RULES", "fused_available", "set_fused", "run_fused", "run_fused_decide"]
+__all__ = ["MAX_ELEMENTS", "RULES", "FusedExits", "fused_available", "set_fused", "run_fused", "run_fused_decide"]
 
 _log = logging.getLogger(__name__)
 
@@ -167,7 +167,24 @@ class _Compiled:
     """An exit as the kernel reads it (`plan` None where the kernel does not implement the exit), and
     what must stay the same for that to hold."""
 
-    __slots__ = ("head", "drop", "slots", "params", "ptrs", "shapes", "plan", "gate_in", "pool")
+    __slots__ = (
+        "head",
+        "drop",
+        "slots",
+        "params",
+        "ptrs",
+        "shapes",
+        "plan",
+        "plan_ref",
+        "gate_in",
+        "gate_stats",
+        "gate_features",
+        "channels",
+        "classes",
+        "layout",
+        "prefix",
+        "token_pool",
+    )
 
     def is_current(self) -> bool:
         """Same modules in the same places; the parameters the kernel reads at the same addresses
@@ -244,7 +261,8 @@ def _kernel_tensors(head: nn.Module, gate: nn.Module) -> list[torch.Tensor | Non
 def _compile_branch(branch: nn.Module) -> _Compiled:
     head, gate = branch.head, branch.gate
     c = _Compiled()
-    c.head, c.drop, c.pool = head, head.drop, head.pool
+    c.head, c.drop = head, head.drop
+    c.layout, c.prefix, c.token_pool = head.pool.layout, head.pool.num_prefix_tokens, head.pool.token_pool
     modules = list(branch.modules())
     c.slots = tuple(_slot(m, n) for m in modules for n in m._modules)
     tensors = _kernel_tensors(head, gate)
@@ -255,7 +273,15 @@ def _compile_branch(branch: nn.Module) -> _Compiled:
     c.ptrs = tuple(t.data_ptr() for t in present)
     c.shapes = tuple(t.shape for t in present)
     c.plan = None if tensors is None else _plan(branch, tensors)
+    c.plan_ref = None if c.plan is None else ctypes.byref(c.plan)
     c.gate_in = 0 if tensors is None else tensors[6].shape[1]
+    if c.plan is not None:
+        # the gate input is the statistics (3 per exit so far) and/or the features: gate_in must
+        # equal gate_stats * (n_prev + 3) + gate_features, with gate_features counted in floats
+        width = c.plan.hidden or c.plan.channels
+        c.gate_stats = c.plan.gate_stats
+        c.gate_features = c.plan.gate_features * width
+        c.channels, c.classes = c.plan.channels, c.plan.classes
     return c
 
 
@@ -333,13 +359,15 @@ def run_fused(
     Returns:
         (logits (B, K), gate logits (B,), statistics (B, 3 * (position + 1))), all float32.
     """
-    out = _run(branch, x, prev_stats, 0, 0.0)
+    fn = _ready()
+    compiled = None if fn is None else _usable(branch)
+    out = None if compiled is None else _call(fn, compiled, x, prev_stats, 0, 0.0)
     return None if out is None else out[:3]
 
 
 def run_fused_decide(
     branch: nn.Module, x: torch.Tensor, prev_stats: torch.Tensor, policy: str, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int] | None:
     """`run_fused` plus the exit decision of `policy` ("gate", "confidence" or "entropy") at
     `threshold`, taken in the same call, so deciding costs no further kernel or host sync.
 
@@ -348,45 +376,85 @@ def run_fused_decide(
         where the count says it), how many leave), or None where the kernel does not serve this exit
         or input.
     """
-    return _run(branch, x, prev_stats, RULES[policy], threshold)
+    fn = _ready()
+    compiled = None if fn is None else _usable(branch)
+    return None if compiled is None else _call(fn, compiled, x, prev_stats, RULES[policy], threshold)
 
 
-def _run(branch: nn.Module, x: torch.Tensor, prev_stats: torch.Tensor, rule: int, threshold: float) -> Any:
-    if (
-        not _ENABLED
-        or x.dtype != torch.float32
-        or x.device.type != "cpu"
-        or x.numel() > MAX_ELEMENTS
-        or torch.is_grad_enabled()
-        or _cpu_autocast()
-        or prev_stats.dtype != torch.float32
-        or prev_stats.device.type != "cpu"
-    ):
+class FusedExits:
+    """The compiled calls of every exit of one hard-path forward, looked up and checked once before
+    the backbone runs, so that between two stages an exit costs one input check and one call.
+
+    Args:
+        branches: The model's `ExitBranch`es, in order.
+        policy: "gate", "confidence" or "entropy".
+        thresholds: One threshold per branch.
+    """
+
+    def __init__(self, fn: Any, branches: list[nn.Module], policy: str, thresholds: list[float]) -> None:
+        self.fn = fn
+        self.rule = RULES[policy]
+        self.thresholds = thresholds
+        self.exits = [_usable(b) for b in branches]
+
+    @classmethod
+    def prepare(cls, branches: list[nn.Module], policy: str, thresholds: list[float]) -> FusedExits | None:
+        """The prepared calls, or None where the compiled path is off for this forward (switched
+        off, no compiler, autograd or autocast on)."""
+        fn = _ready()
+        return None if fn is None else cls(fn, branches, policy, thresholds)
+
+    def run(
+        self, position: int, x: torch.Tensor, prev_stats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int] | None:
+        """`run_fused_decide` for the exit at `position`, or None where the kernel does not serve it."""
+        compiled = self.exits[position]
+        if compiled is None:
+            return None
+        return _call(self.fn, compiled, x, prev_stats, self.rule, self.thresholds[position])
+
+
+def _ready() -> Any:
+    """The kernel's entry point if the compiled path may run now, else None."""
+    if not _ENABLED or torch.is_grad_enabled() or _cpu_autocast():
         return None
     lib = _library()
-    if lib is None:
-        return None
+    return None if lib is None else lib.exit_infer
+
+
+def _usable(branch: nn.Module) -> _Compiled | None:
     compiled = _compiled(branch)
-    plan = compiled.plan
-    if plan is None or compiled.head.training or compiled.drop.training:
+    if compiled.plan is None or compiled.head.training or compiled.drop.training:
         return None  # not implemented here, or dropout in the head: the reference runs
-    pool = compiled.pool
-    geometry = _geometry(x, pool.layout, pool.num_prefix_tokens, pool.token_pool)
+    return compiled
+
+
+def _call(fn: Any, compiled: _Compiled, x: torch.Tensor, prev_stats: torch.Tensor, rule: int, threshold: float) -> Any:
+    if (
+        x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or x.numel() > MAX_ELEMENTS
+        or prev_stats.dtype != torch.float32
+        or prev_stats.device.type != "cpu"
+        or not prev_stats.is_contiguous()
+    ):
+        return None
+    geometry = _geometry(x, compiled.layout, compiled.prefix, compiled.token_pool)
     if geometry is None:
         return None
     offset, rows, s_row, s_chan, channels = geometry
     batch, n_prev = x.shape[0], prev_stats.shape[1]
-    width = plan.hidden or plan.channels
-    expected_in = plan.gate_stats * (n_prev + NUM_STATS) + plan.gate_features * width
-    if channels != plan.channels or compiled.gate_in != expected_in:
+    if (
+        channels != compiled.channels
+        or compiled.gate_in != compiled.gate_stats * (n_prev + NUM_STATS) + compiled.gate_features
+    ):
         return None  # shapes that do not fit: the reference raises the error that explains it
-    prev_stats = prev_stats.contiguous()
-    logits = torch.empty(batch, plan.classes)
+    logits = torch.empty(batch, compiled.classes)
     stats = torch.empty(batch, n_prev + NUM_STATS)
     gate = torch.empty(batch)
     leave = torch.empty(batch, dtype=torch.bool) if rule and batch > 1 else None  # batch 1: n_leave says it
-    n_leave = lib.exit_infer(
-        ctypes.byref(plan),
+    n_leave = fn(
+        compiled.plan_ref,
         x.data_ptr() + offset,
         batch,
         x.stride(0),

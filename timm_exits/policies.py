@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ._utils import feature_tensor, take_rows
-from .fused import run_fused_decide
+from .fused import FusedExits
 from .gates import NUM_STATS, logit_stats
 from .model import EarlyExitModel, ExitBranch
 
@@ -157,10 +157,10 @@ class _HardRun:
         device: torch.device,
         decide: Decide,
         shrink: bool,
-        rule: tuple[str, list[float]] | None = None,
+        fused: FusedExits | None = None,
     ):
         self.decide = decide
-        self.rule = rule  # (policy, thresholds) that `decide` applies, for the compiled path to apply itself
+        self.fused = fused  # compiled calls that also apply `decide`'s rule (see timm_exits.fused)
         self.shrink = shrink
         self.alive = torch.arange(batch, device=device)
         self.done = None if shrink else torch.zeros(batch, dtype=torch.bool, device=device)
@@ -177,9 +177,7 @@ class _HardRun:
     def on_exit(self, branch: ExitBranch, output: Any) -> Any:
         batch = self.alive.shape[0]
         x = feature_tensor(output, batch)
-        fused = None
-        if self.rule is not None:
-            fused = run_fused_decide(branch, x, self.stats, self.rule[0], self.rule[1][branch.position])
+        fused = None if self.fused is None else self.fused.run(branch.position, x, self.stats)
         if fused is not None:
             logits, gate_logit, stats, leave, n_leave = fused
         else:
@@ -251,9 +249,9 @@ def run_assigned(model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tenso
 
 
 def _run_hard(
-    model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bool, rule: tuple[str, list[float]] | None = None
+    model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bool, fused: FusedExits | None = None
 ) -> _HardRun:
-    run = _HardRun(x.shape[0], model.num_exits, x.device, decide, shrink, rule)
+    run = _HardRun(x.shape[0], model.num_exits, x.device, decide, shrink, fused)
     try:
         with model._attached(run):
             out = model.backbone(x)
@@ -357,5 +355,6 @@ def predict(
         def decide(pos: int, stats: torch.Tensor, gate_logit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             return exit_mask(policy, None, gate_logit, thresholds[pos], stats=stats)
 
-        run = _run_hard(model, x, decide, shrink=batch_shrink, rule=(policy, thresholds))
+        fused = FusedExits.prepare(list(model.branches), policy, thresholds) if x.device.type == "cpu" else None
+        run = _run_hard(model, x, decide, shrink=batch_shrink, fused=fused)
     return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
