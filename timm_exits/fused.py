@@ -115,19 +115,25 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def _compile(cc: str, source: Path, target: Path, flags: list[str]) -> bool:
+def _compile(cc: str, source_text: bytes, target: Path, flags: list[str]) -> bool:
+    """Compile `source_text` into `target`; every file is private to this call until the atomic
+    rename, so processes compiling at the same time cannot see each other's half-written files."""
+    fd, src = tempfile.mkstemp(suffix=".c", dir=target.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(source_text)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *flags, src, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            _log.info("compiling %s with %s failed: %s", source.name, flags, done.stderr.strip()[-2000:])
+            _log.info("compiling fused_exit.c with %s failed: %s", flags, done.stderr.strip()[-2000:])
             return False
-        os.replace(tmp, target)  # atomic: a concurrent process sees the old file or the whole new one
+        os.replace(tmp, target)
         return True
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (src, tmp):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 @functools.cache
@@ -146,11 +152,8 @@ def _library() -> ctypes.CDLL | None:
         for flags in (native, list(_FLAGS)):
             key = hashlib.sha256(b"\0".join([source_text, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()]))
             target = cache / f"fused_exit_{key.hexdigest()[:16]}.so"
-            if not target.exists():
-                source = cache / f"fused_exit_{key.hexdigest()[:16]}.c"
-                source.write_bytes(source_text)
-                if not _compile(cc, source, target, flags):
-                    continue
+            if not target.exists() and not _compile(cc, source_text, target, flags):
+                continue
             lib = ctypes.CDLL(str(target))
             fn = lib.exit_infer
             fn.restype = ctypes.c_int
