@@ -8,7 +8,7 @@ import torch
 from conftest import images, make_alexnet
 from torch import nn
 
-from timm_exits import wrap
+from timm_exits import predict, wrap
 from timm_exits.cost import cumulative_flops, module_flops
 
 
@@ -233,3 +233,40 @@ def test_feature_info_names_that_miss_the_module_are_mapped():
     out = model(torch.randn(2, 3, 64, 64))
     assert len(out.logits) == 4 and all(t.shape == (2, 10) for t in out.logits)
     assert [f["module"] for f in m.feature_info] == ["block.0", "block.1", "block.2", "block.3"], "left untouched"
+
+
+def test_feature_info_names_one_level_down_are_found():
+    """Gemma4 ViT's feature_info says `blocks.i`; the blocks are `encoder.blocks.i`."""
+    torch.manual_seed(0)
+    m = timm.create_model(
+        "gemma4_vit_167m", num_classes=10, img_size=64, embed_dim=64, depth=4, num_heads=2, head_dim=32
+    )
+    assert m.feature_info[0]["module"] == "blocks.0" and "blocks.0" not in dict(m.named_modules())
+    model = wrap(m, "auto", input_size=(3, 64, 64))
+    assert [e.name for e in model.exits] == ["encoder.blocks.0", "encoder.blocks.1", "encoder.blocks.2"]
+    out = model(torch.randn(2, 3, 64, 64))
+    assert all(t.shape == (2, 10) for t in out.logits)
+
+
+def test_point_whose_tensor_passes_through_the_last_stage_is_kept():
+    """CoaT's parallel blocks (its last branch point) return the first scale's tokens untouched, so
+    the same tensor object is serial_blocks1's output and the first item of the last point's output;
+    serial_blocks1 is still a real branch point (it was dropped as a copy of the final point)."""
+    torch.manual_seed(0)
+    m = timm.create_model(
+        "coat_tiny",
+        num_classes=10,
+        img_size=64,
+        embed_dims=(32, 32, 32, 32),
+        serial_depths=(1, 1, 1, 1),
+        parallel_depth=1,
+        num_heads=8,
+    )
+    model = wrap(m, "auto", input_size=(3, 64, 64)).eval()
+    assert [e.name for e in model.exits] == ["serial_blocks1.0"]
+    x = images(3, 64)
+    pred = predict(model, x, "gate", 0.0)  # everything leaves at the exit: the parallel blocks never run
+    with torch.no_grad():
+        full = model(x)
+    assert pred.exit_index.tolist() == [0, 0, 0]
+    torch.testing.assert_close(pred.logits, full.logits[0], rtol=1e-4, atol=1e-5)

@@ -89,7 +89,8 @@ def feature_points(model: nn.Module) -> list[dict[str, Any]]:
 
 def _existing_module(modules: dict[str, nn.Module], name: str) -> str:
     """`name`, or the module timm meant by it: MViTv2's and Twins' `feature_info` name `block.i`, where
-    the modules are `stages.i` and `blocks.i`. Unrepairable names are returned as they are."""
+    the modules are `stages.i` and `blocks.i`; Gemma4 ViT's names `blocks.i`, a module one level down
+    (the only module whose name ends that way). Unrepairable names are returned as they are."""
     if name in modules:
         return name
     prefix, _, index = name.rpartition(".")
@@ -97,7 +98,13 @@ def _existing_module(modules: dict[str, nn.Module], name: str) -> str:
         for alt in (f"{prefix}s.{index}", f"stages.{index}"):
             if alt in modules:
                 return alt
-    return name
+    nested = [n for n in modules if n.endswith("." + name)]  # Gemma4 ViT: `blocks.i` is `encoder.blocks.i`
+    return nested[0] if len(nested) == 1 else name
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether module `a` is `b`, inside `b`, or contains `b` (by dotted name)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def _block_children(model: nn.Module, stage_name: str) -> list[str]:
@@ -315,7 +322,15 @@ def resolve_exits(
         chosen = [n for n in candidates if pr.calls[n] == 1 and pr.outputs.get(n) is not None and n != last_point]
         if last_point in pr.order:
             last_out = pr.outputs[last_point]
-            chosen = [n for n in chosen if pr.order[n] < pr.order[last_point] and pr.outputs[n] is not last_out]
+            # a point inside the last stage whose output the stage returns as it is adds nothing to the
+            # final exit; a tensor that merely reappears in the last point's output (CoaT's parallel
+            # blocks pass the first scale through untouched) is an ordinary branch point
+            chosen = [
+                n
+                for n in chosen
+                if pr.order[n] < pr.order[last_point]
+                and not (pr.outputs[n] is last_out and _nested(n, last_point))
+            ]
         chosen.sort(key=lambda n: pr.order[n])
         if not chosen:
             raise ValueError(
