@@ -171,6 +171,13 @@ def test_kernel_declines_what_it_does_not_implement():
         model.eval()
         assert run_fused(branch, feat.transpose(2, 3), stats) is None  # H and W not one run
     assert run_fused(branch, feat, stats) is None  # autograd on
+    with torch.no_grad():
+        assert run_fused(branch, feat, torch.zeros(1, 0)) is None  # statistics for another batch
+        fc = branch.head.fc
+        fc.bias = torch.nn.Parameter(torch.zeros(fc.out_features + 1))  # shapes that do not chain
+        assert run_fused(branch, feat, stats) is None
+        with pytest.raises(RuntimeError):
+            branch.infer(feat, stats)  # the reference says what is wrong
     conv, _ = _wrapped("resnet18", head="conv")
     with torch.no_grad():
         assert run_fused(conv.branches[0], feat, stats) is None

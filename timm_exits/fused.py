@@ -258,7 +258,23 @@ def _kernel_tensors(head: nn.Module, gate: nn.Module) -> list[torch.Tensor | Non
     for t in tensors:
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
             return None
-    return tensors
+    return tensors if _shapes_fit(tensors) else None
+
+
+def _shapes_fit(tensors: list[torch.Tensor | None]) -> bool:
+    """Whether the shapes chain as the kernel reads them (it indexes raw memory: a mismatch the
+    module path would reject must not reach it)."""
+    ln_w, ln_b, hid_w, hid_b, fc_w, fc_b, g1_w, g1_b, g2_w, g2_b = tensors
+    if fc_w.ndim != 2 or g1_w.ndim != 2 or fc_b.shape != (fc_w.shape[0],) or g1_b.shape != (g1_w.shape[0],):
+        return False
+    channels = fc_w.shape[1] if hid_w is None else hid_w.shape[1]
+    if ln_w is not None and (ln_w.shape != (channels,) or ln_b.shape != (channels,)):
+        return False
+    if hid_w is not None and (hid_w.ndim != 2 or hid_b.shape != (hid_w.shape[0],) or fc_w.shape[1] != hid_w.shape[0]):
+        return False
+    if g2_w is None:
+        return g1_w.shape[0] == 1
+    return g2_w.shape == (1, g1_w.shape[0]) and g2_b.shape == (1,)
 
 
 def _compile_branch(branch: nn.Module) -> _Compiled:
@@ -448,7 +464,8 @@ def _call(fn: Any, compiled: _Compiled, x: torch.Tensor, prev_stats: torch.Tenso
     offset, rows, s_row, s_chan, channels = geometry
     batch, n_prev = x.shape[0], prev_stats.shape[1]
     if (
-        channels != compiled.channels
+        prev_stats.shape[0] != batch
+        or channels != compiled.channels
         or compiled.gate_in != compiled.gate_stats * (n_prev + NUM_STATS) + compiled.gate_features
     ):
         return None  # shapes that do not fit: the reference raises the error that explains it
