@@ -35,6 +35,7 @@ from _timing import interleaved_samples, machine, paired_ratio
 
 from timm_exits import SoftConditionalLoss, predict, wrap
 from timm_exits.fused import fused_available, set_fused
+from timm_exits.placement import probe
 
 
 def _inference(name: str, batch: int, repeats: int, warmup: int) -> dict:
@@ -89,15 +90,8 @@ def _exits_isolated_ms(model, x: torch.Tensor, repeats: int) -> dict[str, float]
     """Median time of every exit's head and gate on the branch-point tensors of one forward, run
     back to back ("warm") and right after an untimed backbone forward ("after_backbone": the caches
     and branch predictors hold the backbone's code and data, as they do in place)."""
-    modules = dict(model.backbone.named_modules())
-    feats = {}
-    handles = [
-        modules[e.name].register_forward_hook(lambda m, i, o, n=e.name: feats.__setitem__(n, o)) for e in model.exits
-    ]
-    with torch.no_grad():
-        model.backbone(x)
-    for h in handles:
-        h.remove()
+    names = [e.name for e in model.exits]
+    feats = probe(model.backbone, names, x).outputs
 
     def exits():
         stats = torch.zeros(x.shape[0], 0)

@@ -16,6 +16,7 @@ from conftest import BACKBONES, images, make_backbone
 from timm_exits import predict, wrap
 from timm_exits.fused import MAX_ELEMENTS, FusedExits, fused_available, run_fused, run_fused_decide, set_fused
 from timm_exits.gates import logit_stats
+from timm_exits.placement import probe
 from timm_exits.policies import exit_mask
 
 pytestmark = pytest.mark.skipif(not fused_available(), reason="no C compiler: the compiled exit path is off")
@@ -23,16 +24,8 @@ pytestmark = pytest.mark.skipif(not fused_available(), reason="no C compiler: th
 
 def _branch_inputs(model, x):
     """Each exit's branch-point tensor from one forward of the backbone."""
-    feats = {}
-    modules = dict(model.backbone.named_modules())
-    hooks = [
-        modules[e.name].register_forward_hook(lambda m, i, o, n=e.name: feats.__setitem__(n, o)) for e in model.exits
-    ]
-    with torch.no_grad():
-        model.backbone(x)
-    for h in hooks:
-        h.remove()
-    return [feats[e.name] for e in model.exits]
+    names = [e.name for e in model.exits]
+    return [probe(model.backbone, names, x).outputs[n] for n in names]
 
 
 def _reference(branch, x, stats):
