@@ -406,18 +406,20 @@ class FusedExits:
 
     Args:
         branches: The model's `ExitBranch`es, in order.
-        policy: "gate", "confidence" or "entropy".
-        thresholds: One threshold per branch.
+        policy: "gate", "confidence" or "entropy"; None leaves the decision to the caller.
+        thresholds: One threshold per branch (with a policy).
     """
 
-    def __init__(self, fn: Any, branches: list[nn.Module], policy: str, thresholds: list[float]) -> None:
+    def __init__(self, fn: Any, branches: list[nn.Module], policy: str | None, thresholds: list[float] | None) -> None:
         self.fn = fn
-        self.rule = RULES[policy]
-        self.thresholds = thresholds
+        self.rule = RULES[policy] if policy is not None else 0
+        self.thresholds = thresholds or [0.0] * len(branches)
         self.exits = [_usable(b) for b in branches]
 
     @classmethod
-    def prepare(cls, branches: list[nn.Module], policy: str, thresholds: list[float]) -> FusedExits | None:
+    def prepare(
+        cls, branches: list[nn.Module], policy: str | None = None, thresholds: list[float] | None = None
+    ) -> FusedExits | None:
         """The prepared calls, or None where the compiled path is off for this forward (switched
         off, no compiler, autograd or autocast on)."""
         fn = _ready()
@@ -426,7 +428,8 @@ class FusedExits:
     def run(
         self, position: int, x: torch.Tensor, prev_stats: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int] | None:
-        """`run_fused_decide` for the exit at `position`, or None where the kernel does not serve it."""
+        """`run_fused_decide` for the exit at `position` (without a policy: the mask None and the
+        count -1, nothing decided), or None where the kernel does not serve it."""
         compiled = self.exits[position]
         if compiled is None:
             return None
@@ -495,4 +498,4 @@ def _call(fn: Any, compiled: _Compiled, x: torch.Tensor, prev_stats: torch.Tenso
     if n_leave == -2:  # a gate value at the threshold: decide with PyTorch's sigmoid, as exit_mask does
         leave = torch.sigmoid(gate) >= threshold
         n_leave = int(leave.sum())
-    return logits, gate, stats, leave, n_leave
+    return logits, gate, stats, leave, n_leave if rule else -1

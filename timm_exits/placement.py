@@ -328,8 +328,7 @@ def resolve_exits(
             chosen = [
                 n
                 for n in chosen
-                if pr.order[n] < pr.order[last_point]
-                and not (pr.outputs[n] is last_out and _nested(n, last_point))
+                if pr.order[n] < pr.order[last_point] and not (pr.outputs[n] is last_out and _nested(n, last_point))
             ]
         chosen.sort(key=lambda n: pr.order[n])
         if not chosen:

@@ -182,8 +182,9 @@ class _HardRun:
             logits, gate_logit, stats, leave, n_leave = fused
         else:
             logits, gate_logit, stats = branch.infer(x, self.stats)
+            leave, n_leave = None, -1
+        if n_leave < 0:  # not decided by the compiled call
             leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
-            n_leave = -1
         if not self.shrink:
             if leave is None:  # the compiled path leaves the mask out at batch 1
                 leave = torch.full((1,), bool(n_leave), device=x.device)
@@ -245,7 +246,8 @@ def run_assigned(model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tenso
         return assigned[rows] == pos
 
     with torch.no_grad():
-        return _run_hard(model, x, decide, batch_shrink).logits
+        fused = FusedExits.prepare(list(model.branches)) if x.device.type == "cpu" else None
+        return _run_hard(model, x, decide, batch_shrink, fused).logits
 
 
 def _run_hard(
