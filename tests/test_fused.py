@@ -261,7 +261,7 @@ def test_prepared_exits_equal_single_calls_and_switch_off():
     feats = _branch_inputs(model, images(4, size, seed=11))
     thresholds = [0.3, 0.5, 0.7]
     with torch.no_grad():
-        prepared = FusedExits.prepare(list(model.branches), "confidence", thresholds)
+        prepared = FusedExits.prepare(list(model.branches), feats[0].device, "confidence", thresholds)
         assert prepared is not None
         stats = torch.zeros(4, 0)
         for b, (branch, feat) in enumerate(zip(model.branches, feats)):
@@ -271,9 +271,16 @@ def test_prepared_exits_equal_single_calls_and_switch_off():
                 assert torch.equal(u, v) if torch.is_tensor(u) else u == v
             stats = got[2]
         previous = set_fused(False)
-        assert FusedExits.prepare(list(model.branches), "gate", thresholds) is None
+        assert FusedExits.prepare(list(model.branches), feats[0].device, "gate", thresholds) is None
         set_fused(previous)
-    assert FusedExits.prepare(list(model.branches), "gate", thresholds) is None  # autograd on
+    assert FusedExits.prepare(list(model.branches), feats[0].device, "gate", thresholds) is None  # autograd on
+    with torch.no_grad():
+        assert FusedExits.prepare(list(model.branches), torch.device("meta"), "gate", thresholds) is None
     conv, _ = _wrapped("resnet18", head="conv")
     with torch.no_grad():
-        assert FusedExits.prepare(list(conv.branches), "gate", thresholds).run(0, feats[0], torch.zeros(4, 0)) is None
+        assert (
+            FusedExits.prepare(list(conv.branches), feats[0].device, "gate", thresholds).run(
+                0, feats[0], torch.zeros(4, 0)
+            )
+            is None
+        )

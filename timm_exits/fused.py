@@ -418,11 +418,15 @@ class FusedExits:
 
     @classmethod
     def prepare(
-        cls, branches: list[nn.Module], policy: str | None = None, thresholds: list[float] | None = None
+        cls,
+        branches: list[nn.Module],
+        device: torch.device,
+        policy: str | None = None,
+        thresholds: list[float] | None = None,
     ) -> FusedExits | None:
-        """The prepared calls, or None where the compiled path is off for this forward (switched
-        off, no compiler, autograd or autocast on)."""
-        fn = _ready()
+        """The prepared calls for a forward on `device`, or None where the compiled path is off for
+        it (not the CPU, switched off, no compiler, autograd or autocast on)."""
+        fn = _ready() if device.type == "cpu" else None
         return None if fn is None else cls(fn, branches, policy, thresholds)
 
     def run(

@@ -246,8 +246,7 @@ def run_assigned(model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tenso
         return assigned[rows] == pos
 
     with torch.no_grad():
-        fused = FusedExits.prepare(list(model.branches)) if x.device.type == "cpu" else None
-        return _run_hard(model, x, decide, batch_shrink, fused).logits
+        return _run_hard(model, x, decide, batch_shrink, FusedExits.prepare(list(model.branches), x.device)).logits
 
 
 def _run_hard(
@@ -357,6 +356,6 @@ def predict(
         def decide(pos: int, stats: torch.Tensor, gate_logit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             return exit_mask(policy, None, gate_logit, thresholds[pos], stats=stats)
 
-        fused = FusedExits.prepare(list(model.branches), policy, thresholds) if x.device.type == "cpu" else None
+        fused = FusedExits.prepare(list(model.branches), x.device, policy, thresholds)
         run = _run_hard(model, x, decide, shrink=batch_shrink, fused=fused)
     return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
