@@ -8,7 +8,7 @@ from conftest import images, make_backbone
 
 from timm_exits import calibrate, collect, predict, simulate, wrap
 from timm_exits.gates import logit_stats
-from timm_exits.policies import _run_hard, exit_mask
+from timm_exits.policies import _run_hard, exit_mask, run_assigned
 
 
 def _wrapped(name: str, exits="auto"):
@@ -285,3 +285,20 @@ def test_branch_infer_equals_forward(name, head, gate, gate_hidden):
             torch.testing.assert_close(logits, out.logits[b], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(gate_logit, out.gate_logits[:, b], rtol=1e-5, atol=1e-5)
             stats = new_stats
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_assigned_exit_at_batch_1_equals_full_forward(name):
+    """run_assigned (what benchmarks/speed.py times) at batch 1, every exit: the assigned exit's logits
+    of a full forward, and the backbone's classifier runs only for the final exit."""
+    model, size = _wrapped(name)
+    x = images(1, size, seed=5)
+    with torch.no_grad():
+        out = model(x)
+    calls = []
+    hook = model.backbone.get_classifier().register_forward_hook(lambda *a: calls.append(1))
+    for k in range(model.num_exits):
+        calls.clear()
+        torch.testing.assert_close(run_assigned(model, x, torch.tensor([k])), out.logits[k], rtol=1e-5, atol=1e-5)
+        assert bool(calls) == (k == model.num_exits - 1)
+    hook.remove()

@@ -144,7 +144,8 @@ class _AllExited(Exception):
 
 
 # decide(exit position, this exit's (B, 3) stats, gate logits, original rows of the samples still running) -> mask
-Decide = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (a plain bool may stand for the mask of a single sample)
+Decide = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | bool"]
 
 
 class _HardRun:
@@ -241,8 +242,11 @@ def run_assigned(model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tenso
         (B, K) logits of the assigned exits.
     """
     assigned = exit_index.to(x.device)
+    target = int(assigned[0]) if x.shape[0] == 1 and batch_shrink else None
 
-    def decide(pos: int, stats: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def decide(pos: int, stats: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | bool:
+        if target is not None:  # batch 1: the decision is known, as predict's compiled call knows its own
+            return pos == target
         return assigned[rows] == pos
 
     with torch.no_grad():
