@@ -284,3 +284,38 @@ def test_prepared_exits_equal_single_calls_and_switch_off():
             )
             is None
         )
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_compiled_and_pytorch_paths_agree_on_every_test_backbone(name):
+    """Whatever the kernel serves or declines on each backbone of the test list, the full forward
+    without autograd gives the same logits, gate logits and soft output with it on and off."""
+    model, size = _wrapped(name)
+    _randomise(model, seed=12)
+    x = images(2, size, seed=13)
+    with torch.no_grad():
+        a = model(x)
+        previous = set_fused(False)
+        b = model(x)
+        set_fused(previous)
+    for u, v in zip(a.logits, b.logits):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.gate_logits, b.gate_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_tokens_are_skipped_by_the_mean():
+    """A ViT with a class token and two register tokens, mean-pooled: the exits must average the
+    patch tokens only, in the kernel as in PyTorch."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64, reg_tokens=2, global_pool="avg")
+    model = wrap(m, "auto", input_size=(3, 64, 64)).eval()
+    assert model.branches[0].head.pool.num_prefix_tokens == 3
+    _randomise(model, seed=14)
+    feats = _branch_inputs(model, images(2, 64, seed=15))
+    with torch.no_grad():
+        got = run_fused(model.branches[0], feats[0], torch.zeros(2, 0))
+        want = _reference(model.branches[0], feats[0], torch.zeros(2, 0))
+        wrong = _reference(model.branches[0], feats[0][:, 1:], torch.zeros(2, 0))  # one prefix token too few
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got[0], wrong[0], atol=1e-3)
