@@ -270,3 +270,19 @@ def test_point_whose_tensor_passes_through_the_last_stage_is_kept():
         full = model(x)
     assert pred.exit_index.tolist() == [0, 0, 0]
     torch.testing.assert_close(pred.logits, full.logits[0], rtol=1e-4, atol=1e-5)
+
+
+def test_coat_small_needs_explicit_exits_and_takes_them():
+    """coat_small's only feature_info point before its parallel blocks is below the cost floor of
+    "auto", which refuses with the fix in the message; the serial stages named explicitly work."""
+    torch.manual_seed(0)
+    m = timm.create_model("coat_small", num_classes=10, img_size=64)
+    with pytest.raises(ValueError, match="place exits explicitly by module name"):
+        wrap(m, "auto", input_size=(3, 64, 64))
+    names = ["serial_blocks2.1", "serial_blocks3.1", "serial_blocks4.1"]
+    model = wrap(m, names, input_size=(3, 64, 64))
+    assert [e.name for e in model.exits] == names
+    out = model(images(2, 64))
+    out.log_probs.sum().backward()
+    assert all(t.shape == (2, 10) for t in out.logits)
+    assert all(p.grad is not None for p in model.branches[0].head.parameters())
