@@ -10,6 +10,7 @@ from torch import nn
 
 from timm_exits import predict, wrap
 from timm_exits.cost import cumulative_flops, module_flops
+from timm_exits.placement import block_points
 
 
 class _Truncated(nn.Module):
@@ -263,7 +264,7 @@ def test_point_whose_tensor_passes_through_the_last_stage_is_kept():
         num_heads=8,
     )
     model = wrap(m, "auto", input_size=(3, 64, 64)).eval()
-    assert [e.name for e in model.exits] == ["serial_blocks1.0"]
+    assert [e.name for e in model.exits] == [f"serial_blocks{i}.0" for i in (1, 2, 3, 4)]
     x = images(3, 64)
     pred = predict(model, x, "gate", 0.0)  # everything leaves at the exit: the parallel blocks never run
     with torch.no_grad():
@@ -272,17 +273,30 @@ def test_point_whose_tensor_passes_through_the_last_stage_is_kept():
     torch.testing.assert_close(pred.logits, full.logits[0], rtol=1e-4, atol=1e-5)
 
 
-def test_coat_small_needs_explicit_exits_and_takes_them():
-    """coat_small's only feature_info point before its parallel blocks is below the cost floor of
-    "auto", which refuses with the fix in the message; the serial stages named explicitly work."""
+def test_scales_folded_into_one_module_get_their_own_stages():
+    """coat_small's feature_info names `parallel_blocks` for scales 2-4 and its only other point is
+    below the cost floor; "auto" finds the serial stages of those scales (they run before the
+    parallel blocks), "blocks" lists their blocks, and a feature_info index of a ModuleList stage
+    resolves to its last block."""
     torch.manual_seed(0)
     m = timm.create_model("coat_small", num_classes=10, img_size=64)
-    with pytest.raises(ValueError, match="place exits explicitly by module name"):
-        wrap(m, "auto", input_size=(3, 64, 64))
+    info = [f["module"] for f in m.feature_info]
+    assert info == ["serial_blocks1", "parallel_blocks", "parallel_blocks", "parallel_blocks"]
+    model = wrap(m, "auto", input_size=(3, 64, 64))
     names = ["serial_blocks2.1", "serial_blocks3.1", "serial_blocks4.1"]
-    model = wrap(m, names, input_size=(3, 64, 64))
     assert [e.name for e in model.exits] == names
+    costs = [e.backbone_cost for e in model.exits]
+    assert 0.15 <= costs[0] < costs[1] < costs[2] < 1.0
     out = model(images(2, 64))
     out.log_probs.sum().backward()
     assert all(t.shape == (2, 10) for t in out.logits)
     assert all(p.grad is not None for p in model.branches[0].head.parameters())
+    backbone = model.unwrap()
+    blocks = block_points(backbone)
+    assert blocks[:4] == ["serial_blocks1.0", "serial_blocks1.1", "serial_blocks2.0", "serial_blocks2.1"]
+    assert blocks.index("serial_blocks4.1") < blocks.index("parallel_blocks.0")
+    by_index = wrap(backbone, [0], input_size=(3, 64, 64))
+    assert [e.name for e in by_index.exits] == ["serial_blocks1.1"]
+    by_index.unwrap()
+    explicit = wrap(backbone, names, input_size=(3, 64, 64))
+    assert [e.name for e in explicit.exits] == names

@@ -127,12 +127,42 @@ def _block_children(model: nn.Module, stage_name: str) -> list[str]:
     return [stage_name]
 
 
+def _is_stage(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Sequential, nn.ModuleList)) and any(any(True for _ in c.children()) for c in module)
+
+
+def _folded_scales(model: nn.Module, names: list[str]) -> list[str]:
+    """`feature_info` module names, each once, with the stages of scales that one module stands for.
+
+    When consecutive entries name the same module for several scales (CoaT with parallel blocks names
+    `parallel_blocks` for scales 2-4), the stage containers registered between the previous point and
+    that module (`serial_blocks2`..`serial_blocks4`, which run first) are inserted before it.
+    """
+    out: list[str] = []
+    for i, name in enumerate(names):
+        if name in out:
+            continue
+        if names[i + 1 : i + 2] == [name] and out:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            prev = out[-1][len(parent_name) + 1 :] if parent_name else out[-1]
+            prev_child = prev.split(".")[0]
+            children = dict(parent.named_children())
+            keys = list(children)
+            if prev_child in children and child in children:
+                between = keys[keys.index(prev_child) + 1 : keys.index(child)]
+                out += [f"{parent_name}.{k}" if parent_name else k for k in between if _is_stage(children[k])]
+        out.append(name)
+    return out
+
+
 def _stages(model: nn.Module) -> list[str]:
     """`feature_info` modules plus the composite siblings between them (e.g. efficientnet's
-    `blocks.3`, which feature_info skips because it keeps the stride)."""
+    `blocks.3`, which feature_info skips because it keeps the stride, or CoaT's serial stages that
+    its `feature_info` folds into the parallel blocks)."""
     stages: list[str] = []
-    for f in feature_points(model):
-        name = f["module"]
+    modules = dict(model.named_modules())
+    for name in _folded_scales(model, [f["module"] for f in feature_points(model) if f["module"] in modules]):
         parent_name, _, child = name.rpartition(".")
         prev = stages[-1] if stages else None
         if prev is not None and child.isdigit() and prev.rpartition(".")[0] == parent_name:
@@ -269,7 +299,9 @@ def resolve_exits(
     fi_chs = {f["module"]: f.get("num_chs") for f in info}
     fi_red = {f["module"]: f.get("reduction") for f in info}
     modules = dict(model.named_modules())
-    existing = [_runnable(modules, f["module"]) for f in info if f["module"] in modules]
+    existing = [
+        _runnable(modules, n) for n in _folded_scales(model, [f["module"] for f in info if f["module"] in modules])
+    ]
     last_point = existing[-1] if existing else None
 
     if kind == "names":
@@ -287,7 +319,9 @@ def resolve_exits(
                 f"feature_info indices {bad} are out of range; {type(model).__name__} has {len(info)} "
                 f"branch points (0..{len(info) - 1}): {[f['module'] for f in info]}."
             )
-        requested = [info[i]["module"] for i in exits]
+        requested = [
+            _runnable(modules, info[i]["module"]) if info[i]["module"] in modules else info[i]["module"] for i in exits
+        ]
         candidates = requested
     elif kind == "fractions":
         bad = [f for f in exits if not 0.0 < f < 1.0]
@@ -396,7 +430,7 @@ def _validate_explicit(model: nn.Module, names: list[str], pr: Probe, last_point
     if last_point is not None and last_point in pr.order:
         last_out = pr.outputs[last_point]
         for n in names:
-            if n == last_point or pr.outputs[n] is last_out:
+            if n == last_point or (pr.outputs[n] is last_out and _nested(n, last_point)):
                 raise ValueError(
                     f"exit {n!r} is the backbone's last branch point; its own head is already the final exit. "
                     "Place exits before it."
