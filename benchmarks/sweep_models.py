@@ -5,12 +5,13 @@ random batch of 2 at the model's default input size (`pretrained_cfg["input_size
 back-propagate a `SoftConditionalLoss` (soft output, expected cost and every exit's cross-entropy)
 and check that every output, the loss and the exit gradients are finite.
 
-Models run one at a time in a persistent worker process (one torch thread) that is restarted after a
-crash, a timeout, a memory kill, or every `--restart-every` models. Per model there is a timeout in CPU
-seconds of the worker (the machine is shared and niced processes get paused, so wall time is no fair
-limit) plus a wall-clock limit (`--wall-factor` times it), an address-space limit inside the worker
-(allocations beyond it raise), and watchdogs in the parent that kill the worker when its RSS passes the
-limit or the machine's available memory runs low. A crash, timeout or memory kill is a recorded failure, never a stop.
+Models run in persistent worker processes (one torch thread each, `--jobs` in parallel); a worker is
+restarted after a crash, a timeout, a memory kill, or every `--restart-every` models. Per model
+there is a timeout in CPU seconds of the worker (the machine is shared and niced processes get
+paused, so wall time is no fair limit) plus a wall-clock limit (`--wall-factor` times it), an
+address-space limit inside the worker (allocations beyond it raise), and watchdogs in the parent
+that kill the worker when its RSS passes the limit or the machine's available memory runs low. A
+crash, timeout or memory kill is a recorded failure, never a stop.
 Models whose parameters alone (weights + gradients, counted on the meta device) exceed the memory
 limit are not built; they are recorded as "excluded" with the reason.
 
@@ -39,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -382,7 +384,7 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(workers: int = 1) -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -399,7 +401,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
         "torch_threads": 1,
-        "workers": 1,
+        "workers": workers,
         "ram_gb": mem_gb,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -509,6 +511,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shuffle (seeded, so a partial sweep is a random sample) or alphabetical",
     )
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="workers in parallel, one torch thread each (a model killed for the machine's memory is best "
+        "retried with --jobs 1)",
+    )
     p.add_argument("--restart-every", type=int, default=40, help="restart the worker after this many models")
     p.add_argument(
         "--retry-failed",
@@ -570,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         "mem_limit_gib": args.mem_gb,
         "filter": args.filter,
     }
-    payload: dict[str, Any] = {"machine": machine_info(), "config": config}
+    payload: dict[str, Any] = {"machine": machine_info(args.jobs), "config": config}
 
     def save() -> dict[str, Any]:
         payload.update(
@@ -589,35 +598,59 @@ def main(argv: list[str] | None = None) -> int:
     log_path = args.log or Path(tempfile.gettempdir()) / "sweep_models.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     rss_limit_kb = int((args.mem_gb + 1.0) * 2**20)
-    worker: Worker | None = None
     signal.signal(signal.SIGTERM, _terminate)
     t_start = time.perf_counter()
-    try:
-        for i, name in enumerate(todo, 1):
-            if worker is None:
-                worker = Worker(args.mem_gb, log_path)
+    lock = threading.Lock()
+    stop = threading.Event()
+    pending = iter(enumerate(todo, 1))
+    workers: dict[int, Worker] = {}
+
+    def serve(slot: int) -> None:
+        """One worker's loop: take the next model, run it, record it (records and the file under the lock)."""
+        slot_log = log_path if args.jobs == 1 else log_path.with_name(f"{log_path.stem}.{slot}{log_path.suffix}")
+        while not stop.is_set():
+            with lock:
+                i, name = next(pending, (None, None))
+            if name is None:
+                return
+            if slot not in workers:
+                workers[slot] = Worker(args.mem_gb, slot_log)
+            worker = workers[slot]
             rec = worker.run(name, args.timeout, args.timeout * args.wall_factor, rss_limit_kb)
-            records[name] = rec
+            if stop.is_set():  # the worker was killed by the stop, not by the model: record nothing
+                return
             dead = worker.proc.poll() is not None or _vm_kb("VmRSS", worker.proc.pid) > RESTART_RSS_KB
             if dead or worker.served >= args.restart_every or rec.get("error") in MEMORY_ERRORS:
-                worker.close()
-                worker = None
-            save()
-            if not args.quiet:
-                detail = (
-                    f"exits={rec.get('exits')}"
-                    if rec["status"] == "ok"
-                    else (f"{rec['stage']} {rec.get('error')}: {rec.get('message', '')[:90]}")
-                )
-                print(
-                    f"[{i}/{len(todo)} {time.perf_counter() - t_start:.0f}s] {name}: {rec['status']} "
-                    f"{rec.get('time_s')}s ({rec.get('cpu_s')} CPU-s) {detail}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                workers.pop(slot).close()
+            with lock:
+                records[name] = rec
+                save()
+                if not args.quiet:
+                    detail = (
+                        f"exits={rec.get('exits')}"
+                        if rec["status"] == "ok"
+                        else (f"{rec['stage']} {rec.get('error')}: {rec.get('message', '')[:90]}")
+                    )
+                    print(
+                        f"[{i}/{len(todo)} {time.perf_counter() - t_start:.0f}s] {name}: {rec['status']} "
+                        f"{rec.get('time_s')}s ({rec.get('cpu_s')} CPU-s) {detail}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    threads = [threading.Thread(target=serve, args=(slot,), daemon=True) for slot in range(args.jobs)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=1.0)
     finally:
-        if worker is not None:
-            worker.kill()  # a stopped sweep abandons the model in progress; it is rerun on resume
+        stop.set()
+        for w in list(workers.values()):
+            w.kill()  # a stopped sweep abandons the models in progress; they are rerun on resume
+        for t in threads:
+            t.join(timeout=60)
     final = save()
     print(json.dumps({k: v for k, v in final.items() if k != "records"}, indent=1, ensure_ascii=False))
     return 0
