@@ -20,6 +20,7 @@ the end; a rerun skips the models already recorded there, so the sweep can be re
 
     nice -n 19 .venv/bin/python benchmarks/sweep_models.py --limit 30
     nice -n 19 .venv/bin/python benchmarks/sweep_models.py --filter 'resnet*' --timeout 60
+    nice -n 19 .venv/bin/python benchmarks/sweep_models.py --jobs 2 --filter 'coat_*' --rerun
 """
 
 from __future__ import annotations
@@ -527,6 +528,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="REGEX",
         help="rerun models recorded as failed (only those whose 'error: message nc1000' matches REGEX, if given)",
     )
+    p.add_argument(
+        "--rerun",
+        action="store_true",
+        help="rerun the models matching --filter whatever their record says (after a fix that changes them)",
+    )
     p.add_argument("--log", type=Path, default=None, help="worker stderr log (default: <tmpdir>/sweep_models.log)")
     p.add_argument("--quiet", action="store_true", help="no per-model progress lines on stderr")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -562,6 +568,11 @@ def main(argv: list[str] | None = None) -> int:
             or n not in selected
             or not pattern.search(f"{r['error']}: {r.get('message', '')} {r.get('nc1000', '')}")
         }
+    if args.rerun:
+        if args.filter == "*":
+            raise SystemExit("--rerun reruns the models matching --filter; give --filter (it would redo every model)")
+        chosen = set(names)
+        records = {n: r for n, r in records.items() if n not in chosen}
     todo = [n for n in names if n not in records]
     if args.order == "shuffle":
         random.Random(args.seed).shuffle(todo)
