@@ -10,7 +10,7 @@ from torch import nn
 
 from timm_exits import predict, wrap
 from timm_exits.cost import cumulative_flops, module_flops
-from timm_exits.placement import block_points
+from timm_exits.placement import _folded_scales, block_points
 
 
 class _Truncated(nn.Module):
@@ -300,3 +300,20 @@ def test_scales_folded_into_one_module_get_their_own_stages():
     by_index.unwrap()
     explicit = wrap(backbone, names, input_size=(3, 64, 64))
     assert [e.name for e in explicit.exits] == names
+
+
+def test_folded_scales_inside_a_submodule():
+    """The stages that a repeated `feature_info` entry stands for are found under its own parent
+    (here `body`), in registration order, and only stage containers count."""
+
+    def stage(c: int) -> nn.Sequential:
+        return nn.Sequential(*[nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU()) for _ in range(2)])
+
+    body = nn.Module()
+    body.stage1, body.stage2, body.norm, body.stage3, body.fused = stage(4), stage(4), nn.Identity(), stage(4), stage(4)
+    model = nn.Module()
+    model.stem, model.body = nn.Conv2d(3, 4, 3), body
+    names = ["body.stage1", "body.fused", "body.fused", "body.fused"]
+    assert _folded_scales(model, names) == ["body.stage1", "body.stage2", "body.stage3", "body.fused"]
+    assert _folded_scales(model, ["body.stage1", "body.stage2"]) == ["body.stage1", "body.stage2"]
+    assert _folded_scales(model, ["stem", "body.fused", "body.fused"]) == ["stem", "body.fused"]

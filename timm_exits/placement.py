@@ -145,8 +145,8 @@ def _folded_scales(model: nn.Module, names: list[str]) -> list[str]:
         if names[i + 1 : i + 2] == [name] and out:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            prev = out[-1][len(parent_name) + 1 :] if parent_name else out[-1]
-            prev_child = prev.split(".")[0]
+            prefix = f"{parent_name}." if parent_name else ""
+            prev_child = out[-1][len(prefix) :].split(".")[0] if out[-1].startswith(prefix) else None
             children = dict(parent.named_children())
             keys = list(children)
             if prev_child in children and child in children:
