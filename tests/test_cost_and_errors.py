@@ -190,6 +190,9 @@ def test_placement_errors_timm():
         wrap(m, ["layer_1"], input_size=(3, 64, 64))
     with pytest.raises(ValueError, match="last branch point"):
         wrap(m, ["layer4"], input_size=(3, 64, 64))
+    byob = timm.create_model("test_byobnet", num_classes=10)  # its last point is an identity `final_conv`
+    with pytest.raises(ValueError, match="last branch point"):
+        wrap(byob, ["stages.1", "stages.3"], input_size=(3, 64, 64))
     with pytest.raises(ValueError, match="after the last branch point"):
         wrap(m, ["layer2", "fc"], input_size=(3, 64, 64))
     with pytest.raises(ValueError, match="out of range"):

@@ -429,8 +429,11 @@ def _validate_explicit(model: nn.Module, names: list[str], pr: Probe, last_point
         raise ValueError(f"exits {names} are out of order; they run in the order {ran}. List them in that order.")
     if last_point is not None and last_point in pr.order:
         last_out = pr.outputs[last_point]
+        # the last point returning this very tensor (an identity `final_conv`) makes it the final features;
+        # one tensor among several that it passes through (CoaT's first scale) does not, unless nested
+        returns_it = pr.kinds.get(last_point) == "Tensor"
         for n in names:
-            if n == last_point or (pr.outputs[n] is last_out and _nested(n, last_point)):
+            if n == last_point or (pr.outputs[n] is last_out and (returns_it or _nested(n, last_point))):
                 raise ValueError(
                     f"exit {n!r} is the backbone's last branch point; its own head is already the final exit. "
                     "Place exits before it."
