@@ -107,6 +107,17 @@ def _nested(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
+def _final_features(pr: Probe, name: str, last_point: str) -> bool:
+    """Whether module `name` yields the backbone's final features: it is the last branch point, or the
+    last point returns its tensor as its whole output (an identity `final_conv`) or returns it from
+    inside (a block of the last stage). A tensor that merely reappears among several the last point
+    passes through (CoaT's parallel blocks keep the first scale untouched) is an ordinary branch point."""
+    if name == last_point:
+        return True
+    same = pr.outputs.get(name) is not None and pr.outputs[name] is pr.outputs.get(last_point)
+    return same and (pr.kinds.get(last_point) == "Tensor" or _nested(name, last_point))
+
+
 def _block_children(model: nn.Module, stage_name: str) -> list[str]:
     stage = model.get_submodule(stage_name)
     container, prefix = stage, stage_name
@@ -128,6 +139,7 @@ def _block_children(model: nn.Module, stage_name: str) -> list[str]:
 
 
 def _is_stage(module: nn.Module) -> bool:
+    """A Sequential or ModuleList of composite blocks."""
     return isinstance(module, (nn.Sequential, nn.ModuleList)) and any(any(True for _ in c.children()) for c in module)
 
 
@@ -355,14 +367,8 @@ def resolve_exits(
     else:
         chosen = [n for n in candidates if pr.calls[n] == 1 and pr.outputs.get(n) is not None and n != last_point]
         if last_point in pr.order:
-            last_out = pr.outputs[last_point]
-            # a point inside the last stage whose output the stage returns as it is adds nothing to the
-            # final exit; a tensor that merely reappears in the last point's output (CoaT's parallel
-            # blocks pass the first scale through untouched) is an ordinary branch point
             chosen = [
-                n
-                for n in chosen
-                if pr.order[n] < pr.order[last_point] and not (pr.outputs[n] is last_out and _nested(n, last_point))
+                n for n in chosen if pr.order[n] < pr.order[last_point] and not _final_features(pr, n, last_point)
             ]
         chosen.sort(key=lambda n: pr.order[n])
         if not chosen:
@@ -428,12 +434,8 @@ def _validate_explicit(model: nn.Module, names: list[str], pr: Probe, last_point
     if ran != names:
         raise ValueError(f"exits {names} are out of order; they run in the order {ran}. List them in that order.")
     if last_point is not None and last_point in pr.order:
-        last_out = pr.outputs[last_point]
-        # the last point returning this very tensor (an identity `final_conv`) makes it the final features;
-        # one tensor among several that it passes through (CoaT's first scale) does not, unless nested
-        returns_it = pr.kinds.get(last_point) == "Tensor"
         for n in names:
-            if n == last_point or (pr.outputs[n] is last_out and (returns_it or _nested(n, last_point))):
+            if _final_features(pr, n, last_point):
                 raise ValueError(
                     f"exit {n!r} is the backbone's last branch point; its own head is already the final exit. "
                     "Place exits before it."
