@@ -26,6 +26,7 @@ batch ``B / W`` see exactly the batches one process with batch ``B`` sees.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,14 +35,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "DATASETS",
     "DataSplits",
+    "AUGMENTS",
     "SplitDataset",
+    "ArraySplit",
+    "ArrayLoader",
+    "BatchAugment",
     "ShardSampler",
+    "resolve_augment",
     "load_splits",
     "build_transforms",
     "build_datasets",
@@ -82,6 +89,12 @@ class _ArrayImages(Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         img = Image.fromarray(self.images[i])
         return (img if img.mode == "RGB" else img.convert("RGB")), self.targets[i]
+
+    def tensor(self) -> torch.Tensor:
+        """All images as one uint8 tensor (N, 3, H, W); grey images are repeated over the channels."""
+        x = torch.from_numpy(np.ascontiguousarray(self.images))
+        x = x[:, None].expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous()
 
 
 @dataclass
@@ -159,17 +172,28 @@ def _cifar(cfg: dict[str, Any], name: str) -> _Raw:
         except RuntimeError as e:
             raise FileNotFoundError(f"{name} under {str(root / tv_dir)!r} is incomplete or corrupted ({e}).") from e
         classes = list(train.classes)
+        train, test = _ArrayImages(train.data, train.targets), _ArrayImages(test.data, test.targets)
     elif npz.is_file():
         train, test = _npz_split(npz), _npz_split(root / name / "test.npz")
         with np.load(npz) as z:
             key = "label_names" if "label_names" in z else "fine_label_names"
             classes = [str(c) for c in z[key]] if key in z else [str(i) for i in range(int(z["y"].max()) + 1)]
     elif folder.is_dir():
-        return _folder_tree(cfg, root / name, what=name)
+        raw = _folder_tree(cfg, root / name, what=name)
+        decoded = {id(ds): _decoded(ds) for ds, _ in (raw.train, raw.val, raw.test)}
+        return _Raw(*((decoded[id(ds)], idx) for ds, idx in (raw.train, raw.val, raw.test)), raw.classes)
     else:
         raise _missing(name, root, [root / tv_dir, npz, folder], _RESTORE_HINT)
     keep, val = _holdout(_targets(train), cfg["val_split"], cfg["split_seed"])
     return _Raw((train, keep), (train, val), (test, list(range(len(test)))), classes)
+
+
+def _decoded(folder: Dataset) -> _ArrayImages:
+    """Decode every image of a folder data set of equal-sized images (restore.py's CIFAR trees) into memory."""
+    images = [np.asarray(folder[i][0]) for i in range(len(folder))]
+    if len({im.shape for im in images}) > 1:
+        raise ValueError(f"{getattr(folder, 'root', folder)}: images of different sizes cannot be held as one array.")
+    return _ArrayImages(np.stack(images), _targets(folder))
 
 
 def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
@@ -316,6 +340,158 @@ class SplitDataset(Dataset):
         return self.transform(img), int(label)
 
 
+# ------------------------------------------------------------------------- in-memory array splits
+AUGMENTS = ("auto", "crop_flip", "rrc", "timm")
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """Training augmentation applied to a whole uint8 batch with tensor ops.
+
+    ``crop_flip``: reflect-pad by ``padding`` pixels, crop a random window of the original size, flip
+    horizontally with probability ``hflip``. ``rrc``: random-resized crop (area fraction in ``scale``,
+    aspect ratio log-uniform in ``ratio``) resampled bilinearly to the output size, then the flip.
+    The parameters of split position ``i`` in epoch ``e`` come from one generator seeded with
+    (seed, e), so they do not depend on the batch size, the rank or where a run was resumed.
+    """
+
+    kind: str = "crop_flip"  # crop_flip | rrc
+    padding: int = 4
+    hflip: float = 0.5
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+
+    def params(self, count: int, size: tuple[int, int], seed: int, epoch: int) -> torch.Tensor:
+        """(count, 4) float64 parameters: crop_flip (dy, dx, flip, 0), rrc (width, height, cx, cy) x flip sign."""
+        g = torch.Generator().manual_seed(seed_for(seed, epoch, 0xA06))
+        u = torch.rand(count, 4, generator=g, dtype=torch.float64)
+        flip = u[:, 3] < self.hflip
+        if self.kind == "crop_flip":
+            span = 2 * self.padding + 1
+            return torch.stack([(u[:, 0] * span).floor(), (u[:, 1] * span).floor(), flip.double(), u[:, 2] * 0], 1)
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0]
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(lo + (hi - lo) * u[:, 1])
+        h, w = size
+        width = torch.sqrt(area * aspect * h / w).clamp(max=1.0)  # fractions of the image's width and height
+        height = torch.sqrt(area / aspect * w / h).clamp(max=1.0)
+        v = torch.rand(count, 2, generator=g, dtype=torch.float64) * 2 - 1
+        sign = 1.0 - 2.0 * flip.double()
+        return torch.stack([width * sign, height, v[:, 0] * (1 - width), v[:, 1] * (1 - height)], 1)
+
+    def apply(self, images: torch.Tensor, params: torch.Tensor, out_size: int) -> torch.Tensor:
+        """Augment a uint8 batch (B, 3, H, W) with its rows of `params`; returns float in [0, 1] at `out_size`."""
+        if self.kind == "crop_flip":
+            b, _, h, w = images.shape
+            p = self.padding
+            padded = F.pad(images.float(), (p, p, p, p), mode="reflect") if p else images.float()
+            dy, dx = params[:, 0].long(), params[:, 1].long()
+            rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+            flip = params[:, 2].bool()
+            cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+            out = padded[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+            return _resize(out / 255.0, out_size)
+        theta = torch.zeros(len(images), 2, 3, dtype=torch.float32)
+        theta[:, 0, 0], theta[:, 1, 1] = params[:, 0].float(), params[:, 1].float()
+        theta[:, 0, 2], theta[:, 1, 2] = params[:, 2].float(), params[:, 3].float()
+        grid = F.affine_grid(theta, [len(images), 3, out_size, out_size], align_corners=False)
+        out = F.grid_sample(images.float() / 255.0, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out
+
+
+def _resize(x: torch.Tensor, size: int, crop_pct: float = 1.0, mode: str = "bilinear") -> torch.Tensor:
+    """Resize a float batch so its shorter side is size / crop_pct, then centre-crop size x size."""
+    scaled = int(math.floor(size / crop_pct))
+    if x.shape[-2:] != (scaled, scaled):
+        mode = mode if mode in ("bilinear", "bicubic", "nearest") else "bilinear"
+        x = F.interpolate(x, size=(scaled, scaled), mode=mode, antialias=mode != "nearest", align_corners=None)
+    if scaled != size:
+        top = (scaled - size) // 2
+        x = x[..., top : top + size, top : top + size]
+    return x
+
+
+class ArraySplit:
+    """One split of an in-memory uint8 image tensor, batched and augmented with tensor ops.
+
+    Args:
+        images: All images of the base data set, uint8 (N, 3, H, W).
+        labels: Their labels (N,).
+        indices: The samples of this split.
+        data_config: Resolved preprocessing (input_size, mean, std, interpolation, crop_pct).
+        augment: Training augmentation, or None (evaluation: resize and normalise only).
+        seed: Seed of the augmentation.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: Sequence[int],
+        data_config: dict[str, Any],
+        augment: BatchAugment | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.images = images
+        self.labels = labels
+        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
+        self.augment = augment
+        self.seed = int(seed)
+        self.size = int(data_config["input_size"][-1])
+        self.crop_pct = float(data_config.get("crop_pct", 1.0))
+        self.interpolation = str(data_config.get("interpolation", "bilinear"))
+        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.epoch = 0
+        self._params: torch.Tensor | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation of this epoch."""
+        self.epoch, self._params = int(epoch), None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def targets(self) -> list[int]:
+        """Labels of this split, in order."""
+        return self.labels[self.indices].tolist()
+
+    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (float, normalised) and labels of the split positions `positions`."""
+        rows = self.indices[positions]
+        images = self.images[rows]
+        if self.augment is None:
+            x = _resize(images.float() / 255.0, self.size, self.crop_pct, self.interpolation)
+        else:
+            if self._params is None:
+                self._params = self.augment.params(len(self), tuple(self.images.shape[-2:]), self.seed, self.epoch)
+            x = self.augment.apply(images, self._params[positions], self.size)
+        return ((x - self.mean) / self.std).contiguous(), self.labels[rows]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self.batch(torch.tensor([i]))
+        return x[0], int(y[0])
+
+
+class ArrayLoader:
+    """Batches of an `ArraySplit` in the order of a `ShardSampler` (the DataLoader of array data sets)."""
+
+    def __init__(self, dataset: ArraySplit, batch_size: int, sampler: ShardSampler) -> None:
+        self.dataset, self.batch_size, self.sampler = dataset, int(batch_size), sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        for chunk in order.split(self.batch_size):
+            if self.sampler.batch_size is not None and len(chunk) < self.batch_size:
+                return  # training keeps whole batches only
+            yield self.dataset.batch(chunk)
+
+
 def _subset(indices: list[int], limit: int | None, seed: int) -> list[int]:
     if limit is None or limit >= len(indices):
         return indices
@@ -327,9 +503,9 @@ def _subset(indices: list[int], limit: int | None, seed: int) -> list[int]:
 class DataSplits:
     """Transformed train / val / test splits of a recipe's data set."""
 
-    train: SplitDataset
-    val: SplitDataset
-    test: SplitDataset
+    train: SplitDataset | ArraySplit
+    val: SplitDataset | ArraySplit
+    test: SplitDataset | ArraySplit
     classes: list[str]
     data_config: dict[str, Any] = field(default_factory=dict)
 
@@ -338,8 +514,38 @@ class DataSplits:
         return len(self.classes)
 
 
+def resolve_augment(cfg: dict[str, Any], raw: _Raw) -> str:
+    """The augmentation a recipe gets on its data: ``crop_flip`` / ``rrc`` (in memory) or ``timm`` (per image).
+
+    ``auto`` picks ``rrc`` for array data sets (digits, CIFAR in any restored layout) and ``timm`` when
+    the data is a folder tree or the recipe asks for augmentations only timm's transforms have.
+    """
+    in_memory = all(isinstance(ds, _ArrayImages) for ds, _ in (raw.train, raw.val, raw.test))
+    per_image = [k for k in ("auto_augment", "color_jitter", "re_prob") if cfg.get(k)]
+    kind = cfg.get("augment", "auto")
+    if kind == "auto":
+        return "timm" if per_image or not in_memory else "rrc"
+    if kind in ("crop_flip", "rrc"):
+        if not in_memory:
+            raise ValueError(
+                f"augment: {kind} works on array data sets held in memory (digits, cifar10, cifar100); "
+                f"{cfg['dataset']!r} is read image by image: use augment: timm (or auto)."
+            )
+        if per_image:
+            raise ValueError(
+                f"{', '.join(per_image)} need timm's per-image transforms; set augment: timm to use them, or "
+                f"leave them unset with augment: {kind}."
+            )
+    elif kind != "timm":
+        raise ValueError(f"unknown augment {kind!r}; choose one of {AUGMENTS}.")
+    return kind
+
+
 def build_datasets(cfg: dict[str, Any], model: torch.nn.Module | None = None, raw: _Raw | None = None) -> DataSplits:
-    """Load a recipe's data set and wrap its splits with timm transforms (train: augmented).
+    """Load a recipe's data set and wrap its splits for training (augmented) and evaluation.
+
+    Array data sets are held in memory as one uint8 tensor and augmented per batch (`ArraySplit`);
+    folder trees, and recipes with ``augment: timm``, go through timm's per-image transforms.
 
     Args:
         cfg: The recipe.
@@ -350,16 +556,36 @@ def build_datasets(cfg: dict[str, Any], model: torch.nn.Module | None = None, ra
         A `DataSplits`.
     """
     raw = raw if raw is not None else load_splits(cfg)
+    kind = resolve_augment(cfg, raw)
     train_tf, eval_tf, data_cfg = build_transforms(cfg, model)
     seed = int(cfg["seed"])
     lim_train, lim_eval = cfg["max_train_samples"], cfg["max_eval_samples"]
-    train = SplitDataset(raw.train[0], _subset(raw.train[1], lim_train, seed), train_tf, seed)
-    val = SplitDataset(raw.val[0], _subset(raw.val[1], lim_eval, seed + 1), eval_tf, seed)
-    test = SplitDataset(raw.test[0], _subset(raw.test[1], lim_eval, seed + 2), eval_tf, seed)
-    for split, ds in (("train", train), ("val", val), ("test", test)):
+    picks = (
+        (raw.train, _subset(raw.train[1], lim_train, seed), train_tf, True),
+        (raw.val, _subset(raw.val[1], lim_eval, seed + 1), eval_tf, False),
+        (raw.test, _subset(raw.test[1], lim_eval, seed + 2), eval_tf, False),
+    )
+    if kind == "timm":
+        splits = [SplitDataset(base, idx, tf, seed) for (base, _), idx, tf, _ in picks]
+    else:
+        augment = BatchAugment(
+            kind,
+            padding=int(cfg.get("crop_padding", 4)),
+            hflip=float(cfg["hflip"]),
+            scale=tuple(cfg["crop_scale"]),
+            ratio=tuple(cfg["crop_ratio"]),
+        )
+        tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        splits = []
+        for (base, _), idx, _, is_train in picks:
+            if id(base) not in tensors:
+                tensors[id(base)] = (base.tensor(), torch.as_tensor(base.targets, dtype=torch.long))
+            images, labels = tensors[id(base)]
+            splits.append(ArraySplit(images, labels, idx, data_cfg, augment if is_train else None, seed))
+    for split, ds in zip(("train", "val", "test"), splits):
         if len(ds) == 0:
             raise ValueError(f"the {split} split of {cfg['dataset']!r} is empty.")
-    return DataSplits(train, val, test, raw.classes, data_cfg)
+    return DataSplits(*splits, raw.classes, data_cfg)
 
 
 # -------------------------------------------------------------------------------------- sampling
@@ -432,7 +658,7 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(
-    dataset: SplitDataset,
+    dataset: SplitDataset | ArraySplit,
     batch_size: int,
     *,
     train: bool,
@@ -451,16 +677,18 @@ def make_loader(
         num_replicas: World size.
         rank: This process's rank.
         seed: Seed of the shuffling.
-        num_workers: Loader worker processes.
+        num_workers: Loader worker processes (per-image data only; array splits batch in the main process).
         pin_memory: Pin host memory (GPU training).
 
     Returns:
-        The loader; call ``loader.sampler.set_epoch(epoch, start_batch)`` and
+        The loader (an `ArrayLoader` for array splits); call ``loader.sampler.set_epoch(epoch, start_batch)`` and
         ``dataset.set_epoch(epoch)`` before each epoch.
     """
     sampler = ShardSampler(
         len(dataset), num_replicas, rank, shuffle=train, seed=seed, batch_size=batch_size if train else None
     )
+    if isinstance(dataset, ArraySplit):
+        return ArrayLoader(dataset, batch_size, sampler)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -3,8 +3,8 @@
 * `SoftConditionalLoss`: the paper's objective, cross-entropy of the first soft output y_1 plus
   `cost_weight` times the batch-mean expected cost, plus (by default) deep supervision of every
   exit. Taken literally (`exit_weight=0`) the objective collapses onto the first exit: with g_1
-  near 1 the later exits get almost no gradient and stay at chance (measured in the design notes);
-  the mean per-exit cross-entropy beside it prevents that.
+  near 1 the later exits get almost no gradient and stay at chance; the sum of the per-exit
+  cross-entropies beside it (B-Net's signal) prevents that.
 * `BranchyNetLoss`: weighted sum of per-exit cross-entropies (B-Net).
 * `FinalExitLoss`: cross-entropy of the backbone's own head (the plain baseline).
 
@@ -47,13 +47,14 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
 
 
 class SoftConditionalLoss(nn.Module):
-    """CE(y_1, target) + cost_weight * mean(C_1) + exit_weight * mean_b CE(f_b, target).
+    """CE(y_1, target) + cost_weight * mean(C_1) + exit_weight * sum_b CE(f_b, target).
 
     Args:
         cost_weight: lambda, the weight of the expected cost. Training recipes warm it up from 0;
             set the attribute to change it during training.
-        exit_weight: Weight of the deep supervision term (mean CE over all exits). 0 gives the paper's
-            loss taken literally, which collapses onto the first exit.
+        exit_weight: Weight of the deep supervision term, the sum of every exit's CE (final exit
+            included), so each exit gets B-Net's gradient. 0 gives the paper's loss taken literally,
+            which collapses onto the first exit.
         label_smoothing: Label smoothing for hard labels.
     """
 
@@ -70,7 +71,7 @@ class SoftConditionalLoss(nn.Module):
         loss = soft + self.cost_weight * cost
         parts = {"soft_ce": soft.detach(), "expected_cost": cost.detach()}
         if self.exit_weight:
-            exits = torch.stack([cross_entropy(f, target, self.label_smoothing) for f in out.logits]).mean()
+            exits = torch.stack([cross_entropy(f, target, self.label_smoothing) for f in out.logits]).sum()
             loss = loss + self.exit_weight * exits
             parts["exit_ce"] = exits.detach()
         self.last = parts

@@ -59,7 +59,7 @@ import yaml
 from torch import nn
 
 from .calibration import Collected, simulate
-from .data import DATASETS, build_datasets, load_splits, make_loader, make_mixup, seed_for
+from .data import AUGMENTS, DATASETS, build_datasets, load_splits, make_loader, make_mixup, seed_for
 from .gate_fitting import GATE_OBJECTIVES
 from .losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss
 from .model import EarlyExitModel, wrap
@@ -120,8 +120,10 @@ DEFAULTS: dict[str, Any] = {
     "max_eval_samples": None,  # same for val and test
     "batch_size": 128,  # global batch, split over processes
     "eval_batch_size": 256,  # per process
-    "num_workers": 2,
-    "crop_scale": [0.35, 1.0],  # random-resized-crop scale range (timm create_transform)
+    "num_workers": 2,  # loader processes of per-image data (array data sets are batched in memory)
+    "augment": "auto",  # crop_flip | rrc (array data, per batch) | timm (per image) | auto: rrc or timm
+    "crop_padding": 4,  # crop_flip: reflect padding before the random crop
+    "crop_scale": [0.35, 1.0],  # random-resized-crop scale range (rrc and timm)
     "crop_ratio": [0.75, 1.3333333333333333],
     "hflip": 0.5,
     "color_jitter": 0.0,
@@ -136,7 +138,7 @@ DEFAULTS: dict[str, Any] = {
     # -- loss
     "cost_weight": 0.1,  # soft: lambda, weight of the expected cost
     "cost_warmup": 0.2,  # soft: fraction of all steps over which lambda rises linearly from 0
-    "exit_weight": 1.0,  # soft: weight of the deep supervision (mean CE over every exit); 0 = the literal loss
+    "exit_weight": 1.0,  # soft: weight of the deep supervision (sum of every exit's CE, as B-Net); 0 = literal
     "branchynet_weights": None,  # branchynet: one weight per exit (default: all 1)
     # -- optimisation
     "epochs": 30,  # joint training epochs
@@ -147,8 +149,8 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.05,
     "momentum": 0.9,
     "weight_decay": 5.0e-4,
-    "sched": "cosine",  # any timm scheduler (create_scheduler_v2), stepped every update; "none": constant
-    "warmup_epochs": 0,
+    "sched": "cosine",  # onecycle | any timm scheduler (create_scheduler_v2), stepped every update | none
+    "warmup_epochs": 0.0,  # linear warm-up (onecycle: from lr / 25 up to lr, then cosine to lr / 2.5e5)
     "warmup_lr": 1.0e-5,
     "min_lr": 0.0,
     "clip_grad": None,  # max gradient norm
@@ -199,6 +201,7 @@ _RUNTIME_KEYS = frozenset(
 _CHOICES = {
     "method": METHODS,
     "dataset": DATASETS,
+    "augment": AUGMENTS,
     "head": ("linear", "mlp", "conv"),
     "gate": ("stats", "features", "both"),
     "amp": (None, "bf16", "fp16"),
@@ -926,6 +929,49 @@ def _progress_enabled(recipe: Mapping[str, Any], d: _Dist) -> bool:
     return sys.stderr.isatty() if p == "auto" else bool(p)
 
 
+class OneCycle:
+    """One-cycle learning rate, a pure function of the update number (so a resumed run matches).
+
+    Linear warm-up from ``lr / div`` to ``lr`` over ``warmup_updates``, then cosine annealing to
+    ``lr / (div * final_div)`` at ``total_updates``; momentum stays fixed.
+
+    Args:
+        optimizer: Its param groups' current ``lr`` is the peak.
+        total_updates: Updates of the whole schedule.
+        warmup_updates: Updates of the warm-up.
+        div: Peak over initial learning rate.
+        final_div: Initial over final learning rate.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_updates: int,
+        warmup_updates: float,
+        div: float = 25.0,
+        final_div: float = 1.0e4,
+    ) -> None:
+        self.optimizer = optimizer
+        self.peaks = [float(g["lr"]) for g in optimizer.param_groups]
+        self.total, self.warmup = max(int(total_updates), 1), max(float(warmup_updates), 0.0)
+        self.div, self.final_div = float(div), float(final_div)
+
+    def factor(self, num_updates: int) -> float:
+        """Learning rate over the peak after `num_updates` updates."""
+        start, end = 1.0 / self.div, 1.0 / (self.div * self.final_div)
+        if num_updates < self.warmup:
+            return start + (1.0 - start) * num_updates / self.warmup
+        span = max(self.total - self.warmup, 1.0)
+        t = min(max((num_updates - self.warmup) / span, 0.0), 1.0)
+        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def step_update(self, num_updates: int) -> None:
+        """Set every param group's learning rate for update `num_updates`."""
+        f = self.factor(num_updates)
+        for group, peak in zip(self.optimizer.param_groups, self.peaks):
+            group["lr"] = peak * f
+
+
 def _make_optimizer(model: EarlyExitModel, recipe: Mapping[str, Any], stage: _Stage, steps_per_epoch: int):
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -936,11 +982,13 @@ def _make_optimizer(model: EarlyExitModel, recipe: Mapping[str, Any], stage: _St
     opt = create_optimizer_v2(model, opt=recipe["opt"], lr=stage.lr, weight_decay=recipe["weight_decay"], **kwargs)
     if recipe["sched"] in (None, "none", "const", "constant"):
         return opt, None
+    if recipe["sched"] == "onecycle":
+        return opt, OneCycle(opt, stage.epochs * steps_per_epoch, recipe["warmup_epochs"] * steps_per_epoch)
     sched, _ = create_scheduler_v2(
         opt,
         sched=recipe["sched"],
         num_epochs=stage.epochs,
-        warmup_epochs=recipe["warmup_epochs"],
+        warmup_epochs=int(round(recipe["warmup_epochs"])),
         warmup_lr=recipe["warmup_lr"],
         min_lr=recipe["min_lr"],
         step_on_epochs=False,

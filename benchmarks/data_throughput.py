@@ -1,0 +1,88 @@
+"""Training images/s through the recipe's loop against the model alone on in-memory tensors.
+
+Builds a recipe's trainer (default: resnet18 with exits on CIFAR-10 at 32 px, the grid's recipe),
+then times, in interleaved rounds, (a) ``steps`` optimizer steps of the recipe's own loop: batches
+from its loader (gathered from the in-memory uint8 images and augmented per batch), the soft
+loss, backward and the optimizer step, and (b) the same steps of the same model and loss on one
+batch already in memory (no loading, no augmentation). The ratio (a) / (b) is the share of the
+model's speed that the data path keeps.
+
+    python benchmarks/data_throughput.py --data-dir DATA > benchmarks/results/data_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from _timing import interleaved_samples, machine, paired_ratio
+
+from timm_exits.train import _Dist, _Trainer, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "cifar10_resnet18.yaml"))
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed round")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe, [f"data_dir={args.data_dir}", f"threads={args.threads}", *args.set])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _Trainer(recipe, _Dist(), Path(tmp) / "run", resume=False, overwrite=False)
+        opt, sched = _make(trainer)
+        trainer.data.train.set_epoch(0)
+        trainer.train_loader.sampler.set_epoch(0)
+        loader_iter = iter(trainer.train_loader)
+        x0, y0 = next(iter(trainer.train_loader))
+        trainer.model.train()
+
+        def loop() -> None:
+            nonlocal loader_iter
+            for _ in range(args.steps):
+                try:
+                    x, y = next(loader_iter)
+                except StopIteration:
+                    loader_iter = iter(trainer.train_loader)
+                    x, y = next(loader_iter)
+                trainer._step(trainer.model, opt, sched, x, y, 0)
+
+        def tensors() -> None:
+            for _ in range(args.steps):
+                trainer._step(trainer.model, opt, sched, x0, y0, 0)
+
+        samples = interleaved_samples({"recipe_loop": loop, "in_memory": tensors}, args.repeats, warmup=1)
+    images = args.steps * recipe["batch_size"]
+    ips = {k: images / (statistics.median(v) / 1e3) for k, v in samples.items()}
+    out = {
+        "benchmark": "data_throughput",
+        "machine": machine(args.threads),
+        "recipe": {k: recipe[k] for k in ("model", "dataset", "exits", "method", "img_size", "augment", "batch_size")},
+        "steps_per_round": args.steps,
+        "repeats": args.repeats,
+        "images_per_s": {k: round(v, 1) for k, v in ips.items()},
+        "ratio_loop_over_in_memory": round(1.0 / paired_ratio(samples, "recipe_loop", "in_memory"), 4),
+        "round_ms": {k: [round(t, 1) for t in v] for k, v in samples.items()},
+    }
+    print(json.dumps(out, indent=2))
+
+
+def _make(trainer: _Trainer):
+    from timm_exits.train import _configure_stage, _make_optimizer
+
+    stage = trainer.stages[0]
+    _configure_stage(trainer.model, trainer.recipe, stage)
+    return _make_optimizer(trainer.model, trainer.recipe, stage, trainer.steps_per_epoch)
+
+
+if __name__ == "__main__":
+    main()

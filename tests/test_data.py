@@ -1,0 +1,157 @@
+"""The in-memory data path: per-batch augmentation, sharding, resumption, resizing, and the one-cycle schedule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from timm_exits.data import ArrayLoader, ArraySplit, BatchAugment, build_datasets, load_splits, make_loader
+from timm_exits.train import OneCycle, load_recipe
+
+CFG = {"input_size": (3, 6, 6), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "crop_pct": 1.0}
+
+
+def _images(n: int = 10, size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % 3
+
+
+def test_crop_flip_equals_a_numpy_reflect_pad_and_slice():
+    images, labels = _images()
+    aug = BatchAugment("crop_flip", padding=2, hflip=0.5)
+    split = ArraySplit(images, labels, range(10), CFG, aug, seed=5)
+    split.set_epoch(3)
+    x, y = split.batch(torch.arange(10))
+    params = aug.params(10, (6, 6), 5, 3)
+    assert set(params[:, 2].tolist()) == {0.0, 1.0}, "both flipped and unflipped samples in this draw"
+    for i in range(10):
+        padded = np.pad(images[i].numpy(), ((0, 0), (2, 2), (2, 2)), mode="reflect")
+        dy, dx = int(params[i, 0]), int(params[i, 1])
+        ref = padded[:, dy : dy + 6, dx : dx + 6]
+        ref = ref[:, :, ::-1] if params[i, 2] else ref
+        np.testing.assert_allclose(x[i].numpy(), ref / 255.0, atol=1e-6)
+    assert y.tolist() == labels.tolist()
+    assert params[:, :2].min() >= 0 and params[:, :2].max() <= 4
+
+
+def test_rrc_of_the_whole_image_is_the_image_and_flip_mirrors_it():
+    images, labels = _images()
+    whole = BatchAugment("rrc", hflip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    x, _ = ArraySplit(images, labels, range(10), CFG, whole).batch(torch.arange(10))
+    torch.testing.assert_close(x, images.float() / 255.0)
+    flipped = BatchAugment("rrc", hflip=1.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    x, _ = ArraySplit(images, labels, range(10), CFG, flipped).batch(torch.arange(10))
+    torch.testing.assert_close(x, images.float().flip(-1) / 255.0)
+    small = BatchAugment("rrc", scale=(0.1, 0.3))
+    params = small.params(1000, (6, 6), 0, 0)
+    area = params[:, 0].abs() * params[:, 1]
+    assert area.min() >= 0.1 - 1e-9 and area.max() <= 0.3 + 1e-9
+    assert (params[:, 2].abs() <= 1 - params[:, 0].abs() + 1e-9).all()
+
+
+def test_augmentation_depends_on_position_and_epoch_not_on_ranks_or_batches():
+    images, labels = _images(40)
+    aug = BatchAugment("crop_flip", padding=2)
+
+    def epoch_samples(world: int, batch: int, epoch: int) -> dict[int, torch.Tensor]:
+        seen = {}
+        for rank in range(world):
+            split = ArraySplit(images, labels, range(40), CFG, aug, seed=1)
+            loader = make_loader(split, batch, train=True, num_replicas=world, rank=rank, seed=1)
+            split.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch)
+            order = list(loader.sampler)
+            xs = torch.cat([x for x, _ in loader])
+            seen.update({pos: xs[k] for k, pos in enumerate(order)})
+        return seen
+
+    one, two = epoch_samples(1, 8, 2), epoch_samples(2, 4, 2)
+    assert sorted(one) == sorted(two) and len(one) == 40
+    for pos in one:
+        torch.testing.assert_close(one[pos], two[pos])
+    other = epoch_samples(1, 8, 3)
+    assert any(not torch.equal(one[p], other[p]) for p in one)
+
+
+def test_resumed_epoch_yields_the_rest_of_the_same_batches():
+    images, labels = _images(40)
+    split = ArraySplit(images, labels, range(40), CFG, BatchAugment("rrc"), seed=2)
+    loader = make_loader(split, 8, train=True, seed=2)
+    assert isinstance(loader, ArrayLoader) and len(loader) == 5
+    split.set_epoch(1)
+    loader.sampler.set_epoch(1)
+    full = [x for x, _ in loader]
+    split.set_epoch(1)
+    loader.sampler.set_epoch(1, start_batch=3)
+    rest = [x for x, _ in loader]
+    assert len(rest) == 2
+    for a, b in zip(full[3:], rest):
+        torch.testing.assert_close(a, b)
+
+
+def test_eval_split_resizes_centre_crops_and_normalises():
+    images, labels = _images(4, 8)
+    cfg = {"input_size": (3, 4, 4), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "crop_pct": 0.5}
+    x, _ = ArraySplit(images, labels, range(4), cfg).batch(torch.arange(4))
+    ref = images.float()[:, :, 2:6, 2:6] / 255.0  # 8 px = 4 / 0.5: no resampling, a centre crop
+    torch.testing.assert_close(x, (ref - 0.5) / 0.25)
+
+
+def test_array_data_sets_stay_in_memory_and_folder_trees_do_not(tmp_path):
+    cfg = load_recipe(None, {"dataset": "digits", "img_size": 24})
+    data = build_datasets(cfg)
+    assert isinstance(data.train, ArraySplit) and data.train.images.dtype == torch.uint8
+    assert data.train.augment.kind == "rrc" and data.val.augment is None
+    x, y = next(iter(make_loader(data.val, 16, train=False)))
+    assert x.shape == (16, 3, 24, 24) and y.dtype == torch.long
+    with pytest.raises(ValueError, match="need timm's per-image transforms"):
+        build_datasets(load_recipe(None, {"dataset": "digits", "augment": "crop_flip", "re_prob": 0.25}))
+    assert not isinstance(build_datasets(load_recipe(None, {"augment": "auto", "re_prob": 0.25})).train, ArraySplit)
+    root = tmp_path / "tree"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            from PIL import Image
+
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / split / cls / f"{i}.png")
+    tree = {"dataset": "imagefolder", "data_dir": str(root), "val_split": 2}
+    with pytest.raises(ValueError, match="augment: timm"):
+        build_datasets(load_recipe(None, {**tree, "augment": "crop_flip"}))
+    assert not isinstance(build_datasets(load_recipe(None, tree)).train, ArraySplit)
+
+
+def test_cifar_image_tree_is_decoded_into_memory(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for split, n in (("train", 2), ("test", 1)):
+        for c in range(10):
+            d = tmp_path / "cifar10" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i:05d}.png")
+                pixels[(split, c, i)] = arr
+    cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path), "val_split": 10})
+    data = build_datasets(cfg, raw=load_splits(cfg))
+    assert isinstance(data.test, ArraySplit) and (len(data.train), len(data.val), len(data.test)) == (10, 10, 10)
+    first = data.test.images[data.test.indices[0]].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(first, pixels[("test", 0, 0)])
+
+
+def test_one_cycle_rises_then_anneals_as_a_function_of_the_step():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = OneCycle(opt, total_updates=100, warmup_updates=15)
+    lrs = []
+    for step in range(101):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert math.isclose(lrs[0], 0.1 / 25) and math.isclose(lrs[15], 0.1) and math.isclose(lrs[100], 0.1 / 2.5e5)
+    assert all(a < b for a, b in zip(lrs[:15], lrs[1:16])) and all(a >= b for a, b in zip(lrs[15:], lrs[16:]))
+    sched.step_update(40)
+    assert opt.param_groups[0]["lr"] == lrs[40]
