@@ -217,6 +217,25 @@ def test_cli_recipe_eval_and_bench(runs, tmp_path, capsys):
     assert set(bench["policies"]) == {"gate", "confidence", "entropy", "soft"}
 
 
+def test_backbone_starts_from_a_users_timm_checkpoint(runs, tmp_path):
+    saved = runs["baseline"] / "model"
+    reference = safetensors.torch.load_file(str(saved / "model.safetensors"))
+    for weights in (f"local-dir:{saved}", str(saved / "model.safetensors")):
+        recipe = load_recipe(tiny(), {"weights": weights, "method": "soft", "frozen_epochs": 1, "epochs": 0})
+        model = build_model(recipe, 10)
+        state = model.backbone.state_dict()
+        assert reference.keys() <= state.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+        assert not torch.equal(build_model(load_recipe(tiny()), 10).backbone.conv1[0].weight, state["conv1.0.weight"])
+    five = build_model(load_recipe(tiny(), {"weights": str(saved / "model.safetensors")}), 5).backbone.state_dict()
+    assert five["fc.weight"].shape[0] == 5 and torch.equal(five["conv1.0.weight"], reference["conv1.0.weight"])
+    with pytest.raises(RecipeError, match="hold a 'test_resnet'.*set model: test_resnet"):
+        build_model(load_recipe(tiny(), {"weights": f"local-dir:{saved}", "model": "resnet18"}), 10)
+    with pytest.raises(FileNotFoundError, match="weights file .*not found"):
+        build_model(load_recipe(tiny(), {"weights": str(tmp_path / "missing.safetensors")}), 10)
+
+
 def test_every_recipe_file_resolves():
     files = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith("_"))
     assert len(files) >= 16

@@ -8,6 +8,12 @@ CIFAR-sized AlexNet-style network, so `alexnet_cifar` is registered here as an o
 first, second and fifth, and AlexNet's dropout + two-layer classifier (sized down) on a 2x2 pooled
 map. Being a timm model, it has ``feature_info`` (so ``exits="auto"`` works), ``pretrained_cfg``,
 ``reset_classifier`` and saves / loads through timm's Hub format.
+
+`vgg13_cifar` is the CIFAR form of VGG-13 with BatchNorm that the paper's VGG-13 column uses:
+timm's ``vgg13_bn`` keeps ImageNet's 7x7 4096-channel pre-logits convolution, which dominates its
+cost at 32 px. Here the ten 3x3 convolutions (64, 64, 128, 128, 256, 256, 512, 512, 512, 512),
+each followed by BatchNorm and ReLU, form five stages closed by a 2x2 max-pool, and a linear
+classifier reads the globally average-pooled 512 channels.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-__all__ = ["AlexNetCifar", "alexnet_cifar"]
+__all__ = ["AlexNetCifar", "VggCifar", "alexnet_cifar", "vgg13_cifar"]
 
 
 class _Stage(nn.Sequential):
@@ -99,6 +105,65 @@ class AlexNetCifar(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class VggCifar(nn.Module):
+    """VGG with BatchNorm for small images: stages of 3x3 convolutions, each closed by a max-pool.
+
+    Args:
+        num_classes: Output classes (0: return pooled features).
+        in_chans: Input channels.
+        stages: Convolution widths of each stage.
+        drop_rate: Dropout before the classifier.
+        global_pool: Pooling before the classifier; only "avg".
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        stages: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"VggCifar pools with 'avg' only, got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        blocks, cin = [], in_chans
+        for widths in stages:
+            layers: list[nn.Module] = []
+            for w in widths:
+                layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                cin = w
+            blocks.append(nn.Sequential(*layers, nn.MaxPool2d(2)))
+        self.stages = nn.Sequential(*blocks)
+        self.feature_info = [
+            {"num_chs": widths[-1], "reduction": 2 ** (i + 1), "module": f"stages.{i}"}
+            for i, widths in enumerate(stages)
+        ]
+        self.num_features = self.head_hidden_size = cin
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(cin, num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool = "avg"
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean((2, 3))
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "url": "",
@@ -116,10 +181,18 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({"alexnet_cifar.untrained": _cfg()})
+default_cfgs = generate_default_cfgs(
+    {"alexnet_cifar.untrained": _cfg(), "vgg13_cifar.untrained": _cfg(first_conv="stages.0.0")}
+)
 
 
 @register_model
 def alexnet_cifar(pretrained: bool = False, **kwargs: Any) -> AlexNetCifar:
     """AlexNet-style network for 32x32 images (no pretrained weights)."""
     return build_model_with_cfg(AlexNetCifar, "alexnet_cifar", pretrained, **kwargs)
+
+
+@register_model
+def vgg13_cifar(pretrained: bool = False, **kwargs: Any) -> VggCifar:
+    """VGG-13 with BatchNorm for 32x32 images (no pretrained weights)."""
+    return build_model_with_cfg(VggCifar, "vgg13_cifar", pretrained, **kwargs)

@@ -97,6 +97,7 @@ DEFAULTS: dict[str, Any] = {
     # -- model
     "model": "resnet18",  # any timm model name (timm_exits.models registers alexnet_cifar)
     "pretrained": False,  # ImageNet weights from timm / the HF Hub (needs network or a filled cache)
+    "weights": None,  # start the backbone from a timm checkpoint: local-dir:FOLDER, hf-hub:ORG/NAME or a file
     "model_kwargs": {},  # further timm.create_model arguments (drop_rate, drop_path_rate, img_size, ...)
     "exits": "auto",  # "auto", "blocks", module names, feature_info indices or cost fractions
     "head": "linear",  # exit head: linear | mlp | conv
@@ -237,6 +238,7 @@ _KINDS: dict[str, Any] = {
     "name": str,
     "costs": list,
     "init_checkpoint": str,
+    "weights": str,
     "data_dir": str,
     "max_train_samples": int,
     "max_eval_samples": int,
@@ -436,38 +438,90 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- model
-def build_model(recipe: Mapping[str, Any], num_classes: int, pretrained: bool | None = None) -> EarlyExitModel:
-    """Create the recipe's timm backbone and attach its exits.
-
-    Args:
-        recipe: A resolved recipe.
-        num_classes: Classes of the data set.
-        pretrained: Load pretrained weights (default: the recipe's ``pretrained``).
-
-    Returns:
-        The `EarlyExitModel` (on the CPU).
-    """
+def _create_backbone(recipe: Mapping[str, Any], num_classes: int, load: bool) -> nn.Module:
+    """The recipe's timm model, with the weights it names (``weights``) or timm's pretrained ones."""
     import timm
 
-    from . import models as _models  # noqa: F401  (registers alexnet_cifar with timm)
-
-    name = recipe["model"]
-    pretrained = bool(recipe["pretrained"] if pretrained is None else pretrained)
+    name, weights = recipe["model"], recipe["weights"]
     kwargs = dict(recipe["model_kwargs"] or {})
     try:
-        backbone = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        if load and weights and weights.startswith(("local-dir:", "hf-hub:")):
+            backbone = timm.create_model(weights, pretrained=True, num_classes=num_classes, **kwargs)
+            arch = backbone.pretrained_cfg.get("architecture")
+            if arch != name:
+                raise RecipeError(
+                    f"weights {weights!r} hold a {arch!r}, but the recipe's model is {name!r}; set model: {arch}."
+                )
+            return backbone
+        backbone = timm.create_model(name, pretrained=load and not weights, num_classes=num_classes, **kwargs)
+        if load and weights:
+            _load_weights_file(backbone, Path(weights).expanduser())
+        return backbone
     except RuntimeError as e:
         if "Unknown model" in str(e):
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
             raise RecipeError(f"unknown timm model {name!r}; close names: {close}.") from e
+        if not load:
+            raise
+        raise RuntimeError(_weights_hint(name, weights, e)) from e
+    except (RecipeError, FileNotFoundError):
         raise
     except Exception as e:
-        if not pretrained:
+        if not load:
             raise
-        raise RuntimeError(
-            f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}). Without network access, "
-            "fill the Hugging Face cache first or set pretrained: false."
-        ) from e
+        raise RuntimeError(_weights_hint(name, weights, e)) from e
+
+
+def _load_weights_file(backbone: nn.Module, path: Path) -> None:
+    """Load a timm model's weights file (safetensors or a torch state dict); a classifier of another size is skipped."""
+    from timm.models import load_state_dict
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {str(path)!r} not found; give a file saved from a timm model, or local-dir:FOLDER / "
+            "hf-hub:ORG/NAME for a folder saved by timm or timm-exits."
+        )
+    state = load_state_dict(str(path))
+    own = backbone.state_dict()
+    head = backbone.pretrained_cfg.get("classifier")
+    heads = [head] if isinstance(head, str) else list(head or [])
+    for key in [k for k in state if any(k.startswith(f"{h}.") for h in heads)]:
+        if key in own and state[key].shape != own[key].shape:
+            del state[key]  # another number of classes: the new head keeps its initialisation
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not any(k.startswith(f"{h}.") for h in heads)]
+    if missing or unexpected:
+        raise RecipeError(
+            f"weights file {str(path)!r} does not fit {backbone.pretrained_cfg.get('architecture')!r}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}; check the recipe's model and model_kwargs."
+        )
+
+
+def _weights_hint(name: str, weights: str | None, e: Exception) -> str:
+    if weights:
+        return f"could not load the weights {weights!r} into {name!r} ({type(e).__name__}: {e})."
+    return (
+        f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}). Without network access, fill the "
+        "Hugging Face cache first, point weights: at a local copy, or set pretrained: false."
+    )
+
+
+def build_model(recipe: Mapping[str, Any], num_classes: int, pretrained: bool | None = None) -> EarlyExitModel:
+    """Create the recipe's timm backbone, load the weights it asks for, and attach its exits.
+
+    Args:
+        recipe: A resolved recipe.
+        num_classes: Classes of the data set.
+        pretrained: Load the backbone's weights (``weights``, else timm's pretrained ones); default: whether
+            the recipe sets ``pretrained`` or ``weights``.
+
+    Returns:
+        The `EarlyExitModel` (on the CPU).
+    """
+    from . import models as _models  # noqa: F401  (registers alexnet_cifar and vgg13_cifar with timm)
+
+    load = bool(recipe["pretrained"] or recipe["weights"]) if pretrained is None else bool(pretrained)
+    backbone = _create_backbone(recipe, num_classes, load)
     size = int(recipe["img_size"])
     return wrap(
         backbone,
@@ -1065,7 +1119,7 @@ class _Trainer:
         if raw is None:
             raw = load_splits(recipe)
         torch.manual_seed(recipe["seed"])
-        self.model = build_model(recipe, len(raw.classes), pretrained=recipe["pretrained"] and not self.resuming)
+        self.model = build_model(recipe, len(raw.classes), pretrained=None if not self.resuming else False)
         self.data = build_datasets(recipe, self.model, raw)
         self.ckpt_path = run_dir / CHECKPOINT_NAME
         self.ckpt: dict[str, dict[str, torch.Tensor]] = {}
