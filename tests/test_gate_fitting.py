@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_backbone
 
-from timm_exits import Collected, calibrate, simulate, wrap
+from timm_exits import Collected, calibrate, simulate, sweep, wrap
 from timm_exits.gate_fitting import fit_gates
 
 
@@ -129,3 +129,87 @@ def test_no_gain_gates_let_hopeless_samples_out_and_beat_max_softmax():
     assert torch.equal(labels, held_out.labels)
     assert (idx[kind == 1] == 1).float().mean() > 0.9, "the fixable samples should go on to the final exit"
     assert (idx[kind == 2] == 0).float().mean() > 0.9, "the hopeless samples should leave at exit 0"
+
+
+# ------------------------------------------------------------------------------------ non-finite values
+def _gate_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if ".gate." in k}
+
+
+def _assert_same_gates(model, before: dict[str, torch.Tensor]) -> None:
+    after = _gate_state(model)
+    assert after.keys() == before.keys()
+    for k, v in before.items():  # bit for bit, not close
+        assert torch.equal(after[k].view(torch.int32), v.view(torch.int32)), k
+
+
+def _with_nonfinite(data: Collected) -> Collected:
+    logits, gate_logits = data.logits.clone(), data.gate_logits.clone()
+    logits[17, 0, 2] = float("nan")
+    logits[40, 0] = float("inf")
+    logits[101, 0, 1] = -float("inf")
+    logits[5, 1, 0] = float("nan")  # the final head
+    gate_logits[200, 0] = float("nan")
+    return Collected(logits, gate_logits, data.labels, data.costs)
+
+
+_NONFINITE = (
+    "3 of 288 samples have non-finite logits at exit 0 (first: 17, 40, 101); "
+    "1 of 288 samples have non-finite logits at exit 1 (the final head) (first: 5); "
+    "1 of 288 samples have non-finite gate logits at exit 0 (first: 200). "
+    "Drop those samples (index logits, gate_logits and labels with the finite rows) or collect again on clean "
+    "held-out data; thresholds and gates fitted on NaN or inf would be meaningless."
+)
+
+
+def test_calibrate_refuses_nonfinite_data_and_keeps_the_stored_policy():
+    model = _model()
+    clean = _data(n=288)
+    single = clean.logits.clone()
+    single[123, 0, 0] = float("nan")  # one sample is enough
+    one = Collected(single, clean.gate_logits, clean.labels, clean.costs)
+    for data, message in ((one, "1 of 288 samples have non-finite logits at exit 0 (first: 123)"), (None, None)):
+        data = data or _with_nonfinite(clean)
+        message = message or _NONFINITE
+        for policy in ("gate", "confidence", "entropy"):
+            with pytest.raises(ValueError) as e:
+                calibrate(model, data, policy=policy, target_cost=0.6)
+            assert str(e.value).startswith(f"calibrate: {message}"), str(e.value)
+            assert model.config.policy == "gate" and model.config.thresholds is None
+    with pytest.raises(ValueError, match=r"^sweep: 3 of 288 samples"):
+        sweep(_with_nonfinite(clean), "confidence")
+    with pytest.raises(ValueError, match="target_cost=nan is not a finite number"):
+        calibrate(model, clean, policy="gate", target_cost=float("nan"))
+    cal = calibrate(model, clean, policy="confidence", target_cost=0.6)  # the clean data still calibrates
+    assert cal.cost <= 0.6 and model.config.thresholds == [cal.threshold]
+
+
+def test_fit_gates_refuses_nonfinite_data_and_leaves_the_gates_bit_identical():
+    model = _model()
+    before = _gate_state(model)
+    with pytest.raises(ValueError) as e:
+        fit_gates(model, _with_nonfinite(_data(n=288)))
+    assert str(e.value) == f"fit_gates: {_NONFINITE}"
+    _assert_same_gates(model, before)
+
+    data = _data(n=288)  # finite logits too large to normalise: their statistics overflow
+    logits = data.logits.clone()
+    logits[7, 0] = torch.tensor([3e38, -3e38, 0.0, 0.0, 0.0])
+    huge = Collected(logits, data.gate_logits, data.labels, data.costs)
+    with pytest.raises(ValueError, match=r"^fit_gates: 1 of 288 samples have non-finite exit statistics .*first: 7\)"):
+        fit_gates(model, huge, objective="soft")
+    _assert_same_gates(model, before)
+
+
+def test_fit_gates_that_diverge_are_not_stored():
+    model = _model()
+    fit_gates(model, _data(), objective="correct", steps=20)  # gates the model already had
+    before = _gate_state(model)
+    with pytest.raises(
+        ValueError,
+        match=r"fit_gates diverged: after 50 steps \(lr=1e\+30\) the fitted gates of "
+        r"exit 0 \('layer2'\) have non-finite parameters",
+    ) as e:
+        fit_gates(model, _data(), lr=1e30, steps=50)
+    assert "left unchanged" in str(e.value)
+    _assert_same_gates(model, before)

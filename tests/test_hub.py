@@ -39,6 +39,7 @@ from timm_exits.hub import (
 )
 
 SIZE = 32
+EXITS = "exits.safetensors"
 FILES = {"config.json", "model.safetensors", "exits.safetensors", "README.md", "report.json"}
 CASES = {
     "resnet": ("test_resnet", {}, 10, {}),
@@ -287,6 +288,10 @@ def test_round_trip_local_folder(case, models, tmp_path, monkeypatch):
 
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["architecture"] == CASES[case][0]
+    files = cfg["timm_exits"].pop("files")
+    assert files == {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("model.safetensors", EXITS)}
+    with safetensors.safe_open(folder / EXITS, "pt") as f:
+        assert json.loads(f.metadata()["timm_exits"])["backbone_sha256"] == files["model.safetensors"]
     expected = model.config.to_dict() | {"costs": model.exit_costs.tolist()}
     assert cfg["timm_exits"] == json.loads(json.dumps(expected))
     assert cfg["timm_exits"]["format_version"] == FORMAT_VERSION
@@ -519,7 +524,12 @@ def test_newer_format_version(saved, tmp_path, where):
             meta = f.metadata()
         tensors = safetensors.torch.load_file(path)
         info = json.loads(meta["timm_exits"])
-        assert info == {"format_version": FORMAT_VERSION, "architecture": "test_resnet", "exits": info["exits"]}
+        assert info == {
+            "format_version": FORMAT_VERSION,
+            "architecture": "test_resnet",
+            "exits": info["exits"],
+            "backbone_sha256": hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest(),
+        }
         info["format_version"] = FORMAT_VERSION + 1
         safetensors.torch.save_file(tensors, path, metadata={"timm_exits": json.dumps(info)})
         file, key = "exits.safetensors", "__metadata__.timm_exits.format_version"
@@ -577,6 +587,128 @@ def test_exits_that_do_not_fit_the_backbone(saved, tmp_path):
     with pytest.raises(ExitCheckpointError) as e:
         from_pretrained(folder)
     assert e.value.file.endswith("config.json") and e.value.key == "timm_exits.exits"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _flip_byte(path: Path, where: str) -> None:
+    """Flip the lowest bit of one byte: in the middle of the largest tensor's data, in the header's metadata
+    (the header stays valid JSON with the same structure) or in the first tensor name."""
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    text = raw[8 : 8 + n].decode()
+    if where == "data":
+        header = {k: v for k, v in _header(path).items() if k != "__metadata__"}
+        begin, end = max((v["data_offsets"] for v in header.values()), key=lambda o: o[1] - o[0])
+        at = 8 + n + (begin + end) // 2
+    elif where == "metadata":
+        at = 8 + text.index('"__metadata__"') + len('"__metadata__":{"') + 1
+    else:
+        at = 8 + 2
+    raw[at] ^= 1
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(("file", "where"), [(EXITS, "data"), (EXITS, "metadata"), ("model.safetensors", "data")])
+def test_one_flipped_byte_is_refused(saved, tmp_path, file, where):
+    folder = _copy(saved, tmp_path)
+    expected = _sha(folder / file)
+    _flip_byte(folder / file, where)
+    actual = _sha(folder / file)
+    assert actual != expected
+    safetensors.torch.load_file(folder / file)  # still a well-formed file: only the hash can tell
+    with pytest.raises(ExitCheckpointError, match=f"SHA-256 is {actual} but .*config.json records {expected}") as e:
+        from_pretrained(folder)
+    assert e.value.file == str(folder / file) and e.value.key is None
+    if file == EXITS:  # load_exits reads it too, and leaves the user's backbone as it was
+        backbone = timm.create_model(f"local-dir:{saved}", pretrained=True)
+        before = _state(backbone)
+        with pytest.raises(ExitCheckpointError, match=f"SHA-256 is {actual}") as e:
+            load_exits(backbone, folder)
+        assert e.value.file == str(folder / file)
+        _assert_equal(before, _state(backbone))
+
+
+def test_flipped_byte_in_a_tensor_name(saved, tmp_path):
+    """A flip that changes the header's structure is reported by the structural checks, naming the key."""
+    folder = _copy(saved, tmp_path)
+    first = min((v["data_offsets"], k) for k, v in _header(folder / "model.safetensors").items())[1]
+    _flip_byte(folder / "model.safetensors", "name")
+    with pytest.raises(ExitCheckpointError, match="missing from the file") as e:
+        from_pretrained(folder)
+    assert e.value.file == str(folder / "model.safetensors") and e.value.key == first
+
+
+def test_exits_of_another_trained_model_are_refused(saved, tmp_path):
+    other = _make("resnet", seed=1)  # the same architecture and exits, other weights
+    other_folder = save_pretrained(other, tmp_path / "other")
+    assert other.config.exits == json.loads((saved / "config.json").read_text())["timm_exits"]["exits"]
+    folder = _copy(saved, tmp_path)
+    shutil.copyfile(other_folder / EXITS, folder / EXITS)
+    for load in (from_pretrained, lambda f: load_exits(timm.create_model(f"local-dir:{saved}", pretrained=True), f)):
+        with pytest.raises(ExitCheckpointError, match="comes from another trained model") as e:
+            load(folder)
+        assert e.value.file == str(folder / EXITS) and e.value.key == "__metadata__.timm_exits.backbone_sha256"
+        msg = str(e.value)
+        assert str(folder / "model.safetensors") in msg and _sha(saved / "model.safetensors") in msg
+        assert _sha(other_folder / "model.safetensors") in msg
+
+    # with the other model's config.json as well, this folder's own model.safetensors is the odd one out
+    shutil.copyfile(other_folder / "config.json", folder / "config.json")
+    with pytest.raises(ExitCheckpointError, match=f"SHA-256 is {_sha(folder / 'model.safetensors')}") as e:
+        from_pretrained(folder)
+    assert e.value.file == str(folder / "model.safetensors")
+
+
+def test_missing_or_malformed_hashes_are_refused(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, lambda c: c["timm_exits"].pop("files"))
+    with pytest.raises(ExitCheckpointError, match="records the SHA-256") as e:
+        from_pretrained(folder)
+    assert e.value.file == str(folder / "config.json") and e.value.key == "timm_exits.files"
+    _edit_config(folder, lambda c: c["timm_exits"].update(files={"model.safetensors": "0" * 64, EXITS: "abc"}))
+    with pytest.raises(ExitCheckpointError, match="'abc'") as e:
+        load_exits(timm.create_model(f"local-dir:{saved}", pretrained=True), folder)
+    assert e.value.key == f"timm_exits.files.{EXITS}"
+
+    folder = _copy(saved, tmp_path / "b")  # an exits file without the backbone's hash, in a folder that records it
+    tensors = safetensors.torch.load_file(folder / EXITS)
+    safetensors.torch.save_file(tensors, folder / EXITS)
+    with pytest.raises(ExitCheckpointError, match="SHA-256 is") as e:
+        from_pretrained(folder)
+    assert e.value.file == str(folder / EXITS)
+    _edit_config(folder, lambda c: c["timm_exits"]["files"].update({EXITS: _sha(folder / EXITS)}))
+    with pytest.raises(ExitCheckpointError, match="not written by save_pretrained") as e:
+        from_pretrained(folder)
+    assert e.value.file == str(folder / EXITS) and e.value.key == "__metadata__.timm_exits.backbone_sha256"
+
+
+def _as_version_1(folder: Path) -> None:
+    """Turn a saved folder into what format version 1 wrote: no hashes anywhere."""
+    _edit_config(folder, lambda c: c["timm_exits"].pop("files") and c["timm_exits"].update(format_version=1))
+    path = folder / EXITS
+    with safetensors.safe_open(path, "pt") as f:
+        info = json.loads(f.metadata()["timm_exits"])
+    del info["backbone_sha256"]
+    info["format_version"] = 1
+    safetensors.torch.save_file(safetensors.torch.load_file(path), path, metadata={"timm_exits": json.dumps(info)})
+
+
+def test_format_version_1_loads_with_a_warning_and_resaves_with_hashes(models, saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _as_version_1(folder)
+    with pytest.warns(UserWarning, match="format version 1 records no SHA-256.*re-save") as w:
+        loaded = from_pretrained(folder)
+    assert str(folder / "config.json") in str(w[0].message)
+    _assert_equal(_outputs(models["resnet"], _x()), _outputs(loaded, _x()))
+    with pytest.warns(UserWarning, match="format version 1"):
+        load_exits(timm.create_model(f"local-dir:{folder}", pretrained=True), folder)
+
+    again = save_pretrained(loaded, tmp_path / "again" / saved.name, folder / "report.json")
+    for name in FILES:  # saved again: format version 2 with hashes, the bytes of the original save
+        assert (again / name).read_bytes() == (saved / name).read_bytes(), name
 
 
 def test_plain_timm_model_and_pickles_are_refused(models, tmp_path):

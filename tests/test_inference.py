@@ -197,6 +197,90 @@ def test_calibration_meets_targets_and_matches_hard_path():
         calibrate(model, [], policy="gate", target_cost=0.5)
 
 
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_collect_refuses_nonfinite_inputs_and_outputs():
+    model, size = _wrapped("resnet18")
+    model.train()  # collect runs in eval mode and gives the mode back
+    before = _state(model)
+    x = images(48, size, seed=7)
+    y = torch.zeros(48, dtype=torch.long)
+    x[17, 0, 3, 3] = float("nan")
+    x[40, 2] = float("inf")
+    x[45, 1, 0, 0] = -float("inf")
+    with pytest.raises(ValueError) as e:
+        collect(model, _loader(x, y))
+    msg = str(e.value)
+    last = model.num_exits - 1
+    for part in (
+        "collect: 3 of 48 samples have non-finite input images (first: 17, 40, 45); ",
+        "3 of 48 samples have non-finite logits at exit 0 (first: 17, 40, 45); ",
+        f"3 of 48 samples have non-finite logits at exit {last} (the final head) (first: 17, 40, 45)",
+        "Fix or drop those images",
+    ):
+        assert part in msg, msg
+    with pytest.raises(ValueError, match=r"^collect: 3 of 48 samples have non-finite input images"):
+        calibrate(model, _loader(x, y), policy="confidence", target_cost=0.6)
+    assert model.config.thresholds is None
+    assert model.training and all(b.training for b in model.branches)
+    _assert_same_state(model, before)
+
+    # finite inputs the model overflows on: the outputs are refused, and the message says where they come from
+    x = images(48, size, seed=7)
+    x[9] = 3e38
+    with pytest.raises(
+        ValueError, match=r"^collect: 1 of 48 samples have non-finite logits at exit 0 \(first: 9\)"
+    ) as e:
+        collect(model, _loader(x, y))
+    assert "input images" not in str(e.value) and "The inputs are finite, so the model produces them" in str(e.value)
+    _assert_same_state(model, before)
+
+
+def test_predict_with_nonfinite_inputs():
+    model, size = _wrapped("resnet18")
+    x = images(6, size, seed=3)
+    x[1, 0, 5, 5] = float("nan")
+    x[4] = float("inf")
+    before = _state(model)
+    with pytest.raises(ValueError) as e:
+        predict(model, x, "confidence", 0.0)
+    assert str(e.value).startswith("2 of 6 input samples hold NaN or inf (first: 1, 4);")
+    assert "allow_nonfinite=True" in str(e.value)
+    assert model._batch_shrink_safe is None  # the one-off batch check never saw the bad rows
+    _assert_same_state(model, before)
+
+    last = model.num_exits - 1
+    labels = torch.arange(6) % model.num_classes
+    pred = predict(model, x, "confidence", 0.0, labels=labels, allow_nonfinite=True)
+    assert pred.stats.nonfinite == [1, 4]
+    assert pred.exit_index.tolist() == [0, last, 0, 0, last, 0]  # threshold 0: every finite sample leaves at once
+    good = torch.tensor([0, 2, 3, 5])
+    alone = predict(model, x[good], "confidence", 0.0)
+    assert torch.equal(pred.logits[good], alone.logits) and alone.stats.nonfinite == []
+    with torch.no_grad():
+        full = model(x[[1, 4]])
+    torch.testing.assert_close(pred.logits[[1, 4]], full.final.float(), rtol=0, atol=0, equal_nan=True)
+    assert not torch.isfinite(pred.logits[[1, 4]]).any()
+    assert pred.stats.counts == [4] + [0] * (last - 1) + [2]
+    assert pred.stats.expected_cost == pytest.approx((4 * float(model.costs[0]) + 2 * float(model.costs[-1])) / 6)
+
+    soft = predict(model, x, "soft", allow_nonfinite=True)
+    assert soft.stats.nonfinite == [1, 4] and soft.exit_index.tolist() == [last] * 6
+    with torch.no_grad():
+        torch.testing.assert_close(soft.logits[good], model(x[good]).log_probs.float(), rtol=1e-5, atol=1e-6)
+    all_bad = predict(model, x[[1, 4]], "gate", allow_nonfinite=True)
+    assert all_bad.stats.nonfinite == [0, 1] and all_bad.exit_index.tolist() == [last, last]
+    with pytest.raises(ValueError, match="outside"):
+        predict(model, x[[1, 4]], "gate", 2.0, allow_nonfinite=True)
+
+
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

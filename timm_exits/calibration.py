@@ -4,10 +4,15 @@
 exit rule to the collected outputs exactly as the hard path would (the first exit whose rule fires);
 `calibrate` sweeps one shared threshold and picks the one that meets a target expected cost or a
 maximum accuracy drop relative to the final exit. Everything is deterministic for a given loader.
+
+Non-finite values are refused, never averaged in: `collect` raises if an input image or an exit's
+output holds NaN or inf, and `calibrate`, `sweep` and `fit_gates` raise on such values in the
+collected data, each naming how many samples are affected, at which exit, and the first indices.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -48,26 +53,98 @@ class Calibration:
     curve: list[dict[str, float]] = field(default_factory=list)
 
 
+def _first(rows: torch.Tensor, k: int = 5) -> str:
+    """The first `k` sample indices of a (N,) bool mask, as text."""
+    idx = rows.nonzero().flatten()
+    return ", ".join(str(i) for i in idx[:k].tolist()) + (", ..." if idx.numel() > k else "")
+
+
+def _nonfinite(data: Collected, inputs_ok: torch.Tensor | None = None) -> list[str]:
+    """One line per problem: samples with non-finite inputs, logits (per exit) or gate logits (per exit)."""
+    ok = bool(torch.isfinite(data.logits).all() and torch.isfinite(data.gate_logits).all())
+    ok = ok and bool(torch.isfinite(data.costs).all()) and (inputs_ok is None or bool(inputs_ok.all()))
+    if ok:
+        return []
+    n = data.labels.shape[0]
+    last = data.logits.shape[1] - 1
+    problems = []
+    if inputs_ok is not None and not inputs_ok.all():
+        bad = ~inputs_ok
+        problems.append(f"{int(bad.sum())} of {n} samples have non-finite input images (first: {_first(bad)})")
+    for what, bad in (
+        ("logits", ~torch.isfinite(data.logits).all(-1)),  # (N, E + 1)
+        ("gate logits", ~torch.isfinite(data.gate_logits)),  # (N, E)
+    ):
+        for b in range(bad.shape[1]):
+            rows = bad[:, b]
+            if rows.any():
+                name = f"exit {b}" + (" (the final head)" if what == "logits" and b == last else "")
+                problems.append(
+                    f"{int(rows.sum())} of {n} samples have non-finite {what} at {name} (first: {_first(rows)})"
+                )
+    if not torch.isfinite(data.costs).all():
+        problems.append(f"the exit costs {data.costs.tolist()} are not finite")
+    return problems
+
+
+def _require_finite(data: Collected, where: str, fix: str, inputs_ok: torch.Tensor | None = None) -> None:
+    """Raise a ValueError naming every non-finite value in `data` (exit indices are 0-based, final last)."""
+    problems = _nonfinite(data, inputs_ok)
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems) + f". {fix}")
+
+
+_FIX_COLLECTED = (
+    "Drop those samples (index logits, gate_logits and labels with the finite rows) or collect again on clean "
+    "held-out data; thresholds and gates fitted on NaN or inf would be meaningless."
+)
+
+
 def collect(
     model: EarlyExitModel, loader: Iterable, device: torch.device | str | None = None, max_batches: int | None = None
 ) -> Collected:
-    """Run every exit over `loader` ((images, labels) batches) in eval mode without gradients."""
+    """Run every exit over `loader` ((images, labels) batches) in eval mode without gradients.
+
+    Args:
+        model: The wrapped model.
+        loader: (images, labels) batches of held-out data.
+        device: Device to run on (default: the model's).
+        max_batches: Stop after this many batches.
+
+    Returns:
+        The `Collected` outputs of every exit, on the CPU.
+
+    Raises:
+        ValueError: If an input image or an exit's logits or gate logits hold NaN or inf (naming how many
+            samples, the exit and the first sample indices, in loader order).
+    """
     device = torch.device(device) if device is not None else model.exit_costs.device
-    logits, gates, labels = [], [], []
+    logits, gates, labels, inputs_ok = [], [], [], []
     with evaluating(model), torch.no_grad():
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            out = model(x.to(device))
+            x = x.to(device)
+            out = model(x)
             logits.append(torch.stack([f.float() for f in out.logits], dim=1).cpu())
             gates.append(out.gate_logits.float().cpu())
             labels.append(y.cpu())
+            inputs_ok.append(torch.isfinite(x.reshape(x.shape[0], -1)).all(1).cpu())
     if not logits:
         raise ValueError("the loader yielded no batches; calibration needs held-out data.")
     y = torch.cat(labels)
     if y.ndim != 1:
         raise ValueError("calibration needs class-index labels (N,), not soft targets.")
-    return Collected(torch.cat(logits), torch.cat(gates), y, model.exit_costs.detach().float().cpu())
+    data = Collected(torch.cat(logits), torch.cat(gates), y, model.exit_costs.detach().float().cpu())
+    ok = torch.cat(inputs_ok)
+    fix = (
+        "Fix or drop those images in the data set"
+        if not ok.all()
+        else "The inputs are finite, so the model produces them: load a finite checkpoint, or run in float32 if "
+        "half precision overflows"
+    )
+    _require_finite(data, "collect", fix + "; thresholds and gates fitted on NaN or inf would be meaningless.", ok)
+    return data
 
 
 def simulate(data: Collected, policy: str, threshold: float | list[float]) -> torch.Tensor:
@@ -103,6 +180,7 @@ def sweep(data: Collected, policy: str, num: int = 201) -> list[dict[str, float]
     """Cost and accuracy of `policy` over thresholds at `num` quantiles of its scores (plus 0 and 1)."""
     if policy not in POLICIES[1:]:
         raise ValueError(f"cannot sweep policy {policy!r}; use one of {POLICIES[1:]}.")
+    _require_finite(data, "sweep", _FIX_COLLECTED)
     curve = []
     for t in _candidates(data, policy, num):
         cost, acc = _point(data, simulate(data, policy, t))
@@ -134,12 +212,23 @@ def calibrate(
 
     Returns:
         A `Calibration` with the threshold, the cost and accuracy reached and the whole sweep.
+
+    Raises:
+        ValueError: If the collected logits, gate logits or costs hold NaN or inf (see `collect`); the model's
+            stored policy is then left as it was.
     """
     if (target_cost is None) == (max_accuracy_drop is None):
         raise ValueError("give exactly one of target_cost= or max_accuracy_drop=.")
+    for name, value in (("target_cost", target_cost), ("max_accuracy_drop", max_accuracy_drop)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name}={value} is not a finite number.")
     if max_accuracy_drop is not None and max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop={max_accuracy_drop} is negative; give an allowed drop such as 0.01.")
-    data = loader if isinstance(loader, Collected) else collect(model, loader)
+    if isinstance(loader, Collected):
+        _require_finite(loader, "calibrate", _FIX_COLLECTED)
+        data = loader
+    else:
+        data = collect(model, loader)
     curve = sweep(data, policy, num)
     final_acc = data.exit_accuracy[-1]
     if target_cost is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = ["ExitConfig", "FORMAT_VERSION", "HEAD_TYPES", "GATE_TYPES"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json records the weight files' SHA-256
 HEAD_TYPES = ("linear", "mlp", "conv")
 GATE_TYPES = ("stats", "features", "both")
 

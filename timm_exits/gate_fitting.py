@@ -17,18 +17,21 @@ held-out outputs of the frozen exits fixes that. Three objectives, each a per-ex
   also right pulls every gate shut, so its gates rank samples poorly for a threshold.
 
 Only the gate MLPs are trained, full batch, deterministically. "stats" gates read only the exits'
-confidence statistics, so this needs no further pass over the backbone.
+confidence statistics, so this needs no further pass over the backbone. The gates are fitted on copies
+and written into the model only if every fitted parameter is finite; non-finite collected data is
+refused before fitting (see `timm_exits.calibration`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .calibration import Collected
-from .gates import logit_stats
+from .calibration import _FIX_COLLECTED, Collected, _first, _require_finite
+from .gates import ExitGate, logit_stats
 from .model import EarlyExitModel
 from .soft import exit_log_probs
 
@@ -49,7 +52,7 @@ class GateFit:
 
 
 def _objective(
-    model: EarlyExitModel,
+    gates: list[ExitGate],
     stats: torch.Tensor,
     logp_y: torch.Tensor,
     target: torch.Tensor,
@@ -57,7 +60,7 @@ def _objective(
     lam: float,
     objective: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    gate_logits = torch.stack([b.gate(None, stats[:, : 3 * (b.position + 1)]) for b in model.branches], dim=1).float()
+    gate_logits = torch.stack([g(None, stats[:, : 3 * (b + 1)]) for b, g in enumerate(gates)], dim=1).float()
     log_pi = exit_log_probs(gate_logits)
     cost = (log_pi.exp() * costs).sum(1).mean()
     if objective != "soft":
@@ -94,6 +97,10 @@ def fit_gates(
 
     Returns:
         A `GateFit` with the objective and expected cost before and after.
+
+    Raises:
+        ValueError: If `data` holds NaN or inf (naming how many samples, the exit and the first indices), or if
+            the fit diverges to non-finite gate parameters; the model's gates are then left exactly as they were.
     """
     if model.config.gate != "stats":
         raise ValueError(
@@ -104,11 +111,13 @@ def fit_gates(
         raise ValueError(f"objective={objective!r} is not one of {GATE_OBJECTIVES}.")
     if data.gate_logits.shape[1] != len(model.branches):
         raise ValueError(f"data has {data.gate_logits.shape[1]} early exits; the model has {len(model.branches)}.")
+    _require_finite(data, "fit_gates", _FIX_COLLECTED)
     device = model.exit_costs.device
     logits = data.logits.to(device).float()
     labels = data.labels.to(device)
     stats = torch.cat([logit_stats(logits[:, b]) for b in range(logits.shape[1] - 1)], dim=1)
     logp_y = F.log_softmax(logits, dim=-1).gather(-1, labels[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
+    _require_finite_stats(stats, logp_y if objective == "soft" else None)
     correct = (logits.argmax(-1) == labels[:, None]).float()  # every exit, the final one last
     if objective == "no_gain":  # 0 only where this exit is wrong and the final exit is right
         target = 1.0 - (1.0 - correct[:, :-1]) * correct[:, -1:]
@@ -116,36 +125,63 @@ def fit_gates(
         target = correct[:, :-1]
     costs = model.exit_costs.detach().float()
     args = (stats, logp_y, target, costs, cost_weight, objective)
-    params = [p for b in model.branches for p in b.gate.parameters()]
+    gates = [copy.deepcopy(b.gate) for b in model.branches]  # fitted apart; written back only if finite
+    params = [p for g in gates for p in g.parameters()]
     if reset:
         gen = torch.Generator().manual_seed(seed)
         bias = model.config.gate_bias
         with torch.no_grad():
-            for b in model.branches:
-                layers = [m for m in b.gate.modules() if isinstance(m, torch.nn.Linear)]
+            for g in gates:
+                layers = [m for m in g.modules() if isinstance(m, torch.nn.Linear)]
                 for layer in layers:
                     bound = 1.0 / layer.in_features**0.5
                     # drawn on the CPU generator, then copied: the same start on every device
                     layer.weight.copy_(torch.empty(layer.weight.shape).uniform_(-bound, bound, generator=gen))
                     layer.bias.copy_(torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=gen))
                 layers[-1].bias.fill_(bias)
-    flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    try:
-        with torch.enable_grad():
-            with torch.no_grad():
-                before, cost_before = _objective(model, *args)
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                loss, _ = _objective(model, *args)
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                after, cost_after = _objective(model, *args)
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-            p.grad = None
+    with torch.enable_grad():
+        with torch.no_grad():
+            before, cost_before = _objective(gates, *args)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss, _ = _objective(gates, *args)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            after, cost_after = _objective(gates, *args)
+    _require_finite_fit(model, gates, float(after), steps, lr)
+    with torch.no_grad():
+        for b, g in zip(model.branches, gates):
+            for mine, fitted in zip(b.gate.state_dict(keep_vars=True).values(), g.state_dict().values()):
+                mine.copy_(fitted)
     return GateFit(float(before), float(after), float(cost_before), float(cost_after), steps)
+
+
+def _require_finite_stats(stats: torch.Tensor, logp_y: torch.Tensor | None) -> None:
+    """Refuse statistics (and log-likelihoods) that finite logits can still overflow to NaN or inf."""
+    bad = ~torch.isfinite(stats).all(1)
+    if logp_y is not None:
+        bad |= ~torch.isfinite(logp_y).all(1)
+    if bad.any():
+        raise ValueError(
+            f"fit_gates: {int(bad.sum())} of {bad.shape[0]} samples have non-finite exit statistics or label "
+            f"log-probabilities (first: {_first(bad)}); their logits are finite but too large to normalise. "
+            f"{_FIX_COLLECTED}"
+        )
+
+
+def _require_finite_fit(model: EarlyExitModel, gates: list[ExitGate], loss: float, steps: int, lr: float) -> None:
+    """Refuse fitted gates with a NaN or inf parameter before any is written into the model."""
+    bad = [
+        f"exit {i} ({b.name!r})"
+        for i, (b, g) in enumerate(zip(model.branches, gates))
+        if not all(bool(torch.isfinite(p).all()) for p in g.parameters())
+    ]
+    if bad:
+        raise ValueError(
+            f"fit_gates diverged: after {steps} steps (lr={lr}) the fitted gates of {', '.join(bad)} have non-finite "
+            f"parameters (final loss {loss}); the model's gates were left unchanged. Fit again with a lower lr=."
+        )

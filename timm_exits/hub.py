@@ -3,11 +3,13 @@
 A saved multi-exit model is a folder (or Hub repo) that is at the same time a normal timm repo:
 
     config.json          timm's own config (architecture, num_classes, model_args, pretrained_cfg), plus the
-                         exit configuration (`ExitConfig.to_dict()`) under the top-level key "timm_exits"
+                         exit configuration (`ExitConfig.to_dict()`) under the top-level key "timm_exits", with
+                         the SHA-256 of both weight files under "timm_exits" -> "files"
     model.safetensors    the backbone's weights, written by timm's `save_for_hf(..., safe_serialization=True)`
     exits.safetensors    exit heads, gates, the added final head (if any) and the `exit_costs` buffer, keyed as
                          in `EarlyExitModel.state_dict()`; its header metadata repeats the format version,
-                         the architecture and the exit names
+                         the architecture and the exit names, and records the SHA-256 of the model.safetensors
+                         it was saved with ("backbone_sha256")
     README.md            a model card generated from the templates in `hub_cards/`
     report.json          the training report the card's numbers come from (only when one was given)
 
@@ -15,6 +17,14 @@ A saved multi-exit model is a folder (or Hub repo) that is at the same time a no
 they would any timm repo; `from_pretrained` rebuilds the whole multi-exit model and `load_exits` attaches the
 saved exits to a backbone already in memory. Only safetensors are written or read, never pickle, and loading
 is strict: every mismatch raises `ExitCheckpointError` naming the file and the key.
+
+Integrity: loading checks each file it reads against the SHA-256 recorded in config.json, so one changed byte
+anywhere in a weight file (header or tensor data) raises, naming the file and both hashes; and it checks that
+exits.safetensors was saved together with this folder's model.safetensors, so exits copied over from another
+trained model of the same architecture and exits are refused, naming both files. The hashes guard against
+damaged downloads and mixed-up files, not against deliberate edits (whoever edits a file can edit config.json).
+Folders of format version 1 (written before the hashes were recorded) still load, with a warning that they cannot
+be verified; saving the loaded model again records the hashes.
 
 The card templates are `string.Template` files in `hub_cards/`: `model_card.md` (the card: $front_matter,
 $title, $architecture, $exit_list, $final_note, $head, $gate, $policy, $trained, $source, $timm_source,
@@ -24,6 +34,7 @@ $results, $training), `results.md` ($headline, $exit_table, $policies, $speed) w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -76,6 +87,7 @@ _DTYPE_BYTES = {
     "C64": 8,
 }  # fmt: skip
 _MAX_HEADER = 100 * 1024 * 1024
+_HASHED_SINCE = 2  # first format version whose config.json records the weight files' SHA-256
 _DEFAULT_COMMIT_MESSAGE = "Upload multi-exit model (timm-exits)"
 _CARD_FILES = ("model_card.md", "results.md", "no_results.md")
 
@@ -289,6 +301,101 @@ def _exit_tensors(model: EarlyExitModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
 
 
+# -------------------------------------------------------------------------------------------- integrity
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _recorded_hashes(hf_config: dict[str, Any], label: str) -> dict[str, str] | None:
+    """The SHA-256 config.json records for model.safetensors and exits.safetensors.
+
+    Returns None (after a warning) for a folder of format version 1, which records none.
+    """
+    d = hf_config[CONFIG_KEY]
+    version = d.get("format_version", FORMAT_VERSION)
+    files = d.get("files")
+    key = f"{CONFIG_KEY}.files"
+    if files is None and version < _HASHED_SINCE:
+        warnings.warn(
+            f"{label}: format version {version} records no SHA-256 of {WEIGHTS_NAME} and {EXITS_NAME}, so a "
+            "damaged tensor or exits copied from another model cannot be detected; re-save the loaded model "
+            "with save_pretrained() to record them.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    if not isinstance(files, dict):
+        raise ExitCheckpointError(
+            label,
+            key,
+            f"missing or not a JSON object ({files!r}): format version {version} records the SHA-256 of "
+            f"{WEIGHTS_NAME} and {EXITS_NAME} there. The file was edited or damaged; copy the folder again or "
+            "re-save the model with save_pretrained().",
+        )
+    for name in (WEIGHTS_NAME, EXITS_NAME):
+        if not _is_sha256(files.get(name)):
+            raise ExitCheckpointError(
+                label,
+                f"{key}.{name}",
+                f"expected a SHA-256 hex digest (64 lowercase hex digits), got {files.get(name)!r}. The file was "
+                "edited or damaged; copy the folder again or re-save the model with save_pretrained().",
+            )
+    return {name: files[name] for name in (WEIGHTS_NAME, EXITS_NAME)}
+
+
+def _check_hash(path: Path, label: str, expected: str, config_label: str) -> None:
+    """Raise unless the file at `path` has the SHA-256 that config.json records for it."""
+    actual = _sha256(path)
+    if actual != expected:
+        raise ExitCheckpointError(
+            label,
+            None,
+            f"SHA-256 is {actual} but {config_label} records {expected}: the file changed after it was saved "
+            "(a damaged download or copy, an edit, or a config.json from another save). Download or copy the "
+            "whole folder again, or re-save the model with save_pretrained().",
+        )
+
+
+def _check_pair(
+    info: dict[str, Any], label: str, backbone_sha: str, weights_label: str, config_label: str, intact: bool
+) -> None:
+    """Raise if exits.safetensors was saved with another model.safetensors than the one config.json records.
+
+    A missing or malformed record is only reported once the file passed its own hash check (`intact`): before,
+    a damaged header would be mistaken for a missing record.
+    """
+    key = f"__metadata__.{_META_KEY}.backbone_sha256"
+    saved_with = info.get("backbone_sha256")
+    if not _is_sha256(saved_with):
+        if not intact:
+            return
+        raise ExitCheckpointError(
+            label,
+            key,
+            f"missing or not a SHA-256 ({saved_with!r}), but {config_label} is of a format version that records "
+            f"it: the file was not written by save_pretrained() with this {CONFIG_NAME}. Copy the whole folder "
+            "again or re-save the model with save_pretrained().",
+        )
+    if saved_with != backbone_sha:
+        raise ExitCheckpointError(
+            label,
+            key,
+            f"these exits were saved with a {WEIGHTS_NAME} of SHA-256 {saved_with}, but {weights_label} is "
+            f"recorded in {config_label} with SHA-256 {backbone_sha}: {EXITS_NAME} comes from another trained model "
+            f"(same architecture and exits) and does not belong with this {WEIGHTS_NAME}. Copy {CONFIG_NAME}, "
+            f"{WEIGHTS_NAME} and {EXITS_NAME} together from one save_pretrained() folder.",
+        )
+
+
 # ----------------------------------------------------------------------------------------- config
 def _read_json(path: Path, label: str) -> dict[str, Any]:
     try:
@@ -324,8 +431,9 @@ def _exit_config(hf_config: dict[str, Any], label: str) -> ExitConfig:
             f"format version {version} is newer than this timm-exits "
             f"reads ({FORMAT_VERSION}); upgrade timm-exits to load this model.",
         )
+    fields = {k: v for k, v in d.items() if k != "files"}  # the weight files' hashes: see _recorded_hashes
     try:
-        return ExitConfig.from_dict(dict(d))
+        return ExitConfig.from_dict(fields)
     except (TypeError, ValueError) as e:
         raise ExitCheckpointError(label, CONFIG_KEY, f"invalid exit configuration: {e}") from e
 
@@ -340,8 +448,20 @@ def _attach(backbone: nn.Module, config: ExitConfig, label: str) -> EarlyExitMod
         ) from e
 
 
-def _load_exit_file(model: EarlyExitModel, path: Path, label: str, architecture: str, config_label: str) -> None:
-    """Strictly load exits.safetensors into `model`'s heads, gates, final head and costs."""
+def _load_exit_file(
+    model: EarlyExitModel,
+    path: Path,
+    label: str,
+    architecture: str,
+    config_label: str,
+    hashes: dict[str, str] | None,
+    weights_label: str,
+) -> None:
+    """Strictly load exits.safetensors into `model`'s heads, gates, final head and costs.
+
+    With `hashes` (from config.json), the file must have its recorded SHA-256 and must have been saved with the
+    model.safetensors config.json records; nothing is loaded into `model` unless every check passes.
+    """
     tensors, meta = _read_safetensors(path, label)
     info = _exit_metadata(meta, label)
     version = info.get("format_version")
@@ -381,6 +501,10 @@ def _load_exit_file(model: EarlyExitModel, path: Path, label: str, architecture:
                 "exit_costs",
                 f"costs {costs.tolist()} disagree with {config_label} '{CONFIG_KEY}.costs' = {model.config.costs}.",
             )
+    if hashes is not None:  # foreign exits first: they fail the hash check too, but that would not say why
+        _check_pair(info, label, hashes[WEIGHTS_NAME], weights_label, config_label, intact=False)
+        _check_hash(path, label, hashes[EXITS_NAME], config_label)
+        _check_pair(info, label, hashes[WEIGHTS_NAME], weights_label, config_label, intact=True)
     model.load_state_dict(tensors, strict=False)  # keys checked above: exactly the non-backbone ones
     model.config.costs = [float(c) for c in model.exit_costs.tolist()]
 
@@ -487,6 +611,7 @@ def save_pretrained(
         _check_report(report_dict, model)
     cfg = model.config.to_dict()
     cfg["costs"] = [float(c) for c in model.exit_costs.tolist()]  # as used, so a reload needs no FLOP count
+    cfg["format_version"] = FORMAT_VERSION  # the layout written here, whatever the model was loaded from
     try:
         json.dumps(cfg, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -504,10 +629,17 @@ def save_pretrained(
             (folder / n).unlink()
         raise RuntimeError(f"timm's save_for_hf wrote pickle files {sorted(written)}; they were removed.")
 
+    backbone_sha = _sha256(folder / WEIGHTS_NAME)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _exit_tensors(model).items()}
-    info = {"format_version": FORMAT_VERSION, "architecture": architecture, "exits": list(model.config.exits)}
+    info = {
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "exits": list(model.config.exits),
+        "backbone_sha256": backbone_sha,
+    }
     meta = {_META_KEY: json.dumps(info, sort_keys=True)}
     safetensors.torch.save_file(tensors, str(folder / EXITS_NAME), metadata=meta)
+    _record_hashes(folder / CONFIG_NAME, {WEIGHTS_NAME: backbone_sha, EXITS_NAME: _sha256(folder / EXITS_NAME)})
 
     report_path = folder / REPORT_NAME
     if report_dict is not None:
@@ -517,6 +649,13 @@ def save_pretrained(
     card = render_model_card(model, report_dict, repo_id=repo_id, folder_name=folder.resolve().name)
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     return folder
+
+
+def _record_hashes(config_path: Path, files: dict[str, str]) -> None:
+    """Add the weight files' SHA-256 under config.json's "timm_exits" -> "files" (timm ignores the key)."""
+    hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+    hf_config[CONFIG_KEY]["files"] = files
+    config_path.write_text(json.dumps(hf_config, indent=2), encoding="utf-8")  # as timm's save_for_hf writes it
 
 
 def push_to_hub(
@@ -632,7 +771,9 @@ def from_pretrained(
 
     The backbone is built by `timm.create_model` from config.json with pretrained=False, then model.safetensors
     is loaded strictly; the exits are rebuilt with `wrap(backbone, config=...)` and exits.safetensors is loaded
-    strictly. Hub files go through `hf_hub_download`, so the HF cache, revisions and offline mode work as usual.
+    strictly. Both files must have the SHA-256 config.json records, and exits.safetensors must have been saved
+    with this model.safetensors (see the module docstring). Hub files go through `hf_hub_download`, so the HF
+    cache, revisions and offline mode work as usual.
 
     Args:
         source: "hf-hub:org/name", "hf-hub:org/name@revision", "local-dir:/path" or a folder.
@@ -654,6 +795,7 @@ def from_pretrained(
     cfg_path, cfg_label = src.fetch(CONFIG_NAME)
     hf_config = _read_json(cfg_path, cfg_label)
     exit_cfg = _exit_config(hf_config, cfg_label)
+    hashes = _recorded_hashes(hf_config, cfg_label)
     architecture = str(hf_config["architecture"])
     weights_path, weights_label = src.fetch(WEIGHTS_NAME)
     exits_path, exits_label = src.fetch(EXITS_NAME)
@@ -670,11 +812,13 @@ def from_pretrained(
         ) from e
     tensors, _ = _read_safetensors(weights_path, weights_label)
     _check_tensors(weights_label, tensors, backbone.state_dict(), context=f"architecture {architecture!r}")
+    if hashes is not None:
+        _check_hash(weights_path, weights_label, hashes[WEIGHTS_NAME], cfg_label)
     backbone.load_state_dict(tensors, strict=True)
     del tensors
 
     model = _attach(backbone, exit_cfg, cfg_label)
-    _load_exit_file(model, exits_path, exits_label, architecture, cfg_label)
+    _load_exit_file(model, exits_path, exits_label, architecture, cfg_label, hashes, weights_label)
     return model.to(device).eval()
 
 
@@ -690,9 +834,10 @@ def load_exits(
 ) -> EarlyExitModel:
     """Attach saved exits to a backbone already in memory, without touching its weights.
 
-    Only config.json and exits.safetensors are read (never the saved backbone weights). The backbone object is
-    used as it is: the returned wrapper holds it as `.backbone`; its parameters, buffers and train/eval mode
-    are left unchanged, and the exits take its mode.
+    Only config.json and exits.safetensors are read (never the saved backbone weights); exits.safetensors must
+    have the SHA-256 config.json records and have been saved with the model.safetensors it records. The backbone
+    object is used as it is: the returned wrapper holds it as `.backbone`; its parameters, buffers and
+    train/eval mode are left unchanged, and the exits take its mode.
 
     Args:
         model: A timm backbone (not wrapped), e.g. `timm.create_model("hf-hub:org/name", pretrained=True)`.
@@ -710,6 +855,7 @@ def load_exits(
     cfg_path, cfg_label = src.fetch(CONFIG_NAME)
     hf_config = _read_json(cfg_path, cfg_label)
     exit_cfg = _exit_config(hf_config, cfg_label)
+    hashes = _recorded_hashes(hf_config, cfg_label)
     architecture = str(hf_config["architecture"])
     exits_path, exits_label = src.fetch(EXITS_NAME)
     mine = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
@@ -721,7 +867,7 @@ def load_exits(
             "(pass check_architecture=False to attach them anyway).",
         )
     wrapped = _attach(model, exit_cfg, cfg_label)
-    _load_exit_file(wrapped, exits_path, exits_label, architecture, cfg_label)
+    _load_exit_file(wrapped, exits_path, exits_label, architecture, cfg_label, hashes, f"{src.name}/{WEIGHTS_NAME}")
     wrapped.training = model.training
     for m in (wrapped.branches, wrapped.final_head):
         if m is not None:

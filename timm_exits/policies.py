@@ -22,7 +22,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,8 @@ class PredictionStats:
             labels were given.
         accuracy: Overall accuracy, when labels were given.
         batch_shrink: Whether exited samples were removed from the batch mid-network.
+        nonfinite: Indices of the samples whose input held NaN or inf (only with `allow_nonfinite=True`):
+            they ran through the whole network and are counted at the final exit.
     """
 
     counts: list[int]
@@ -65,6 +67,7 @@ class PredictionStats:
     exit_accuracy: list[float | None] | None = None
     accuracy: float | None = None
     batch_shrink: bool = True
+    nonfinite: list[int] = field(default_factory=list)
 
     @property
     def distribution(self) -> list[float]:
@@ -328,6 +331,7 @@ def predict(
     threshold: float | Sequence[float] | None = None,
     labels: torch.Tensor | None = None,
     batch_shrink: bool | None = None,
+    allow_nonfinite: bool = False,
 ) -> Prediction:
     """Hard early-exit inference.
 
@@ -340,6 +344,10 @@ def predict(
         labels: Optional (B,) labels for per-exit accuracy in the stats.
         batch_shrink: Remove exited samples from the batch mid-network. None checks once whether
             the backbone allows it (see the module docstring).
+        allow_nonfinite: What to do with samples whose input holds NaN or inf. False (default): raise a
+            ValueError naming them. True: run them through the whole network, never letting them exit
+            early, return their final-exit logits (for "soft", the soft output; NaN as a rule) and list
+            them in `stats.nonfinite`; the other samples get exactly what they would get without them.
 
     Returns:
         A `Prediction` with logits, per-sample exit index and stats, in input order.
@@ -347,6 +355,8 @@ def predict(
     policy = policy or model.config.policy
     _check_policy(policy)
     model.check_input(x)
+    if not bool(torch.isfinite(x).all()):  # the one check on the hot path; the rows are found only here
+        return _predict_nonfinite(model, x, policy, threshold, labels, batch_shrink, allow_nonfinite)
     with torch.no_grad():
         if policy == "soft":
             out = model(x)
@@ -363,3 +373,43 @@ def predict(
         fused = FusedExits.prepare(list(model.branches), x.device, policy, thresholds)
         run = _run_hard(model, x, decide, shrink=batch_shrink, fused=fused)
     return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
+
+
+def _predict_nonfinite(
+    model: EarlyExitModel,
+    x: torch.Tensor,
+    policy: str,
+    threshold: float | Sequence[float] | None,
+    labels: torch.Tensor | None,
+    batch_shrink: bool | None,
+    allow: bool,
+) -> Prediction:
+    """`predict` for a batch with NaN or inf inputs: refuse it, or run those samples through the whole network."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+    rows = bad.nonzero().flatten()
+    n = x.shape[0]
+    if not allow:
+        first = ", ".join(str(i) for i in rows[:5].tolist()) + (", ..." if rows.numel() > 5 else "")
+        raise ValueError(
+            f"{rows.numel()} of {n} input samples hold NaN or inf (first: {first}); their exit decisions would be "
+            "meaningless. Fix or drop those samples, or pass allow_nonfinite=True to run them through the whole "
+            "network and have them listed in Prediction.stats.nonfinite."
+        )
+    if policy != "soft":
+        resolve_thresholds(model, policy, threshold)  # the same errors as a finite batch gets
+    with torch.no_grad():
+        out = model(x[rows])
+    bad_logits = (out.log_probs if policy == "soft" else out.final).float()
+    logits = bad_logits.new_zeros(n, bad_logits.shape[-1])
+    exit_index = torch.full((n,), model.num_exits - 1, dtype=torch.long, device=x.device)
+    logits[rows] = bad_logits
+    good_rows = (~bad).nonzero().flatten()
+    shrink = False
+    if good_rows.numel():
+        good = predict(model, x[good_rows], policy, threshold, batch_shrink=batch_shrink)
+        logits[good_rows] = good.logits
+        exit_index[good_rows] = good.exit_index
+        shrink = good.stats.batch_shrink
+    stats = _summarise(model, exit_index, logits, labels, shrink)
+    stats.nonfinite = rows.tolist()
+    return Prediction(logits, exit_index, stats)
