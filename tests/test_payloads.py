@@ -274,3 +274,17 @@ def test_client_rejects_bad_options(parts):
         EdgeClient(edge, "ftp://x")
     with pytest.raises(TypeError, match="URL or a handle"):
         EdgeClient(edge, 42)
+
+
+def test_plain_model_is_served_by_its_forward():
+    torch.manual_seed(0)
+    plain = timm.create_model("test_resnet", num_classes=10).eval()
+    s = served_model(plain, input_size=(3, 32, 32))
+    assert s.policy is None and s.request["image"].shape == (None, 3, 32, 32)
+    x = torch.randn(3, 3, 32, 32)
+    (answer,) = run_batch(s, [{"image": x}])
+    with torch.no_grad():
+        torch.testing.assert_close(answer["logits"], plain(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(answer["exit_index"], torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="EarlyExitModel only"):
+        served_model(plain, "gate", input_size=(3, 32, 32))
