@@ -11,9 +11,10 @@ Then, on the held-out data:
 2. ``plan_split`` for the given link and speeds, and for a small grid of links and codecs;
 3. ``measure_compression`` at every split point on test (agreement of the final exit's predictions
    with the uncompressed run, max abs logit difference, bytes per sample);
-4. a real tiered run at the best split point: ``CloudServer`` on 127.0.0.1 and ``EdgeRunner``, one
-   request per image (``--requests`` images) and one for the whole test set, checked against
-   ``predict``; bytes sent, per-sample latency (localhost, no simulated link) and exit counts.
+4. a real tiered run at the best split point: the cloud part on Ray Serve (a local instance on
+   127.0.0.1, ``cloud_app``) and ``EdgeClient``, one request per image (``--requests`` images) and
+   the whole test set, checked against ``predict``; bytes sent, per-sample latency (loopback, no
+   simulated link) and exit counts.
 
 Prints one JSON document and writes ``plan.md``, ``plan.png`` and ``plan.json`` under ``--out``.
 Timings are wall-clock at batch 1 on this machine with ``--threads`` intra-op threads; other jobs on
@@ -36,13 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _serving import local_serve
 from torch.utils.data import DataLoader, TensorDataset
 
 from timm_exits import SoftConditionalLoss, calibrate, collect, fit_gates, predict, wrap
 from timm_exits.gate_fitting import GATE_OBJECTIVES
 from timm_exits.planning import plan_split
+from timm_exits.serve import COMPRESSIONS, EdgeClient, cloud_app, measure_compression
 from timm_exits.split import split
-from timm_exits.tiered import COMPRESSIONS, CloudServer, EdgeRunner, measure_compression
 
 SCENARIOS = [  # (name, uplink Mbit/s, RTT ms)
     ("slow 3G-like", 1.0, 100.0),
@@ -121,15 +123,18 @@ def _gates_note(info: dict[str, Any]) -> str:
 
 
 def _tiered(model, parts, test: DataLoader, policy: str, thresholds: list[float], requests: int) -> dict[str, Any]:
-    """Real HTTP run at one split, batch-of-one requests and one whole-set batch, checked against predict."""
+    """Real run over Ray Serve at one split, batch-of-one requests and the whole set, checked against predict."""
     edge, cloud = parts
     xs, ys = zip(*[(x, y) for x, y in test])
     x_all, y_all = torch.cat(xs), torch.cat(ys)
     ref = predict(model, x_all, policy, thresholds, labels=y_all)
     out: dict[str, Any] = {"split": edge.exit_name}
-    with CloudServer(cloud) as server:
+    with local_serve() as base:
+        from ray import serve
+
+        serve.run(cloud_app(cloud), name="cloud", route_prefix="/cloud")
         for compression in ("none", "int8-channel"):
-            runner = EdgeRunner(edge, server.url, policy, thresholds, compression=compression)
+            runner = EdgeClient(edge, f"{base}/cloud", policy, thresholds, compression=compression)
             whole = runner.run(x_all)
             single = [runner.run(x_all[i : i + 1]) for i in range(min(requests, len(y_all)))]
             lat = np.array([float(r.latency_s[0]) for r in single]) * 1e3
@@ -159,7 +164,7 @@ def _tiered(model, parts, test: DataLoader, policy: str, thresholds: list[float]
                 },
             }
         out["predict_accuracy"] = ref.stats.accuracy
-        out["server"] = dict(server.stats)
+        out["server"] = runner.check_server()
     return out
 
 

@@ -42,3 +42,22 @@ def make_alexnet(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
 def images(batch: int, size: int, seed: int = 1, channels: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, channels, size, size, generator=g)
+
+
+def spread_thresholds(model, x: torch.Tensor, policy: str) -> list[float]:
+    """Per-exit thresholds that send some samples out at every exit, away from any sample's score."""
+    from timm_exits.gates import logit_stats
+
+    with torch.no_grad():
+        out = model(x)
+    thresholds = []
+    for j in range(len(model.branches)):
+        if policy == "gate":
+            scores = torch.sigmoid(out.gate_logits[:, j])
+        else:
+            scores = logit_stats(out.logits[j])[:, 0 if policy == "confidence" else 1]
+        v = scores.sort().values
+        lo, hi = len(v) // 4, 3 * len(v) // 4
+        i = max(range(lo, hi), key=lambda i: v[i + 1] - v[i])  # widest gap near the middle
+        thresholds.append(float((v[i] + v[i + 1]) / 2))
+    return thresholds

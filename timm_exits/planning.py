@@ -41,8 +41,9 @@ from ._utils import evaluating
 from .calibration import collect, simulate
 from .model import EarlyExitModel
 from .policies import POLICIES, resolve_thresholds
+from .serve.client import EdgeClient
+from .serve.codec import COMPRESSIONS, encode_tensors
 from .split import Split, split
-from .tiered import COMPRESSIONS, EdgeRunner, encode_tensors
 
 __all__ = ["LinkModel", "SplitPlan", "plan_split", "time_module"]
 
@@ -214,10 +215,10 @@ def _first_batch(loader: Iterable) -> torch.Tensor:
 
 
 def _accuracy_with_codec(parts: Split, loader: Iterable, policy: str, thresholds: list[float], compression: str):
-    runner = EdgeRunner(parts.edge, parts.cloud, policy, thresholds, compression=compression)
+    runner = EdgeClient(parts.edge, parts.cloud, policy, thresholds, compression=compression)
     device = next(parts.edge.parameters()).device
     correct = agree = n = 0
-    ref_runner = EdgeRunner(parts.edge, parts.cloud, policy, thresholds, compression="none")
+    ref_runner = EdgeClient(parts.edge, parts.cloud, policy, thresholds, compression="none")
     for x, y in loader:
         x = x.to(device)
         got = runner.run(x).logits.argmax(-1).cpu()

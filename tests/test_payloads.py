@@ -1,0 +1,290 @@
+"""Payload codec and its bounds, served-model specs, and the edge client in-process (no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+import resource
+
+import pytest
+import timm
+import torch
+from conftest import spread_thresholds
+from safetensors.torch import save as st_save
+
+from timm_exits import predict, wrap
+from timm_exits.serve import (
+    COMPRESSIONS,
+    CloudResponseError,
+    CloudUnavailableError,
+    EdgeClient,
+    PayloadError,
+    TensorSpec,
+    decode_tensors,
+    encode_tensors,
+    measure_compression,
+    run_batch,
+    served_cloud,
+    served_model,
+)
+from timm_exits.split import split
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return wrap(timm.create_model("resnet18", pretrained=False, num_classes=10), input_size=(3, 64, 64)).eval()
+
+
+@pytest.fixture(scope="module")
+def parts(model):
+    return split(model, at="layer2")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def _raw(entries: dict, body: bytes = b"", meta: dict | None = None) -> bytes:
+    """A hand-built safetensors payload: header entries as given, then `body`."""
+    header = dict(entries)
+    if meta is not None:
+        header["__metadata__"] = meta
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + body
+
+
+# ------------------------------------------------------------------------------------- codec
+def test_codec_round_trips():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 16, 5, 5, generator=g) * torch.linspace(0.1, 10, 16)[None, :, None, None]
+    stats = torch.rand(4, 6, generator=g)
+    ids = torch.arange(4)
+    for c in COMPRESSIONS:
+        body = encode_tensors({"features": feats, "stats": stats, "ids": ids}, c, only=("features",))
+        out = decode_tensors(body)
+        assert out["features"].dtype == torch.float32 and out["features"].shape == feats.shape
+        assert torch.equal(out["stats"], stats) and torch.equal(out["ids"], ids)
+        err = (out["features"] - feats).abs()
+        if c == "none":
+            assert torch.equal(out["features"], feats)
+        elif c == "fp16":
+            assert bool((err <= feats.abs() * 2**-11 + 1e-7).all())  # fp16 rounding: half an ulp
+        elif c == "int8":
+            assert float(err.max()) <= float(feats.max() - feats.min()) / 255 / 2 + 1e-5
+        else:  # per channel: each channel's error is bounded by its own range
+            span = feats.amax((0, 2, 3)) - feats.amin((0, 2, 3))
+            assert bool((err.amax((0, 2, 3)) <= span / 255 / 2 + 1e-5).all())
+    sizes = {c: len(encode_tensors({"features": feats}, c)) for c in COMPRESSIONS}
+    assert sizes["fp16"] < sizes["none"] * 0.6 and sizes["int8"] < sizes["none"] * 0.35
+    with pytest.raises(ValueError, match="compression"):
+        encode_tensors({"features": feats}, "int4")
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "too short"),
+        (b"not a payload at all", "does not fit"),
+        ((10**9).to_bytes(8, "little") + b"{}", "does not fit"),
+        ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
+        (st_save({"x": torch.zeros(2)})[:-3], "byte range"),
+        (st_save({"x": torch.zeros(2)}, metadata={"timm_exits.codec": json.dumps({"x": {"mode": "zip"}})}), "zip"),
+        (_raw({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}), "shape"),
+        (_raw({"x": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8), "dtype"),
+        (_raw({"x": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, b"\0" * 4), "shape"),
+        (st_save({"x/q": torch.zeros(2, dtype=torch.uint8)}), "metadata"),
+        (
+            st_save({"x": torch.zeros(2)}, metadata={"timm_exits.codec": json.dumps({"x": {"mode": "none"}, "y": {}})}),
+            "does not contain",
+        ),
+        (
+            st_save({"x": torch.zeros(2), "y": torch.zeros(1)}, metadata={"timm_exits.codec": '{"x": {}}'}),
+            "does not list",
+        ),
+    ],
+)
+def test_codec_rejects_bad_payloads(data, match):
+    with pytest.raises(PayloadError, match=match) as info:
+        decode_tensors(data)
+    assert info.value.status == 400
+
+
+def _broadcast_bomb(n: int = 9000, m: int = 9000) -> bytes:
+    """Codes (n, 1) with a (1, m) scale: 'q * scale + offset' would broadcast to n * m floats."""
+    codec = json.dumps({"features": {"mode": "int8", "dtype": "float32"}})
+    return st_save(
+        {
+            "features/q": torch.zeros(n, 1, dtype=torch.uint8),
+            "features/scale": torch.ones(1, m),
+            "features/offset": torch.zeros(1),
+        },
+        metadata={"timm_exits.codec": codec},
+    )
+
+
+def test_codec_refuses_to_broadcast_beyond_the_codes():
+    bomb = _broadcast_bomb()
+    assert len(bomb) < 64_000  # a small request that would decode to 9000 * 9000 floats (324 MB)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(PayloadError, match="one per channel"):
+        decode_tensors(bomb)
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb < 64 * 1024  # peak memory did not grow by anything near the broadcast size
+
+
+def test_codec_bounds_elements_and_checks_specs():
+    specs = {"features": TensorSpec((None, 8, 4, 4)), "stats": TensorSpec((None, 6), (torch.float32,))}
+    good = {"features": torch.randn(3, 8, 4, 4), "stats": torch.rand(3, 6)}
+    out = decode_tensors(encode_tensors(good, "int8-channel", only=("features",)), specs, max_batch=3)
+    assert out["features"].shape == (3, 8, 4, 4) and torch.equal(out["stats"], good["stats"])
+    body = encode_tensors(good)
+    with pytest.raises(PayloadError, match="limit is 100") as info:
+        decode_tensors(body, specs, max_elements=100)
+    assert info.value.status == 413
+    with pytest.raises(PayloadError, match="limit per request is 2") as info:
+        decode_tensors(body, specs, max_batch=2)
+    assert info.value.status == 413
+    cases = [
+        (
+            {"features": torch.randn(3, 8, 4, 5), "stats": torch.rand(3, 6)},
+            r"shape \[3, 8, 4, 5\]; expected \(n, 8, 4, 4\)",
+        ),
+        ({"features": torch.randn(3, 8, 4, 4), "stats": torch.rand(3, 7)}, r"expected \(n, 6\)"),
+        ({"features": torch.randn(3, 8, 4, 4), "stats": torch.rand(2, 6)}, "batch size"),
+        ({"features": torch.randn(3, 8, 4, 4), "stats": torch.rand(3, 6).double()}, "dtype float64"),
+        ({"features": torch.zeros(3, 8, 4, 4, dtype=torch.int64), "stats": torch.rand(3, 6)}, "dtype int64"),
+        ({"features": torch.randn(3, 8, 4, 4)}, "missing"),
+        ({**good, "extra": torch.zeros(1)}, "unexpected"),
+        ({"features": torch.randn(0, 8, 4, 4), "stats": torch.rand(0, 6)}, "0 samples"),
+    ]
+    for tensors, match in cases:
+        with pytest.raises(PayloadError, match=match):
+            decode_tensors(encode_tensors(tensors), specs)
+
+
+# ------------------------------------------------------------------------------- served specs
+def test_served_specs_follow_the_parts(model, parts):
+    edge, cloud = parts
+    s = served_cloud(cloud, max_request_samples=4)
+    assert s.request["features"].shape == (None, 128, 8, 8) and s.request["stats"].shape == (None, 6)
+    assert s.response["logits"].shape == (None, 2, 10) and s.max_elements == 4 * (128 * 64 + 6)
+    assert s.describe()["exit_name"] == "layer2"
+    m = served_model(model, "gate", 0.5)
+    assert m.request["image"].shape == (None, 3, 64, 64) and m.thresholds == [0.5] * 3
+    x = torch.randn(5, 3, 64, 64)
+    answers = run_batch(m, [{"image": x[:2]}, {"image": x[2:]}])
+    ref = predict(model, x, "gate", 0.5)
+    assert [a["logits"].shape[0] for a in answers] == [2, 3]
+    assert torch.equal(torch.cat([a["exit_index"] for a in answers]), ref.exit_index)
+    with pytest.raises(ValueError, match="input_size"):
+        served_model(torch.nn.Linear(3, 2), num_classes=2)
+    with pytest.raises(ValueError, match="policy"):
+        served_model(model, "soft")
+    with pytest.raises(TypeError, match="CloudPart"):
+        served_cloud(edge)
+
+
+# ------------------------------------------------------------------------ edge client, in-process
+@pytest.mark.parametrize("policy", ["gate", "confidence", "entropy"])
+def test_edge_client_in_process_matches_predict(model, parts, batch, policy):
+    edge, cloud = parts
+    thresholds = spread_thresholds(model, batch, policy)
+    ref = predict(model, batch, policy, thresholds)
+    result = EdgeClient(edge, cloud, policy, thresholds, max_request_samples=5).run(batch)
+    assert torch.equal(result.exit_index, ref.exit_index)
+    torch.testing.assert_close(result.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    counts = torch.bincount(result.exit_index, minlength=model.num_exits)
+    assert counts[:2].sum() > 0 and counts[2:].sum() > 0  # some left on the edge, some went to the cloud
+    n_sent = int((~result.on_edge).sum())
+    assert result.offloaded == n_sent and result.requests == -(-n_sent // 5)  # in requests of at most 5
+    assert result.bytes_sent > n_sent * 128 * 8 * 8 * 4
+    assert bool((result.latency_s[~result.on_edge] >= result.latency_s[result.on_edge].max()).all())
+    assert result.summary()["exit_counts"] == counts.tolist()
+
+
+def test_all_exit_on_edge_sends_nothing(parts, batch):
+    edge, _ = parts
+    result = EdgeClient(edge, "http://127.0.0.1:9/cloud", "gate", 0.0).run(batch)  # nothing listens on port 9
+    assert result.requests == 0 and result.bytes_sent == 0 and bool((result.exit_index == 0).all())
+
+
+def test_compressed_run_stays_close(model, parts, batch):
+    edge, cloud = parts
+    thresholds = spread_thresholds(model, batch, "gate")
+    ref = predict(model, batch, "gate", thresholds)
+    sizes = {}
+    for c in ("fp16", "int8-channel"):
+        result = EdgeClient(edge, cloud, "gate", thresholds, compression=c).run(batch)
+        sizes[c] = result.bytes_sent
+        assert float((result.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean()) >= 0.9
+        assert float((result.logits - ref.logits).abs().max()) < 0.5
+    assert sizes["int8-channel"] < sizes["fp16"]
+
+
+def test_measure_compression(parts, batch):
+    edge, cloud = parts
+    labels = torch.randint(0, 10, (24,))
+    rows = measure_compression(edge, cloud, [(batch[:12], labels[:12]), (batch[12:], labels[12:])])
+    by = {r["compression"]: r for r in rows}
+    assert set(by) == set(COMPRESSIONS)
+    assert by["none"]["max_abs_logit_diff"] == 0 and by["none"]["final_agreement"] == 1.0
+    assert 1.9 < by["fp16"]["ratio"] < 2.1 and 3.5 < by["int8"]["ratio"] < 4.1
+    assert by["fp16"]["max_abs_logit_diff"] < by["int8"]["max_abs_logit_diff"] < 1.0
+    for r in rows:
+        assert 0.0 <= r["final_agreement"] <= 1.0 and 0.0 <= r["final_accuracy"] <= 1.0
+
+
+def test_server_down_raises_or_falls_back(parts, batch):
+    edge, _ = parts
+    url = "http://127.0.0.1:9/cloud"  # discard port: connection refused
+    with pytest.raises(CloudUnavailableError, match="unreachable"):
+        EdgeClient(edge, url, "gate", 0.5, timeout=5).run(batch)
+    result = EdgeClient(edge, url, "gate", 0.5, fallback="local", timeout=5).run(batch)
+    with torch.no_grad():
+        local = edge(batch)
+    assert bool(result.fallback.all()) and bool(result.on_edge.all()) and "unreachable" in result.error
+    assert bool((result.exit_index == edge.split_index).all())
+    torch.testing.assert_close(result.logits, local.logits[:, -1])
+
+
+def test_other_split_is_refused(model, parts, batch):
+    edge, _ = parts
+    other = split(model, at="layer1").cloud
+    client = EdgeClient(edge, other, "gate", 1.0)
+    with pytest.raises(CloudResponseError, match="different model or split"):
+        client.check_server()
+    with pytest.raises(CloudResponseError, match=r"expected \(n, 64, 16, 16\)"):
+        client.run(batch)
+
+
+def test_client_rejects_bad_options(parts):
+    edge, cloud = parts
+    with pytest.raises(ValueError, match="policy"):
+        EdgeClient(edge, cloud, policy="soft")
+    with pytest.raises(ValueError, match="compression"):
+        EdgeClient(edge, cloud, compression="zip")
+    with pytest.raises(ValueError, match="fallback"):
+        EdgeClient(edge, cloud, fallback="retry")
+    with pytest.raises(ValueError, match="thresholds"):
+        EdgeClient(edge, cloud, "gate", [0.5, 0.5])
+    with pytest.raises(TypeError, match="EdgePart"):
+        EdgeClient(cloud, cloud)
+    with pytest.raises(ValueError, match="http://host"):
+        EdgeClient(edge, "ftp://x")
+    with pytest.raises(TypeError, match="URL or a handle"):
+        EdgeClient(edge, 42)
+
+
+def test_plain_model_is_served_by_its_forward():
+    torch.manual_seed(0)
+    plain = timm.create_model("test_resnet", num_classes=10).eval()
+    s = served_model(plain, input_size=(3, 32, 32))
+    assert s.policy is None and s.request["image"].shape == (None, 3, 32, 32)
+    x = torch.randn(3, 3, 32, 32)
+    (answer,) = run_batch(s, [{"image": x}])
+    with torch.no_grad():
+        torch.testing.assert_close(answer["logits"], plain(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(answer["exit_index"], torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="EarlyExitModel only"):
+        served_model(plain, "gate", input_size=(3, 32, 32))

@@ -1,0 +1,86 @@
+"""Split planning: link model, expected latency per split point, compression in the plan."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+from conftest import spread_thresholds as _spread_thresholds
+
+from timm_exits import predict, wrap
+from timm_exits.planning import LinkModel, plan_split
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return wrap(timm.create_model("resnet18", pretrained=False, num_classes=10), input_size=(3, 64, 64)).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def test_link_model():
+    link = LinkModel(uplink_mbps=8, downlink_mbps=80, rtt_ms=20)
+    assert math.isclose(link.transfer_ms(1000, 1000), 20 + 1.0 + 0.1)
+    with pytest.raises(ValueError):
+        LinkModel(uplink_mbps=0)
+
+
+def test_plan_split(model, batch, tmp_path):
+    labels = torch.randint(0, 10, (24,), generator=torch.Generator().manual_seed(5))
+    loader = [(batch[:12], labels[:12]), (batch[12:], labels[12:])]
+    thresholds = _spread_thresholds(model, batch, "gate")
+    plan = plan_split(model, loader, uplink_mbps=10, rtt_ms=40, threshold=thresholds, repeats=2)
+    names = [r["split"] for r in plan.rows]
+    assert names == ["device", "layer1", "layer2", "layer3", "cloud"]
+    ref = predict(model, batch, "gate", thresholds)
+    exited = torch.bincount(ref.exit_index, minlength=model.num_exits).tolist()
+    acc = float((ref.logits.argmax(-1) == labels).float().mean())
+    for k, row in enumerate(plan.rows[1:-1]):
+        assert math.isclose(row["p_offload"], sum(exited[k + 1 :]) / 24)
+        assert math.isclose(row["latency_ms"], row["edge_ms"] + row["transfer_ms"] + row["cloud_ms"])
+        link = 40 + row["payload_bytes"] * 8e-3 / 10 + row["response_bytes"] * 8e-3 / 10
+        assert math.isclose(row["transfer_ms"], row["p_offload"] * link)
+        assert math.isclose(row["accuracy"], acc)
+        assert row["bytes_per_request"] == pytest.approx(row["p_offload"] * row["payload_bytes"])
+    assert plan.rows[2]["payload_bytes"] > 128 * 8 * 8 * 4
+    assert plan.best["latency_ms"] == min(r["latency_ms"] for r in plan.rows)
+    assert plan.best_split["kind"] == "split"
+    md = plan.to_markdown()
+    assert "| layer2 |" in md.replace("**", "") and f"Recommended: **{plan.best['split']}**" in md
+    png = plan.plot(tmp_path / "plan.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.loads(plan.to_json())
+
+    # same compute numbers, other links: too slow to send anything -> nothing offloaded; a device far
+    # too slow -> everything is
+    measured = plan.params["measured_ms"]
+    slow = plan_split(model, loader, uplink_mbps=1e-3, threshold=thresholds, timings=measured)
+    assert slow.params["measured_ms"] == measured and slow.params["timings_reused"]
+    assert [r["edge_ms"] for r in slow.rows] == [r["edge_ms"] for r in plan.rows]
+    assert slow.best["p_offload"] == 0
+    weak = plan_split(model, loader, 1000, 1, device_speed=1e-4, threshold=thresholds, timings=measured)
+    assert weak.best["split"] == "cloud"
+    with pytest.raises(ValueError, match="min_accuracy"):
+        plan_split(model, loader, threshold=thresholds, min_accuracy=1.01, timings=measured)
+    with pytest.raises(ValueError, match="timings"):
+        plan_split(model, loader, threshold=thresholds, timings={"edge": [1.0], "cloud": [1.0], "full_forward": 2})
+
+
+def test_plan_split_with_compression(model, batch):
+    labels = torch.randint(0, 10, (24,), generator=torch.Generator().manual_seed(5))
+    loader = [(batch, labels)]
+    thresholds = _spread_thresholds(model, batch, "gate")
+    plain = plan_split(model, loader, threshold=thresholds, repeats=1)
+    packed = plan_split(model, loader, threshold=thresholds, compression="int8", repeats=1)
+    for a, b in zip(plain.rows[1:-1], packed.rows[1:-1]):
+        assert b["payload_bytes"] < a["payload_bytes"] / 3
+        assert 0.0 <= b["agreement"] <= 1.0
+    with pytest.raises(ValueError, match="policy"):
+        plan_split(model, loader, policy="soft")

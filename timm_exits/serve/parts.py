@@ -1,0 +1,218 @@
+"""What a served model takes and answers: request specs, size limits and the batched computation.
+
+Two kinds of served model share one protocol (a safetensors payload in, one out):
+
+* a `CloudPart` of `timm_exits.split`: request `features` (n, *feature_shape) in a floating dtype and
+  `stats` (n, stats_dim) float32; answer `logits` (n, m, K) and `gate_logits` (n, m - 1) float32.
+* a whole model: request `image` (n, C, H, W) in a floating dtype; answer `logits` (n, K) float32 and
+  `exit_index` (n,) int64. An `EarlyExitModel` runs `timm_exits.predict` (hard early exit over the
+  batch); any other module (the plain backbone) runs its forward, every sample at exit 0.
+
+This module needs no Ray: the deployments and the in-process client both use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model import EarlyExitModel
+from ..policies import POLICIES, predict, resolve_thresholds
+from ..split import CloudPart
+from .codec import TensorSpec, describe_specs
+
+__all__ = ["Served", "served_cloud", "served_model", "run_batch"]
+
+_HEADER_ALLOWANCE = 1 << 16
+
+
+@dataclass
+class Served:
+    """A model ready to serve: what it takes, its limits and how to run it.
+
+    Attributes:
+        kind: "cloud" (a split's cloud part) or "model" (a whole model).
+        module: The module (put it in eval mode; replicas do so on their own copy).
+        request: Name -> `TensorSpec` of a request.
+        response: Name -> `TensorSpec` of an answer.
+        max_request_samples: Most samples one request may hold.
+        max_elements: Most decoded elements one request may hold (from the specs and the sample limit).
+        max_body_bytes: Most request bytes (float32 at the sample limit plus the header).
+        policy: Exit policy of a whole `EarlyExitModel` (None otherwise).
+        thresholds: Its thresholds, one per early exit.
+        info: Descriptive fields (split point, shapes) for health checks.
+    """
+
+    kind: str
+    module: nn.Module
+    request: dict[str, TensorSpec]
+    response: dict[str, TensorSpec]
+    max_request_samples: int
+    max_elements: int
+    max_body_bytes: int
+    policy: str | None = None
+    thresholds: list[float] | None = None
+    info: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly description: kind, specs, limits, policy and the module's fields."""
+        return {
+            "kind": self.kind,
+            **(self.info or {}),
+            "request": describe_specs(self.request),
+            "response": describe_specs(self.response),
+            "max_request_samples": self.max_request_samples,
+            "max_elements": self.max_elements,
+            "max_body_bytes": self.max_body_bytes,
+            "policy": self.policy,
+            "thresholds": self.thresholds,
+        }
+
+
+def _limits(request: Mapping[str, TensorSpec], max_samples: int) -> tuple[int, int]:
+    per_sample = sum(math.prod(d for d in s.shape if d is not None) for s in request.values())
+    elements = per_sample * max_samples
+    return elements, elements * 4 + _HEADER_ALLOWANCE
+
+
+def _check_samples(max_samples: int) -> None:
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(f"max_request_samples={max_samples!r} must be a positive int.")
+
+
+def served_cloud(cloud: CloudPart, max_request_samples: int = 64) -> Served:
+    """Describe a split's cloud part for serving.
+
+    Args:
+        cloud: The `CloudPart` (its `feature_shape` recorded by `split`).
+        max_request_samples: Most samples one request may hold.
+
+    Returns:
+        A `Served` record.
+    """
+    if not isinstance(cloud, CloudPart):
+        raise TypeError(f"expected a CloudPart from timm_exits.split, got {type(cloud).__name__}.")
+    if not cloud.feature_shape:
+        raise ValueError("the cloud part has no recorded feature_shape; split the model with check=True.")
+    _check_samples(max_request_samples)
+    m, k = cloud.num_outputs, cloud.num_classes
+    request = {
+        "features": TensorSpec((None, *cloud.feature_shape)),
+        "stats": TensorSpec((None, cloud.stats_dim), (torch.float32,)),
+    }
+    response = {
+        "logits": TensorSpec((None, m, k), (torch.float32,)),
+        "gate_logits": TensorSpec((None, m - 1), (torch.float32,)),
+    }
+    elements, body = _limits(request, max_request_samples)
+    info = {
+        "exit_name": cloud.exit_name,
+        "split_index": cloud.split_index,
+        "feature_shape": list(cloud.feature_shape),
+        "stats_dim": cloud.stats_dim,
+        "num_outputs": m,
+        "num_classes": k,
+    }
+    return Served("cloud", cloud, request, response, max_request_samples, elements, body, info=info)
+
+
+def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
+    if input_size is not None:
+        return tuple(int(v) for v in input_size)
+    if isinstance(model, EarlyExitModel) and model.config.input_size:
+        return tuple(model.config.input_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("input_size"):
+        return tuple(cfg["input_size"])
+    raise ValueError("give input_size=(C, H, W): the model records none, and requests are checked against it.")
+
+
+def served_model(
+    model: nn.Module,
+    policy: str | None = None,
+    threshold: float | Sequence[float] | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    max_request_samples: int = 64,
+) -> Served:
+    """Describe a whole model for serving: hard early exit for an `EarlyExitModel`, else its forward.
+
+    Args:
+        model: An `EarlyExitModel` or a plain classifier (e.g. the unwrapped timm backbone).
+        policy: Exit policy ("gate", "confidence", "entropy"); default: the model's stored policy.
+        threshold: One value or one per early exit; default as `timm_exits.predict`.
+        input_size: (C, H, W) of a request's images; default: the model's configured input size.
+        num_classes: Classes of a plain model (default: its `num_classes` attribute).
+        max_request_samples: Most samples one request may hold.
+
+    Returns:
+        A `Served` record.
+    """
+    _check_samples(max_request_samples)
+    size = _input_size(model, input_size)
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"input_size={size} must be (C, H, W) with positive sizes.")
+    policy_name, thresholds = None, None
+    if isinstance(model, EarlyExitModel):
+        policy_name = policy or model.config.policy
+        if policy_name not in POLICIES[1:]:
+            raise ValueError(f"policy {policy_name!r} has no hard early exit; use one of {POLICIES[1:]}.")
+        thresholds = resolve_thresholds(model, policy_name, threshold)
+        k = model.num_classes
+        info: dict[str, Any] = {"num_exits": model.num_exits, "num_classes": k, "input_size": list(size)}
+    else:
+        if policy is not None or threshold is not None:
+            raise ValueError("policy and threshold apply to an EarlyExitModel only.")
+        k = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+        if not k:
+            raise ValueError("give num_classes: the model has no num_classes attribute.")
+        info = {"num_exits": 1, "num_classes": k, "input_size": list(size)}
+    request = {"image": TensorSpec((None, *size))}
+    response = {
+        "logits": TensorSpec((None, k), (torch.float32,)),
+        "exit_index": TensorSpec((None,), (torch.int64,)),
+    }
+    elements, body = _limits(request, max_request_samples)
+    return Served("model", model, request, response, max_request_samples, elements, body, policy_name, thresholds, info)
+
+
+def _param(module: nn.Module) -> torch.Tensor:
+    return next(module.parameters(), torch.empty(0))
+
+
+def _forward(served: Served, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p = _param(served.module)
+    dtype = p.dtype if p.is_floating_point() else torch.float32
+    with torch.inference_mode():
+        if served.kind == "cloud":
+            out = served.module(inputs["features"].to(p.device, dtype), inputs["stats"].to(p.device).float())
+            return {"logits": out.logits.float(), "gate_logits": out.gate_logits.float()}
+        x = inputs["image"].to(p.device, dtype)
+        if served.policy is not None:
+            pred = predict(served.module, x, served.policy, served.thresholds)
+            return {"logits": pred.logits.float(), "exit_index": pred.exit_index.long()}
+        logits = served.module(x).float()
+        return {"logits": logits, "exit_index": torch.zeros(x.shape[0], dtype=torch.long, device=logits.device)}
+
+
+def run_batch(served: Served, requests: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Run several decoded requests as one batch and split the answers back per request.
+
+    Args:
+        served: The served model.
+        requests: Decoded requests (each name -> (n_i, ...) tensor, checked against `served.request`).
+
+    Returns:
+        One answer per request (name -> (n_i, ...) CPU tensor), in order.
+    """
+    sizes = [int(next(iter(r.values())).shape[0]) for r in requests]
+    inputs = {k: torch.cat([r[k] for r in requests]) if len(requests) > 1 else requests[0][k] for k in served.request}
+    out = {k: v.cpu() for k, v in _forward(served, inputs).items()}
+    pieces = {k: v.split(sizes) for k, v in out.items()}
+    return [{k: pieces[k][i].contiguous() for k in out} for i in range(len(requests))]
