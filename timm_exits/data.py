@@ -6,20 +6,27 @@ Data sets (`dataset:` in a recipe):
   images that the transforms upscale to ``img_size``; split with a fixed seed into train / val /
   test. The offline default.
 * ``cifar10`` / ``cifar100``: torchvision's CIFAR classes under ``data_dir`` (``download: true``
-  fetches them). Copies restored by ``shared/data/restore.py`` in its ``npz`` or ``imagefolder``
-  format are read as well (``data_dir/cifar10/{train,test}.npz`` or ``.../{train,test}/<class>/``).
+  fetches them), or a local copy in the same layout, as ``data_dir/<name>/{train,test}.npz`` (arrays
+  ``x`` uint8 N x 32 x 32 x 3 and ``y``) or as ``data_dir/<name>/{train,test}/<class>/<image>`` trees.
 * ``cinic10``: the CINIC-10 folder tree (``train/``, ``valid/``, ``test/``); ``valid`` is the
   calibration split.
 * ``imagefolder``: any ``data_dir/{train,val|valid|validation,test}/<class>/<image>`` tree; splits
   that are missing are held out of ``train`` with a fixed seed.
 
 Every data set yields three splits: ``train``, ``val`` (held out for threshold calibration and the
-per-epoch logs, never trained on) and ``test``. Transforms come from timm (``resolve_data_config``,
-``create_transform``); mixup / cutmix from timm's ``Mixup`` (soft targets, which every loss of
-timm-exits accepts).
+per-epoch logs, never trained on) and ``test``.
+
+Two data paths (``augment:``). Array data sets (digits, CIFAR) are held in memory as one uint8
+tensor, and each batch is gathered and augmented with tensor ops (`ArraySplit`, `BatchAugment`):
+``crop_flip`` (reflect-pad, random crop, flip) or ``rrc`` (random-resized crop, flip), then
+normalised; no loader processes, so the data path keeps up with the model. Folder trees, and
+``augment: timm``, go image by image through timm's transforms (``resolve_data_config``,
+``create_transform``, auto-augment, random erasing). Mixup / cutmix come from timm's ``Mixup`` on
+either path (soft targets, which every loss of timm-exits accepts).
 
 Randomness does not depend on the number of processes or on where a run was resumed: sample ``i``
-of epoch ``e`` is augmented with a seed derived from (seed, e, i), and `ShardSampler` orders each
+of epoch ``e`` is augmented from (seed, e, i) (in memory: row ``i`` of the parameters drawn for the
+whole epoch from (seed, e)), and `ShardSampler` orders each
 epoch from (seed, e) and gives rank ``r`` of ``W`` every ``W``-th index, so ``W`` processes with
 batch ``B / W`` see exactly the batches one process with batch ``B`` sees.
 """
@@ -61,8 +68,8 @@ DATASETS = ("digits", "cifar10", "cifar100", "cinic10", "imagefolder")
 _VAL_DIRS = ("val", "valid", "validation")
 _TEST_DIRS = ("test",)
 _RESTORE_HINT = (
-    "restore a local copy (python shared/data/restore.py cifar10 --out DATA --format torchvision) and pass "
-    "--data-dir DATA, or set download: true to fetch it"
+    "put a local copy there (torchvision's cifar-10-batches-py / cifar-100-python folder, <name>/{train,test}.npz "
+    "or <name>/{train,test}/<class>/ image trees) and pass --data-dir DATA, or set download: true to fetch it"
 )
 
 
@@ -189,7 +196,7 @@ def _cifar(cfg: dict[str, Any], name: str) -> _Raw:
 
 
 def _decoded(folder: Dataset) -> _ArrayImages:
-    """Decode every image of a folder data set of equal-sized images (restore.py's CIFAR trees) into memory."""
+    """Decode every image of a folder data set of equal-sized images (CIFAR image trees) into memory."""
     images = [np.asarray(folder[i][0]) for i in range(len(folder))]
     if len({im.shape for im in images}) > 1:
         raise ValueError(f"{getattr(folder, 'root', folder)}: images of different sizes cannot be held as one array.")
@@ -517,7 +524,7 @@ class DataSplits:
 def resolve_augment(cfg: dict[str, Any], raw: _Raw) -> str:
     """The augmentation a recipe gets on its data: ``crop_flip`` / ``rrc`` (in memory) or ``timm`` (per image).
 
-    ``auto`` picks ``rrc`` for array data sets (digits, CIFAR in any restored layout) and ``timm`` when
+    ``auto`` picks ``rrc`` for array data sets (digits, CIFAR in any of its layouts) and ``timm`` when
     the data is a folder tree or the recipe asks for augmentations only timm's transforms have.
     """
     in_memory = all(isinstance(ds, _ArrayImages) for ds, _ in (raw.train, raw.val, raw.test))
