@@ -77,7 +77,7 @@ def test_recipes_are_selected_by_name_listed_and_still_taken_by_path(tmp_path, c
 
 def test_wheel_carries_recipes_and_card_templates(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), "."],
         cwd=ROOT,
         check=True,
         capture_output=True,
