@@ -23,12 +23,10 @@ from _timing import interleaved_samples, machine, paired_ratio
 
 from timm_exits.train import _Dist, _Trainer, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", default=str(ROOT / "recipes" / "cifar10_resnet18.yaml"))
+    p.add_argument("--recipe", default="cifar10_resnet18", help="shipped recipe name or YAML path")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed round")

@@ -27,6 +27,7 @@ import yaml
 from timm.models._hub import save_for_hf
 
 from timm_exits import EarlyExitModel, wrap
+from timm_exits.cli import main as cli_main
 from timm_exits.config import FORMAT_VERSION, ExitConfig
 from timm_exits.hub import (
     ExitCheckpointError,
@@ -468,6 +469,47 @@ def test_push_run_to_a_branch(models, hub_server, tmp_path):
     card = hub_server.commits[0]["files"]["README.md"].decode()
     assert "hf-hub:org/run-exits@v1" in card and "87.12 %" in card
     assert json.loads(hub_server.commits[0]["files"]["report.json"]) == report
+
+
+def test_cli_push_uploads_a_run_to_the_endpoint(models, hub_server, tmp_path, capsys):
+    run = tmp_path / "run"
+    report = _report(models["resnet"])
+    save_pretrained(models["resnet"], run / "model")
+    (run / "report.json").write_text(json.dumps(report))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub_server.url,  # loopback only
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    args = [sys.executable, "-m", "timm_exits.cli", "push", str(run), "--repo-id", "org/cli-exits"]
+    proc = subprocess.run(
+        [*args, "--private", "--token", "hf_test"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"pushed {run} to org/cli-exits")
+
+    assert [(c["organization"], c["name"]) for c in hub_server.created] == [("org", "cli-exits")]
+    assert hub_server.created[0].get("private") is True or hub_server.created[0].get("visibility") == "private"
+    assert len(hub_server.commits) == 1 and hub_server.commits[0]["revision"] == "main" and not hub_server.unknown
+    files = hub_server.commits[0]["files"]
+    assert set(files) == FILES and json.loads(files["report.json"]) == report
+    assert "hf-hub:org/cli-exits" in files["README.md"].decode() and "87.12 %" in files["README.md"].decode()
+    local = save_pretrained(models["resnet"], tmp_path / "local", report, repo_id="org/cli-exits")
+    for name in ("model.safetensors", "exits.safetensors", "config.json", "README.md"):
+        assert files[name] == (local / name).read_bytes(), name
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # pushing changes nothing locally
+
+    # a run folder without a saved model: one line, exit 2, nothing sent
+    assert cli_main(["push", str(tmp_path / "nope"), "--repo-id", "org/cli-exits"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such folder" in err
+    assert len(hub_server.commits) == 1 and len(hub_server.created) == 1
 
 
 # ----------------------------------------------------------------------------------------- bad inputs

@@ -22,6 +22,7 @@ from timm_exits.cli import main as cli_main
 from timm_exits.data import ShardSampler, build_datasets, load_splits
 from timm_exits.train import (
     DEFAULTS,
+    RECIPE_DIR,
     CheckpointError,
     RecipeError,
     RunFolderError,
@@ -31,7 +32,7 @@ from timm_exits.train import (
     train,
 )
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = RECIPE_DIR
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,11 +1,17 @@
 """The ``timm-exits`` command line.
 
-    timm-exits train -c recipes/cifar10_resnet18.yaml [--data-dir D] [--output runs/x]
+    timm-exits train -c cifar10_resnet18 [--data-dir D] [--output runs/x]
                      [--resume | --overwrite] [--set key=value ...] [key=value ...]
     timm-exits eval RUN_DIR [--policy gate|confidence|entropy|soft] [--threshold T]
                      [--target-cost C | --max-accuracy-drop D] [--data-dir D] [--no-timing]
     timm-exits bench RUN_DIR [--policy P ...] [--batch-size 1] [--images N] [--repeats R] [--threads T]
-    timm-exits recipe -c recipes/X.yaml [key=value ...]      # print the resolved recipe
+    timm-exits push RUN_DIR --repo-id ORG/NAME [--private] [--token T] [--revision BRANCH]
+    timm-exits recipes                                      # the shipped recipes, one line each
+    timm-exits recipe -c NAME_OR_FILE [key=value ...]       # print the resolved recipe
+
+``-c`` takes the name of a shipped recipe (``timm-exits recipes``) or the path of a YAML file. Errors
+print one line and exit with status 2; Ctrl-C exits with status 130 (``train`` first writes a checkpoint
+that ``--resume`` continues from).
 
 Many processes: ``torchrun --nproc_per_node N -m timm_exits.train -c recipe.yaml ...`` (same options
 as ``timm-exits train``).
@@ -15,20 +21,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["build_parser", "main"]
 
 
+def _number(kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a `kind` number in [low, high] ((low, high] when `low_open`), else a clear error."""
+    left = "(" if low_open else "["
+    right = "]" if math.isfinite(high) else ")"
+    span = f"{left}{low:g}, {high:g}{right}" if math.isfinite(high) else f"{left}{low:g}, inf)"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}; valid range: {span}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; valid range: {span}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_UNIT = _number(float, 0.0, 1.0)
+_COUNT = _number(int, 1)
+_COUNT0 = _number(int, 0)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a recipe, then evaluate it and write its report")
-    p.add_argument("-c", "--config", help="recipe YAML file (default: built-in defaults, i.e. digits)")
+    p.add_argument(
+        "-c", "--config", help="shipped recipe name (see `timm-exits recipes`) or YAML file (default: digits defaults)"
+    )
     p.add_argument("--data-dir", help="root folder of the data set (recipe key data_dir)")
     p.add_argument("-o", "--output", help="run folder (default: runs/<name>-<method>)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace the run --output holds")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace the run --output holds (only files timm-exits wrote)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (recipe key progress=false)")
     p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="overrides")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (YAML values, dotted keys)")
@@ -38,15 +73,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run and rewrite its report, plots and saved model")
     p.add_argument("run_dir")
     p.add_argument("--policy", choices=("gate", "confidence", "entropy", "soft"), help="policy to store and show")
-    p.add_argument("--threshold", type=float, help="use this threshold for --policy instead of calibrating")
+    p.add_argument("--threshold", type=_UNIT, help="use this threshold in [0, 1] for --policy instead of calibrating")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--target-cost", type=float, help="calibrate: best val accuracy at this expected cost")
-    g.add_argument("--max-accuracy-drop", type=float, help="calibrate: lowest cost within this drop (e.g. 0.01)")
+    g.add_argument(
+        "--target-cost", type=_number(float, 0.0, low_open=True), help="calibrate: best val accuracy at this cost"
+    )
+    g.add_argument("--max-accuracy-drop", type=_UNIT, help="calibrate: lowest cost within this drop (e.g. 0.01)")
     p.add_argument("--data-dir", help="where the data set lives now")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch threads (default: the recipe's)")
+    p.add_argument("--threads", type=_COUNT, help="torch threads (default: the recipe's)")
     p.add_argument("--no-timing", action="store_true", help="skip the batch-1 timing")
-    p.add_argument("--timing-images", type=int, help="test images timed at batch 1 (default: the recipe's)")
+    p.add_argument("--timing-images", type=_COUNT0, help="test images timed at batch 1 (default: the recipe's)")
     p.add_argument(
         "--fit-gates", choices=("no_gain", "correct", "soft", "none"), help="gate re-fit objective (default: recipe's)"
     )
@@ -63,19 +100,33 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         choices=("gate", "gate_0.5", "confidence", "entropy", "soft"),
         help="policy to time (repeatable; default: gate, confidence, entropy, soft)",
     )
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--images", type=int, help="test images to time")
-    p.add_argument("--repeats", type=int, help="timed passes (median reported)")
-    p.add_argument("--warmup", type=int, help="untimed calls first")
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--batch-size", type=_COUNT, default=1, help="images per call (>= 1)")
+    p.add_argument("--images", type=_COUNT, help="test images to time")
+    p.add_argument("--repeats", type=_COUNT, help="timed passes (median reported)")
+    p.add_argument("--warmup", type=_COUNT0, help="untimed calls first")
+    p.add_argument("--threads", type=_COUNT, help="torch threads")
     p.add_argument("--data-dir", help="where the data set lives now")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="upload a trained run's model/ and report to the Hugging Face Hub")
+    p.add_argument("run_dir")
+    p.add_argument("--repo-id", required=True, help="Hub repo, ORG/NAME (created if it does not exist)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the logged-in one)")
+    p.add_argument("--revision", help="branch to commit to (default: main; created if needed)")
+    p.add_argument("--commit-message", help="message of the commit")
+
+
+def _add_recipes(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("recipes", help="list the shipped recipes (select one with -c NAME)")
+
+
 def _add_recipe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipe", help="print a resolved recipe (defaults, base files and overrides merged)")
-    p.add_argument("-c", "--config")
+    p.add_argument("-c", "--config", help="shipped recipe name or YAML file")
     p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
@@ -89,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_push(sub)
+    _add_recipes(sub)
     _add_recipe(sub)
     return parser
 
@@ -104,57 +157,105 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _check_repo_id(parser: argparse.ArgumentParser, repo_id: str) -> None:
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts):
+        parser.error(f"argument --repo-id: {repo_id!r} is not of the form ORG/NAME")
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        from .train import train
+
+        train(args.config, args.output, resume=args.resume, overwrite=args.overwrite, **_overrides(args))
+    elif args.command == "eval":
+        from .report import evaluate
+
+        evaluate(
+            args.run_dir,
+            policy=args.policy,
+            threshold=args.threshold,
+            target_cost=args.target_cost,
+            max_accuracy_drop=args.max_accuracy_drop,
+            data_dir=args.data_dir,
+            timing=not args.no_timing,
+            save_model=not args.no_save,
+            device=args.device,
+            threads=args.threads,
+            timing_images=args.timing_images,
+            fit_gates_objective=args.fit_gates,
+        )
+    elif args.command == "bench":
+        from .report import benchmark
+
+        res = benchmark(
+            args.run_dir,
+            policies=args.policies,
+            batch_size=args.batch_size,
+            images=args.images,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            threads=args.threads,
+            data_dir=args.data_dir,
+            device=args.device,
+        )
+        _print_bench(res, as_json=args.json)
+    elif args.command == "push":
+        from .hub import push_run
+
+        info = push_run(
+            args.run_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            token=args.token,
+        )
+        print(f"pushed {args.run_dir} to {args.repo_id}: {getattr(info, 'commit_url', None) or info}")
+    elif args.command == "recipes":
+        from .train import list_recipes
+
+        recipes = list_recipes()
+        width = max(map(len, recipes))
+        for name, line in recipes.items():
+            print(f"{name:<{width}}  {line}".rstrip())
+    elif args.command == "recipe":
+        import yaml
+
+        from .train import load_recipe
+
+        print(yaml.safe_dump(load_recipe(args.config, _overrides(args)), sort_keys=False), end="")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``timm-exits`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Run the ``timm-exits`` command; returns the exit status (2: an error, 130: interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "push":
+        _check_repo_id(parser, args.repo_id)
+    from .hub import ExitCheckpointError
+    from .report import CalibrationError
     from .train import CheckpointError, RecipeError, RunFolderError
 
+    expected: tuple[type[BaseException], ...] = (
+        RecipeError,
+        RunFolderError,
+        CheckpointError,
+        CalibrationError,
+        ExitCheckpointError,
+        FileNotFoundError,
+    )
+    if args.command == "push":
+        expected += (OSError, ValueError)  # the Hub client's HTTP and connection errors are OSErrors
     try:
-        if args.command == "train":
-            from .train import train
-
-            train(args.config, args.output, resume=args.resume, overwrite=args.overwrite, **_overrides(args))
-        elif args.command == "eval":
-            from .report import evaluate
-
-            evaluate(
-                args.run_dir,
-                policy=args.policy,
-                threshold=args.threshold,
-                target_cost=args.target_cost,
-                max_accuracy_drop=args.max_accuracy_drop,
-                data_dir=args.data_dir,
-                timing=not args.no_timing,
-                save_model=not args.no_save,
-                device=args.device,
-                threads=args.threads,
-                timing_images=args.timing_images,
-                fit_gates_objective=args.fit_gates,
-            )
-        elif args.command == "bench":
-            from .report import benchmark
-
-            res = benchmark(
-                args.run_dir,
-                policies=args.policies,
-                batch_size=args.batch_size,
-                images=args.images,
-                repeats=args.repeats,
-                warmup=args.warmup,
-                threads=args.threads,
-                data_dir=args.data_dir,
-                device=args.device,
-            )
-            _print_bench(res, as_json=args.json)
-        elif args.command == "recipe":
-            import yaml
-
-            from .train import load_recipe
-
-            print(yaml.safe_dump(load_recipe(args.config, _overrides(args)), sort_keys=False), end="")
-    except (RecipeError, RunFolderError, CheckpointError, FileNotFoundError) as e:
+        _run(args)
+    except expected as e:
         print(f"timm-exits {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        detail = f": {e}" if str(e) else " (nothing half-written is kept: every file is replaced atomically)"
+        print(f"timm-exits {args.command}: interrupted{detail}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -10,7 +10,7 @@ A saved multi-exit model is a folder (or Hub repo) that is at the same time a no
                          in `EarlyExitModel.state_dict()`; its header metadata repeats the format version,
                          the architecture and the exit names, and records the SHA-256 of the model.safetensors
                          it was saved with ("backbone_sha256")
-    README.md            a model card generated from the templates in `hub_cards/`
+    README.md            a model card generated from the templates in `timm_exits/hub_cards/`
     report.json          the training report the card's numbers come from (only when one was given)
 
 `timm.create_model("hf-hub:org/name", pretrained=True)` and `"local-dir:/path"` load the backbone from it as
@@ -26,10 +26,10 @@ damaged downloads and mixed-up files, not against deliberate edits (whoever edit
 Folders of format version 1 (written before the hashes were recorded) still load, with a warning that they cannot
 be verified; saving the loaded model again records the hashes.
 
-The card templates are `string.Template` files in `hub_cards/`: `model_card.md` (the card: $front_matter,
-$title, $architecture, $exit_list, $final_note, $head, $gate, $policy, $trained, $source, $timm_source,
-$results, $training), `results.md` ($headline, $exit_table, $policies, $speed) when a report is given and
-`no_results.md` when not. Every number on a card comes from the report.
+The card templates are `string.Template` files in `timm_exits/hub_cards/` (package data): `model_card.md`
+(the card: $front_matter, $title, $architecture, $exit_list, $final_note, $head, $gate, $policy, $trained,
+$source, $timm_source, $results, $training), `results.md` ($headline, $exit_table, $policies, $speed) when a
+report is given and `no_results.md` when not. Every number on a card comes from the report.
 """
 
 from __future__ import annotations
@@ -877,11 +877,14 @@ def load_exits(
 
 # --------------------------------------------------------------------------------------- model card
 def _template_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for d in (here / "hub_cards", here.parent / "hub_cards"):
-        if all((d / n).is_file() for n in _CARD_FILES):
-            return d
-    raise FileNotFoundError(f"model card templates {_CARD_FILES} not found in {here / 'hub_cards'} or {here.parent}.")
+    folder = Path(__file__).resolve().parent / "hub_cards"
+    missing = [n for n in _CARD_FILES if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"model card templates {missing} not found in {folder}; this installation of timm-exits is incomplete "
+            "(reinstall it: the templates are package data)."
+        )
+    return folder
 
 
 def _template(name: str) -> string.Template:
@@ -1071,7 +1074,7 @@ def render_model_card(
     repo_id: str | None = None,
     folder_name: str | None = None,
 ) -> str:
-    """Render the README.md model card from the templates in `hub_cards/`.
+    """Render the README.md model card from the templates in `timm_exits/hub_cards/`.
 
     Every number on the card comes from `report` (schema: see the recipes' report.json); without a report the
     card states no results and says so.

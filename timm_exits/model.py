@@ -394,8 +394,7 @@ def wrap(
     Returns:
         An `EarlyExitModel`.
     """
-    if isinstance(model, EarlyExitModel):
-        raise ValueError("this model is already wrapped; call .unwrap() first or use it as it is.")
+    model = _check_backbone(model)
     if config is not None:
         exits = config.exits
         input_size = config.input_size
@@ -419,7 +418,8 @@ def wrap(
         )
 
     device = next(model.parameters(), torch.empty(0)).device
-    example = torch.randn(1, *size, device=device)
+    dtype = _floating_dtype(model)
+    example = torch.randn(1, *size, device=device, dtype=dtype)
     cfg = config or ExitConfig(exits=[], num_classes=0, head=head, gate=gate, input_size=size, **config_kwargs)
     points, pr, total = resolve_exits(model, exits, example, layouts=cfg.layouts, measure_costs=costs is None)
     final_out = pr.final
@@ -442,12 +442,47 @@ def wrap(
 
     wrapped = EarlyExitModel(model, cfg, points, final_head=final_head)
     wrapped.to(device)
+    for m in (wrapped.branches, wrapped.final_head):  # exits compute in the backbone's dtype
+        if m is not None:
+            m.to(dtype)
     if costs is not None:
         wrapped.set_costs(costs)
     else:
         wrapped.set_costs(_measure_costs(wrapped, pr, total))
         cfg.costs = None  # measured, not user-given: re-measured when rebuilt
     return wrapped
+
+
+def _check_backbone(model: Any) -> nn.Module:
+    """The module to wrap, or a clear error for what cannot be wrapped (a name, a wrapped or compiled model)."""
+    if isinstance(model, str):
+        raise TypeError(
+            f"wrap() takes a model, not the name {model!r}; create it first: "
+            f"timm_exits.wrap(timm.create_model({model!r}, pretrained=...))."
+        )
+    if isinstance(model, EarlyExitModel):
+        raise ValueError("this model is already wrapped; call .unwrap() first or use it as it is.")
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise TypeError(
+            "wrap() needs the model itself, not a torch.compile()d one: exits are forward hooks placed by tracing the "
+            "eager model. Wrap the original module, then compile the wrapper if you like: "
+            "wrapped = timm_exits.wrap(compiled._orig_mod); torch.compile(wrapped)."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap() takes a torch.nn.Module (e.g. a timm model), got {type(model).__name__}.")
+    return model
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    """The one floating dtype of the backbone's parameters (float32 when it has none)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        names = sorted(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(
+            f"the backbone's parameters mix dtypes {names}; cast it to one first, e.g. model.to(torch.bfloat16) "
+            "or model.float()."
+        )
+    return dtypes.pop() if dtypes else torch.float32
 
 
 def _final_head(model: nn.Module, out: Any, backbone_classes: int | None, num_classes: int | None) -> FinalHead | None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -46,10 +47,12 @@ import torch
 from .calibration import Collected, calibrate, collect, sweep
 from .gate_fitting import fit_gates
 from .model import EarlyExitModel
+from .runfiles import Staging
 from .soft import exit_log_probs, soft_log_output
 
 __all__ = [
     "HARD_POLICIES",
+    "CalibrationError",
     "evaluate",
     "benchmark",
     "time_per_image",
@@ -60,6 +63,10 @@ __all__ = [
 ]
 
 HARD_POLICIES = ("gate", "confidence", "entropy")
+
+
+class CalibrationError(ValueError):
+    """The requested calibration target cannot be met on the val split; nothing was written."""
 
 
 def format_distribution(dist: Sequence[float]) -> str:
@@ -234,6 +241,11 @@ def evaluate(
         fit_gates=fit_gates_objective,
     )
     recipe, model = run.recipe, run.model
+    cheapest = float(model.exit_costs.min())
+    explicit = target_cost is not None or max_accuracy_drop is not None
+    asked = target_cost if explicit else recipe["calibrate_target_cost"]
+    if asked is not None and asked < cheapest - 1e-9:
+        raise CalibrationError(_unreachable(asked, cheapest, run_dir))
     policy = policy or recipe["policy"]
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
@@ -275,14 +287,13 @@ def evaluate(
         entry["calibration"]["max_accuracy_drop"] = max_accuracy_drop
         try:
             cal = calibrate(model, val, p, target_cost=target_cost, max_accuracy_drop=max_accuracy_drop, apply=False)
-            thr = cal.threshold
-            entry["calibration"].update({"val_accuracy": cal.accuracy, "val_expected_cost": cal.cost})
-        except ValueError as e:  # target cost out of reach: fall back to the policy's default
-            from .policies import DEFAULT_THRESHOLDS
-
-            thr = DEFAULT_THRESHOLDS[p]
-            entry["calibration"]["error"] = str(e)
-            log(f"calibration of {p!r} failed ({e}); using threshold {thr}")
+        except ValueError as e:  # out of reach: fail before anything is written
+            reach = min(c["cost"] for c in sweep(val, p, num=201))
+            if target_cost is not None:
+                raise CalibrationError(_unreachable(target_cost, reach, run_dir, p)) from e
+            raise CalibrationError(f"calibration of policy {p!r} failed ({e}); nothing was written.") from e
+        thr = cal.threshold
+        entry["calibration"].update({"val_accuracy": cal.accuracy, "val_expected_cost": cal.cost})
         if p == policy and threshold is not None:
             thr = float(threshold)
             entry["calibration"]["overridden_by_user"] = True
@@ -362,17 +373,20 @@ def evaluate(
         "timm_exits_version": __version__,
     }
 
-    plot_paths = write_plots(run_dir / "plots", test, report, curves)
-    _write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    _write_text(run_dir / "report.md", render_markdown(report, plot_paths, run_dir))
-
     if policy != "soft":
         model.config.policy = policy
         model.config.thresholds = [float(policies[policy]["threshold"])] * len(model.branches)
     else:
         model.config.policy, model.config.thresholds = "soft", None
-    if save_model:
-        _save_model(model, run_dir / "model", report, data.data_config, log)
+    # every file is written into a staging folder first and moved into place once all of them exist
+    with Staging(run_dir) as stage:
+        staged = write_plots(stage.path("plots"), test, report, curves)
+        plot_paths = {k: stage.final(v) for k, v in staged.items()}
+        stage.path("report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        stage.path("report.md").write_text(render_markdown(report, plot_paths, run_dir), encoding="utf-8")
+        if save_model:
+            _save_model(model, stage.path("model"), report, data.data_config, log)
+        stage.commit()
     log(_summary(report, policy) + f" (evaluated in {time.time() - t0:.1f} s; report: {run_dir / 'report.md'})")
     return report
 
@@ -401,11 +415,13 @@ def _save_model(model: EarlyExitModel, folder: Path, report: dict[str, Any], dat
         log(f"model not saved to {folder}: {e}")
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _unreachable(target: float, reach: float, run_dir: Path, policy: str | None = None) -> str:
+    who = f"policy {policy!r}" if policy else "any policy"
+    return (
+        f"target cost {target:g} is out of reach: the cheapest expected cost {who} reaches on the val split is "
+        f"{reach:.4f} (every image at the first exit it allows). Give a target of at least {reach:.4f}, e.g. "
+        f"--target-cost {math.ceil(reach * 1e4) / 1e4:.4f}. Nothing in {run_dir} was changed."
+    )
 
 
 def _summary(report: Mapping[str, Any], policy: str) -> str:

@@ -1,8 +1,10 @@
 """Training recipes: fine-tune a multi-exit timm model on one machine or many, then evaluate and report it.
 
 A recipe is a flat YAML mapping of the keys in `DEFAULTS` (``base: other.yaml`` merges another file
-first); every key can be overridden (``key=value``, dotted keys for dict values such as
-``model_kwargs.drop_path_rate=0.1``), and an unknown key is an error that lists the valid ones.
+first: one next to it, else a shipped recipe of that name); the recipes shipped in ``timm_exits/recipes/``
+are selected by name (``-c digits_quick``, listed by `list_recipes`), any other by its path; every key
+can be overridden (``key=value``, dotted keys for dict values such as ``model_kwargs.drop_path_rate=0.1``),
+and an unknown key is an error that lists the valid ones.
 
 Methods (``method:``):
 
@@ -43,7 +45,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +69,7 @@ from .losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss
 from .model import EarlyExitModel, wrap
 from .policies import POLICIES
 from .report import benchmark, evaluate
+from .runfiles import MANIFEST_NAME, atomic_write_text, read_manifest, record, remove_recorded
 
 __all__ = [
     "DEFAULTS",
@@ -72,6 +77,10 @@ __all__ = [
     "RecipeError",
     "RunFolderError",
     "CheckpointError",
+    "TrainingInterrupted",
+    "RECIPE_DIR",
+    "list_recipes",
+    "resolve_recipe",
     "load_recipe",
     "parse_overrides",
     "build_model",
@@ -224,6 +233,10 @@ class CheckpointError(ValueError):
     """A checkpoint does not fit the model or run it is loaded into."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT) at a step boundary, after writing a checkpoint to resume from."""
+
+
 # ------------------------------------------------------------------------------------------ recipes
 def _unknown(key: str, valid: Sequence[str]) -> RecipeError:
     close = difflib.get_close_matches(key, valid, n=3)
@@ -329,19 +342,86 @@ def _check_recipe(r: dict[str, Any]) -> None:
         raise RecipeError("mixup / cutmix need an even batch_size.")
 
 
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def list_recipes() -> dict[str, str]:
+    """The recipes shipped with timm-exits, selectable by name (``-c digits_quick``).
+
+    Returns:
+        Name -> the first line of the file's leading comment ("" when it has none), sorted by name;
+        files whose name starts with "_" are shared settings for ``base:`` and left out.
+    """
+    out = {}
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
+        first = ""
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("#"):
+                first = line.lstrip("#").strip()
+                break
+            if line.strip():
+                break
+        out[path.stem] = first
+    return out
+
+
+def resolve_recipe(source: str | os.PathLike) -> Path:
+    """The file of a recipe given as a path or as the name of a shipped recipe.
+
+    Args:
+        source: A YAML file's path, or a shipped recipe's name with or without ".yaml".
+
+    Returns:
+        The recipe file's path.
+
+    Raises:
+        FileNotFoundError: Neither a file nor a shipped recipe; the message lists the shipped ones.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    name = str(source)
+    if "/" not in name and os.sep not in name:
+        stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+        shipped = RECIPE_DIR / f"{stem}.yaml"
+        if shipped.is_file():
+            return shipped
+    names = list(list_recipes())
+    close = difflib.get_close_matches(Path(name).stem, names, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise FileNotFoundError(
+        f"recipe {name!r} is neither a file nor a shipped recipe.{hint} Shipped recipes (`timm-exits recipes`): "
+        f"{', '.join(names)}."
+    )
+
+
+def _parse_yaml(path: Path) -> Any:
+    """Parse a recipe file; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"recipe {path}{where}: not valid YAML ({problem}). Fix the file there.") from None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.expanduser().resolve()
     if path in seen:
         raise RecipeError(f"recipe {path} includes itself through 'base:'.")
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found.")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = _parse_yaml(path) or {}
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping of keys, got {type(data).__name__}.")
     bases = data.pop("base", None)
     merged: dict[str, Any] = {}
     for b in [bases] if isinstance(bases, str) else bases or []:
-        merged.update(_read_yaml(path.parent / b, (*seen, path)))
+        local = path.parent / b
+        merged.update(_read_yaml(local if local.is_file() else resolve_recipe(b), (*seen, path)))
     merged.update(data)
     merged.setdefault("name", None)
     if data.get("name") is None and not seen:
@@ -395,7 +475,8 @@ def load_recipe(
     """Resolve a recipe: defaults, then the YAML file (with its ``base:`` files) or dict, then overrides.
 
     Args:
-        source: Path of a YAML recipe, a dict of keys, or None (defaults only).
+        source: Path of a YAML recipe, the name of a shipped recipe (see `list_recipes`), a dict of keys, or
+            None (defaults only).
         overrides: Further keys, as a dict or ``key=value`` strings (dotted keys for dict values).
 
     Returns:
@@ -412,7 +493,7 @@ def load_recipe(
         if "base" in given:
             raise RecipeError("'base:' is only understood in recipe files; merge the dicts yourself.")
     else:
-        given = _read_yaml(Path(source))
+        given = _read_yaml(resolve_recipe(source))
     for key, value in list(given.items()) + list(parse_overrides(overrides).items()):
         _apply(recipe, key, value)
     for key in DEFAULTS:
@@ -651,12 +732,6 @@ def _agree(d: _Dist, error: BaseException | None) -> None:
 
 
 # ------------------------------------------------------------------------------------- checkpoints
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _plain(v: Any) -> Any:
     if torch.is_tensor(v):
         return v.item() if v.numel() == 1 else v.tolist()
@@ -696,7 +771,7 @@ def save_checkpoint(
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _atomic_write_text(path.with_suffix(".json"), json.dumps({k: v for k, v in meta.items() if k != "optimizer"}))
+    atomic_write_text(path.with_suffix(".json"), json.dumps({k: v for k, v in meta.items() if k != "optimizer"}))
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -761,6 +836,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tens
 
 
 # -------------------------------------------------------------------------------------- run folder
+# Every path a run writes; taken as the tool's in a run folder written before manifests existed.
 _OWN_FILES = (
     "run.json",
     "recipe.yaml",
@@ -770,57 +846,98 @@ _OWN_FILES = (
     "metrics.jsonl",
     "report.json",
     "report.md",
+    "plots/gate_histograms.png",
+    "plots/accuracy_vs_cost.png",
+    "plots/exit_distribution.png",
+    "model/config.json",
+    "model/model.safetensors",
+    "model/exits.safetensors",
+    "model/README.md",
+    "model/report.json",
 )
-_OWN_DIRS = ("plots", "model")
+_TRAIN_FILES = _OWN_FILES[:6]
 
 
-def _clear_run(run_dir: Path) -> None:
-    import shutil
+def _own_files(run_dir: Path) -> list[str]:
+    """Relative paths timm-exits wrote in `run_dir`: its manifest, else the fixed names of an older run."""
+    try:
+        listed = read_manifest(run_dir)
+    except ValueError as e:
+        raise RunFolderError(str(e)) from e
+    if listed is not None:
+        return listed
+    return list(_OWN_FILES) if (run_dir / "run.json").is_file() else []
 
-    for n in _OWN_FILES:
-        (run_dir / n).unlink(missing_ok=True)
-    for n in _OWN_DIRS:
-        if (run_dir / n).is_dir():
-            shutil.rmtree(run_dir / n)
+
+def _clear_run(run_dir: Path) -> tuple[list[str], list[str]]:
+    """Delete the files timm-exits wrote in `run_dir`; return (deleted, files of others left in place)."""
+    fallback = list(_OWN_FILES) if (run_dir / "run.json").is_file() else []
+    return remove_recorded(run_dir, fallback)
 
 
-def _prepare_run_dir(run_dir: Path, recipe: dict[str, Any], resume: bool, overwrite: bool) -> bool:
-    """Check the output folder; return True when training resumes from its checkpoint."""
+def _prepare_run_dir(run_dir: Path, recipe: dict[str, Any], resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """Check the output folder without changing it.
+
+    Returns:
+        (resume from its checkpoint, delete the files of the run it holds before writing the new one).
+    """
     if resume and overwrite:
         raise RunFolderError("pass either resume or overwrite, not both.")
     info = run_dir / "run.json"
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"output {run_dir} exists and is not a folder.")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not info.is_file():
-            if not overwrite:
-                raise RunFolderError(
-                    f"output folder {run_dir} is not empty and holds no timm-exits run (no run.json); nothing was "
-                    "written. Choose a new --output, or pass --overwrite to write the run there anyway."
-                )
-            _clear_run(run_dir)
-        else:
-            old = json.loads(info.read_text(encoding="utf-8"))
-            changes = _diff(old.get("identity", {}), _identity(recipe))
-            if overwrite:
-                _clear_run(run_dir)
-            elif changes:
+    entries = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    if resume and not info.is_file():
+        raise RunFolderError(
+            f"--resume: {run_dir} holds no timm-exits run (no run.json), so there is nothing to resume; nothing was "
+            "written. Give the --output of the run to continue, or leave out --resume to start a new run."
+        )
+    if not entries:
+        return False, False
+    own = set(_own_files(run_dir)) | {MANIFEST_NAME}
+    others = [e for e in entries if e not in own]
+    if not info.is_file():
+        if not overwrite:
+            raise RunFolderError(
+                f"output folder {run_dir} is not empty and holds no timm-exits run (no run.json); nothing was "
+                f"written. Choose a new --output, or pass --overwrite to write the run there next to its "
+                f"{len(others)} file(s), which are left in place."
+            )
+    else:
+        old = json.loads(info.read_text(encoding="utf-8"))
+        changes = _diff(old.get("identity", {}), _identity(recipe))
+        if not overwrite:
+            if changes:
                 raise RunFolderError(
                     f"output folder {run_dir} holds a different run (recipe differs: {'; '.join(changes[:8])}); "
-                    "nothing was overwritten. Choose a new --output, or pass --overwrite to replace that run."
+                    "nothing was overwritten. Choose a new --output, or pass --overwrite to replace that run (only "
+                    "the files timm-exits wrote are deleted)."
                 )
-            elif not resume:
+            if not resume:
                 raise RunFolderError(
                     f"output folder {run_dir} already holds this run; nothing was overwritten. Pass --resume to "
-                    "continue it from its last checkpoint, or --overwrite to start it again."
+                    "continue it from its last checkpoint, or --overwrite to start it again (only the files "
+                    "timm-exits wrote are deleted)."
                 )
-            else:
-                return (run_dir / CHECKPOINT_NAME).is_file()
-    return False
+            if not (run_dir / CHECKPOINT_NAME).is_file():
+                raise RunFolderError(
+                    f"--resume: {run_dir / CHECKPOINT_NAME} is missing, so the run cannot continue where it stopped; "
+                    "nothing was written. Restore the checkpoint, or pass --overwrite to train the run again from "
+                    "step 0."
+                )
+            return True, False
+    clash = sorted(set(others) & set(_OWN_FILES))
+    if clash:
+        raise RunFolderError(
+            f"output folder {run_dir} holds files timm-exits did not write at paths a run writes: {clash}; nothing "
+            "was written. Move them away, or choose a new --output."
+        )
+    return False, True
 
 
 def _write_run_files(run_dir: Path, recipe: dict[str, Any], classes: list[str], world: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    record(run_dir, _TRAIN_FILES)
     info = run_dir / "run.json"
     if not info.is_file():
         from . import __version__
@@ -834,8 +951,8 @@ def _write_run_files(run_dir: Path, recipe: dict[str, Any], classes: list[str], 
             "timm_exits_version": __version__,
             "world_size": world,
         }
-        _atomic_write_text(info, json.dumps(payload, indent=2, default=str) + "\n")
-    _atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+        atomic_write_text(info, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
 
 
 def _default_output(recipe: Mapping[str, Any]) -> Path:
@@ -1114,7 +1231,9 @@ class _Trainer:
             torch.set_num_threads(recipe["threads"])
 
         # rank 0 checks the output folder and loads the data first (it may download); the others follow
-        self.resuming = self._on_rank0_first(lambda: _prepare_run_dir(run_dir, recipe, resume, overwrite), False)
+        self.resuming, clear = self._on_rank0_first(
+            lambda: _prepare_run_dir(run_dir, recipe, resume, overwrite), (False, False)
+        )
         raw = self._on_rank0_first(lambda: load_splits(recipe), None)
         if raw is None:
             raw = load_splits(recipe)
@@ -1133,7 +1252,17 @@ class _Trainer:
             groups, _ = load_checkpoint(recipe["init_checkpoint"])
             _load_state(self.model, groups.get("model", {}), str(recipe["init_checkpoint"]))
         self.ckpt_meta = meta
-        if d.main:
+        target = recipe["calibrate_target_cost"]
+        cheapest = float(self.model.exit_costs.min())
+        if recipe["report"] and target is not None and target < cheapest - 1e-9:
+            raise RecipeError(
+                f"calibrate_target_cost={target} is below the cheapest expected cost this model can reach, "
+                f"{cheapest:.4f} (every image at exit #1); set calibrate_target_cost >= {cheapest:.4f}."
+            )
+        kept: list[str] = []
+        if d.main:  # everything above could still fail: only now is the old run's output deleted
+            if clear:
+                _, kept = _clear_run(run_dir)
             _write_run_files(run_dir, recipe, self.data.classes, d.world)
         self.model.to(d.device)
         if recipe["sync_bn"] and d.world > 1:  # replaces BatchNorm children in place; names and hooks stay
@@ -1176,9 +1305,12 @@ class _Trainer:
         self.history: list[dict[str, Any]] = list(meta.get("history", []))
         self.bars = _progress_enabled(recipe, d)
         self.log = _Log(run_dir / "train.log" if d.main else None, self.bars)
+        if kept:
+            self.log(f"--overwrite: deleted the earlier run's files; left {len(kept)} other file(s) in place: {kept}")
+        self._interrupted = False
 
     def _on_rank0_first(self, fn: Any, default: Any) -> Any:
-        """Run `fn` on rank 0 and share its result (a bool) or its error with every rank."""
+        """Run `fn` on rank 0 and share its result (a bool or tuple) or its error with every rank."""
         result, error = default, None
         if self.d.main:
             try:
@@ -1186,7 +1318,7 @@ class _Trainer:
             except Exception as e:
                 error = e
         _agree(self.d, error)
-        if self.d.world > 1 and isinstance(default, bool):
+        if self.d.world > 1 and isinstance(default, (bool, tuple)):
             box = [result]
             dist.broadcast_object_list(box, src=0)
             result = box[0]
@@ -1213,6 +1345,7 @@ class _Trainer:
 
             done = sum(s.epochs for s in self.stages[: pos.stage]) + pos.epoch
             self.epoch_bar = tqdm(total=self.total_epochs, initial=done, desc="epochs", position=0)
+        previous = self._catch_sigint()
         try:
             while not pos.done:
                 if not self._stage(pos.stage):
@@ -1223,9 +1356,37 @@ class _Trainer:
                         )
                     return False
         finally:
+            if previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+                signal.signal(signal.SIGINT, previous)
             if self.epoch_bar is not None:
                 self.epoch_bar.close()
         return True
+
+    def _catch_sigint(self) -> Any:
+        """Make Ctrl-C stop at the next step boundary, after a checkpoint; returns the handler it replaced.
+
+        Only in a single process run from the main thread (ranks of a distributed run would stop at
+        different steps); a second Ctrl-C stops at once, as without this handler.
+        """
+        if self.d.world > 1 or threading.current_thread() is not threading.main_thread():
+            return None
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self._previous_sigint = signal.default_int_handler if previous is None else previous
+        return self._previous_sigint
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._interrupted = True
+        signal.signal(signal.SIGINT, self._previous_sigint)
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once).", file=sys.stderr)
+
+    def _stop(self) -> TrainingInterrupted:
+        msg = (
+            f"interrupted at step {self.pos.step}; checkpoint written, continue with --resume "
+            f"(--output {self.run_dir})."
+        )
+        if self.d.main:
+            self.log(msg)
+        return TrainingInterrupted(msg)
 
     def _stage(self, si: int) -> bool:
         stage, pos = self.stages[si], self.pos
@@ -1281,6 +1442,9 @@ class _Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if r["stop_after_steps"] and pos.step >= r["stop_after_steps"]:
                     return False  # as if killed: no checkpoint
+                if self._interrupted and pos.batch < self.steps_per_epoch:
+                    self._checkpoint(opt, accum)
+                    raise self._stop()
                 every = r["checkpoint_every_steps"]
                 if every and pos.step % every == 0 and pos.batch < self.steps_per_epoch:
                     self._checkpoint(opt, accum)
@@ -1315,9 +1479,11 @@ class _Trainer:
         self._checkpoint(opt, None)
         if d.main:
             self.log(_epoch_line(rec))
-            _atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
         if self.epoch_bar is not None:
             self.epoch_bar.update(1)
+        if self._interrupted:  # the last step of an epoch: stopped after its validation and checkpoint
+            raise self._stop()
         return True
 
     def _step(self, net: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, stage_first_step: int) -> float:

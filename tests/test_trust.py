@@ -1,0 +1,283 @@
+"""Bad inputs and trust: packaged recipes, nothing of the user's lost, all-or-nothing writes, Ctrl-C, clear errors.
+
+Training runs use `tiny()` from test_recipes (digits, `test_resnet`, one short epoch on one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from test_recipes import tiny
+
+import timm_exits
+from timm_exits import hub
+from timm_exits.cli import main as cli_main
+from timm_exits.report import CalibrationError
+from timm_exits.runfiles import MANIFEST_NAME, read_manifest
+from timm_exits.train import (
+    RECIPE_DIR,
+    RecipeError,
+    RunFolderError,
+    TrainingInterrupted,
+    _Trainer,
+    list_recipes,
+    load_checkpoint,
+    load_recipe,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """One tiny trained run with its report and saved model (no timing)."""
+    return train(tiny(timing_images=0), tmp_path_factory.mktemp("trust") / "run")
+
+
+# ------------------------------------------------------------------------------------------ packaging
+def test_recipes_are_selected_by_name_listed_and_still_taken_by_path(tmp_path, capsys):
+    by_path = load_recipe(RECIPE_DIR / "digits_quick.yaml")
+    assert load_recipe("digits_quick") == by_path == load_recipe("digits_quick.yaml")
+    assert load_recipe("cifar10_resnet18")["dataset"] == "cifar10"
+    with pytest.raises(FileNotFoundError, match="Did you mean digits_quick.*Shipped recipes.*cifar10_resnet18"):
+        load_recipe("digits_quik")
+
+    # a user's recipe next to no other file may name a shipped recipe as its base
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: cifar10_resnet18.yaml\nlr: 0.01\n")
+    r = load_recipe(mine)
+    assert r["lr"] == 0.01 and r["name"] == "mine" and r["dataset"] == "cifar10"
+    assert r["epochs"] == load_recipe("cifar10_resnet18")["epochs"]
+
+    assert cli_main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shipped = sorted(p for p in RECIPE_DIR.glob("*.yaml") if not p.name.startswith("_"))
+    assert [line.split()[0] for line in lines] == [p.stem for p in shipped]
+    for line, path in zip(lines, shipped):
+        first = next(x for x in path.read_text().splitlines() if x.startswith("#")).lstrip("#").strip()
+        assert line.split(None, 1)[1] == first
+    assert list_recipes()["digits_quick"].startswith("Quick end-to-end run")
+
+
+def test_wheel_carries_recipes_and_card_templates(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), "."],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("timm_exits-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in sorted(RECIPE_DIR.glob("*.yaml")) + sorted((ROOT / "timm_exits" / "hub_cards").glob("*.md")):
+        assert path.relative_to(ROOT).as_posix() in names, path.name
+    assert not any(n.startswith(("recipes/", "hub_cards/", "tests/")) for n in names)
+
+
+def test_malformed_recipe_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: resnet18\nlr: 0.1\n  epochs: 3\nbatch_size: 8\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml, line 3, column \d+: not valid YAML"):
+        load_recipe(bad)
+    assert cli_main(["train", "-c", str(bad), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.yaml, line 3" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------- nothing lost
+def test_overwrite_deletes_only_the_files_the_tool_wrote(run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    listed = read_manifest(folder)
+    assert set(listed) | {MANIFEST_NAME} == set(snapshot(folder))  # every file there was written by the tool
+    assert {"report.json", "model/config.json", "plots/gate_histograms.png", "checkpoint.safetensors"} <= set(listed)
+    mine = {"model/my_weights.txt": b"my weights", "plots/fig1.png": b"my figure", "notes.txt": b"keep me"}
+    for rel, data in mine.items():
+        (folder / rel).write_bytes(data)
+
+    train(tiny(timing_images=0, lr=0.02), folder, overwrite=True)  # another recipe replaces the run
+    after = snapshot(folder)
+    assert {k: after[k] for k in mine} == mine
+    assert yaml.safe_load(after["recipe.yaml"])["lr"] == json.loads(after["run.json"])["identity"]["lr"] == 0.02
+    assert set(read_manifest(folder)) == set(after) - set(mine) - {MANIFEST_NAME}
+    log = after["train.log"].decode()
+    assert "left 3 other file(s) in place" in log and "notes.txt" in log
+
+
+def test_overwrite_refuses_a_user_file_at_a_path_the_run_writes(tmp_path):
+    folder = tmp_path / "mine"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    (folder / "notes.txt").write_text("keep me")
+    before = snapshot(folder)
+    with pytest.raises(RunFolderError, match=r"did not write.*model/config\.json"):
+        train(tiny(), folder, overwrite=True)
+    assert snapshot(folder) == before
+
+
+def test_failing_train_with_overwrite_keeps_the_old_run(run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    before = snapshot(folder)
+    with pytest.raises(FileNotFoundError):
+        train(tiny(dataset="cifar10", data_dir=str(tmp_path / "nope")), folder, overwrite=True)
+    with pytest.raises(RecipeError, match="calibrate_target_cost=0.01 is below .* >= 0"):
+        train(tiny(calibrate_target_cost=0.01), folder, overwrite=True)
+    assert snapshot(folder) == before
+
+
+def test_unreachable_target_cost_fails_and_rewrites_nothing(run, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    before = snapshot(folder)
+    cheapest = float(hub.from_pretrained(folder / "model").exit_costs.min())
+    assert cli_main(["eval", str(folder), "--target-cost", "0.01", "--no-timing"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of reach" in err and f"{cheapest:.4f}" in err
+    assert snapshot(folder) == before
+    # a reachable target close above it works and records what it reached
+    target = round(cheapest + 0.05, 4)
+    assert cli_main(["eval", str(folder), "--target-cost", str(target), "--no-timing", "--threads", "1"]) == 0
+    gate = json.loads((folder / "report.json").read_text())["policies"]["gate"]["calibration"]
+    assert gate["target_cost"] == target and gate["val_expected_cost"] <= target + 1e-9
+    assert "error" not in gate
+
+
+def test_eval_that_fails_midway_changes_nothing(run, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    before = snapshot(folder)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(timm_exits.report, "render_markdown", broken)
+    with pytest.raises(OSError, match="disk full"):
+        timm_exits.report.evaluate(folder, timing=False, policy="entropy", log=lambda m: None)
+    assert snapshot(folder) == before and not list(folder.glob(".timm-exits-staging-*"))
+    with pytest.raises(CalibrationError, match="out of reach"):
+        timm_exits.report.evaluate(folder, timing=False, target_cost=0.001, log=lambda m: None)
+    assert snapshot(folder) == before
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    stop = {"stop_after_steps": 2, "checkpoint_every_steps": 1, "report": False}
+    folder = train(tiny(**stop), tmp_path / "run")
+    (folder / "checkpoint.safetensors").unlink()
+    before = snapshot(folder)
+    with pytest.raises(RunFolderError, match=r"checkpoint\.safetensors is missing.*--overwrite"):
+        train(tiny(**stop), folder, resume=True)
+    assert snapshot(folder) == before
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        train(tiny(), tmp_path / "never", resume=True)
+    assert not (tmp_path / "never").exists()
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    recipe = tiny(epochs=2, ema=True, ema_decay=0.9, mixup=0.2, exit_drop_rate=0.1, report=False)
+    full = train(recipe, tmp_path / "full")
+
+    step = _Trainer._step
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        loss = step(self, *args, **kwargs)
+        if self.pos.step == 4:  # the 5th step (the first of epoch 2) is running: Ctrl-C arrives now
+            signal.raise_signal(signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(_Trainer, "_step", step_then_ctrl_c)
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(json.dumps(recipe))
+    code = cli_main(["train", "-c", str(recipe_file), "--output", str(tmp_path / "cut")])
+    assert code == 130
+    err = capsys.readouterr().err
+    final = [line for line in err.splitlines() if line.startswith("timm-exits")]
+    assert final == [
+        f"timm-exits train: interrupted: interrupted at step 5; checkpoint written, continue with --resume "
+        f"(--output {tmp_path / 'cut'})."
+    ]
+    assert "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    _, meta = load_checkpoint(tmp_path / "cut")
+    assert meta["position"]["step"] == 5 and meta["position"]["batch"] == 1
+
+    monkeypatch.setattr(_Trainer, "_step", step)
+    train(recipe_file, tmp_path / "cut", resume=True)
+    a, b = load_checkpoint(full), load_checkpoint(tmp_path / "cut")
+    for prefix in ("model", "ema"):
+        assert a[0][prefix].keys() == b[0][prefix].keys()
+        for k, v in a[0][prefix].items():
+            torch.testing.assert_close(b[0][prefix][k], v, rtol=1e-5, atol=1e-6, msg=f"{prefix}/{k}")
+    assert b[1]["position"]["done"] and b[1]["position"]["step"] == 8
+    assert issubclass(TrainingInterrupted, KeyboardInterrupt)
+
+
+# -------------------------------------------------------------------------------------- argument ranges
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "RUN", "--batch-size", "0"], "argument --batch-size: 0 is out of range; valid range: [1, inf)"),
+        (["eval", "RUN", "--threshold", "2"], "argument --threshold: 2 is out of range; valid range: [0, 1]"),
+        (["eval", "RUN", "--threshold", "nan"], "argument --threshold: nan is out of range; valid range: [0, 1]"),
+        (["eval", "RUN", "--target-cost", "0"], "argument --target-cost: 0 is out of range; valid range: (0, inf)"),
+        (["push", "RUN", "--repo-id", "name"], "argument --repo-id: 'name' is not of the form ORG/NAME"),
+    ],
+)
+def test_out_of_range_arguments_exit_2_with_the_valid_range(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- wrap
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wrap_half_and_bf16_backbones(dtype):
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    low = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    low.load_state_dict(backbone.state_dict())
+    low.to(dtype)
+    torch.manual_seed(1)
+    ref = timm_exits.wrap(backbone, input_size=(3, 32, 32)).eval()
+    torch.manual_seed(1)
+    model = timm_exits.wrap(low, input_size=(3, 32, 32)).eval()
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert model.exit_costs.dtype == torch.float32
+    torch.testing.assert_close(model.exit_costs, ref.exit_costs)  # same FLOPs in any dtype
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got, want = model(x.to(dtype)), ref(x)
+    assert torch.isfinite(got.log_probs.float()).all()
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.1)
+    pred = model.predict(x.to(dtype), policy="confidence", threshold=0.0)
+    assert pred.exit_index.tolist() == [0, 0, 0, 0]
+
+
+def test_wrap_refuses_a_name_a_compiled_model_and_mixed_dtypes():
+    with pytest.raises(TypeError, match=r"not the name 'resnet18'.*timm\.create_model\('resnet18'"):
+        timm_exits.wrap("resnet18")
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    with pytest.raises(TypeError, match=r"torch\.compile\(\)d.*wrap\(compiled\._orig_mod\)"):
+        timm_exits.wrap(torch.compile(backbone))
+    backbone.fc.to(torch.float16)
+    with pytest.raises(TypeError, match=r"mix dtypes \['float16', 'float32'\]"):
+        timm_exits.wrap(backbone, input_size=(3, 32, 32))
