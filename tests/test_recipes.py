@@ -328,7 +328,7 @@ def test_cifar_npz_copy_is_read(tmp_path):
 # --------------------------------------------------------------------------------- bad input
 def test_missing_data_folder_is_a_clear_error_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(FileNotFoundError, match="restore.py|download"):
+    with pytest.raises(FileNotFoundError, match="local copy|download"):
         train(tiny(dataset="cifar10", data_dir=str(tmp_path / "nope")), out)
     assert not out.exists()
     with pytest.raises(FileNotFoundError, match="needs data_dir"):
