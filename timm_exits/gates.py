@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import GateKind
+
 __all__ = ["NUM_STATS", "logit_stats", "append_stats", "ExitGate"]
 
 NUM_STATS = 3
@@ -67,7 +69,7 @@ class ExitGate(nn.Module):
 
     def __init__(
         self,
-        kind: str,
+        kind: GateKind,
         position: int,
         feature_dim: int,
         hidden: int = 32,

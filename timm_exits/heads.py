@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import Pool, pool, to_nchw
+from .config import HeadKind
+from .layout import Layout, Pool, TokenPool, pool, to_nchw
 
-__all__ = ["ExitHead", "FinalHead", "create_head"]
+__all__ = ["ExitHead", "FinalHead"]
 
 
 class ExitHead(nn.Module):
@@ -32,14 +33,14 @@ class ExitHead(nn.Module):
 
     def __init__(
         self,
-        layout: str,
+        layout: Layout,
         channels: int,
         num_classes: int,
-        kind: str = "linear",
+        kind: HeadKind = "linear",
         hidden: int = 256,
         drop_rate: float = 0.0,
         num_prefix_tokens: int = 0,
-        token_pool: str = "avg",
+        token_pool: TokenPool = "avg",
     ) -> None:
         super().__init__()
         self.layout = layout
@@ -125,9 +126,9 @@ class FinalHead(nn.Linear):
         self,
         in_features: int,
         num_classes: int,
-        layout: str = "NC",
+        layout: Layout = "NC",
         num_prefix_tokens: int = 0,
-        token_pool: str = "avg",
+        token_pool: TokenPool = "avg",
     ) -> None:
         super().__init__(in_features, num_classes)
         self.pool = Pool(layout, num_prefix_tokens, token_pool)
@@ -141,8 +142,3 @@ class FinalHead(nn.Linear):
         return FinalHead(self.in_features, num_classes, p.layout, p.num_prefix_tokens, p.token_pool).to(
             self.weight.device
         )
-
-
-def create_head(kind: str, layout: str, channels: int, num_classes: int, **kwargs) -> ExitHead:
-    """Build an exit head; see `ExitHead` for the arguments."""
-    return ExitHead(layout, channels, num_classes, kind=kind, **kwargs)

@@ -2,9 +2,9 @@
 
 `wrap(model, exits=...)` resolves exit points (`timm_exits.placement`), builds one `ExitBranch`
 (head + gate) per point and registers each branch's bound method `_hook` as a forward hook on the
-backbone module it reads. Hooks are bound methods of modules owned by the wrapper, so
-`copy.deepcopy` (timm's EMA) re-binds them to the copied branches; `unwrap()` removes them and
-returns the backbone untouched.
+backbone module it reads, keeping the returned handle. Hooks are bound methods of modules owned by
+the wrapper, so `copy.deepcopy` (timm's EMA) re-binds them, and their handles, to the copies;
+`unwrap()` removes them through the handles and returns the backbone untouched.
 
 The hooks do nothing unless a forward of the wrapper is running: calling `model.backbone(x)`
 directly gives exactly the plain model's output. During `EarlyExitModel.forward` every exit is
@@ -16,20 +16,22 @@ is left.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ._utils import evaluating, feature_tensor
-from .config import ExitConfig
+from .config import ExitConfig, GateKind, HeadKind, PolicyName
 from .cost import module_flops
 from .fused import run_fused
 from .gates import ExitGate, append_stats
 from .heads import ExitHead, FinalHead
-from .layout import channels_of, detect_layout
+from .layout import TokenPool, channels_of, detect_layout
 from .placement import ExitPoint, ExitRequest, resolve_exits
 from .soft import exit_log_probs, expected_cost, gates_with_final, soft_log_output
 
@@ -73,7 +75,9 @@ class ExitOutput:
 class ExitBranch(nn.Module):
     """One early exit: a head reading a backbone module's output and the gate deciding on it."""
 
-    def __init__(self, point: ExitPoint, position: int, config: ExitConfig, num_prefix_tokens: int, token_pool: str):
+    def __init__(
+        self, point: ExitPoint, position: int, config: ExitConfig, num_prefix_tokens: int, token_pool: TokenPool
+    ) -> None:
         super().__init__()
         self.name = point.name
         self.position = position
@@ -172,22 +176,18 @@ class EarlyExitModel(nn.Module):
         self._points = list(points)
         self.register_buffer("exit_costs", torch.ones(len(points) + 1), persistent=True)
         self._batch_shrink_safe: bool | None = None
+        self._hook_handles: list[RemovableHandle] = []
         self._install_hooks()
 
     # ----------------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
         modules = dict(self.backbone.named_modules())
-        for branch in self.branches:
-            modules[branch.name].register_forward_hook(branch._hook)
+        self._hook_handles = [modules[b.name].register_forward_hook(b._hook) for b in self.branches]
 
     def _remove_hooks(self) -> None:
-        mine = {id(b) for b in self.branches}
-        for module in self.backbone.modules():
-            for hook_id, hook in list(module._forward_hooks.items()):
-                if id(getattr(hook, "__self__", None)) in mine:
-                    del module._forward_hooks[hook_id]
-                    module._forward_hooks_with_kwargs.pop(hook_id, None)
-                    module._forward_hooks_always_called.pop(hook_id, None)
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
 
     @contextlib.contextmanager
     def _attached(self, run: Any) -> Iterator[None]:
@@ -334,7 +334,7 @@ class EarlyExitModel(nn.Module):
             gate_logits = x.new_zeros(x.shape[0], 0)
         return self.assemble(logits, gate_logits)
 
-    def predict(self, x: torch.Tensor, policy: str | None = None, threshold: Any = None, **kwargs: Any):
+    def predict(self, x: torch.Tensor, policy: PolicyName | None = None, threshold: Any = None, **kwargs: Any):
         """Hard early-exit inference; see `timm_exits.policies.predict`."""
         from .policies import predict
 
@@ -370,8 +370,8 @@ def wrap(
     exits: ExitRequest = "auto",
     *,
     num_classes: int | None = None,
-    head: str = "linear",
-    gate: str = "stats",
+    head: HeadKind = "linear",
+    gate: GateKind = "stats",
     costs: Sequence[float] | None = None,
     input_size: Sequence[int] | None = None,
     config: ExitConfig | None = None,
@@ -388,7 +388,8 @@ def wrap(
         gate: Gate input ("stats", "features", "both").
         costs: Per-exit costs gamma_b overriding the fvcore measurement (final exit included).
         input_size: (C, H, W) used to probe shapes and count FLOPs (default: the model's pretrained_cfg).
-        config: A full `ExitConfig` (e.g. from a saved model); overrides the other options.
+        config: A full `ExitConfig` (e.g. from a saved model); overrides the other options. The model
+            gets a copy; the caller's config is left as it is.
         **config_kwargs: Further `ExitConfig` fields (head_hidden, gate_bias, drop_rate, ...).
 
     Returns:
@@ -397,6 +398,7 @@ def wrap(
     if isinstance(model, EarlyExitModel):
         raise ValueError("this model is already wrapped; call .unwrap() first or use it as it is.")
     if config is not None:
+        config = copy.deepcopy(config)
         exits = config.exits
         input_size = config.input_size
         costs = config.costs

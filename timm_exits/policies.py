@@ -23,11 +23,12 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from ._utils import feature_tensor, take_rows
+from .config import PolicyName
 from .fused import FusedExits
 from .gates import NUM_STATS, logit_stats
 from .model import EarlyExitModel, ExitBranch
@@ -43,7 +44,7 @@ __all__ = [
     "run_assigned",
 ]
 
-POLICIES = ("soft", "gate", "confidence", "entropy")
+POLICIES: tuple[str, ...] = get_args(PolicyName)
 DEFAULT_THRESHOLDS = {"gate": 0.5, "confidence": 0.9, "entropy": 0.2}
 
 
@@ -90,7 +91,7 @@ class Prediction:
 
 
 def exit_mask(
-    policy: str,
+    policy: PolicyName,
     logits: torch.Tensor | None,
     gate_logit: torch.Tensor,
     threshold: float,
@@ -118,7 +119,7 @@ def _check_policy(policy: str) -> None:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
 
 
-def resolve_thresholds(model: EarlyExitModel, policy: str, threshold: Any) -> list[float]:
+def resolve_thresholds(model: EarlyExitModel, policy: PolicyName, threshold: Any) -> list[float]:
     """One threshold per early exit from a scalar, a sequence, or the model's stored calibration."""
     n = len(model.branches)
     if threshold is None:
@@ -324,7 +325,7 @@ def _summarise(model: EarlyExitModel, exit_index: torch.Tensor, logits: torch.Te
 def predict(
     model: EarlyExitModel,
     x: torch.Tensor,
-    policy: str | None = None,
+    policy: PolicyName | None = None,
     threshold: float | Sequence[float] | None = None,
     labels: torch.Tensor | None = None,
     batch_shrink: bool | None = None,
