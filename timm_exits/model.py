@@ -10,16 +10,18 @@ The hooks do nothing unless a forward of the wrapper is running: calling `model.
 directly gives exactly the plain model's output. During `EarlyExitModel.forward` every exit is
 computed (training and soft inference); `EarlyExitModel.predict` (see `timm_exits.policies`) runs
 the hard early-exit path in which exited samples leave the batch and the backbone stops when none
-is left.
+is left. `EarlyExitModel.compile_exits()` runs every exit's inference computation through
+`torch.compile`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -28,7 +30,6 @@ from torch.utils.hooks import RemovableHandle
 from ._utils import evaluating, feature_tensor
 from .config import ExitConfig, GateKind, HeadKind, PolicyName
 from .cost import module_flops
-from .fused import run_fused
 from .gates import ExitGate, append_stats
 from .heads import ExitHead, FinalHead
 from .layout import TokenPool, channels_of, detect_layout
@@ -100,6 +101,7 @@ class ExitBranch(nn.Module):
             detach=config.detach_gate_inputs,
         )
         self._run: Any = None
+        self._compiled: _CompiledExit | None = None
 
     def forward(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (logits, gate logit, statistics of exits 0..position) for a branch-point tensor."""
@@ -108,14 +110,14 @@ class ExitBranch(nn.Module):
         return logits, self.gate(feats, stats), stats
 
     def infer(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`forward` for the hard early-exit path (no autograd): the same result in fewer kernels, or
-        in one compiled call where `timm_exits.fused` serves this exit and input."""
-        fused = run_fused(self, x, prev_stats)
-        if fused is not None:
-            return fused
-        logits, feats = self.head.infer(x)
-        stats = append_stats(prev_stats, logits)
-        return logits, self.gate.infer(feats, stats), stats
+        """`forward` for the paths that run without autograd (hard early exit, soft inference):
+        through `torch.compile` after `EarlyExitModel.compile_exits()`, else eagerly."""
+        compiled = self._compiled
+        if compiled is None:
+            return self.forward(x, prev_stats)
+        if compiled.fn is None:
+            compiled.fn = torch.compile(self.forward, **compiled.options)
+        return compiled.fn(x, prev_stats)
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         run = self._run
@@ -125,6 +127,36 @@ class ExitBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"at={self.name!r}"
+
+
+class _CompiledExit:
+    """`torch.compile` options of one exit and the compiled `ExitBranch.forward`, built at first use.
+
+    Copies and pickles of the branch keep the options and compile their own function: the compiled
+    function is bound to the branch it was built from.
+    """
+
+    __slots__ = ("options", "fn")
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self.fn: Any = None
+
+    def __deepcopy__(self, memo: dict) -> _CompiledExit:
+        return _CompiledExit(dict(self.options))
+
+    def __reduce__(self) -> tuple:
+        return (_CompiledExit, (dict(self.options),))
+
+
+def _compile_options(mode: str | None, dynamic: bool | None, fullgraph: bool, backend: str) -> dict[str, Any]:
+    """Keyword arguments of `torch.compile` for one exit. Every exit compiles the same function
+    (`ExitBranch.forward`); where torch can, each exit keeps its own recompile count
+    (`isolate_recompiles`), so that many exits do not exhaust one shared recompile limit."""
+    options: dict[str, Any] = {"mode": mode, "dynamic": dynamic, "fullgraph": fullgraph, "backend": backend}
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        options["isolate_recompiles"] = True
+    return options
 
 
 class _FullRun:
@@ -205,6 +237,44 @@ class EarlyExitModel(nn.Module):
         """Remove every exit hook and return the original backbone (parameters untouched)."""
         self._remove_hooks()
         return self.backbone
+
+    def compile_exits(
+        self,
+        enable: bool = True,
+        *,
+        mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None,
+        dynamic: bool | None = None,
+        fullgraph: bool = True,
+        backend: str = "inductor",
+    ) -> EarlyExitModel:
+        """Run each exit's inference computation through `torch.compile` (opt-in; nothing is compiled
+        otherwise).
+
+        What is compiled is one exit's `ExitBranch.forward` (pooling, norm, head, confidence
+        statistics, gate), as the hard early-exit path (`predict`) and the soft forward without
+        autograd run it; the training forward and the backbone stay as they are. Each exit compiles at
+        its first call, on CPU (inductor needs a C++ compiler there) or CUDA; the compiled code and
+        its caches are `torch.compile`'s. Results equal the eager ones to float rounding.
+
+        Batch sizes change inside the hard path as samples leave. With `dynamic=None` (torch's
+        default) the second batch size an exit sees recompiles it once with a symbolic batch, and
+        later sizes reuse that; batch 1 keeps its own specialised graph. Deep copies (timm's EMA) and
+        pickles keep the setting and compile their own exits.
+
+        Args:
+            enable: False returns the exits to eager execution.
+            mode: `torch.compile` mode (None: its default).
+            dynamic: `torch.compile`'s `dynamic` (True: symbolic shapes from the first call).
+            fullgraph: Require one graph per exit (an exit's forward has no graph breaks).
+            backend: `torch.compile` backend ("inductor" generates the fused code).
+
+        Returns:
+            This model.
+        """
+        options = _compile_options(mode, dynamic, fullgraph, backend) if enable else None
+        for b in self.branches:
+            b._compiled = None if options is None else _CompiledExit(dict(options))
+        return self
 
     # ----------------------------------------------------------------------------- properties
     @property
