@@ -3,12 +3,11 @@
 During real forwards of the backbone (hard-path hooks replaced by a timing probe), at each exit the
 probe times the exit's work twice in a row on the branch-point tensor: the first call runs right
 after the backbone stage ("in place", the caches full of the backbone's code and data), the second
-immediately after the first ("warm"). Each forward runs one of four probes in turn: the module
-path (`branch(x, s)`, what training runs), the PyTorch inference path (`branch.infer(x, s)` with the
-compiled path off), the compiled path (`timm_exits.fused.run_fused`, what the hard path runs where a
-C compiler is present), and the first kernel alone (the pooling mean over the branch-point tensor),
-so each probe's first call is always the one right after the stage. Prints JSON: medians in microseconds per
-exit.
+immediately after the first ("warm"). Each forward runs one of three probes in turn: the eager exit
+(`branch.infer(x, s)`, what the hard path runs), the same exit compiled (`compile_exits()`, compiled
+in the warm-up forwards), and the first kernel alone (the pooling mean over the branch-point
+tensor), so each probe's first call is always the one right after the stage. Prints JSON: medians in
+microseconds per exit.
 
     python benchmarks/exit_cost_in_place.py --threads 2 > benchmarks/results/exit_cost_in_place.json
 """
@@ -16,6 +15,7 @@ exit.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -27,17 +27,17 @@ from _timing import machine
 
 from timm_exits import wrap
 from timm_exits._utils import feature_tensor
-from timm_exits.fused import fused_available, run_fused, set_fused
 from timm_exits.layout import pool
 
-PATHS = ("module", "infer", "fused", "pool")
+PATHS = ("eager", "compiled", "pool")
 
 
 class _Probe:
     """Stands in for a hard-path run: times one exit's work, first call and second call."""
 
-    def __init__(self, path: str, batch: int, times: dict[str, list[float]]):
+    def __init__(self, path: str, batch: int, times: dict[str, list[float]], compiled):
         self.path = path
+        self.compiled = compiled  # the model's compiled twin, whose exits the "compiled" probe runs
         self.stats = torch.zeros(batch, 0)
         self.times = times
 
@@ -45,14 +45,9 @@ class _Probe:
         if self.path == "pool":
             head = branch.head.pool
             return pool(x, head.layout, head.num_prefix_tokens, head.token_pool)
-        if self.path == "fused":
-            return run_fused(branch, x, self.stats)
-        if self.path == "module":
-            return branch(x, self.stats)
-        previous = set_fused(False)
-        out = branch.infer(x, self.stats)
-        set_fused(previous)
-        return out
+        if self.path == "compiled":
+            branch = self.compiled.branches[branch.position]
+        return branch.infer(x, self.stats)
 
     def on_exit(self, branch, output):
         x = feature_tensor(output, self.stats.shape[0])
@@ -71,6 +66,7 @@ class _Probe:
 def _measure(name: str, rounds: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = wrap(timm.create_model(name, num_classes=10), "auto").eval()
+    compiled = copy.deepcopy(model).compile_exits()
     x = torch.randn(1, 3, 224, 224)
     times: dict[str, list[float]] = defaultdict(list)
     with torch.no_grad():
@@ -78,7 +74,7 @@ def _measure(name: str, rounds: int, warmup: int) -> dict:
             if r == warmup:
                 times.clear()
             for path in PATHS:
-                with model._attached(_Probe(path, 1, times)):
+                with model._attached(_Probe(path, 1, times, compiled)):
                     model.backbone(x)
     n = len(model.exits)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -89,8 +85,7 @@ def _measure(name: str, rounds: int, warmup: int) -> dict:
         "samples_per_value": rounds * n,
         "us_per_exit": med,
         "in_place_over_warm": {p: med[f"{p}.in_place"] / med[f"{p}.warm"] for p in PATHS},
-        "infer_over_module_in_place": med["infer.in_place"] / med["module.in_place"],
-        "fused_over_infer_in_place": med["fused.in_place"] / med["infer.in_place"],
+        "compiled_over_eager_in_place": med["compiled.in_place"] / med["eager.in_place"],
     }
 
 
@@ -101,8 +96,6 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if not fused_available():
-        raise SystemExit("the compiled exit path is unavailable here (no C compiler?); see timm_exits/fused.py")
     out = {
         "benchmark": "exit_cost_in_place",
         "machine": machine(args.threads),

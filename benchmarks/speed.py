@@ -5,6 +5,8 @@ measures in one process: the plain timm forward (`backbone(x)`, hooks inactive);
 with no exit taken; and hard early exit with controlled exit mixes, every sample at exit k for each
 k, and a mixed distribution. Exits are assigned with `timm_exits.policies.run_assigned`, the same
 code path as `predict` with the policy's decision fixed in advance, so the mix is exactly known.
+Every case runs twice, side by side: with eager exits and on a copy whose exits are compiled
+(`compile_exits()`; compiled during the warm-up rounds, which are not timed).
 
 For each case: measured speed-up = plain time / case time; predicted speed-up = 1 / mean(gamma_b
 of the exits taken); their ratio. FLOPs over-predict the saving where early, high-resolution stages
@@ -12,7 +14,8 @@ are memory-bound, so "all at exit k" also reports the time of the bare backbone 
 exit (`forward_intermediates(..., stop_early=True)`, no heads): the honest limit for that pattern;
 for the mixed pattern the limit is the sum of each stage's time at the batch that runs it
 (truncated runs at the shrunk batch sizes). `--channels-last` runs everything in that memory format.
-Prints JSON (medians over interleaved repeats after warm-up).
+Prints JSON (medians over interleaved repeats after warm-up). `--repeats 3 --warmup 1 --batches 1
+--models resnet18` is a smoke run that only checks the script works.
 
     python benchmarks/speed.py --threads 2 > benchmarks/results/speed.json
     python benchmarks/speed.py --threads 2 --models resnet18 --channels-last \
@@ -22,6 +25,7 @@ Prints JSON (medians over interleaved repeats after warm-up).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import timm
@@ -50,6 +54,7 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int, channels_
     if channels_last:  # the plain forward, the truncated backbone and the hard path all run in it
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    compiled = copy.deepcopy(model).compile_exits()
     k = model.num_exits
     gamma = model.costs.float()
     assignments = {f"all_at_exit_{b + 1}": torch.full((batch,), b, dtype=torch.long) for b in range(k)}
@@ -59,6 +64,7 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int, channels_
     fns = {"plain": _timed_prefix(model, x, None)}
     for label, index in assignments.items():
         fns[label] = lambda index=index: run_assigned(model, x, index)
+        fns[f"{label}.compiled"] = lambda index=index: run_assigned(compiled, x, index)
     for b in range(k - 1):
         fns[f"truncated_{b + 1}"] = _timed_prefix(model, x, b)
     if "mixed" in assignments:  # each stage's bounds at the batch that runs it: the mix's limit
@@ -77,6 +83,9 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int, channels_
             "measured_speedup": measured,
             "predicted_speedup": predicted,
             "measured_over_predicted": measured / predicted,
+            "ms_compiled": ms[f"{label}.compiled"],
+            "measured_speedup_compiled": ms["plain"] / ms[f"{label}.compiled"],
+            "measured_over_predicted_compiled": ms["plain"] / ms[f"{label}.compiled"] / predicted,
         }
         if label.startswith("all_at_exit_"):
             trunc = ms.get(label.replace("all_at_exit_", "truncated_"))
@@ -86,6 +95,7 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int, channels_
             row["truncated_backbone_ms"] = trunc
             row["truncated_speedup"] = ms["plain"] / trunc
             row["measured_over_truncated"] = trunc / ms[label]
+            row["measured_over_truncated_compiled"] = trunc / ms[f"{label}.compiled"]
         rows.append(row)
     return {
         "model": name,

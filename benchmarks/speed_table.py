@@ -17,11 +17,17 @@ def rows(result: dict) -> list[str]:
     for c in result["cases"]:
         case = "mixed 40/30/20/10 %" if c["case"] == "mixed" else c["case"].replace("all_at_exit_", "all at exit ")
         limit = f"{c['truncated_speedup']:.2f}x" if "truncated_speedup" in c else "-"
+        comp = "- | - | -"  # results without compiled runs
+        if "ms_compiled" in c:
+            comp = (
+                f"{c['ms_compiled']:.2f} | {c['measured_speedup_compiled']:.2f}x "
+                f"| {c['measured_over_predicted_compiled']:.2f}"
+            )
         out.append(
             f"{head} {case} | {c['ms']:.2f} | {c['measured_speedup']:.2f}x | {c['predicted_speedup']:.2f}x "
-            f"| {c['measured_over_predicted']:.2f} | {limit} |"
+            f"| {c['measured_over_predicted']:.2f} | {comp} | {limit} |"
         )
-    out.append(f"{head} plain timm forward | {result['plain_ms']:.2f} | 1.00x | | | |")
+    out.append(f"{head} plain timm forward | {result['plain_ms']:.2f} | 1.00x | | | | | | |")
     return out
 
 
@@ -31,9 +37,10 @@ def main() -> None:
     args = p.parse_args()
     print(
         "| model @ input | memory format | batch | exits taken | ms | measured speed-up | predicted "
-        "| measured / predicted | bare backbone's limit |"
+        "| measured / predicted | ms, compiled exits | speed-up, compiled | compiled / predicted "
+        "| bare backbone's limit |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path in args.files:
         with open(path) as f:
             for result in json.load(f)["results"]:

@@ -101,6 +101,50 @@ def test_unwrap_gives_original_model_bit_for_bit():
     assert _same_state(before, _snapshot(backbone))
 
 
+def test_unwrap_removes_only_its_own_hooks_and_copies_keep_theirs():
+    backbone, size = make_backbone("resnet18")
+    seen = []
+    user = backbone.layer1.register_forward_hook(lambda mod, i, o: seen.append(o.shape[0]))
+    model = wrap(backbone, exits=["layer1", "layer2"], input_size=(3, size, size)).eval()
+    twin = copy.deepcopy(model)
+    x = images(2, size)
+    with torch.no_grad():
+        ref = twin(x).logits[0]
+        model.unwrap()
+        assert len(backbone.layer1._forward_hooks) == 1 and len(backbone.layer2._forward_hooks) == 0
+        seen.clear()
+        backbone(x)
+        assert seen == [2], "unwrap removed the user's hook"
+        # the copy's hooks live on the copy's modules and survive the original's unwrap
+        assert len(twin.backbone.layer1._forward_hooks) == 2 and len(twin.backbone.layer2._forward_hooks) == 1
+        torch.testing.assert_close(twin(x).logits[0], ref)
+        twin.unwrap()
+        assert len(twin.backbone.layer1._forward_hooks) == 1 and len(twin.backbone.layer2._forward_hooks) == 0
+    user.remove()
+
+
+def test_wrap_copies_the_callers_config():
+    backbone, size = make_backbone("resnet18")
+    saved = wrap(backbone, exits=[1, 2], head="mlp", input_size=(3, size, size)).config
+    saved.exits = [1, 2]  # feature_info indices: wrap resolves them to module names
+    caller = copy.deepcopy(saved)
+    model = wrap(make_backbone("resnet18")[0], config=caller, num_classes=10)
+    assert caller == saved and caller.exits == [1, 2] and caller.costs is None
+    assert model.config is not caller and model.config.exits == ["layer1", "layer2"]
+    assert model.config.head == "mlp"
+    model.set_costs([0.3, 0.6, 1.1])
+    model.reset_classifier(5)
+    assert caller == saved
+
+
+def test_config_from_older_json_with_empty_extra():
+    d = timm_exits.ExitConfig(exits=["layer1"], num_classes=10).to_dict()
+    assert "extra" not in d
+    assert timm_exits.ExitConfig.from_dict({**d, "extra": {}}) == timm_exits.ExitConfig.from_dict(d)
+    with pytest.raises(ValueError, match="unknown exit config keys"):
+        timm_exits.ExitConfig.from_dict({**d, "extra": {"a": 1}})
+
+
 def test_state_dict_round_trip():
     a, size = make_backbone("resnet18", seed=0)
     b, _ = make_backbone("resnet18", seed=1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import images, make_backbone
 
 from timm_exits import calibrate, collect, predict, simulate, wrap
 from timm_exits.gates import logit_stats
+from timm_exits.layout import to_nchw
 from timm_exits.policies import _run_hard, exit_mask, run_assigned
 
 
@@ -336,33 +339,55 @@ def _decide_confidence(thresholds):
     return decide
 
 
+def _branch_reference(branch, x: torch.Tensor, prev_stats: torch.Tensor):
+    """One exit through its submodules' own `__call__`s, the statistics from their definitions."""
+    head, gate = branch.head, branch.gate
+    if head.conv is not None:
+        x = head.conv(to_nchw(x, head.layout, head.num_prefix_tokens))
+    feats = head.hidden(head.norm(head.pool(x)))
+    logits = head.fc(head.drop(feats))
+    p = logits.float().softmax(-1)
+    top = p.sort(-1, descending=True).values
+    entropy = -(p * p.log()).sum(-1) / math.log(p.shape[-1])
+    stats = torch.cat([prev_stats, torch.stack([top[:, 0], entropy, top[:, 0] - top[:, 1]], -1)], -1)
+    parts = {"stats": [stats], "features": [feats], "both": [stats, feats]}[gate.kind]
+    return logits, gate.mlp(torch.cat(parts, -1)).squeeze(-1), stats
+
+
+def _captured(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each exit's branch-point tensor in a plain backbone forward."""
+    captured = {}
+    modules = dict(model.backbone.named_modules())
+    hooks = [
+        modules[b.name].register_forward_hook(lambda mod, i, o, name=b.name: captured.__setitem__(name, o))
+        for b in model.branches
+    ]
+    with torch.no_grad():
+        model.backbone(x)
+    for h in hooks:
+        h.remove()
+    return captured
+
+
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
 @pytest.mark.parametrize(
     ("head", "gate", "gate_hidden"), [("linear", "stats", 32), ("mlp", "both", 0), ("conv", "features", 32)]
 )
-def test_branch_infer_equals_forward(name, head, gate, gate_hidden):
-    """The hard path's functional `infer` gives the module forward's logits, gate logits and statistics."""
+def test_exit_equals_module_reference(name, head, gate, gate_hidden):
+    """An exit's forward (which applies its layers to their parameters directly) gives what its submodules
+    compute when called as modules: logits, gate logits and statistics, in the soft forward too."""
     m, size = make_backbone(name)
     model = wrap(m, "auto", head=head, gate=gate, gate_hidden=gate_hidden, input_size=(3, size, size)).eval()
     for p in model.branches.parameters():  # non-trivial norms and biases
         torch.nn.init.normal_(p, std=0.2)
     x = images(4, size, seed=5)
+    captured = _captured(model, x)
     with torch.no_grad():
         out = model(x)
-        captured = {}
-        hooks = [
-            dict(model.backbone.named_modules())[b.name].register_forward_hook(
-                lambda mod, i, o, name=b.name: captured.__setitem__(name, o)
-            )
-            for b in model.branches
-        ]
-        model.backbone(x)
-        for h in hooks:
-            h.remove()
         stats = x.new_zeros(4, 0)
         for b, branch in enumerate(model.branches):
             logits, gate_logit, new_stats = branch.infer(captured[branch.name], stats)
-            ref_logits, ref_gate, ref_stats = branch(captured[branch.name], stats)
+            ref_logits, ref_gate, ref_stats = _branch_reference(branch, captured[branch.name], stats)
             torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(gate_logit, ref_gate, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(new_stats, ref_stats, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._utils import evaluating
+from .config import PolicyName
 from .model import EarlyExitModel
 from .policies import POLICIES, exit_mask
 
@@ -147,7 +148,7 @@ def collect(
     return data
 
 
-def simulate(data: Collected, policy: str, threshold: float | list[float]) -> torch.Tensor:
+def simulate(data: Collected, policy: PolicyName, threshold: float | list[float]) -> torch.Tensor:
     """Exit index each sample would take under `policy` (the same rule as the hard path)."""
     n_early = data.gate_logits.shape[1]
     thresholds = [float(threshold)] * n_early if isinstance(threshold, (int, float)) else list(threshold)
@@ -176,7 +177,7 @@ def _candidates(data: Collected, policy: str, num: int) -> list[float]:
     return sorted({0.0, 1.0, *[min(max(v, 0.0), 1.0) for v in values]})
 
 
-def sweep(data: Collected, policy: str, num: int = 201) -> list[dict[str, float]]:
+def sweep(data: Collected, policy: PolicyName, num: int = 201) -> list[dict[str, float]]:
     """Cost and accuracy of `policy` over thresholds at `num` quantiles of its scores (plus 0 and 1)."""
     if policy not in POLICIES[1:]:
         raise ValueError(f"cannot sweep policy {policy!r}; use one of {POLICIES[1:]}.")
@@ -191,7 +192,7 @@ def sweep(data: Collected, policy: str, num: int = 201) -> list[dict[str, float]
 def calibrate(
     model: EarlyExitModel,
     loader: Iterable | Collected,
-    policy: str = "gate",
+    policy: PolicyName = "gate",
     target_cost: float | None = None,
     max_accuracy_drop: float | None = None,
     apply: bool = True,

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
-__all__ = ["ExitConfig", "FORMAT_VERSION", "HEAD_TYPES", "GATE_TYPES"]
+from .layout import Layout
+
+__all__ = ["ExitConfig", "FORMAT_VERSION", "HeadKind", "GateKind", "PolicyName", "HEAD_TYPES", "GATE_TYPES"]
 
 FORMAT_VERSION = 2  # 2: config.json records the weight files' SHA-256
-HEAD_TYPES = ("linear", "mlp", "conv")
-GATE_TYPES = ("stats", "features", "both")
+HeadKind = Literal["linear", "mlp", "conv"]
+GateKind = Literal["stats", "features", "both"]
+PolicyName = Literal["soft", "gate", "confidence", "entropy"]
+HEAD_TYPES: tuple[str, ...] = get_args(HeadKind)
+GATE_TYPES: tuple[str, ...] = get_args(GateKind)
 
 
 @dataclass
@@ -54,13 +59,12 @@ class ExitConfig:
     gate_bias: float = -2.0
     detach_gate_inputs: bool = True
     drop_rate: float = 0.0
-    layouts: dict[str, str] | None = None
+    layouts: dict[str, Layout] | None = None
     costs: list[float] | None = None
     input_size: tuple[int, int, int] | None = None
-    policy: str = "gate"
+    policy: PolicyName = "gate"
     thresholds: list[float] | None = None
     format_version: int = FORMAT_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_TYPES:
@@ -87,6 +91,9 @@ class ExitConfig:
                 f"exit config format_version {version} is newer than this timm-exits supports "
                 f"({FORMAT_VERSION}); upgrade timm-exits to load it."
             )
+        d = dict(d)
+        if d.get("extra") == {}:  # an unused field, always empty, that older configs carry
+            del d["extra"]
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

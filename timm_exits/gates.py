@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import GateKind
+
 __all__ = ["NUM_STATS", "logit_stats", "append_stats", "ExitGate"]
 
 NUM_STATS = 3
@@ -67,7 +69,7 @@ class ExitGate(nn.Module):
 
     def __init__(
         self,
-        kind: str,
+        kind: GateKind,
         position: int,
         feature_dim: int,
         hidden: int = 32,
@@ -93,35 +95,24 @@ class ExitGate(nn.Module):
     def forward(self, features: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
         """Return the gate logit, shape (B,).
 
+        The MLP's layers are applied to their parameters directly rather than through `__call__`
+        (see `ExitHead.forward` for why).
+
         Args:
             features: (B, D) pooled features of this exit.
             stats: (B, 3 * (position + 1)) statistics of this exit and the earlier ones.
         """
-        parts = []
-        if self.kind in ("stats", "both"):
-            parts.append(stats)
-        if self.kind in ("features", "both"):
-            parts.append(features)
-        z = torch.cat([p.float() for p in parts], dim=-1) if len(parts) > 1 else parts[0]
-        if self.detach:
-            z = z.detach()
-        return self.mlp(z.to(self.mlp_dtype)).squeeze(-1)
-
-    def infer(self, features: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-        """`forward` for inference without autograd, calling the MLP's parameters functionally (see
-        `ExitHead.infer` for why)."""
         if self.kind == "stats":
             z = stats
         elif self.kind == "features":
             z = features
         else:
             z = torch.cat([stats, features.float()], dim=-1)
-        if isinstance(self.mlp, nn.Linear):
-            return F.linear(z.to(self.mlp.weight.dtype), self.mlp.weight, self.mlp.bias).squeeze(-1)
-        first, _, last = self.mlp
-        h = F.linear(z.to(first.weight.dtype), first.weight, first.bias).relu_()
+        if self.detach:
+            z = z.detach()
+        mlp = self.mlp
+        if isinstance(mlp, nn.Linear):
+            return F.linear(z.to(mlp.weight.dtype), mlp.weight, mlp.bias).squeeze(-1)
+        first, act, last = mlp
+        h = act(F.linear(z.to(first.weight.dtype), first.weight, first.bias))
         return F.linear(h, last.weight, last.bias).squeeze(-1)
-
-    @property
-    def mlp_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import Pool, pool, to_nchw
+from .config import HeadKind
+from .layout import Layout, Pool, TokenPool, pool, to_nchw
 
-__all__ = ["ExitHead", "FinalHead", "create_head"]
+__all__ = ["ExitHead", "FinalHead"]
 
 
 class ExitHead(nn.Module):
@@ -32,14 +33,14 @@ class ExitHead(nn.Module):
 
     def __init__(
         self,
-        layout: str,
+        layout: Layout,
         channels: int,
         num_classes: int,
-        kind: str = "linear",
+        kind: HeadKind = "linear",
         hidden: int = 256,
         drop_rate: float = 0.0,
         num_prefix_tokens: int = 0,
-        token_pool: str = "avg",
+        token_pool: TokenPool = "avg",
     ) -> None:
         super().__init__()
         self.layout = layout
@@ -70,36 +71,27 @@ class ExitHead(nn.Module):
         self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
         self.num_features = width
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled (and normalised) features of a branch-point tensor."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, pooled features) of a branch-point tensor.
+
+        The hard early-exit path runs this between two backbone stages, where at batch 1 every call
+        is a visible share of an exit's cost; the layers are applied to their parameters directly
+        (the submodules hold the parameters and name the state_dict keys) rather than through each
+        submodule's `__call__`, so hooks on the head's submodules do not fire.
+        """
         if self.conv is not None:
             x = self.conv(to_nchw(x, self.layout, self.num_prefix_tokens))
-        return self.hidden(self.norm(self.pool(x)))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits, pooled features)."""
-        feats = self.pooled(x)
-        return self.fc(self.drop(feats)), feats
-
-    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` for inference without autograd, in as few kernels as possible.
-
-        The hard early-exit path runs this between two backbone stages, where every kernel launch
-        costs several times what it costs in a warm loop; it calls the same parameters functionally
-        instead of going through each submodule's `__call__` (so hooks on the head's submodules do
-        not fire here). Heads with a conv layer, and heads in training mode (dropout), use `forward`.
-        """
-        if self.conv is not None or self.training:
-            return self(x)
         feats = pool(x, self.pool.layout, self.pool.num_prefix_tokens, self.pool.token_pool)
-        if isinstance(self.norm, nn.LayerNorm):
-            feats = F.layer_norm(feats, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        norm = self.norm
+        if isinstance(norm, nn.LayerNorm):
+            feats = F.layer_norm(feats, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         if isinstance(self.hidden, nn.Sequential):
             linear, act = self.hidden
             feats = act(F.linear(feats, linear.weight, linear.bias))
+        out = F.dropout(feats, self.drop.p, training=True) if self.drop.training and self.drop.p > 0 else feats
         if isinstance(self.fc, nn.Linear):
-            return F.linear(feats, self.fc.weight, self.fc.bias), feats
-        return feats, feats
+            out = F.linear(out, self.fc.weight, self.fc.bias)
+        return out, feats
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the final linear layer for a new number of classes."""
@@ -125,9 +117,9 @@ class FinalHead(nn.Linear):
         self,
         in_features: int,
         num_classes: int,
-        layout: str = "NC",
+        layout: Layout = "NC",
         num_prefix_tokens: int = 0,
-        token_pool: str = "avg",
+        token_pool: TokenPool = "avg",
     ) -> None:
         super().__init__(in_features, num_classes)
         self.pool = Pool(layout, num_prefix_tokens, token_pool)
@@ -141,8 +133,3 @@ class FinalHead(nn.Linear):
         return FinalHead(self.in_features, num_classes, p.layout, p.num_prefix_tokens, p.token_pool).to(
             self.weight.device
         )
-
-
-def create_head(kind: str, layout: str, channels: int, num_classes: int, **kwargs) -> ExitHead:
-    """Build an exit head; see `ExitHead` for the arguments."""
-    return ExitHead(layout, channels, num_classes, kind=kind, **kwargs)

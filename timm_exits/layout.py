@@ -9,16 +9,20 @@ NHWC models do not set.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-__all__ = ["LAYOUTS", "detect_layout", "channels_of", "pool", "Pool", "to_nchw"]
+__all__ = ["Layout", "LAYOUTS", "TokenPool", "detect_layout", "channels_of", "pool", "Pool", "to_nchw"]
 
-LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")
+Layout = Literal["NCHW", "NHWC", "NLC", "NC"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+# "token": the first (class) token, "avg": the mean of the tokens after the prefix
+TokenPool = Literal["token", "avg"]
 
 
-def detect_layout(t: torch.Tensor, num_chs: int | None = None, hint: str | None = None) -> str:
+def detect_layout(t: torch.Tensor, num_chs: int | None = None, hint: Layout | None = None) -> Layout:
     """Guess the layout of a branch-point tensor.
 
     Args:
@@ -44,12 +48,12 @@ def detect_layout(t: torch.Tensor, num_chs: int | None = None, hint: str | None 
     return hint if hint in ("NCHW", "NHWC") else "NCHW"
 
 
-def channels_of(t: torch.Tensor, layout: str) -> int:
+def channels_of(t: torch.Tensor, layout: Layout) -> int:
     """Channel count of `t` under `layout`."""
     return int(t.shape[1] if layout == "NCHW" else t.shape[-1])
 
 
-def to_nchw(x: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.Tensor:
+def to_nchw(x: torch.Tensor, layout: Layout, num_prefix_tokens: int = 0) -> torch.Tensor:
     """Return a spatial NCHW view of `x`; tokens must form a square grid after the prefix."""
     if layout == "NCHW":
         return x
@@ -67,7 +71,7 @@ def to_nchw(x: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.T
     raise ValueError(f"layout {layout!r} has no spatial form")
 
 
-def pool(x: torch.Tensor, layout: str, num_prefix_tokens: int = 0, token_pool: str = "avg") -> torch.Tensor:
+def pool(x: torch.Tensor, layout: Layout, num_prefix_tokens: int = 0, token_pool: TokenPool = "avg") -> torch.Tensor:
     """Pool a branch-point tensor to (B, C); see `Pool` (this is its forward, without the module call)."""
     if layout == "NCHW":
         return x.mean(dim=(2, 3))
@@ -89,7 +93,7 @@ class Pool(nn.Module):
         token_pool: "token" takes the first token, "avg" averages the non-prefix tokens.
     """
 
-    def __init__(self, layout: str, num_prefix_tokens: int = 0, token_pool: str = "avg") -> None:
+    def __init__(self, layout: Layout, num_prefix_tokens: int = 0, token_pool: TokenPool = "avg") -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")

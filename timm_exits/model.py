@@ -2,34 +2,37 @@
 
 `wrap(model, exits=...)` resolves exit points (`timm_exits.placement`), builds one `ExitBranch`
 (head + gate) per point and registers each branch's bound method `_hook` as a forward hook on the
-backbone module it reads. Hooks are bound methods of modules owned by the wrapper, so
-`copy.deepcopy` (timm's EMA) re-binds them to the copied branches; `unwrap()` removes them and
-returns the backbone untouched.
+backbone module it reads, keeping the returned handle. Hooks are bound methods of modules owned by
+the wrapper, so `copy.deepcopy` (timm's EMA) re-binds them, and their handles, to the copies;
+`unwrap()` removes them through the handles and returns the backbone untouched.
 
 The hooks do nothing unless a forward of the wrapper is running: calling `model.backbone(x)`
 directly gives exactly the plain model's output. During `EarlyExitModel.forward` every exit is
 computed (training and soft inference); `EarlyExitModel.predict` (see `timm_exits.policies`) runs
 the hard early-exit path in which exited samples leave the batch and the backbone stops when none
-is left.
+is left. `EarlyExitModel.compile_exits()` runs every exit's inference computation through
+`torch.compile`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ._utils import evaluating, feature_tensor
-from .config import ExitConfig
+from .config import ExitConfig, GateKind, HeadKind, PolicyName
 from .cost import module_flops
-from .fused import run_fused
 from .gates import ExitGate, append_stats
 from .heads import ExitHead, FinalHead
-from .layout import channels_of, detect_layout
+from .layout import TokenPool, channels_of, detect_layout
 from .placement import ExitPoint, ExitRequest, resolve_exits
 from .soft import exit_log_probs, expected_cost, gates_with_final, soft_log_output
 
@@ -73,7 +76,9 @@ class ExitOutput:
 class ExitBranch(nn.Module):
     """One early exit: a head reading a backbone module's output and the gate deciding on it."""
 
-    def __init__(self, point: ExitPoint, position: int, config: ExitConfig, num_prefix_tokens: int, token_pool: str):
+    def __init__(
+        self, point: ExitPoint, position: int, config: ExitConfig, num_prefix_tokens: int, token_pool: TokenPool
+    ) -> None:
         super().__init__()
         self.name = point.name
         self.position = position
@@ -96,6 +101,7 @@ class ExitBranch(nn.Module):
             detach=config.detach_gate_inputs,
         )
         self._run: Any = None
+        self._compiled: _CompiledExit | None = None
 
     def forward(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (logits, gate logit, statistics of exits 0..position) for a branch-point tensor."""
@@ -104,14 +110,14 @@ class ExitBranch(nn.Module):
         return logits, self.gate(feats, stats), stats
 
     def infer(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`forward` for the hard early-exit path (no autograd): the same result in fewer kernels, or
-        in one compiled call where `timm_exits.fused` serves this exit and input."""
-        fused = run_fused(self, x, prev_stats)
-        if fused is not None:
-            return fused
-        logits, feats = self.head.infer(x)
-        stats = append_stats(prev_stats, logits)
-        return logits, self.gate.infer(feats, stats), stats
+        """`forward` for the paths that run without autograd (hard early exit, soft inference):
+        through `torch.compile` after `EarlyExitModel.compile_exits()`, else eagerly."""
+        compiled = self._compiled
+        if compiled is None:
+            return self.forward(x, prev_stats)
+        if compiled.fn is None:
+            compiled.fn = torch.compile(self.forward, **compiled.options)
+        return compiled.fn(x, prev_stats)
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         run = self._run
@@ -121,6 +127,36 @@ class ExitBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"at={self.name!r}"
+
+
+class _CompiledExit:
+    """`torch.compile` options of one exit and the compiled `ExitBranch.forward`, built at first use.
+
+    Copies and pickles of the branch keep the options and compile their own function: the compiled
+    function is bound to the branch it was built from.
+    """
+
+    __slots__ = ("options", "fn")
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self.fn: Any = None
+
+    def __deepcopy__(self, memo: dict) -> _CompiledExit:
+        return _CompiledExit(dict(self.options))
+
+    def __reduce__(self) -> tuple:
+        return (_CompiledExit, (dict(self.options),))
+
+
+def _compile_options(mode: str | None, dynamic: bool | None, fullgraph: bool, backend: str) -> dict[str, Any]:
+    """Keyword arguments of `torch.compile` for one exit. Every exit compiles the same function
+    (`ExitBranch.forward`); where torch can, each exit keeps its own recompile count
+    (`isolate_recompiles`), so that many exits do not exhaust one shared recompile limit."""
+    options: dict[str, Any] = {"mode": mode, "dynamic": dynamic, "fullgraph": fullgraph, "backend": backend}
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        options["isolate_recompiles"] = True
+    return options
 
 
 class _FullRun:
@@ -172,22 +208,18 @@ class EarlyExitModel(nn.Module):
         self._points = list(points)
         self.register_buffer("exit_costs", torch.ones(len(points) + 1), persistent=True)
         self._batch_shrink_safe: bool | None = None
+        self._hook_handles: list[RemovableHandle] = []
         self._install_hooks()
 
     # ----------------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
         modules = dict(self.backbone.named_modules())
-        for branch in self.branches:
-            modules[branch.name].register_forward_hook(branch._hook)
+        self._hook_handles = [modules[b.name].register_forward_hook(b._hook) for b in self.branches]
 
     def _remove_hooks(self) -> None:
-        mine = {id(b) for b in self.branches}
-        for module in self.backbone.modules():
-            for hook_id, hook in list(module._forward_hooks.items()):
-                if id(getattr(hook, "__self__", None)) in mine:
-                    del module._forward_hooks[hook_id]
-                    module._forward_hooks_with_kwargs.pop(hook_id, None)
-                    module._forward_hooks_always_called.pop(hook_id, None)
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
 
     @contextlib.contextmanager
     def _attached(self, run: Any) -> Iterator[None]:
@@ -205,6 +237,44 @@ class EarlyExitModel(nn.Module):
         """Remove every exit hook and return the original backbone (parameters untouched)."""
         self._remove_hooks()
         return self.backbone
+
+    def compile_exits(
+        self,
+        enable: bool = True,
+        *,
+        mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None,
+        dynamic: bool | None = None,
+        fullgraph: bool = True,
+        backend: str = "inductor",
+    ) -> EarlyExitModel:
+        """Run each exit's inference computation through `torch.compile` (opt-in; nothing is compiled
+        otherwise).
+
+        What is compiled is one exit's `ExitBranch.forward` (pooling, norm, head, confidence
+        statistics, gate), as the hard early-exit path (`predict`) and the soft forward without
+        autograd run it; the training forward and the backbone stay as they are. Each exit compiles at
+        its first call, on CPU (inductor needs a C++ compiler there) or CUDA; the compiled code and
+        its caches are `torch.compile`'s. Results equal the eager ones to float rounding.
+
+        Batch sizes change inside the hard path as samples leave. With `dynamic=None` (torch's
+        default) the second batch size an exit sees recompiles it once with a symbolic batch, and
+        later sizes reuse that; batch 1 keeps its own specialised graph. Deep copies (timm's EMA) and
+        pickles keep the setting and compile their own exits.
+
+        Args:
+            enable: False returns the exits to eager execution.
+            mode: `torch.compile` mode (None: its default).
+            dynamic: `torch.compile`'s `dynamic` (True: symbolic shapes from the first call).
+            fullgraph: Require one graph per exit (an exit's forward has no graph breaks).
+            backend: `torch.compile` backend ("inductor" generates the fused code).
+
+        Returns:
+            This model.
+        """
+        options = _compile_options(mode, dynamic, fullgraph, backend) if enable else None
+        for b in self.branches:
+            b._compiled = None if options is None else _CompiledExit(dict(options))
+        return self
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -334,7 +404,7 @@ class EarlyExitModel(nn.Module):
             gate_logits = x.new_zeros(x.shape[0], 0)
         return self.assemble(logits, gate_logits)
 
-    def predict(self, x: torch.Tensor, policy: str | None = None, threshold: Any = None, **kwargs: Any):
+    def predict(self, x: torch.Tensor, policy: PolicyName | None = None, threshold: Any = None, **kwargs: Any):
         """Hard early-exit inference; see `timm_exits.policies.predict`."""
         from .policies import predict
 
@@ -370,8 +440,8 @@ def wrap(
     exits: ExitRequest = "auto",
     *,
     num_classes: int | None = None,
-    head: str = "linear",
-    gate: str = "stats",
+    head: HeadKind = "linear",
+    gate: GateKind = "stats",
     costs: Sequence[float] | None = None,
     input_size: Sequence[int] | None = None,
     config: ExitConfig | None = None,
@@ -388,7 +458,8 @@ def wrap(
         gate: Gate input ("stats", "features", "both").
         costs: Per-exit costs gamma_b overriding the fvcore measurement (final exit included).
         input_size: (C, H, W) used to probe shapes and count FLOPs (default: the model's pretrained_cfg).
-        config: A full `ExitConfig` (e.g. from a saved model); overrides the other options.
+        config: A full `ExitConfig` (e.g. from a saved model); overrides the other options. The model
+            gets a copy; the caller's config is left as it is.
         **config_kwargs: Further `ExitConfig` fields (head_hidden, gate_bias, drop_rate, ...).
 
     Returns:
@@ -396,6 +467,7 @@ def wrap(
     """
     model = _check_backbone(model)
     if config is not None:
+        config = copy.deepcopy(config)
         exits = config.exits
         input_size = config.input_size
         costs = config.costs

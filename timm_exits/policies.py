@@ -23,12 +23,12 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from ._utils import feature_tensor, take_rows
-from .fused import FusedExits
+from .config import PolicyName
 from .gates import NUM_STATS, logit_stats
 from .model import EarlyExitModel, ExitBranch
 
@@ -43,7 +43,7 @@ __all__ = [
     "run_assigned",
 ]
 
-POLICIES = ("soft", "gate", "confidence", "entropy")
+POLICIES: tuple[str, ...] = get_args(PolicyName)
 DEFAULT_THRESHOLDS = {"gate": 0.5, "confidence": 0.9, "entropy": 0.2}
 
 
@@ -93,7 +93,7 @@ class Prediction:
 
 
 def exit_mask(
-    policy: str,
+    policy: PolicyName,
     logits: torch.Tensor | None,
     gate_logit: torch.Tensor,
     threshold: float,
@@ -121,7 +121,7 @@ def _check_policy(policy: str) -> None:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
 
 
-def resolve_thresholds(model: EarlyExitModel, policy: str, threshold: Any) -> list[float]:
+def resolve_thresholds(model: EarlyExitModel, policy: PolicyName, threshold: Any) -> list[float]:
     """One threshold per early exit from a scalar, a sequence, or the model's stored calibration."""
     n = len(model.branches)
     if threshold is None:
@@ -161,10 +161,8 @@ class _HardRun:
         device: torch.device,
         decide: Decide,
         shrink: bool,
-        fused: FusedExits | None = None,
     ):
         self.decide = decide
-        self.fused = fused  # compiled calls that also apply `decide`'s rule (see timm_exits.fused)
         self.shrink = shrink
         self.alive = torch.arange(batch, device=device)
         self.done = None if shrink else torch.zeros(batch, dtype=torch.bool, device=device)
@@ -181,23 +179,13 @@ class _HardRun:
     def on_exit(self, branch: ExitBranch, output: Any) -> Any:
         batch = self.alive.shape[0]
         x = feature_tensor(output, batch)
-        fused = None if self.fused is None else self.fused.run(branch.position, x, self.stats)
-        if fused is not None:
-            logits, gate_logit, stats, leave, n_leave = fused
-        else:
-            logits, gate_logit, stats = branch.infer(x, self.stats)
-            leave, n_leave = None, -1
-        if n_leave < 0:  # not decided by the compiled call
-            leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
+        logits, gate_logit, stats = branch.infer(x, self.stats)
+        leave = self.decide(branch.position, stats[:, -NUM_STATS:], gate_logit, self.alive)
         if not self.shrink:
-            if leave is None:  # the compiled path leaves the mask out at batch 1
-                leave = torch.full((1,), bool(n_leave), device=x.device)
             leave = leave & ~self.done
-            n_leave = -1
-        if n_leave < 0:
-            # The one host sync of this exit: how many leave fixes every shape below. The rest uses
-            # index tensors (index_select / index_fill), which, unlike boolean masks, need no sync on CUDA.
-            n_leave = int(leave.sum()) if batch > 1 else int(leave)
+        # The one host sync of this exit: how many leave fixes every shape below. The rest uses
+        # index tensors (index_select / index_fill), which, unlike boolean masks, need no sync on CUDA.
+        n_leave = int(leave.sum()) if batch > 1 else int(leave)
         if n_leave == 0:
             self.stats = stats
             return None
@@ -248,18 +236,16 @@ def run_assigned(model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tenso
     target = int(assigned[0]) if x.shape[0] == 1 and batch_shrink else None
 
     def decide(pos: int, stats: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | bool:
-        if target is not None:  # batch 1: the decision is known, as predict's compiled call knows its own
+        if target is not None:  # batch 1: a plain bool, no kernel
             return pos == target
         return assigned[rows] == pos
 
     with torch.no_grad():
-        return _run_hard(model, x, decide, batch_shrink, FusedExits.prepare(list(model.branches), x.device)).logits
+        return _run_hard(model, x, decide, batch_shrink).logits
 
 
-def _run_hard(
-    model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bool, fused: FusedExits | None = None
-) -> _HardRun:
-    run = _HardRun(x.shape[0], model.num_exits, x.device, decide, shrink, fused)
+def _run_hard(model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bool) -> _HardRun:
+    run = _HardRun(x.shape[0], model.num_exits, x.device, decide, shrink)
     try:
         with model._attached(run):
             out = model.backbone(x)
@@ -327,7 +313,7 @@ def _summarise(model: EarlyExitModel, exit_index: torch.Tensor, logits: torch.Te
 def predict(
     model: EarlyExitModel,
     x: torch.Tensor,
-    policy: str | None = None,
+    policy: PolicyName | None = None,
     threshold: float | Sequence[float] | None = None,
     labels: torch.Tensor | None = None,
     batch_shrink: bool | None = None,
@@ -370,8 +356,7 @@ def predict(
         def decide(pos: int, stats: torch.Tensor, gate_logit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             return exit_mask(policy, None, gate_logit, thresholds[pos], stats=stats)
 
-        fused = FusedExits.prepare(list(model.branches), x.device, policy, thresholds)
-        run = _run_hard(model, x, decide, shrink=batch_shrink, fused=fused)
+        run = _run_hard(model, x, decide, shrink=batch_shrink)
     return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
 
 
