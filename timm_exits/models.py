@@ -38,7 +38,32 @@ class _Stage(nn.Sequential):
         super().__init__(*layers)
 
 
-class AlexNetCifar(nn.Module):
+class _SmallNet(nn.Module):
+    """What the small CIFAR networks share: conv ``stages``, a linear ``head``, timm's classifier API.
+
+    Subclasses build ``stages`` and ``head`` and define ``forward_head``.
+    """
+
+    stages: nn.Sequential
+    head: nn.Module
+    num_features: int
+    num_classes: int
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class AlexNetCifar(_SmallNet):
     """AlexNet-style network for small images (see the module docstring).
 
     Args:
@@ -87,25 +112,12 @@ class AlexNetCifar(nn.Module):
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
         self.global_pool = "avg"  # timm reads it when saving the model's arguments
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(x)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pre_logits(self.pool(x))
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
-
-class VggCifar(nn.Module):
+class VggCifar(_SmallNet):
     """VGG with BatchNorm for small images: stages of 3x3 convolutions, each closed by a max-pool.
 
     Args:
@@ -146,22 +158,9 @@ class VggCifar(nn.Module):
         self.head = nn.Linear(cin, num_classes) if num_classes > 0 else nn.Identity()
         self.global_pool = "avg"
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(x)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean((2, 3))
         return x if pre_logits else self.head(self.head_drop(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
