@@ -26,7 +26,7 @@ import torch
 import yaml
 from timm.models._hub import save_for_hf
 
-from timm_exits import EarlyExitModel, wrap
+from timm_exits import EarlyExitModel, hub, wrap
 from timm_exits.cli import main as cli_main
 from timm_exits.config import FORMAT_VERSION, ExitConfig
 from timm_exits.hub import (
@@ -277,6 +277,22 @@ def hub_server():
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_interrupted_save_leaves_the_earlier_files(models, saved, tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    shutil.copytree(saved, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken_card(*args: Any, **kwargs: Any) -> str:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hub, "render_model_card", broken_card)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(models["added_head"], folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folder left behind
+    assert from_pretrained(folder).config == from_pretrained(saved).config
 
 
 # ----------------------------------------------------------------------------------------- round trips

@@ -619,35 +619,37 @@ def save_pretrained(
 
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
-    pickles_before = {n for n in _PICKLE_NAMES if (folder / n).exists()}
-    save_for_hf(
-        model.backbone, folder, model_config={CONFIG_KEY: cfg}, safe_serialization=True, data_config=data_config
-    )
-    written = {n for n in _PICKLE_NAMES if (folder / n).exists()} - pickles_before
-    if written:  # guards the no-pickle promise against a change of timm's save_for_hf
-        for n in written:
-            (folder / n).unlink()
-        raise RuntimeError(f"timm's save_for_hf wrote pickle files {sorted(written)}; they were removed.")
-
-    backbone_sha = _sha256(folder / WEIGHTS_NAME)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _exit_tensors(model).items()}
-    info = {
-        "format_version": FORMAT_VERSION,
-        "architecture": architecture,
-        "exits": list(model.config.exits),
-        "backbone_sha256": backbone_sha,
-    }
-    meta = {_META_KEY: json.dumps(info, sort_keys=True)}
-    safetensors.torch.save_file(tensors, str(folder / EXITS_NAME), metadata=meta)
-    _record_hashes(folder / CONFIG_NAME, {WEIGHTS_NAME: backbone_sha, EXITS_NAME: _sha256(folder / EXITS_NAME)})
-
-    report_path = folder / REPORT_NAME
-    if report_dict is not None:
-        report_path.write_text(json.dumps(report_dict, indent=2) + "\n", encoding="utf-8")
-    elif report_path.exists():
-        report_path.unlink()  # a stale report would contradict the card
-    card = render_model_card(model, report_dict, repo_id=repo_id, folder_name=folder.resolve().name)
-    (folder / CARD_NAME).write_text(card, encoding="utf-8")
+    # Everything is written to a private folder beside the target first, then moved in file by file
+    # (config.json last): an interrupted save leaves the earlier files, or files whose hashes config.json
+    # does not match, which loading refuses; never a half-written file.
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.saving-") as tmp:
+        stage = Path(tmp)
+        save_for_hf(
+            model.backbone, stage, model_config={CONFIG_KEY: cfg}, safe_serialization=True, data_config=data_config
+        )
+        written = {n for n in _PICKLE_NAMES if (stage / n).exists()}
+        if written:  # guards the no-pickle promise against a change of timm's save_for_hf
+            raise RuntimeError(f"timm's save_for_hf wrote pickle files {sorted(written)}; nothing was saved.")
+        backbone_sha = _sha256(stage / WEIGHTS_NAME)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _exit_tensors(model).items()}
+        info = {
+            "format_version": FORMAT_VERSION,
+            "architecture": architecture,
+            "exits": list(model.config.exits),
+            "backbone_sha256": backbone_sha,
+        }
+        meta = {_META_KEY: json.dumps(info, sort_keys=True)}
+        safetensors.torch.save_file(tensors, str(stage / EXITS_NAME), metadata=meta)
+        _record_hashes(stage / CONFIG_NAME, {WEIGHTS_NAME: backbone_sha, EXITS_NAME: _sha256(stage / EXITS_NAME)})
+        if report_dict is not None:
+            (stage / REPORT_NAME).write_text(json.dumps(report_dict, indent=2) + "\n", encoding="utf-8")
+        card = render_model_card(model, report_dict, repo_id=repo_id, folder_name=folder.resolve().name)
+        (stage / CARD_NAME).write_text(card, encoding="utf-8")
+        for name in (WEIGHTS_NAME, EXITS_NAME, REPORT_NAME, CARD_NAME, CONFIG_NAME):
+            if (stage / name).exists():
+                os.replace(stage / name, folder / name)
+    if report_dict is None and (folder / REPORT_NAME).exists():
+        (folder / REPORT_NAME).unlink()  # a stale report would contradict the card
     return folder
 
 
