@@ -14,12 +14,20 @@ are memory-bound, so "all at exit k" also reports the time of the bare backbone 
 exit (`forward_intermediates(..., stop_early=True)`, no heads): the honest limit for that pattern;
 for the mixed pattern the limit is the sum of each stage's time at the batch that runs it
 (truncated runs at the shrunk batch sizes). `--channels-last` runs everything in that memory format.
-Prints JSON (medians over interleaved repeats after warm-up). `--repeats 3 --warmup 1 --batches 1
---models resnet18` is a smoke run that only checks the script works.
+Prints JSON (medians over interleaved repeats after warm-up); `--out PATH` writes it to PATH instead,
+rewritten after every case so that a run stopped part-way keeps the cases it finished.
+`--repeats 3 --warmup 1 --batches 1 --models resnet18` is a smoke run that only checks the script works.
+
+`--device cuda` runs the models and inputs on the GPU (the exits' costs are still counted on the CPU
+when the model is wrapped) and synchronises the device around every timed call; the assigned exits
+live on the device, so at batch 1 `run_assigned` reads the target exit back once per call (one small
+sync on an empty queue). `compiled_graphs` counts the graphs torch.compile built for the case's
+compiled copy (0 would mean the compiled column ran eager).
 
     python benchmarks/speed.py --threads 2 > benchmarks/results/speed.json
     python benchmarks/speed.py --threads 2 --models resnet18 --channels-last \
         > benchmarks/results/speed_channels_last.json
+    python benchmarks/speed.py --device cuda --repeats 31 --out benchmarks/results/gpu/speed.json
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import json
 
 import timm
 import torch
-from _timing import machine, time_interleaved
+from _timing import machine, resolve_device, time_interleaved, write_json
+from torch._dynamo.utils import counters
 
 from timm_exits import wrap
 from timm_exits.policies import run_assigned
@@ -47,22 +56,33 @@ def _mixed_assignment(batch: int, num_exits: int) -> torch.Tensor:
     return index[torch.randperm(batch, generator=torch.Generator().manual_seed(0))]
 
 
-def _case(name: str, size: int, batch: int, repeats: int, warmup: int, channels_last: bool = False) -> dict:
+def _case(
+    name: str,
+    size: int,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    channels_last: bool = False,
+    device: torch.device | str = "cpu",
+) -> dict:
+    torch._dynamo.reset()  # drop the previous case's compiled exits: each case compiles its own copy
     torch.manual_seed(0)
     model = wrap(timm.create_model(name, num_classes=10), "auto", input_size=(3, size, size)).eval()
-    x = torch.randn(batch, 3, size, size)
+    gamma = model.costs.float().clone()  # on the CPU, for the predicted speed-ups
+    model = model.to(device)
+    x = torch.randn(batch, 3, size, size).to(device)
     if channels_last:  # the plain forward, the truncated backbone and the hard path all run in it
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     compiled = copy.deepcopy(model).compile_exits()
     k = model.num_exits
-    gamma = model.costs.float()
     assignments = {f"all_at_exit_{b + 1}": torch.full((batch,), b, dtype=torch.long) for b in range(k)}
     if batch > 1:
         assignments["mixed"] = _mixed_assignment(batch, k)
+    on_device = {label: index.to(device) for label, index in assignments.items()}
 
     fns = {"plain": _timed_prefix(model, x, None)}
-    for label, index in assignments.items():
+    for label, index in on_device.items():
         fns[label] = lambda index=index: run_assigned(model, x, index)
         fns[f"{label}.compiled"] = lambda index=index: run_assigned(compiled, x, index)
     for b in range(k - 1):
@@ -71,7 +91,9 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int, channels_
         for b, n in enumerate(_running(assignments["mixed"], k)):
             for end in (b - 1, b) if b else (b,):
                 fns[f"end_{end}@{n}"] = _timed_prefix(model, x[:n], end if end < k - 1 else None)
-    ms = time_interleaved(fns, repeats, warmup)
+    graphs = counters["stats"]["unique_graphs"]
+    ms = time_interleaved(fns, repeats, warmup, device)
+    graphs = counters["stats"]["unique_graphs"] - graphs
     rows = []
     for label, index in assignments.items():
         predicted = 1.0 / float(gamma[index].mean())
@@ -100,12 +122,14 @@ def _case(name: str, size: int, batch: int, repeats: int, warmup: int, channels_
     return {
         "model": name,
         "input_size": [3, size, size],
+        "device": str(device),
         "memory_format": "channels_last" if channels_last else "contiguous (NCHW)",
         "batch": batch,
         "repeats": repeats,
         "exits": [e.name for e in model.exits],
         "gamma": gamma.tolist(),
         "plain_ms": ms["plain"],
+        "compiled_graphs": graphs,
         "cases": rows,
     }
 
@@ -146,16 +170,19 @@ def _running(index: torch.Tensor, k: int) -> list[int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--models", nargs="+", default=None, help="subset of the cases' model names")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
+    p.add_argument("--out", default=None, help="write the JSON here (after every case) instead of printing it")
     args = p.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     out = {
         "benchmark": "speed",
-        "machine": machine(args.threads),
+        "machine": machine(args.threads, device),
         "warmup": args.warmup,
         "targets": {
             "batch_1": "measured_over_predicted >= 0.9",
@@ -169,8 +196,13 @@ def main() -> None:
             continue
         for batch in args.batches:
             reps = args.repeats if batch == 1 or size <= 64 else max(5, args.repeats // 3)
-            out["results"].append(_case(name, size, batch, reps, args.warmup, args.channels_last))
-    print(json.dumps(out, indent=2))
+            out["results"].append(_case(name, size, batch, reps, args.warmup, args.channels_last, device))
+            if args.out:
+                write_json(args.out, out)
+    if args.out:
+        write_json(args.out, out)
+    else:
+        print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import json
 def rows(result: dict) -> list[str]:
     """Table rows of one (model, input size, batch) result of speed.py."""
     fmt = "channels_last" if result["memory_format"].startswith("channels") else "NCHW"
-    head = f"| {result['model']} @ {result['input_size'][1]} | {fmt} | {result['batch']} |"
+    device = result.get("device", "cpu")  # results before --device ran on the CPU
+    where = "" if device == "cpu" else f" ({device})"
+    head = f"| {result['model']} @ {result['input_size'][1]}{where} | {fmt} | {result['batch']} |"
     out = []
     for c in result["cases"]:
         case = "mixed 40/30/20/10 %" if c["case"] == "mixed" else c["case"].replace("all_at_exit_", "all at exit ")

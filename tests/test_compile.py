@@ -7,7 +7,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import images
+from conftest import images, spread_thresholds
 from torch._dynamo.utils import counters
 
 from timm_exits import predict, wrap
@@ -49,6 +49,33 @@ def test_compiled_exits_equal_eager(name, exits):
     assert torch.equal(got_pred.exit_index, ref_pred.exit_index)
     torch.testing.assert_close(got_pred.logits, ref_pred.logits, rtol=1e-4, atol=1e-4)
     # per exit at most: the first batch size, a symbolic batch for the other sizes, batch 1
+    assert 0 < _graphs() - before <= 3 * len(exits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("name", "exits"), CASES)
+def test_cuda_compiled_exits_equal_eager(name, exits):
+    """On CUDA (inductor's Triton kernels) compiled exits give the eager logits, gate logits and exit
+    decisions, at batch 1 and 4 and on the hard path whose later exits see the shrunk batch."""
+    model = _tiny(name, exits).cuda()
+    compiled = copy.deepcopy(model).compile_exits()
+    x = images(4, 64, seed=3).cuda()
+    tol = {"rtol": 1e-3, "atol": 1e-4}  # Triton's reductions round differently from cuDNN's and ATen's
+    before = _graphs()
+    with torch.no_grad():
+        for batch in (1, 4):
+            ref, got = model(x[:batch]), compiled(x[:batch])
+            assert all(t.device.type == "cuda" for t in got.logits)
+            for a, b in zip(ref.logits, got.logits):
+                torch.testing.assert_close(b, a, **tol)
+            torch.testing.assert_close(got.gate_logits, ref.gate_logits, **tol)
+    assigned = torch.tensor([2, 0, 1, 2], device="cuda")  # 4 samples reach exit 0, 3 reach exit 1
+    torch.testing.assert_close(run_assigned(compiled, x, assigned), run_assigned(model, x, assigned), **tol)
+    thresholds = spread_thresholds(model, x, "gate")  # away from every score: rounding cannot flip a decision
+    ref_pred, got_pred = predict(model, x, "gate", thresholds), predict(compiled, x, "gate", thresholds)
+    assert got_pred.logits.device.type == "cuda"
+    assert torch.equal(got_pred.exit_index, ref_pred.exit_index)
+    torch.testing.assert_close(got_pred.logits, ref_pred.logits, **tol)
     assert 0 < _graphs() - before <= 3 * len(exits)
 
 
