@@ -7,6 +7,7 @@ loss = timm_exits.SoftConditionalLoss(cost_weight=0.1)(out, targets)
 """
 
 from . import models as _models  # noqa: F401  (registers alexnet_cifar with timm)
+from ._version import __version__ as __version__
 from .calibration import Calibration, Collected, calibrate, collect, simulate, sweep
 from .config import ExitConfig
 from .gate_fitting import GateFit, fit_gates
@@ -18,8 +19,6 @@ from .planning import SplitPlan, plan_split
 from .policies import POLICIES, Prediction, PredictionStats, predict
 from .soft import exit_log_probs, expected_cost, soft_log_output
 from .split import CloudPart, EdgePart, Split, SplitError, export, split
-
-__version__ = "0.1.0"
 
 __all__ = [
     "POLICIES",

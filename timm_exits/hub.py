@@ -603,7 +603,7 @@ def save_pretrained(
     """
     from timm.models._hub import save_for_hf
 
-    if not isinstance(model, EarlyExitModel):
+    if not _is_exit_model(model):
         raise TypeError(f"expected an EarlyExitModel (from timm_exits.wrap), got {type(model).__name__}")
     architecture = _architecture(model.backbone)
     report_dict = _load_report(report)
@@ -651,6 +651,11 @@ def save_pretrained(
     if report_dict is None and (folder / REPORT_NAME).exists():
         (folder / REPORT_NAME).unlink()  # a stale report would contradict the card
     return folder
+
+
+def _is_exit_model(model: Any) -> bool:
+    """Whether `model` is an `EarlyExitModel`, checked by its attributes (saving does not import the model)."""
+    return isinstance(model, nn.Module) and all(hasattr(model, a) for a in ("backbone", "branches", "config"))
 
 
 def _record_hashes(config_path: Path, files: dict[str, str]) -> None:

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
 from .calibration import Collected, calibrate, collect, sweep
 from .gate_fitting import fit_gates
 from .model import EarlyExitModel
@@ -339,8 +340,6 @@ def evaluate(
     }
     # policies of the jointly trained gates were timed before the gates were re-fitted
     timing_info["baseline_ms_per_image"] = time_policies({k: v for k, v in policies.items() if k not in timed_joint})
-
-    from . import __version__
 
     report: dict[str, Any] = {
         "model": recipe["model"],

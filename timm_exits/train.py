@@ -28,7 +28,7 @@ weights as an uninterrupted run: data order, augmentation, mixup and dropout are
 (seed, epoch, sample) and (seed, step), and learning rates and the cost weight are functions of the
 step. A folder holding another run, or any run without ``resume`` / ``overwrite``, is an error.
 
-Many processes: start with ``torchrun --nproc_per_node N -m timm_exits.train -c recipe.yaml``.
+Many processes: start with ``torchrun --nproc_per_node N -m timm_exits.cli train -c recipe.yaml``.
 DistributedDataParallel (nccl on GPUs, gloo on CPUs); ``batch_size`` is the global batch, split
 evenly over the processes, so N processes train the same model as one (exactly so for backbones
 without BatchNorm, in a frozen stage, or with ``sync_bn: true`` on GPUs); validation metrics are
@@ -62,6 +62,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from ._version import __version__
 from .calibration import Collected, simulate
 from .data import AUGMENTS, DATASETS, build_datasets, load_splits, make_loader, make_mixup, seed_for
 from .gate_fitting import GATE_OBJECTIVES
@@ -88,7 +89,6 @@ __all__ = [
     "train",
     "evaluate",
     "benchmark",
-    "main",
 ]
 
 METHODS = ("baseline", "branchynet", "soft")
@@ -940,8 +940,6 @@ def _write_run_files(run_dir: Path, recipe: dict[str, Any], classes: list[str], 
     record(run_dir, _TRAIN_FILES)
     info = run_dir / "run.json"
     if not info.is_file():
-        from . import __version__
-
         payload = {
             "fingerprint": _fingerprint(recipe),
             "identity": _identity(recipe),
@@ -1566,14 +1564,3 @@ def _train(recipe: dict[str, Any], d: _Dist, run_dir: Path, resume: bool, overwr
         else:
             evaluate(run_dir, log=log)
     return run_dir
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m timm_exits.train -c recipe.yaml [...]`` (the ``timm-exits train`` command, for torchrun)."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
