@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from _timing import interleaved_samples, machine, paired_ratio
 
 from timm_exits import SoftConditionalLoss, predict, wrap
-from timm_exits.placement import probe
+from timm_exits.core.placement import probe
 
 
 def _inference(name: str, batch: int, repeats: int, warmup: int) -> dict:

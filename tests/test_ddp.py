@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from timm_exits.train import load_checkpoint, train
+from timm_exits.training.train import load_checkpoint, train
 
 RECIPE = {
     "name": "ddp",
@@ -58,7 +58,7 @@ def test_two_processes_match_one_process(tmp_path):
         "--rdzv-backend=c10d",
         "--rdzv-endpoint=127.0.0.1:0",
         "-m",
-        "timm_exits.cli",
+        "timm_exits.training.cli",
         "train",
         "-c",
         str(recipe_file),

@@ -18,9 +18,9 @@ import yaml
 from PIL import Image
 
 from timm_exits import hub
-from timm_exits.cli import main as cli_main
-from timm_exits.data import ShardSampler, build_datasets, load_splits
-from timm_exits.train import (
+from timm_exits.training.cli import main as cli_main
+from timm_exits.training.data import ShardSampler, build_datasets, load_splits
+from timm_exits.training.train import (
     DEFAULTS,
     RECIPE_DIR,
     CheckpointError,

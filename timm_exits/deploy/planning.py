@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-from ._utils import evaluating
-from .calibration import collect, simulate
-from .model import EarlyExitModel
-from .policies import POLICIES, resolve_thresholds
+from ..core._utils import evaluating
+from ..core.model import EarlyExitModel
+from ..inference.calibration import collect, simulate
+from ..inference.policies import POLICIES, resolve_thresholds
 from .serve.client import EdgeClient
 from .serve.codec import COMPRESSIONS, encode_tensors
 from .split import Split, split

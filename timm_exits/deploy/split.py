@@ -40,9 +40,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._utils import evaluating
-from .model import EarlyExitModel
-from .soft import gates_with_final
+from ..core._utils import evaluating
+from ..core.model import EarlyExitModel
+from ..core.soft import gates_with_final
 
 __all__ = [
     "SplitError",

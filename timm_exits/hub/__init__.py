@@ -53,8 +53,8 @@ import torch
 import yaml
 from torch import nn
 
-from .config import FORMAT_VERSION, ExitConfig
-from .model import EarlyExitModel, wrap
+from ..core.config import FORMAT_VERSION, ExitConfig
+from ..core.model import EarlyExitModel, wrap
 
 __all__ = [
     "CONFIG_NAME",

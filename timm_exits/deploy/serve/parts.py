@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import EarlyExitModel
-from ..policies import POLICIES, predict, resolve_thresholds
+from ...core.model import EarlyExitModel
+from ...inference.policies import POLICIES, predict, resolve_thresholds
 from ..split import CloudPart
 from .codec import TensorSpec, describe_specs
 

@@ -406,19 +406,19 @@ class EarlyExitModel(nn.Module):
 
     def predict(self, x: torch.Tensor, policy: PolicyName | None = None, threshold: Any = None, **kwargs: Any):
         """Hard early-exit inference; see `timm_exits.policies.predict`."""
-        from .policies import predict
+        from ..inference.policies import predict
 
         return predict(self, x, policy=policy, threshold=threshold, **kwargs)
 
     def save_pretrained(self, save_directory: str, report: dict | None = None, **kwargs: Any):
         """Write a folder that is both a timm model repo and this multi-exit model; see `timm_exits.hub`."""
-        from .hub import save_pretrained
+        from ..hub import save_pretrained
 
         return save_pretrained(self, save_directory, report, **kwargs)
 
     def push_to_hub(self, repo_id: str, report: dict | None = None, **kwargs: Any):
         """Upload to the Hugging Face Hub in one commit; see `timm_exits.hub.push_to_hub`."""
-        from .hub import push_to_hub
+        from ..hub import push_to_hub
 
         return push_to_hub(self, repo_id, report, **kwargs)
 

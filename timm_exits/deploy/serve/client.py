@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from ..policies import POLICIES, exit_mask, resolve_thresholds
+from ...inference.policies import POLICIES, exit_mask, resolve_thresholds
 from ..split import CloudPart, EdgePart
 from .codec import COMPRESSIONS, PayloadError, TensorSpec, decode_tensors, encode_tensors
 from .parts import Served, run_batch, served_cloud

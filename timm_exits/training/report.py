@@ -44,12 +44,12 @@ from typing import Any
 
 import torch
 
-from ._version import __version__
-from .calibration import Collected, calibrate, collect, sweep
-from .gate_fitting import fit_gates
-from .model import EarlyExitModel
+from .._version import __version__
+from ..core.model import EarlyExitModel
+from ..core.soft import exit_log_probs, soft_log_output
+from ..inference.calibration import Collected, calibrate, collect, sweep
+from ..inference.gate_fitting import fit_gates
 from .runfiles import Staging
-from .soft import exit_log_probs, soft_log_output
 
 __all__ = [
     "HARD_POLICIES",
@@ -227,8 +227,8 @@ def evaluate(
     Returns:
         The report dict (also written to ``run_dir/report.json``).
     """
+    from ..inference.policies import POLICIES
     from .data import build_datasets, load_splits, make_loader
-    from .policies import POLICIES
     from .train import load_run
 
     run_dir = Path(run_dir)
@@ -404,7 +404,7 @@ def _training_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _save_model(model: EarlyExitModel, folder: Path, report: dict[str, Any], data_config: dict, log: Callable) -> None:
-    from . import hub
+    from .. import hub
 
     keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items() if k in keep}

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..core.gates import ExitGate, logit_stats
+from ..core.model import EarlyExitModel
+from ..core.soft import exit_log_probs
 from .calibration import _FIX_COLLECTED, Collected, _first, _require_finite
-from .gates import ExitGate, logit_stats
-from .model import EarlyExitModel
-from .soft import exit_log_probs
 
 __all__ = ["GATE_OBJECTIVES", "GateFit", "fit_gates"]
 

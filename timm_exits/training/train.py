@@ -62,13 +62,13 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from ._version import __version__
-from .calibration import Collected, simulate
+from .._version import __version__
+from ..core.losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss
+from ..core.model import EarlyExitModel, wrap
+from ..inference.calibration import Collected, simulate
+from ..inference.gate_fitting import GATE_OBJECTIVES
+from ..inference.policies import POLICIES
 from .data import AUGMENTS, DATASETS, build_datasets, load_splits, make_loader, make_mixup, seed_for
-from .gate_fitting import GATE_OBJECTIVES
-from .losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss
-from .model import EarlyExitModel, wrap
-from .policies import POLICIES
 from .report import benchmark, evaluate
 from .runfiles import MANIFEST_NAME, atomic_write_text, read_manifest, record, remove_recorded
 

@@ -201,7 +201,7 @@ def _run(args: argparse.Namespace) -> None:
         )
         _print_bench(res, as_json=args.json)
     elif args.command == "push":
-        from .hub import push_run
+        from ..hub import push_run
 
         info = push_run(
             args.run_dir,
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "push":
         _check_repo_id(parser, args.repo_id)
-    from .hub import ExitCheckpointError
+    from ..hub import ExitCheckpointError
     from .report import CalibrationError
     from .train import CheckpointError, RecipeError, RunFolderError
 

@@ -1,0 +1,3 @@
+"""Inference on a multi-exit model: exit policies and the hard early-exit path, threshold calibration on held-out
+outputs, and re-fitting the exit gates. Builds on `timm_exits.core`.
+"""
