@@ -105,10 +105,10 @@ def _train(args: argparse.Namespace, data: dict[str, TensorDataset]) -> tuple[An
 
 def _load_run(args: argparse.Namespace) -> tuple[Any, DataLoader, DataLoader, dict[str, Any]]:
     try:
+        from timm_exits.training.checkpoint import load_run
         from timm_exits.training.data import build_datasets
-        from timm_exits.training.train import load_run
     except ImportError as e:
-        sys.exit(f"--run needs timm_exits.training.train / timm_exits.training.data: {e}")
+        sys.exit(f"--run needs timm_exits.training: {e}")
     run = load_run(args.run, data_dir=args.data_dir)
     splits = build_datasets(run.recipe, run.model)
     val = DataLoader(splits.val, batch_size=128)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from timm_exits.training.train import load_checkpoint, train
+from timm_exits.training.checkpoint import load_checkpoint
+from timm_exits.training.train import train
 
 RECIPE = {
     "name": "ddp",

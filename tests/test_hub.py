@@ -287,7 +287,7 @@ def test_interrupted_save_leaves_the_earlier_files(models, saved, tmp_path, monk
     def broken_card(*args: Any, **kwargs: Any) -> str:
         raise OSError("disk full")
 
-    monkeypatch.setattr(hub, "render_model_card", broken_card)
+    monkeypatch.setattr(hub.save, "render_model_card", broken_card)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(models["added_head"], folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

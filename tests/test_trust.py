@@ -21,20 +21,13 @@ from test_recipes import tiny
 
 import timm_exits
 from timm_exits import hub
+from timm_exits.training.checkpoint import load_checkpoint
 from timm_exits.training.cli import main as cli_main
+from timm_exits.training.recipe import RECIPE_DIR, RecipeError, list_recipes, load_recipe
 from timm_exits.training.report import CalibrationError
+from timm_exits.training.run_folder import RunFolderError
 from timm_exits.training.runfiles import MANIFEST_NAME, read_manifest
-from timm_exits.training.train import (
-    RECIPE_DIR,
-    RecipeError,
-    RunFolderError,
-    TrainingInterrupted,
-    _Trainer,
-    list_recipes,
-    load_checkpoint,
-    load_recipe,
-    train,
-)
+from timm_exits.training.train import TrainingInterrupted, _Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,9 @@ from .core.losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss, cro
 from .core.model import EarlyExitModel, ExitBranch, ExitOutput, wrap
 from .core.placement import ExitPoint, block_points, feature_points
 from .core.soft import exit_log_probs, expected_cost, soft_log_output
+from .deploy.export import export
 from .deploy.planning import SplitPlan, plan_split
-from .deploy.split import CloudPart, EdgePart, Split, SplitError, export, split
+from .deploy.split import CloudPart, EdgePart, Split, SplitError, split
 from .hub import ExitCheckpointError, from_pretrained, load_exits, push_to_hub, save_pretrained
 from .inference.calibration import Calibration, Collected, calibrate, collect, simulate, sweep
 from .inference.gate_fitting import GateFit, fit_gates

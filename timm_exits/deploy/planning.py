@@ -6,7 +6,7 @@ bytes per request and accuracy of each. Ingredients:
 
 * exit rates: the policy's exit decisions on held-out data (`calibration.collect` + `simulate`),
   i.e. the fraction of requests that leave on the device at or before exit k;
-* compute: the edge and cloud parts of each split (`timm_exits.split`) timed at batch 1 on this
+* compute: the edge and cloud parts of each split (`timm_exits.deploy.split`) timed at batch 1 on this
   machine (fastest of a few runs) and scaled by `device_speed` / `server_speed` (relative to this
   machine: 0.2 means the device is 5x slower);
 * the link: `rtt_ms` plus the payload bytes (the real safetensors payload of one sample's

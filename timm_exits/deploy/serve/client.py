@@ -256,7 +256,7 @@ class EdgeClient:
         max_request_samples: int = 32,
     ) -> None:
         if not isinstance(edge, EdgePart):
-            raise TypeError(f"edge must be an EdgePart from timm_exits.split, got {type(edge).__name__}.")
+            raise TypeError(f"edge must be an EdgePart from timm_exits.deploy.split, got {type(edge).__name__}.")
         if policy not in POLICIES[1:]:
             raise ValueError(f"policy {policy!r} has no exit rule; use one of {POLICIES[1:]}.")
         if compression not in COMPRESSIONS:
