@@ -8,7 +8,7 @@ frontier; never checkpoints or weights) are copied to ``RESULTS/<data set>/<name
 
     python benchmarks/run_evidence.py --data-dir DATA --out runs/evidence --results results/evidence
 
-Every entry uses its recipe file as it is (the budget lives in timm_exits/recipes/_paper.yaml) plus its own
+Every entry uses its recipe file as it is (the budget lives in timm_exits/training/recipes/_paper.yaml) plus its own
 overrides (method, cost weight, seed). The JSON summary goes to stdout; each run's output to
 ``OUT/NAME.out``.
 """
