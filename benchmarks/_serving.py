@@ -27,7 +27,7 @@ def local_serve(num_cpus: int = 2, request_timeout_s: float = 60.0) -> Iterator[
     import ray
     from ray import serve
 
-    from timm_exits.serve import start_http
+    from timm_exits.deploy.serve import start_http
 
     ray.init(
         address="local",

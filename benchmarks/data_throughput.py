@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from _timing import interleaved_samples, machine, paired_ratio
 
-from timm_exits.train import _Dist, _Trainer, load_recipe
+from timm_exits.training.distributed import _Dist
+from timm_exits.training.recipe import load_recipe
+from timm_exits.training.train import _Trainer
 
 
 def main() -> None:
@@ -75,7 +77,7 @@ def main() -> None:
 
 
 def _make(trainer: _Trainer):
-    from timm_exits.train import _configure_stage, _make_optimizer
+    from timm_exits.training.stages import _configure_stage, _make_optimizer
 
     stage = trainer.stages[0]
     _configure_stage(trainer.model, trainer.recipe, stage)

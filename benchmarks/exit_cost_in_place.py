@@ -26,8 +26,8 @@ import torch
 from _timing import machine
 
 from timm_exits import wrap
-from timm_exits._utils import feature_tensor
-from timm_exits.layout import pool
+from timm_exits.core._utils import feature_tensor
+from timm_exits.core.layout import pool
 
 PATHS = ("eager", "compiled", "pool")
 

@@ -45,7 +45,7 @@ from _timing import device_sync, interleaved_samples, machine, paired_ratio, res
 from torch._dynamo.utils import counters
 
 from timm_exits import SoftConditionalLoss, predict, wrap
-from timm_exits.placement import probe
+from timm_exits.core.placement import probe
 
 
 def _inference(name: str, batch: int, repeats: int, warmup: int, device: torch.device | str = "cpu") -> dict:

@@ -3,7 +3,7 @@
 Without ``--run`` a multi-exit resnet18 is trained here in about a minute on 2 CPU cores:
 scikit-learn's 8x8 digits upscaled to 32x32 (60 / 20 / 20 train / val / test, fixed seed), the
 soft-conditional loss, SGD with a cosine schedule. With ``--run DIR`` a run folder written by
-``timm_exits.train`` is loaded instead (its recipe's val / test splits are used).
+``timm_exits.training.train`` is loaded instead (its recipe's val / test splits are used).
 
 Then, on the held-out data:
 
@@ -41,10 +41,10 @@ from _serving import local_serve
 from torch.utils.data import DataLoader, TensorDataset
 
 from timm_exits import SoftConditionalLoss, calibrate, collect, fit_gates, predict, wrap
-from timm_exits.gate_fitting import GATE_OBJECTIVES
-from timm_exits.planning import plan_split
-from timm_exits.serve import COMPRESSIONS, EdgeClient, cloud_app, measure_compression
-from timm_exits.split import split
+from timm_exits.deploy.planning import plan_split
+from timm_exits.deploy.serve import COMPRESSIONS, EdgeClient, cloud_app, measure_compression
+from timm_exits.deploy.split import split
+from timm_exits.inference.gate_fitting import GATE_OBJECTIVES
 
 SCENARIOS = [  # (name, uplink Mbit/s, RTT ms)
     ("slow 3G-like", 1.0, 100.0),
@@ -105,10 +105,10 @@ def _train(args: argparse.Namespace, data: dict[str, TensorDataset]) -> tuple[An
 
 def _load_run(args: argparse.Namespace) -> tuple[Any, DataLoader, DataLoader, dict[str, Any]]:
     try:
-        from timm_exits.data import build_datasets
-        from timm_exits.train import load_run
+        from timm_exits.training.checkpoint import load_run
+        from timm_exits.training.data import build_datasets
     except ImportError as e:
-        sys.exit(f"--run needs timm_exits.train / timm_exits.data: {e}")
+        sys.exit(f"--run needs timm_exits.training: {e}")
     run = load_run(args.run, data_dir=args.data_dir)
     splits = build_datasets(run.recipe, run.model)
     val = DataLoader(splits.val, batch_size=128)
@@ -198,7 +198,7 @@ def _scenario_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, help="a run folder written by timm_exits.train (default: train here)")
+    p.add_argument("--run", type=Path, help="a run folder written by timm_exits.training.train (default: train here)")
     p.add_argument("--out", type=Path, default=Path("runs/plan_split"))
     p.add_argument("--data-dir", help="where the --run's data set lives now, if it moved")
     p.add_argument("--arch", default="resnet18")

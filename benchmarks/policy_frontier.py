@@ -30,9 +30,9 @@ import torch
 from _timing import machine
 
 from timm_exits import Collected, collect, fit_gates, simulate, sweep
-from timm_exits.data import build_datasets, make_loader
-from timm_exits.gate_fitting import GATE_OBJECTIVES
-from timm_exits.train import load_run
+from timm_exits.inference.gate_fitting import GATE_OBJECTIVES
+from timm_exits.training.checkpoint import load_run
+from timm_exits.training.data import build_datasets, make_loader
 
 BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 RECOMMENDED_CANDIDATES = ("gate_fitted_no_gain", "confidence", "entropy", "static")

@@ -8,7 +8,7 @@ frontier; never checkpoints or weights) are copied to ``RESULTS/<data set>/<name
 
     python benchmarks/run_evidence.py --data-dir DATA --out runs/evidence --results results/evidence
 
-Every entry uses its recipe file as it is (the budget lives in timm_exits/recipes/_paper.yaml) plus its own
+Every entry uses its recipe file as it is (the budget lives in timm_exits/training/recipes/_paper.yaml) plus its own
 overrides (method, cost weight, seed). The JSON summary goes to stdout; each run's output to
 ``OUT/NAME.out``.
 """
@@ -59,7 +59,7 @@ def _run_dir(out: Path, name: str) -> Path:
 def _train_cmd(name: str, args: argparse.Namespace) -> list[str]:
     recipe, overrides = GRID[name]
     run = _run_dir(args.out, name)
-    cmd = [sys.executable, "-m", "timm_exits.cli", "train", "-c", recipe]
+    cmd = [sys.executable, "-m", "timm_exits.training.cli", "train", "-c", recipe]
     cmd += ["--data-dir", str(args.data_dir), "--output", str(run), "--no-progress"]
     cmd += ["--resume"] if (run / "checkpoint.safetensors").exists() else []
     return cmd + [f"{k}={v}" for k, v in overrides.items()] + list(args.set)

@@ -40,7 +40,7 @@ from _serving import local_serve
 from _timing import machine, time_interleaved
 
 from timm_exits import predict, split, wrap
-from timm_exits.serve import EdgeClient, ModelClient, cloud_app, model_app
+from timm_exits.deploy.serve import EdgeClient, ModelClient, cloud_app, model_app
 
 MIX = (0.4, 0.3, 0.2, 0.1)
 

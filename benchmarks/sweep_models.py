@@ -64,8 +64,8 @@ def source_hash() -> str:
     import timm_exits
 
     h = hashlib.sha1()
-    for f in sorted(Path(timm_exits.__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
+    for f in sorted(Path(timm_exits.__file__).parent.rglob("*.py")):
+        h.update(f.relative_to(Path(timm_exits.__file__).parent).as_posix().encode() + f.read_bytes())
     return h.hexdigest()[:8]
 
 

@@ -46,7 +46,7 @@ def images(batch: int, size: int, seed: int = 1, channels: int = 3) -> torch.Ten
 
 def spread_thresholds(model, x: torch.Tensor, policy: str) -> list[float]:
     """Per-exit thresholds that send some samples out at every exit, away from any sample's score."""
-    from timm_exits.gates import logit_stats
+    from timm_exits.core.gates import logit_stats
 
     with torch.no_grad():
         out = model(x)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from timm_exits.data import ArrayLoader, ArraySplit, BatchAugment, build_datasets, load_splits, make_loader
-from timm_exits.train import OneCycle, load_recipe
+from timm_exits.training.augment import ArrayLoader, ArraySplit, BatchAugment
+from timm_exits.training.data import build_datasets, load_splits, make_loader
+from timm_exits.training.recipe import load_recipe
+from timm_exits.training.stages import OneCycle
 
 CFG = {"input_size": (3, 6, 6), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "crop_pct": 1.0}
 

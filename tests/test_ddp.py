@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from timm_exits.train import load_checkpoint, train
+from timm_exits.training.checkpoint import load_checkpoint
+from timm_exits.training.train import train
 
 RECIPE = {
     "name": "ddp",
@@ -58,7 +59,8 @@ def test_two_processes_match_one_process(tmp_path):
         "--rdzv-backend=c10d",
         "--rdzv-endpoint=127.0.0.1:0",
         "-m",
-        "timm_exits.train",
+        "timm_exits.training.cli",
+        "train",
         "-c",
         str(recipe_file),
         "--output",

@@ -7,7 +7,7 @@ import torch
 from conftest import make_backbone
 
 from timm_exits import Collected, calibrate, simulate, sweep, wrap
-from timm_exits.gate_fitting import fit_gates
+from timm_exits.inference.gate_fitting import fit_gates
 
 
 def _data(n: int = 600, classes: int = 5, seed: int = 0) -> Collected:
@@ -64,7 +64,7 @@ def test_correctness_gates_beat_max_softmax_at_equal_cost():
 
 
 def _stats(data: Collected, b: int) -> torch.Tensor:
-    from timm_exits.gates import logit_stats
+    from timm_exits.core.gates import logit_stats
 
     return logit_stats(data.logits[:, b])
 

@@ -27,8 +27,7 @@ import yaml
 from timm.models._hub import save_for_hf
 
 from timm_exits import EarlyExitModel, hub, wrap
-from timm_exits.cli import main as cli_main
-from timm_exits.config import FORMAT_VERSION, ExitConfig
+from timm_exits.core.config import FORMAT_VERSION, ExitConfig
 from timm_exits.hub import (
     ExitCheckpointError,
     from_pretrained,
@@ -38,6 +37,7 @@ from timm_exits.hub import (
     render_model_card,
     save_pretrained,
 )
+from timm_exits.training.cli import main as cli_main
 
 SIZE = 32
 EXITS = "exits.safetensors"
@@ -287,7 +287,7 @@ def test_interrupted_save_leaves_the_earlier_files(models, saved, tmp_path, monk
     def broken_card(*args: Any, **kwargs: Any) -> str:
         raise OSError("disk full")
 
-    monkeypatch.setattr(hub, "render_model_card", broken_card)
+    monkeypatch.setattr(hub.save, "render_model_card", broken_card)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(models["added_head"], folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -503,7 +503,7 @@ def test_cli_push_uploads_a_run_to_the_endpoint(models, hub_server, tmp_path, ca
             filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
         ),
     }
-    args = [sys.executable, "-m", "timm_exits.cli", "push", str(run), "--repo-id", "org/cli-exits"]
+    args = [sys.executable, "-m", "timm_exits.training.cli", "push", str(run), "--repo-id", "org/cli-exits"]
     proc = subprocess.run(
         [*args, "--private", "--token", "hf_test"], env=env, capture_output=True, text=True, timeout=180
     )

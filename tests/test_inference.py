@@ -9,9 +9,9 @@ import torch
 from conftest import images, make_backbone
 
 from timm_exits import calibrate, collect, predict, simulate, wrap
-from timm_exits.gates import logit_stats
-from timm_exits.layout import to_nchw
-from timm_exits.policies import _run_hard, exit_mask, run_assigned
+from timm_exits.core.gates import logit_stats
+from timm_exits.core.layout import to_nchw
+from timm_exits.inference.policies import _run_hard, exit_mask, run_assigned
 
 
 def _wrapped(name: str, exits="auto"):

@@ -12,7 +12,7 @@ from conftest import spread_thresholds
 from safetensors.torch import save as st_save
 
 from timm_exits import predict, wrap
-from timm_exits.serve import (
+from timm_exits.deploy.serve import (
     COMPRESSIONS,
     CloudResponseError,
     CloudUnavailableError,
@@ -26,7 +26,7 @@ from timm_exits.serve import (
     served_cloud,
     served_model,
 )
-from timm_exits.split import split
+from timm_exits.deploy.split import split
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from conftest import spread_thresholds as _spread_thresholds
 
 from timm_exits import predict, wrap
-from timm_exits.planning import LinkModel, plan_split
+from timm_exits.deploy.planning import LinkModel, plan_split
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,14 @@ import yaml
 from PIL import Image
 
 from timm_exits import hub
-from timm_exits.cli import main as cli_main
-from timm_exits.data import ShardSampler, build_datasets, load_splits
-from timm_exits.train import (
-    DEFAULTS,
-    RECIPE_DIR,
-    CheckpointError,
-    RecipeError,
-    RunFolderError,
-    build_model,
-    load_checkpoint,
-    load_recipe,
-    train,
-)
+from timm_exits.training.build import build_model
+from timm_exits.training.checkpoint import CheckpointError, load_checkpoint
+from timm_exits.training.cli import main as cli_main
+from timm_exits.training.data import build_datasets, load_splits
+from timm_exits.training.recipe import DEFAULTS, RECIPE_DIR, RecipeError, load_recipe
+from timm_exits.training.run_folder import RunFolderError
+from timm_exits.training.sampling import ShardSampler
+from timm_exits.training.train import train
 
 RECIPES = RECIPE_DIR
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,7 @@ from ray import serve
 
 import timm_exits
 from timm_exits import predict, split, wrap
-from timm_exits.serve import (
+from timm_exits.deploy.serve import (
     CloudError,
     CloudResponseError,
     EdgeClient,
@@ -34,7 +34,7 @@ from timm_exits.serve import (
     model_app,
     start_http,
 )
-from timm_exits.serve.codec import _META_KEY
+from timm_exits.deploy.serve.codec import _META_KEY
 
 SIZE = 64
 MAX_BATCH = 8

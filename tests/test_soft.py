@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from timm_exits import SoftConditionalLoss, exit_log_probs, expected_cost, soft_log_output
-from timm_exits.losses import BranchyNetLoss, FinalExitLoss
-from timm_exits.model import ExitOutput
+from timm_exits.core.losses import BranchyNetLoss, FinalExitLoss
+from timm_exits.core.model import ExitOutput
 
 
 def _slow(logits: list[torch.Tensor], gate_logits: torch.Tensor, costs: torch.Tensor):

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from timm_exits import wrap
-from timm_exits.split import CloudPart, EdgePart, SplitError, export, run_onnx, split
+from timm_exits.deploy.export import export, run_onnx
+from timm_exits.deploy.split import CloudPart, EdgePart, SplitError, split
 
 # name -> (create_model kwargs, wrap input size); pretrained=False, small inputs where the model allows.
 MODELS = {

@@ -21,20 +21,13 @@ from test_recipes import tiny
 
 import timm_exits
 from timm_exits import hub
-from timm_exits.cli import main as cli_main
-from timm_exits.report import CalibrationError
-from timm_exits.runfiles import MANIFEST_NAME, read_manifest
-from timm_exits.train import (
-    RECIPE_DIR,
-    RecipeError,
-    RunFolderError,
-    TrainingInterrupted,
-    _Trainer,
-    list_recipes,
-    load_checkpoint,
-    load_recipe,
-    train,
-)
+from timm_exits.training.checkpoint import load_checkpoint
+from timm_exits.training.cli import main as cli_main
+from timm_exits.training.recipe import RECIPE_DIR, RecipeError, list_recipes, load_recipe
+from timm_exits.training.report import CalibrationError
+from timm_exits.training.run_folder import RunFolderError
+from timm_exits.training.runfiles import MANIFEST_NAME, read_manifest
+from timm_exits.training.train import TrainingInterrupted, _Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +77,7 @@ def test_wheel_carries_recipes_and_card_templates(tmp_path):
     )
     (wheel,) = tmp_path.glob("timm_exits-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for path in sorted(RECIPE_DIR.glob("*.yaml")) + sorted((ROOT / "timm_exits" / "hub_cards").glob("*.md")):
+    for path in sorted(RECIPE_DIR.glob("*.yaml")) + sorted((ROOT / "timm_exits" / "hub" / "hub_cards").glob("*.md")):
         assert path.relative_to(ROOT).as_posix() in names, path.name
     assert not any(n.startswith(("recipes/", "hub_cards/", "tests/")) for n in names)
 
@@ -167,12 +160,12 @@ def test_eval_that_fails_midway_changes_nothing(run, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(timm_exits.report, "render_markdown", broken)
+    monkeypatch.setattr(timm_exits.training.report, "render_markdown", broken)
     with pytest.raises(OSError, match="disk full"):
-        timm_exits.report.evaluate(folder, timing=False, policy="entropy", log=lambda m: None)
+        timm_exits.training.report.evaluate(folder, timing=False, policy="entropy", log=lambda m: None)
     assert snapshot(folder) == before and not list(folder.glob(".timm-exits-staging-*"))
     with pytest.raises(CalibrationError, match="out of reach"):
-        timm_exits.report.evaluate(folder, timing=False, target_cost=0.001, log=lambda m: None)
+        timm_exits.training.report.evaluate(folder, timing=False, target_cost=0.001, log=lambda m: None)
     assert snapshot(folder) == before
 
 

@@ -6,20 +6,20 @@ out = model(images)                                   # every exit, gates, soft 
 loss = timm_exits.SoftConditionalLoss(cost_weight=0.1)(out, targets)
 """
 
-from . import models as _models  # noqa: F401  (registers alexnet_cifar with timm)
-from .calibration import Calibration, Collected, calibrate, collect, simulate, sweep
-from .config import ExitConfig
-from .gate_fitting import GateFit, fit_gates
+from ._version import __version__ as __version__
+from .core.config import ExitConfig
+from .core.losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss, cross_entropy
+from .core.model import EarlyExitModel, ExitBranch, ExitOutput, wrap
+from .core.placement import ExitPoint, block_points, feature_points
+from .core.soft import exit_log_probs, expected_cost, soft_log_output
+from .deploy.export import export
+from .deploy.planning import SplitPlan, plan_split
+from .deploy.split import CloudPart, EdgePart, Split, SplitError, split
 from .hub import ExitCheckpointError, from_pretrained, load_exits, push_to_hub, save_pretrained
-from .losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss, cross_entropy
-from .model import EarlyExitModel, ExitBranch, ExitOutput, wrap
-from .placement import ExitPoint, block_points, feature_points
-from .planning import SplitPlan, plan_split
-from .policies import POLICIES, Prediction, PredictionStats, predict
-from .soft import exit_log_probs, expected_cost, soft_log_output
-from .split import CloudPart, EdgePart, Split, SplitError, export, split
-
-__version__ = "0.1.0"
+from .inference.calibration import Calibration, Collected, calibrate, collect, simulate, sweep
+from .inference.gate_fitting import GateFit, fit_gates
+from .inference.policies import POLICIES, Prediction, PredictionStats, predict
+from .training import models as _models  # noqa: F401  (registers alexnet_cifar with timm)
 
 __all__ = [
     "POLICIES",

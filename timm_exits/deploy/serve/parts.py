@@ -2,7 +2,7 @@
 
 Two kinds of served model share one protocol (a safetensors payload in, one out):
 
-* a `CloudPart` of `timm_exits.split`: request `features` (n, *feature_shape) in a floating dtype and
+* a `CloudPart` of `timm_exits.deploy.split`: request `features` (n, *feature_shape) in a floating dtype and
   `stats` (n, stats_dim) float32; answer `logits` (n, m, K) and `gate_logits` (n, m - 1) float32.
 * a whole model: request `image` (n, C, H, W) in a floating dtype; answer `logits` (n, K) float32 and
   `exit_index` (n,) int64. An `EarlyExitModel` runs `timm_exits.predict` (hard early exit over the
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import EarlyExitModel
-from ..policies import POLICIES, predict, resolve_thresholds
+from ...core.model import EarlyExitModel
+from ...inference.policies import POLICIES, predict, resolve_thresholds
 from ..split import CloudPart
 from .codec import TensorSpec, describe_specs
 
@@ -96,7 +96,7 @@ def served_cloud(cloud: CloudPart, max_request_samples: int = 64) -> Served:
         A `Served` record.
     """
     if not isinstance(cloud, CloudPart):
-        raise TypeError(f"expected a CloudPart from timm_exits.split, got {type(cloud).__name__}.")
+        raise TypeError(f"expected a CloudPart from timm_exits.deploy.split, got {type(cloud).__name__}.")
     if not cloud.feature_shape:
         raise ValueError("the cloud part has no recorded feature_shape; split the model with check=True.")
     _check_samples(max_request_samples)

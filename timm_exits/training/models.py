@@ -3,7 +3,7 @@
 timm has no AlexNet, and torchvision's AlexNet (11x11 stride-4 stem, three 3x3/2 max-pools) cannot
 run on 32x32 images at all (its last pool gets a 1x1 map). The paper's AlexNet column is a
 CIFAR-sized AlexNet-style network, so `alexnet_cifar` is registered here as an ordinary timm model
-(``timm.create_model("alexnet_cifar", num_classes=10)`` once ``timm_exits.models`` is imported): five
+(``timm.create_model("alexnet_cifar", num_classes=10)`` once ``timm_exits.training.models`` is imported): five
 3x3 convolutions of AlexNet's widths (64, 192, 384, 256, 256) with BatchNorm, max-pools after the
 first, second and fifth, and AlexNet's dropout + two-layer classifier (sized down) on a 2x2 pooled
 map. Being a timm model, it has ``feature_info`` (so ``exits="auto"`` works), ``pretrained_cfg``,

@@ -1,7 +1,7 @@
 """Serve multi-exit models on Ray Serve: a split's cloud part, or the whole model with hard early exit.
 
 from ray import serve
-from timm_exits.serve import EdgeClient, cloud_app, start_http
+from timm_exits.deploy.serve import EdgeClient, cloud_app, start_http
 
 edge, cloud = timm_exits.split(model, at=1)
 start_http(port=8000)                                    # after ray.init(); Serve's HTTP proxy

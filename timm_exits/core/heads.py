@@ -1,7 +1,7 @@
 """Exit heads: small classifiers that read a branch-point tensor and predict the classes.
 
 Every head pools the branch-point tensor the way the backbone pools its own features (see
-`timm_exits.layout.Pool`) and returns both the logits and the pooled features, which the
+`timm_exits.core.layout.Pool`) and returns both the logits and the pooled features, which the
 "features" gates read.
 """
 

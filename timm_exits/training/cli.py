@@ -13,7 +13,7 @@
 print one line and exit with status 2; Ctrl-C exits with status 130 (``train`` first writes a checkpoint
 that ``--resume`` continues from).
 
-Many processes: ``torchrun --nproc_per_node N -m timm_exits.train -c recipe.yaml ...`` (same options
+Many processes: ``torchrun --nproc_per_node N -m timm_exits.training.cli train -c recipe.yaml ...`` (same options
 as ``timm-exits train``).
 """
 
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    from .train import parse_overrides
+    from .recipe import parse_overrides
 
     out = parse_overrides([*args.overrides, *args.sets])
     if getattr(args, "data_dir", None):
@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> None:
             fit_gates_objective=args.fit_gates,
         )
     elif args.command == "bench":
-        from .report import benchmark
+        from .timing import benchmark
 
         res = benchmark(
             args.run_dir,
@@ -201,7 +201,7 @@ def _run(args: argparse.Namespace) -> None:
         )
         _print_bench(res, as_json=args.json)
     elif args.command == "push":
-        from .hub import push_run
+        from ..hub import push_run
 
         info = push_run(
             args.run_dir,
@@ -213,7 +213,7 @@ def _run(args: argparse.Namespace) -> None:
         )
         print(f"pushed {args.run_dir} to {args.repo_id}: {getattr(info, 'commit_url', None) or info}")
     elif args.command == "recipes":
-        from .train import list_recipes
+        from .recipe import list_recipes
 
         recipes = list_recipes()
         width = max(map(len, recipes))
@@ -222,7 +222,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "recipe":
         import yaml
 
-        from .train import load_recipe
+        from .recipe import load_recipe
 
         print(yaml.safe_dump(load_recipe(args.config, _overrides(args)), sort_keys=False), end="")
 
@@ -233,9 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "push":
         _check_repo_id(parser, args.repo_id)
-    from .hub import ExitCheckpointError
+    from ..hub import ExitCheckpointError
+    from .checkpoint import CheckpointError
+    from .recipe import RecipeError
     from .report import CalibrationError
-    from .train import CheckpointError, RecipeError, RunFolderError
+    from .run_folder import RunFolderError
 
     expected: tuple[type[BaseException], ...] = (
         RecipeError,

@@ -7,7 +7,7 @@ against `max_batch_size`, and runs the batch in one forward: for a whole `EarlyE
 
 HTTP protocol (at the application's route prefix):
 
-* `POST`: a safetensors payload (`timm_exits.serve.codec`); answered 200 with a safetensors payload.
+* `POST`: a safetensors payload (`timm_exits.deploy.serve.codec`); answered 200 with a safetensors payload.
   A request without Content-Length gets 411, one over the body limit 413 (before its body is read),
   one whose body does not arrive within `body_timeout_s` 408, one that does not fit the served model
   (names, dtypes, every dimension, element count checked from the header before decoding) 400 or
@@ -205,7 +205,7 @@ def cloud_app(
     """A Ray Serve application running a split's cloud part on the samples the edge did not answer.
 
     Args:
-        cloud: The `CloudPart` of `timm_exits.split` (pickled to the replicas).
+        cloud: The `CloudPart` of `timm_exits.deploy.split` (pickled to the replicas).
         name: Deployment name.
         max_batch_size: Most samples per batch (requests are batched until this many samples).
         batch_wait_timeout_s: Longest wait for a batch to fill.

@@ -1,4 +1,4 @@
-"""Evaluation, timing and the report of a trained run.
+"""Evaluation and the report of a trained run (timing: `timm_exits.training.timing`, plots: `.plots`).
 
 `evaluate(run_dir)` loads the run's model (EMA weights when it kept an EMA), runs every exit over the
 val and test splits, and writes into the run folder:
@@ -35,8 +35,6 @@ import datetime
 import json
 import math
 import os
-import platform
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,21 +42,20 @@ from typing import Any
 
 import torch
 
-from .calibration import Collected, calibrate, collect, sweep
-from .gate_fitting import fit_gates
-from .model import EarlyExitModel
+from .._version import __version__
+from ..core.model import EarlyExitModel
+from ..core.soft import exit_log_probs, soft_log_output
+from ..inference.calibration import Collected, calibrate, collect, sweep
+from ..inference.gate_fitting import fit_gates
+from .plots import write_plots
 from .runfiles import Staging
-from .soft import exit_log_probs, soft_log_output
+from .timing import _time_model, _timing_inputs, machine_name
 
 __all__ = [
     "HARD_POLICIES",
     "CalibrationError",
     "evaluate",
-    "benchmark",
-    "time_per_image",
-    "machine_name",
     "format_distribution",
-    "write_plots",
     "render_markdown",
 ]
 
@@ -72,68 +69,6 @@ class CalibrationError(ValueError):
 def format_distribution(dist: Sequence[float]) -> str:
     """The paper's Table 2 form: ``"#1: 0.4 %, #2: 22.4 %, ..."``."""
     return ", ".join(f"#{i + 1}: {100 * float(p):.1f} %" for i, p in enumerate(dist))
-
-
-def machine_name(device: torch.device | str = "cpu") -> str:
-    """A short description of the processor (or GPU) the timings ran on."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} logical CPUs)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_per_image(
-    candidates: Mapping[str, Callable[[torch.Tensor], Any]],
-    inputs: Sequence[torch.Tensor],
-    repeats: int = 5,
-    warmup: int = 10,
-) -> dict[str, float]:
-    """Median milliseconds per image of each candidate over `repeats` passes through `inputs`.
-
-    Candidates run one after the other within every pass, so a load change on the machine hits all
-    of them alike.
-
-    Args:
-        candidates: Name -> function called on one input batch.
-        inputs: Input batches (batch 1 for latency).
-        repeats: Timed passes; the median is returned.
-        warmup: Untimed calls per candidate before timing.
-
-    Returns:
-        Name -> median ms per image.
-    """
-    if not inputs:
-        raise ValueError("time_per_image needs at least one input.")
-    device = inputs[0].device
-    n_images = sum(int(x.shape[0]) for x in inputs)
-    with torch.no_grad():
-        for fn in candidates.values():
-            for i in range(warmup):
-                fn(inputs[i % len(inputs)])
-        _sync(device)
-        times: dict[str, list[float]] = {k: [] for k in candidates}
-        for _ in range(max(1, repeats)):
-            for name, fn in candidates.items():
-                t0 = time.perf_counter()
-                for x in inputs:
-                    fn(x)
-                _sync(device)
-                times[name].append(1000.0 * (time.perf_counter() - t0) / n_images)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -165,28 +100,6 @@ def _hard(model: EarlyExitModel, loader: Any, policy: str, threshold: float, dev
         "exit_distribution": (counts.double() / n).tolist(),
         "exit_accuracy": [float(h) / float(c) if c else None for h, c in zip(hits.tolist(), counts.tolist())],
     }
-
-
-def _timing_inputs(dataset: Any, count: int, device: torch.device) -> list[torch.Tensor]:
-    count = min(int(count), len(dataset))
-    return [dataset[i][0].unsqueeze(0).to(device) for i in range(count)]
-
-
-def _time_model(
-    model: EarlyExitModel,
-    thresholds: Mapping[str, float | None],
-    inputs: Sequence[torch.Tensor],
-    repeats: int,
-    warmup: int,
-) -> tuple[float, dict[str, float]]:
-    """(baseline ms per image, {policy: ms per image}); "gate_0.5" style names map to their policy."""
-    candidates: dict[str, Callable[[torch.Tensor], Any]] = {"baseline": model.backbone}
-    for name, thr in thresholds.items():
-        policy = name.split("_")[0]
-        candidates[name] = lambda x, p=policy, t=thr: model.predict(x, policy=p, threshold=t)
-    ms = time_per_image(candidates, inputs, repeats, warmup)
-    base = ms.pop("baseline")
-    return base, ms
 
 
 def evaluate(
@@ -226,9 +139,9 @@ def evaluate(
     Returns:
         The report dict (also written to ``run_dir/report.json``).
     """
+    from ..inference.policies import POLICIES
+    from .checkpoint import load_run
     from .data import build_datasets, load_splits, make_loader
-    from .policies import POLICIES
-    from .train import load_run
 
     run_dir = Path(run_dir)
     device = torch.device(device)
@@ -340,8 +253,6 @@ def evaluate(
     # policies of the jointly trained gates were timed before the gates were re-fitted
     timing_info["baseline_ms_per_image"] = time_policies({k: v for k, v in policies.items() if k not in timed_joint})
 
-    from . import __version__
-
     report: dict[str, Any] = {
         "model": recipe["model"],
         "dataset": recipe["dataset"],
@@ -405,7 +316,7 @@ def _training_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _save_model(model: EarlyExitModel, folder: Path, report: dict[str, Any], data_config: dict, log: Callable) -> None:
-    from . import hub
+    from .. import hub
 
     keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items() if k in keep}
@@ -436,177 +347,6 @@ def _summary(report: Mapping[str, Any], policy: str) -> str:
     if p.get("speedup") is not None:
         text += f", {p['ms_per_image']:.3f} ms/image, speed-up {p['speedup']:.2f}x"
     return text
-
-
-# ------------------------------------------------------------------------------------------ bench
-def benchmark(
-    run_dir: str | os.PathLike,
-    *,
-    policies: Sequence[str] | None = None,
-    batch_size: int = 1,
-    images: int | None = None,
-    repeats: int | None = None,
-    warmup: int | None = None,
-    threads: int | None = None,
-    data_dir: str | None = None,
-    device: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Measured inference time of a trained run's policies against its plain backbone.
-
-    Thresholds are the calibrated ones of the run's report.json (else each policy's default).
-
-    Args:
-        run_dir: The run folder.
-        policies: Policies to time (default: gate, confidence, entropy, soft).
-        batch_size: Images per call.
-        images: Test images to time (default: the recipe's ``timing_images``).
-        repeats: Timed passes (median reported).
-        warmup: Untimed calls per candidate first.
-        threads: torch threads (default: the recipe's, else torch's).
-        data_dir: Where the data set lives now.
-        device: Device to time on.
-
-    Returns:
-        {"timing": {...}, "policies": {name: {"threshold", "ms_per_image", "speedup"}}}.
-    """
-    from .data import build_datasets, load_splits
-    from .train import load_run
-
-    run = load_run(run_dir, device=device, data_dir=data_dir)
-    recipe, model = run.recipe, run.model
-    device = torch.device(device)
-    if threads or recipe["threads"]:
-        torch.set_num_threads(int(threads or recipe["threads"]))
-    names = list(policies or ("gate", "confidence", "entropy", "soft"))
-    report_path = Path(run_dir) / "report.json"
-    saved = json.loads(report_path.read_text(encoding="utf-8")).get("policies", {}) if report_path.is_file() else {}
-    thresholds: dict[str, float | None] = {}
-    for name in names:
-        pol = name.split("_")[0]
-        if pol not in ("gate", "confidence", "entropy", "soft"):
-            raise ValueError(f"unknown policy {name!r}; choose from gate, gate_0.5, confidence, entropy, soft.")
-        default = 0.5 if name == "gate_0.5" else None
-        thresholds[name] = saved.get(name, {}).get("threshold", default) if pol != "soft" else None
-    data = build_datasets(recipe, model, load_splits(recipe))
-    count = min(int(images or recipe["timing_images"]), len(data.test))
-    singles = _timing_inputs(data.test, count, device)
-    inputs = [torch.cat(singles[i : i + batch_size]) for i in range(0, len(singles), batch_size)]
-    reps = int(repeats or recipe["timing_repeats"])
-    base, ms = _time_model(model, thresholds, inputs, reps, int(recipe["timing_warmup"] if warmup is None else warmup))
-    return {
-        "timing": {
-            "machine": machine_name(device),
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "batch_size": batch_size,
-            "images": count,
-            "repeats": reps,
-            "baseline_ms_per_image": base,
-        },
-        "policies": {
-            k: {"threshold": thresholds[k], "ms_per_image": v, "speedup": base / v if v > 0 else None}
-            for k, v in ms.items()
-        },
-    }
-
-
-# ------------------------------------------------------------------------------------------ plots
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def write_plots(
-    folder: Path, test: Collected, report: Mapping[str, Any], curves: Mapping[str, list[dict[str, float]]]
-) -> dict[str, Path]:
-    """Write the three report plots as PNG (matplotlib's Agg canvas; no global backend change).
-
-    Args:
-        folder: Output folder (created).
-        test: Every exit's outputs on the test split.
-        report: The report dict (exits, static points, policies).
-        curves: Policy -> threshold sweep on the test split (from `timm_exits.sweep`).
-
-    Returns:
-        Plot name -> path.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    pols = report["policies"]
-
-    n_early = test.gate_logits.shape[1]
-    cols = max(1, min(4, n_early))
-    rows = max(1, -(-n_early // cols))
-    fig = _figure(3.2 * cols, 2.6 * rows)
-    gates = torch.sigmoid(test.gate_logits.float())
-    for b in range(n_early):
-        ax = fig.add_subplot(rows, cols, b + 1)
-        ax.hist(gates[:, b].numpy(), bins=40, range=(0, 1), color="tab:blue")
-        ax.axvline(0.5, color="k", ls="--", lw=1, label="0.5")
-        ax.axvline(pols["gate"]["threshold"], color="tab:red", lw=1, label="calibrated")
-        ax.set_title(f"exit #{b + 1} ({report['exits'][b]['name']})", fontsize=9)
-        ax.set_xlabel("gate value g(x)", fontsize=8)
-        ax.set_yscale("log")
-        if b == 0:
-            ax.set_ylabel("test images", fontsize=8)
-            ax.legend(fontsize=7)
-    if n_early == 0:
-        fig.text(0.5, 0.5, "no early exits", ha="center")
-    fig.suptitle("Gate values on the test split", fontsize=10)
-    fig.tight_layout()
-    paths["gate_histograms"] = folder / "gate_histograms.png"
-    fig.savefig(paths["gate_histograms"])
-
-    fig = _figure(6.4, 4.4)
-    ax = fig.add_subplot(1, 1, 1)
-    static = report["static"]
-    ax.plot(
-        [s["cost"] for s in static], [100 * s["accuracy"] for s in static], "ks-", lw=1, label="static: all at exit k"
-    )
-    for i, s in enumerate(static):
-        ax.annotate(
-            f"#{i + 1}", (s["cost"], 100 * s["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=7
-        )
-    colors = {"gate": "tab:blue", "gate_joint": "tab:purple", "confidence": "tab:orange", "entropy": "tab:green"}
-    for p, curve in curves.items():
-        pts = sorted((c["cost"], 100 * c["accuracy"]) for c in curve)
-        ax.plot([c for c, _ in pts], [a for _, a in pts], "-", color=colors.get(p), lw=1, alpha=0.8, label=f"{p} sweep")
-        ax.plot(pols[p]["expected_cost"], 100 * pols[p]["accuracy"], "o", color=colors.get(p), ms=7, mec="k")
-    g = pols["gate_0.5"]
-    ax.plot(g["expected_cost"], 100 * g["accuracy"], "D", color="tab:blue", mec="k", label="gate @ 0.5")
-    s = pols["soft"]
-    ax.plot(s["expected_cost"], 100 * s["accuracy"], "*", color="tab:purple", ms=11, mec="k", label="soft ensemble")
-    ax.set_xlabel("expected cost (share of the backbone's FLOPs)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs cost (circles: thresholds calibrated on val)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    paths["accuracy_vs_cost"] = folder / "accuracy_vs_cost.png"
-    fig.savefig(paths["accuracy_vs_cost"])
-
-    fig = _figure(6.4, 3.8)
-    ax = fig.add_subplot(1, 1, 1)
-    names = [n for n in ("gate", "gate_joint", "gate_0.5", "confidence", "entropy") if n in pols]
-    e = len(report["exits"])
-    width = 0.8 / max(1, len(names))
-    for j, n in enumerate(names):
-        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(e)]
-        ax.bar(xs, [100 * v for v in pols[n]["exit_distribution"]], width, label=n)
-    ax.set_xticks(range(e), [f"#{i + 1}" for i in range(e)])
-    ax.set_xlabel("exit")
-    ax.set_ylabel("share of test images (%)")
-    ax.set_title("Exit distribution per policy", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    paths["exit_distribution"] = folder / "exit_distribution.png"
-    fig.savefig(paths["exit_distribution"])
-    return paths
 
 
 # --------------------------------------------------------------------------------------- markdown

@@ -23,14 +23,16 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
-from ._utils import feature_tensor, take_rows
-from .config import PolicyName
-from .gates import NUM_STATS, logit_stats
-from .model import EarlyExitModel, ExitBranch
+from ..core._utils import feature_tensor, take_rows
+from ..core.config import PolicyName
+from ..core.gates import NUM_STATS, logit_stats
+
+if TYPE_CHECKING:  # annotations only: model.predict imports this module
+    from ..core.model import EarlyExitModel, ExitBranch
 
 __all__ = [
     "POLICIES",

@@ -19,67 +19,57 @@ per-epoch logs, never trained on) and ``test``.
 Two data paths (``augment:``). Array data sets (digits, CIFAR) are held in memory as one uint8
 tensor, and each batch is gathered and augmented with tensor ops (`ArraySplit`, `BatchAugment`):
 ``crop_flip`` (reflect-pad, random crop, flip) or ``rrc`` (random-resized crop, flip), then
-normalised; no loader processes, so the data path keeps up with the model. Folder trees, and
+normalised (`timm_exits.training.augment`); no loader processes, so the data path keeps up with the model.
+Folder trees, and
 ``augment: timm``, go image by image through timm's transforms (``resolve_data_config``,
 ``create_transform``, auto-augment, random erasing). Mixup / cutmix come from timm's ``Mixup`` on
 either path (soft targets, which every loss of timm-exits accepts).
 
 Randomness does not depend on the number of processes or on where a run was resumed: sample ``i``
 of epoch ``e`` is augmented from (seed, e, i) (in memory: row ``i`` of the parameters drawn for the
-whole epoch from (seed, e)), and `ShardSampler` orders each
+whole epoch from (seed, e); `timm_exits.training.augment`), and `ShardSampler` orders each
 epoch from (seed, e) and gives rank ``r`` of ``W`` every ``W``-th index, so ``W`` processes with
 batch ``B / W`` see exactly the batches one process with batch ``B`` sees.
 """
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import AUGMENTS, ArrayLoader, ArraySplit, BatchAugment
+from .sampling import ShardSampler, seed_for
 
 __all__ = [
     "DATASETS",
     "DataSplits",
-    "AUGMENTS",
     "SplitDataset",
-    "ArraySplit",
-    "ArrayLoader",
-    "BatchAugment",
-    "ShardSampler",
     "resolve_augment",
     "load_splits",
     "build_transforms",
     "build_datasets",
     "make_loader",
     "make_mixup",
-    "seed_for",
 ]
 
 DATASETS = ("digits", "cifar10", "cifar100", "cinic10", "imagefolder")
+
 _VAL_DIRS = ("val", "valid", "validation")
+
 _TEST_DIRS = ("test",)
+
 _RESTORE_HINT = (
     "put a local copy there (torchvision's cifar-10-batches-py / cifar-100-python folder, <name>/{train,test}.npz "
     "or <name>/{train,test}/<class>/ image trees) and pass --data-dir DATA, or set download: true to fetch it"
 )
-
-
-def seed_for(*parts: int) -> int:
-    """A 31-bit seed mixed from integers (e.g. seed, epoch, sample index); the same on every platform."""
-    h = 0x345678
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFF)) * 0x100000001B3 % (1 << 61)
-        h ^= h >> 29
-    return h % (1 << 31)
 
 
 # ------------------------------------------------------------------------------------------ raw data
@@ -347,158 +337,6 @@ class SplitDataset(Dataset):
         return self.transform(img), int(label)
 
 
-# ------------------------------------------------------------------------- in-memory array splits
-AUGMENTS = ("auto", "crop_flip", "rrc", "timm")
-
-
-@dataclass(frozen=True)
-class BatchAugment:
-    """Training augmentation applied to a whole uint8 batch with tensor ops.
-
-    ``crop_flip``: reflect-pad by ``padding`` pixels, crop a random window of the original size, flip
-    horizontally with probability ``hflip``. ``rrc``: random-resized crop (area fraction in ``scale``,
-    aspect ratio log-uniform in ``ratio``) resampled bilinearly to the output size, then the flip.
-    The parameters of split position ``i`` in epoch ``e`` come from one generator seeded with
-    (seed, e), so they do not depend on the batch size, the rank or where a run was resumed.
-    """
-
-    kind: str = "crop_flip"  # crop_flip | rrc
-    padding: int = 4
-    hflip: float = 0.5
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (0.75, 4 / 3)
-
-    def params(self, count: int, size: tuple[int, int], seed: int, epoch: int) -> torch.Tensor:
-        """(count, 4) float64 parameters: crop_flip (dy, dx, flip, 0), rrc (width, height, cx, cy) x flip sign."""
-        g = torch.Generator().manual_seed(seed_for(seed, epoch, 0xA06))
-        u = torch.rand(count, 4, generator=g, dtype=torch.float64)
-        flip = u[:, 3] < self.hflip
-        if self.kind == "crop_flip":
-            span = 2 * self.padding + 1
-            return torch.stack([(u[:, 0] * span).floor(), (u[:, 1] * span).floor(), flip.double(), u[:, 2] * 0], 1)
-        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0]
-        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        aspect = torch.exp(lo + (hi - lo) * u[:, 1])
-        h, w = size
-        width = torch.sqrt(area * aspect * h / w).clamp(max=1.0)  # fractions of the image's width and height
-        height = torch.sqrt(area / aspect * w / h).clamp(max=1.0)
-        v = torch.rand(count, 2, generator=g, dtype=torch.float64) * 2 - 1
-        sign = 1.0 - 2.0 * flip.double()
-        return torch.stack([width * sign, height, v[:, 0] * (1 - width), v[:, 1] * (1 - height)], 1)
-
-    def apply(self, images: torch.Tensor, params: torch.Tensor, out_size: int) -> torch.Tensor:
-        """Augment a uint8 batch (B, 3, H, W) with its rows of `params`; returns float in [0, 1] at `out_size`."""
-        if self.kind == "crop_flip":
-            b, _, h, w = images.shape
-            p = self.padding
-            padded = F.pad(images.float(), (p, p, p, p), mode="reflect") if p else images.float()
-            dy, dx = params[:, 0].long(), params[:, 1].long()
-            rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-            cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-            flip = params[:, 2].bool()
-            cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
-            out = padded[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
-            return _resize(out / 255.0, out_size)
-        theta = torch.zeros(len(images), 2, 3, dtype=torch.float32)
-        theta[:, 0, 0], theta[:, 1, 1] = params[:, 0].float(), params[:, 1].float()
-        theta[:, 0, 2], theta[:, 1, 2] = params[:, 2].float(), params[:, 3].float()
-        grid = F.affine_grid(theta, [len(images), 3, out_size, out_size], align_corners=False)
-        out = F.grid_sample(images.float() / 255.0, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out
-
-
-def _resize(x: torch.Tensor, size: int, crop_pct: float = 1.0, mode: str = "bilinear") -> torch.Tensor:
-    """Resize a float batch so its shorter side is size / crop_pct, then centre-crop size x size."""
-    scaled = int(math.floor(size / crop_pct))
-    if x.shape[-2:] != (scaled, scaled):
-        mode = mode if mode in ("bilinear", "bicubic", "nearest") else "bilinear"
-        x = F.interpolate(x, size=(scaled, scaled), mode=mode, antialias=mode != "nearest", align_corners=None)
-    if scaled != size:
-        top = (scaled - size) // 2
-        x = x[..., top : top + size, top : top + size]
-    return x
-
-
-class ArraySplit:
-    """One split of an in-memory uint8 image tensor, batched and augmented with tensor ops.
-
-    Args:
-        images: All images of the base data set, uint8 (N, 3, H, W).
-        labels: Their labels (N,).
-        indices: The samples of this split.
-        data_config: Resolved preprocessing (input_size, mean, std, interpolation, crop_pct).
-        augment: Training augmentation, or None (evaluation: resize and normalise only).
-        seed: Seed of the augmentation.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        indices: Sequence[int],
-        data_config: dict[str, Any],
-        augment: BatchAugment | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.images = images
-        self.labels = labels
-        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
-        self.augment = augment
-        self.seed = int(seed)
-        self.size = int(data_config["input_size"][-1])
-        self.crop_pct = float(data_config.get("crop_pct", 1.0))
-        self.interpolation = str(data_config.get("interpolation", "bilinear"))
-        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.epoch = 0
-        self._params: torch.Tensor | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation of this epoch."""
-        self.epoch, self._params = int(epoch), None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    @property
-    def targets(self) -> list[int]:
-        """Labels of this split, in order."""
-        return self.labels[self.indices].tolist()
-
-    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (float, normalised) and labels of the split positions `positions`."""
-        rows = self.indices[positions]
-        images = self.images[rows]
-        if self.augment is None:
-            x = _resize(images.float() / 255.0, self.size, self.crop_pct, self.interpolation)
-        else:
-            if self._params is None:
-                self._params = self.augment.params(len(self), tuple(self.images.shape[-2:]), self.seed, self.epoch)
-            x = self.augment.apply(images, self._params[positions], self.size)
-        return ((x - self.mean) / self.std).contiguous(), self.labels[rows]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x, y = self.batch(torch.tensor([i]))
-        return x[0], int(y[0])
-
-
-class ArrayLoader:
-    """Batches of an `ArraySplit` in the order of a `ShardSampler` (the DataLoader of array data sets)."""
-
-    def __init__(self, dataset: ArraySplit, batch_size: int, sampler: ShardSampler) -> None:
-        self.dataset, self.batch_size, self.sampler = dataset, int(batch_size), sampler
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
-        for chunk in order.split(self.batch_size):
-            if self.sampler.batch_size is not None and len(chunk) < self.batch_size:
-                return  # training keeps whole batches only
-            yield self.dataset.batch(chunk)
-
-
 def _subset(indices: list[int], limit: int | None, seed: int) -> list[int]:
     if limit is None or limit >= len(indices):
         return indices
@@ -593,75 +431,6 @@ def build_datasets(cfg: dict[str, Any], model: torch.nn.Module | None = None, ra
         if len(ds) == 0:
             raise ValueError(f"the {split} split of {cfg['dataset']!r} is empty.")
     return DataSplits(*splits, raw.classes, data_cfg)
-
-
-# -------------------------------------------------------------------------------------- sampling
-class ShardSampler(Sampler[int]):
-    """Epoch order from (seed, epoch), sharded over ranks so that W ranks see one process's batches.
-
-    Training (``batch_size`` given): the order is truncated to whole global batches of
-    ``batch_size * num_replicas`` and rank ``r`` takes positions ``r, r + W, ...``; ``start_batch``
-    skips batches already done in this epoch (resume). Evaluation (``batch_size`` None): rank ``r``
-    takes every ``W``-th sample, no padding, so every sample is counted once.
-
-    Args:
-        length: Size of the data set.
-        num_replicas: World size W.
-        rank: This process's rank.
-        shuffle: Shuffle each epoch.
-        seed: Seed of the order.
-        batch_size: Per-rank batch size (training), or None (evaluation).
-    """
-
-    def __init__(
-        self,
-        length: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        shuffle: bool = True,
-        seed: int = 0,
-        batch_size: int | None = None,
-    ) -> None:
-        self.length = int(length)
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.batch_size = batch_size
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's order and the first batch to yield."""
-        self.epoch = int(epoch)
-        self.start_batch = int(start_batch)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Whole global batches per epoch (training)."""
-        if self.batch_size is None:
-            raise ValueError("batches_per_epoch is defined for training samplers (batch_size given) only.")
-        return self.length // (self.batch_size * self.num_replicas)
-
-    def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.length))
-        g = torch.Generator()
-        g.manual_seed(seed_for(self.seed, self.epoch, 0x5EED))
-        return torch.randperm(self.length, generator=g).tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        order = self._order()
-        if self.batch_size is None:
-            return iter(order[self.rank :: self.num_replicas])
-        usable = self.batches_per_epoch * self.batch_size * self.num_replicas
-        mine = order[self.rank : usable : self.num_replicas]
-        return iter(mine[self.start_batch * self.batch_size :])
-
-    def __len__(self) -> int:
-        if self.batch_size is None:
-            return len(range(self.rank, self.length, self.num_replicas))
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
 def make_loader(

@@ -6,7 +6,7 @@ bytes per request and accuracy of each. Ingredients:
 
 * exit rates: the policy's exit decisions on held-out data (`calibration.collect` + `simulate`),
   i.e. the fraction of requests that leave on the device at or before exit k;
-* compute: the edge and cloud parts of each split (`timm_exits.split`) timed at batch 1 on this
+* compute: the edge and cloud parts of each split (`timm_exits.deploy.split`) timed at batch 1 on this
   machine (fastest of a few runs) and scaled by `device_speed` / `server_speed` (relative to this
   machine: 0.2 means the device is 5x slower);
 * the link: `rtt_ms` plus the payload bytes (the real safetensors payload of one sample's
@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-from ._utils import evaluating
-from .calibration import collect, simulate
-from .model import EarlyExitModel
-from .policies import POLICIES, resolve_thresholds
+from ..core._utils import evaluating
+from ..core.model import EarlyExitModel
+from ..inference.calibration import collect, simulate
+from ..inference.policies import POLICIES, resolve_thresholds
 from .serve.client import EdgeClient
 from .serve.codec import COMPRESSIONS, encode_tensors
 from .split import Split, split

@@ -19,7 +19,7 @@ held-out outputs of the frozen exits fixes that. Three objectives, each a per-ex
 Only the gate MLPs are trained, full batch, deterministically. "stats" gates read only the exits'
 confidence statistics, so this needs no further pass over the backbone. The gates are fitted on copies
 and written into the model only if every fitted parameter is finite; non-finite collected data is
-refused before fitting (see `timm_exits.calibration`).
+refused before fitting (see `timm_exits.inference.calibration`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..core.gates import ExitGate, logit_stats
+from ..core.model import EarlyExitModel
+from ..core.soft import exit_log_probs
 from .calibration import _FIX_COLLECTED, Collected, _first, _require_finite
-from .gates import ExitGate, logit_stats
-from .model import EarlyExitModel
-from .soft import exit_log_probs
 
 __all__ = ["GATE_OBJECTIVES", "GateFit", "fit_gates"]
 

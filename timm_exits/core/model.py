@@ -1,6 +1,6 @@
 """The multi-exit wrapper: exits attached to an unmodified backbone through forward hooks.
 
-`wrap(model, exits=...)` resolves exit points (`timm_exits.placement`), builds one `ExitBranch`
+`wrap(model, exits=...)` resolves exit points (`timm_exits.core.placement`), builds one `ExitBranch`
 (head + gate) per point and registers each branch's bound method `_hook` as a forward hook on the
 backbone module it reads, keeping the returned handle. Hooks are bound methods of modules owned by
 the wrapper, so `copy.deepcopy` (timm's EMA) re-binds them, and their handles, to the copies;
@@ -8,10 +8,14 @@ the wrapper, so `copy.deepcopy` (timm's EMA) re-binds them, and their handles, t
 
 The hooks do nothing unless a forward of the wrapper is running: calling `model.backbone(x)`
 directly gives exactly the plain model's output. During `EarlyExitModel.forward` every exit is
-computed (training and soft inference); `EarlyExitModel.predict` (see `timm_exits.policies`) runs
+computed (training and soft inference); `EarlyExitModel.predict` (see `timm_exits.inference.policies`) runs
 the hard early-exit path in which exited samples leave the batch and the backbone stops when none
 is left. `EarlyExitModel.compile_exits()` runs every exit's inference computation through
 `torch.compile`.
+
+Layering rule: `predict`, `save_pretrained` and `push_to_hub` import `timm_exits.inference.policies` and
+`timm_exits.hub.save` when called, so those modules must never import this one at run time (annotations only,
+under `typing.TYPE_CHECKING`; the model is recognised by its attributes).
 """
 
 from __future__ import annotations
@@ -405,20 +409,20 @@ class EarlyExitModel(nn.Module):
         return self.assemble(logits, gate_logits)
 
     def predict(self, x: torch.Tensor, policy: PolicyName | None = None, threshold: Any = None, **kwargs: Any):
-        """Hard early-exit inference; see `timm_exits.policies.predict`."""
-        from .policies import predict
+        """Hard early-exit inference; see `timm_exits.inference.policies.predict`."""
+        from ..inference.policies import predict
 
         return predict(self, x, policy=policy, threshold=threshold, **kwargs)
 
     def save_pretrained(self, save_directory: str, report: dict | None = None, **kwargs: Any):
         """Write a folder that is both a timm model repo and this multi-exit model; see `timm_exits.hub`."""
-        from .hub import save_pretrained
+        from ..hub.save import save_pretrained
 
         return save_pretrained(self, save_directory, report, **kwargs)
 
     def push_to_hub(self, repo_id: str, report: dict | None = None, **kwargs: Any):
         """Upload to the Hugging Face Hub in one commit; see `timm_exits.hub.push_to_hub`."""
-        from .hub import push_to_hub
+        from ..hub.save import push_to_hub
 
         return push_to_hub(self, repo_id, report, **kwargs)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._utils import evaluating
-from .config import PolicyName
-from .model import EarlyExitModel
+from ..core._utils import evaluating
+from ..core.config import PolicyName
+from ..core.model import EarlyExitModel
 from .policies import POLICIES, exit_mask
 
 __all__ = ["Collected", "Calibration", "collect", "simulate", "sweep", "calibrate"]
@@ -165,7 +165,7 @@ def _point(data: Collected, index: torch.Tensor) -> tuple[float, float]:
 
 
 def _candidates(data: Collected, policy: str, num: int) -> list[float]:
-    from .gates import logit_stats
+    from ..core.gates import logit_stats
 
     if policy == "gate":
         scores = torch.sigmoid(data.gate_logits)

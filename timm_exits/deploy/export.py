@@ -1,0 +1,195 @@
+"""Export the parts of a split.
+
+`export(part, example, format="torch" | "onnx")` exports a part with `torch.export` or to ONNX
+(the dynamo exporter), with a dynamic batch dimension, and checks that the exported program
+(for ONNX: onnxruntime, an optional dependency) reproduces the PyTorch outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .split import CloudOutput, CloudPart, EdgeOutput, EdgePart, _max_abs
+
+__all__ = [
+    "Exported",
+    "export",
+    "run_onnx",
+]
+
+
+# ------------------------------------------------------------------------------------- export
+@dataclass
+class Exported:
+    """An exported part.
+
+    Attributes:
+        format: "torch" (a `torch.export.ExportedProgram`) or "onnx" (serialised ONNX model bytes).
+        program: The `ExportedProgram` (its module returns a plain tuple in `output_names` order) or the
+            ONNX model bytes.
+        path: Where it was saved, if a path was given.
+        input_names: Names of the inputs.
+        output_names: Names of the (flattened) outputs.
+        max_abs_diff: Largest absolute difference between the exported program's outputs (for ONNX:
+            onnxruntime's) and PyTorch's on the example, when checked.
+        diffs: That difference per output name.
+    """
+
+    format: str
+    program: Any
+    path: str | None
+    input_names: list[str]
+    output_names: list[str]
+    max_abs_diff: float | None = None
+    diffs: dict[str, float] = field(default_factory=dict)
+
+
+class _Flat(nn.Module):
+    """Returns a part's outputs as a plain tuple (exported programs then need no named-tuple registration)."""
+
+    def __init__(self, part: nn.Module) -> None:
+        super().__init__()
+        self.part = part
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_flat_outputs(self.part(*args)))
+
+
+def _names(part: nn.Module, n_inputs: int) -> tuple[list[str], list[str]]:
+    if isinstance(part, EdgePart):
+        return ["image"], list(EdgeOutput._fields)
+    if isinstance(part, CloudPart):
+        return ["features", "stats"], list(CloudOutput._fields)
+    return [f"input_{i}" for i in range(n_inputs)], []
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    flat: list[torch.Tensor] = []
+    for o in out:
+        flat.extend(_flat_outputs(o))
+    return flat
+
+
+def run_onnx(model: bytes | str | os.PathLike, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Run an ONNX model with onnxruntime (CPU) on tensors and return its outputs as tensors.
+
+    Args:
+        model: ONNX model bytes or a path to a .onnx file.
+        inputs: One tensor per graph input, in order.
+
+    Returns:
+        The outputs, in graph order.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError(
+            "checking an ONNX export needs onnxruntime; install it with `pip install timm-exits[onnx]` "
+            "(or pip install onnxruntime)."
+        ) from e
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise ValueError(f"the ONNX model takes {len(names)} inputs {names}, got {len(inputs)} tensors.")
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+
+def export(
+    part: nn.Module,
+    example: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    path: str | os.PathLike | None = None,
+    format: str = "onnx",
+    *,
+    dynamic_batch: bool = True,
+    check: bool = True,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+) -> Exported:
+    """Export a split part (or any module) with `torch.export` or to ONNX and check the result.
+
+    Args:
+        part: An `EdgePart`, a `CloudPart` or another module; put it in eval mode first.
+        example: Example inputs (one tensor or a tuple); default: `part.example_inputs()` (batch 2).
+        path: Save the result there (.pt2 for "torch", .onnx for "onnx"); None keeps it in memory.
+        format: "torch" or "onnx".
+        dynamic_batch: Export the batch dimension as dynamic.
+        check: Compare the exported program's outputs with PyTorch's on `example` (ONNX: through
+            onnxruntime) and raise `RuntimeError` if they differ beyond rtol/atol.
+        rtol: Relative tolerance of the check.
+        atol: Absolute tolerance of the check.
+
+    Returns:
+        An `Exported` record with the program (or ONNX bytes) and the measured difference.
+    """
+    if format not in ("torch", "onnx"):
+        raise ValueError(f"format={format!r}; use 'torch' or 'onnx'.")
+    if example is None:
+        if not hasattr(part, "example_inputs"):
+            raise ValueError("give example inputs for a module that is not a split part.")
+        example = part.example_inputs()
+    args = (example,) if torch.is_tensor(example) else tuple(example)
+    input_names, output_names = _names(part, len(args))
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dynamic = (tuple({0: batch} for _ in args),)  # _Flat.forward takes *args
+    with torch.no_grad():
+        want = _flat_outputs(part(*args))
+    if not output_names:
+        output_names = [f"output_{i}" for i in range(len(want))]
+    out_path = os.fspath(path) if path is not None else None
+    got: list[torch.Tensor] = []
+    flat = _Flat(part)
+    flat.training = part.training  # its own flag only: .train() would re-mode the modules shared with the model
+    if format == "torch":
+        program: Any = torch.export.export(flat, args, dynamic_shapes=dynamic)
+        if out_path is not None:
+            torch.export.save(program, out_path)
+        if check:
+            with torch.no_grad():
+                got = _flat_outputs(program.module()(*args))
+    else:
+        onnx_program = torch.onnx.export(
+            flat,
+            args,
+            dynamo=True,
+            verbose=False,
+            dynamic_shapes=dynamic,
+            input_names=input_names,
+            output_names=output_names,
+        )
+        if onnx_program is None:
+            raise RuntimeError("torch.onnx.export returned no program.")
+        program = onnx_program.model_proto.SerializeToString()
+        if out_path is not None:
+            onnx_program.save(out_path)
+        if check:
+            got = run_onnx(program, args)
+    result = Exported(format, program, out_path, input_names, output_names)
+    if check:
+        if len(got) != len(want):
+            raise RuntimeError(f"the exported program returns {len(got)} outputs, PyTorch {len(want)}.")
+        for name, g, w in zip(output_names, got, want):
+            g = g.to(w.device)
+            if g.shape != w.shape:
+                raise RuntimeError(
+                    f"exported output {name!r} has shape {tuple(g.shape)}, PyTorch {tuple(w.shape)} ({format})."
+                )
+            result.diffs[name] = _max_abs(g, w)
+            if not torch.allclose(g.float(), w.float(), rtol=rtol, atol=atol):
+                raise RuntimeError(
+                    f"the {format} export of {type(part).__name__} differs from PyTorch on output {name!r} "
+                    f"(max abs difference {result.diffs[name]:.3g} > atol={atol}, rtol={rtol})."
+                )
+        result.max_abs_diff = max(result.diffs.values(), default=0.0)
+    return result

@@ -1,0 +1,348 @@
+"""Model cards: the report a card's numbers come from (read and checked against the model) and the card itself,
+rendered from the `string.Template` files in `timm_exits/hub/hub_cards/` (package data).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import yaml
+from torch import nn
+
+from .files import _read_json
+
+if TYPE_CHECKING:  # annotations only: the model's save methods import this module
+    from ..core.model import EarlyExitModel
+
+__all__ = [
+    "render_model_card",
+]
+
+_CARD_FILES = ("model_card.md", "results.md", "no_results.md")
+
+
+def _architecture(backbone: nn.Module) -> str:
+    arch = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch:
+        raise ValueError(
+            f"the backbone ({type(backbone).__name__}) is not a timm model (it has no pretrained_cfg "
+            "'architecture'); the Hub format stores timm backbones only."
+        )
+    return str(arch)
+
+
+# ------------------------------------------------------------------------------------------- report
+def _load_report(report: Mapping[str, Any] | str | os.PathLike | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    if isinstance(report, (str, os.PathLike)):
+        path = Path(report)
+        return _read_json(path, str(path))
+    if isinstance(report, Mapping):
+        return json.loads(json.dumps(dict(report), default=_json_scalar))  # a JSON-clean deep copy
+    raise TypeError(f"report must be a dict or the path of a report.json, got {type(report).__name__}")
+
+
+def _json_scalar(v: Any) -> Any:
+    """numpy / torch scalars in a report, as plain Python numbers."""
+    if hasattr(v, "item"):
+        return v.item()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    raise TypeError(f"report value {v!r} ({type(v).__name__}) is not JSON-serialisable")
+
+
+def _check_report(report: dict[str, Any], model: EarlyExitModel) -> None:
+    """Refuse a report written for other exits: its numbers would end up on this model's card."""
+    names = [b.name for b in model.branches]
+    exits = report.get("exits")
+    if isinstance(exits, list) and exits:
+        reported = [e.get("name") if isinstance(e, dict) else e for e in exits]
+        if reported[: len(names)] != names or len(reported) > model.num_exits:
+            raise ValueError(f"the report describes exits {reported} but the model has exits {names}.")
+    acc = _dict(report, "test").get("exit_accuracy")
+    if isinstance(acc, list) and acc and len(acc) != model.num_exits:
+        raise ValueError(
+            f"the report gives {len(acc)} exit accuracies but the model has {model.num_exits} exits "
+            "(the final head included)."
+        )
+    policies = report.get("policies")
+    for name, pol in policies.items() if isinstance(policies, dict) else []:
+        dist = pol.get("exit_distribution") if isinstance(pol, dict) else None
+        if isinstance(dist, list) and dist and len(dist) != model.num_exits:
+            raise ValueError(
+                f"the report's {name!r} exit distribution has {len(dist)} entries but the model has "
+                f"{model.num_exits} exits."
+            )
+
+
+# --------------------------------------------------------------------------------------- model card
+def _template_dir() -> Path:
+    folder = Path(__file__).resolve().parent / "hub_cards"
+    missing = [n for n in _CARD_FILES if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"model card templates {missing} not found in {folder}; this installation of timm-exits is incomplete "
+            "(reinstall it: the templates are package data)."
+        )
+    return folder
+
+
+def _template(name: str) -> string.Template:
+    return string.Template((_template_dir() / name).read_text(encoding="utf-8"))
+
+
+def _real(v: Any) -> float | None:
+    """`v` as a float if it is a finite real number (not a bool), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _fmt(v: float) -> str:
+    """A report number as printed: integers whole, others to four significant digits (never rounded up to
+    a different integer part)."""
+    if float(v).is_integer():
+        return str(int(v))
+    if abs(v) >= 100:
+        return f"{v:.1f}"
+    return np.format_float_positional(v, precision=4, fractional=False, trim="-")
+
+
+def _pct(v: float, digits: int) -> str:
+    """A fraction (<= 1) or a percentage (> 1) as a percentage."""
+    return f"{(100.0 * v if abs(v) <= 1.0 else v):.{digits}f} %"
+
+
+def _fmt_any(v: Any) -> str | None:
+    """A threshold or other report value for a table cell (numbers, lists of numbers, strings)."""
+    if _real(v) is not None:
+        return _fmt(_real(v))
+    if isinstance(v, list) and v and all(_real(x) is not None for x in v):
+        return ", ".join(_fmt(_real(x)) for x in v)
+    if isinstance(v, str) and v:
+        return v
+    return None
+
+
+def _dict(d: Any, key: str) -> dict[str, Any]:
+    v = d.get(key) if isinstance(d, dict) else None
+    return v if isinstance(v, dict) else {}
+
+
+def _distribution(dist: Any) -> str | None:
+    """The paper's form: "#1: 0.4 %, #2: 22.4 %, ..."."""
+    if not isinstance(dist, list) or not dist or any(_real(p) is None for p in dist):
+        return None
+    return ", ".join(f"#{i + 1}: {_pct(_real(p), 1)}" for i, p in enumerate(dist))
+
+
+def _exit_table(report: dict[str, Any], model: EarlyExitModel) -> str | None:
+    test = _dict(report, "test")
+    acc = test.get("exit_accuracy") if isinstance(test.get("exit_accuracy"), list) else []
+    exits = report.get("exits") if isinstance(report.get("exits"), list) else []
+    names = [b.name for b in model.branches] + ["(the final head)"]
+    costs: list[float | None] = [None] * model.num_exits
+    for i, e in enumerate(exits[: model.num_exits]):
+        if isinstance(e, dict):
+            costs[i] = _real(e.get("cost"))
+    if not any(_real(a) is not None for a in acc) and not any(c is not None for c in costs):
+        return None
+    rows = ["| exit | module | cost (share of the backbone's FLOPs) | accuracy |", "|---|---|---|---|"]
+    for i, name in enumerate(names):
+        a = _real(acc[i]) if i < len(acc) else None
+        cell = f"`{name}`" if i < len(model.branches) else name
+        cost = _fmt(costs[i]) if costs[i] is not None else "not reported"
+        rows.append(f"| #{i + 1} | {cell} | {cost} | {_pct(a, 2) if a is not None else 'not reported'} |")
+    return "\n".join(rows)
+
+
+def _policy_section(report: dict[str, Any]) -> str | None:
+    policies = _dict(report, "policies")
+    rows, dists = [], []
+    for name, pol in policies.items():
+        if not isinstance(pol, dict):
+            continue
+        cells = [
+            _fmt_any(pol.get("threshold")),
+            _pct(_real(pol["accuracy"]), 2) if _real(pol.get("accuracy")) is not None else None,
+            _fmt(_real(pol["expected_cost"])) if _real(pol.get("expected_cost")) is not None else None,
+            _fmt(_real(pol["ms_per_image"])) if _real(pol.get("ms_per_image")) is not None else None,
+            f"{_fmt(_real(pol['speedup']))}x" if _real(pol.get("speedup")) is not None else None,
+        ]
+        rows.append(f"| `{name}` | " + " | ".join(c if c is not None else "not reported" for c in cells) + " |")
+        d = _distribution(pol.get("exit_distribution"))
+        if d is not None:
+            dists.append(f"- `{name}`: {d}")
+    if not rows:
+        return None
+    head = [
+        "| policy | threshold | accuracy | expected cost (share of the backbone's FLOPs) | ms per image | "
+        "measured speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    text = "\n".join(head + rows)
+    if dists:
+        text += "\n\nShare of test images leaving at each exit:\n\n" + "\n".join(dists)
+    return text
+
+
+def _speed_text(report: dict[str, Any]) -> str | None:
+    timing = _dict(report, "timing")
+    parts = []
+    machine = timing.get("machine")
+    if isinstance(machine, str) and machine:
+        parts.append(f"on {machine}")
+    details = []
+    if _real(timing.get("threads")) is not None:
+        details.append(f"{_fmt(_real(timing['threads']))} threads")
+    if _real(timing.get("batch_size")) is not None:
+        details.append(f"batch size {_fmt(_real(timing['batch_size']))}")
+    if details:
+        parts.append(f"({', '.join(details)})")
+    baseline = _real(timing.get("baseline_ms_per_image"))
+    if not parts and baseline is None:
+        return None
+    text = "Times were measured " + (" ".join(parts) if parts else "on a machine the report does not name") + "."
+    if baseline is not None:
+        text += f" The plain backbone takes {_fmt(baseline)} ms per image there."
+    return text + " Speed-ups are the measured ratios given in the report, not FLOP ratios."
+
+
+def _headline(report: dict[str, Any], policy: str) -> str:
+    test = _dict(report, "test")
+    parts = []
+    n = _real(test.get("num_samples"))
+    on = f" on {_fmt(n)} test images" if n is not None else ""
+    if _real(test.get("soft_accuracy")) is not None:
+        parts.append(f"The soft-conditional output reaches {_pct(_real(test['soft_accuracy']), 2)} accuracy{on}")
+    if _real(test.get("final_accuracy")) is not None:
+        parts.append(f"the backbone's own head reaches {_pct(_real(test['final_accuracy']), 2)}")
+    text = "; ".join(parts) + "." if parts else ""
+    pol = _dict(_dict(report, "policies"), policy)
+    bits = []
+    if _real(pol.get("accuracy")) is not None:
+        bits.append(f"{_pct(_real(pol['accuracy']), 2)} accuracy")
+    if _real(pol.get("expected_cost")) is not None:
+        bits.append(f"an expected cost of {_fmt(_real(pol['expected_cost']))} of the backbone's FLOPs")
+    if _real(pol.get("speedup")) is not None:
+        bits.append(f"a measured speed-up of {_fmt(_real(pol['speedup']))}x")
+    if bits:
+        text += f" With hard early exit by the stored policy (`{policy}`) it reaches " + ", ".join(bits) + "."
+    return text.strip() or "The report gives no summary numbers."
+
+
+def _recipe_text(report: dict[str, Any]) -> str:
+    lines = []
+    for key in ("model", "dataset", "method"):
+        if isinstance(report.get(key), str) and report[key]:
+            lines.append(f"- {key}: `{report[key]}`")
+    recipe = report.get("recipe")
+    if isinstance(recipe, dict):
+        for k, v in recipe.items():
+            shown = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+            lines.append(f"- {k}: {shown}")
+    if not lines:
+        return "The report does not describe the training recipe."
+    return "From the training report:\n\n" + "\n".join(lines)
+
+
+def _front_matter(model: EarlyExitModel, report: dict[str, Any] | None) -> str:
+    report = report or {}
+    fm: dict[str, Any] = {
+        "library_name": "timm",
+        "pipeline_tag": "image-classification",
+        "license": report.get("license") if isinstance(report.get("license"), str) else "apache-2.0",
+        "tags": ["image-classification", "timm", "early-exit", "timm-exits", "safetensors"],
+    }
+    if isinstance(report.get("dataset"), str) and report["dataset"]:
+        fm["datasets"] = [report["dataset"]]
+    base = report.get("base_model")
+    if not isinstance(base, str) and _dict(report, "recipe").get("pretrained"):
+        base = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("hf_hub_id")
+    if isinstance(base, str) and base:
+        fm["base_model"] = base
+    if report:
+        fm["metrics"] = ["accuracy"]
+    return yaml.safe_dump(fm, sort_keys=False, allow_unicode=True).strip()
+
+
+def render_model_card(
+    model: EarlyExitModel,
+    report: Mapping[str, Any] | str | os.PathLike | None = None,
+    *,
+    repo_id: str | None = None,
+    folder_name: str | None = None,
+) -> str:
+    """Render the README.md model card from the templates in `timm_exits/hub/hub_cards/`.
+
+    Every number on the card comes from `report` (schema: see the recipes' report.json); without a report the
+    card states no results and says so.
+
+    Args:
+        model: The `EarlyExitModel` the card describes (names, head and gate types, stored policy).
+        report: Training report (dict or path of report.json), or None.
+        repo_id: Hub repo id ("org/name" or "org/name@revision") for the usage snippets.
+        folder_name: Local folder name used in the snippets when there is no repo id.
+
+    Returns:
+        The card's markdown text, with YAML front matter.
+    """
+    report_dict = _load_report(report)
+    if report_dict is not None:
+        _check_report(report_dict, model)
+    architecture = _architecture(model.backbone)
+    if repo_id:
+        source = timm_source = f"hf-hub:{repo_id}"
+        title = repo_id.split("@")[0].split("/")[-1]
+    else:
+        path = f"./{folder_name or 'model'}"
+        source, timm_source = path, f"local-dir:{path}"
+        title = folder_name or architecture
+    exit_list = ", ".join(f"`{b.name}`" for b in model.branches) or "no module (only the final head)"
+    final_note = " (plus a linear final head on the pooled features)" if model.final_head is not None else ""
+
+    if report_dict is None:
+        results = _template("no_results.md").substitute()
+        training = "No training report was given when this model was saved."
+        trained = ""
+    else:
+        results = _template("results.md").substitute(
+            headline=_headline(report_dict, model.config.policy),
+            exit_table=_exit_table(report_dict, model) or "The report gives no per-exit results.",
+            policies=_policy_section(report_dict) or "The report gives no exit-policy results.",
+            speed=_speed_text(report_dict) or "The report gives no timing.",
+        )
+        training = _recipe_text(report_dict)
+        ds = report_dict.get("dataset")
+        method = report_dict.get("method")
+        trained = (f" Trained on `{ds}`" if isinstance(ds, str) and ds else "") + (
+            f"{' with' if isinstance(ds, str) and ds else ' Trained with'} the `{method}` method"
+            if isinstance(method, str) and method
+            else ""
+        )
+        trained = f"{trained}." if trained else ""
+
+    return _template("model_card.md").substitute(
+        front_matter=_front_matter(model, report_dict),
+        title=title,
+        architecture=architecture,
+        exit_list=exit_list,
+        final_note=final_note,
+        head=model.config.head,
+        gate=model.config.gate,
+        policy=model.config.policy,
+        trained=trained,
+        source=source,
+        timm_source=timm_source,
+        results=results.strip(),
+        training=training,
+    )

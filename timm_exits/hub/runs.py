@@ -1,0 +1,66 @@
+"""Publish a training run: `push_run` uploads the model a run saved (``<run>/model``) with its report."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .files import REPORT_NAME, _read_json
+from .load import from_pretrained
+from .save import push_to_hub
+
+__all__ = [
+    "push_run",
+]
+
+
+def push_run(
+    run_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> Any:
+    """Push a training run folder: `run_dir/model/` (from save_pretrained) with `run_dir/report.json`.
+
+    The model is loaded back strictly (so what is pushed is what loads) and its card is regenerated from the
+    run's report.json; without one the card has no numbers.
+
+    Args:
+        run_dir: The run folder.
+        repo_id: "org/name" on the Hub.
+        private: Create the repo as private (ignored if it exists).
+        revision: Branch to commit to (default: main).
+        commit_message: Message of the commit (default names the run folder).
+        token: Hub token.
+        endpoint: Hub endpoint.
+
+    Returns:
+        The `huggingface_hub.CommitInfo` of the commit.
+    """
+    run = Path(run_dir)
+    model_dir = run / "model"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such folder; a run folder holds model/ (from save_pretrained).")
+    report_path = run / REPORT_NAME
+    report = None
+    if report_path.is_file():
+        report = _read_json(report_path, str(report_path))
+    else:
+        warnings.warn(f"{report_path} not found: the model card will state no results.", stacklevel=2)
+    model = from_pretrained(model_dir)
+    return push_to_hub(
+        model,
+        repo_id,
+        report,
+        private=private,
+        revision=revision,
+        commit_message=commit_message or f"Upload run {run.resolve().name} (timm-exits)",
+        token=token,
+        endpoint=endpoint,
+    )

@@ -1,0 +1,119 @@
+"""The model a recipe describes: its timm backbone with the weights it names, and the exits attached to it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..core.model import EarlyExitModel, wrap
+from .recipe import RecipeError
+
+__all__ = [
+    "build_model",
+]
+
+
+# ------------------------------------------------------------------------------------------- model
+def _create_backbone(recipe: Mapping[str, Any], num_classes: int, load: bool) -> nn.Module:
+    """The recipe's timm model, with the weights it names (``weights``) or timm's pretrained ones."""
+    import timm
+
+    name, weights = recipe["model"], recipe["weights"]
+    kwargs = dict(recipe["model_kwargs"] or {})
+    try:
+        if load and weights and weights.startswith(("local-dir:", "hf-hub:")):
+            backbone = timm.create_model(weights, pretrained=True, num_classes=num_classes, **kwargs)
+            arch = backbone.pretrained_cfg.get("architecture")
+            if arch != name:
+                raise RecipeError(
+                    f"weights {weights!r} hold a {arch!r}, but the recipe's model is {name!r}; set model: {arch}."
+                )
+            return backbone
+        backbone = timm.create_model(name, pretrained=load and not weights, num_classes=num_classes, **kwargs)
+        if load and weights:
+            _load_weights_file(backbone, Path(weights).expanduser())
+        return backbone
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            raise RecipeError(f"unknown timm model {name!r}; close names: {close}.") from e
+        if not load:
+            raise
+        raise RuntimeError(_weights_hint(name, weights, e)) from e
+    except (RecipeError, FileNotFoundError):
+        raise
+    except Exception as e:
+        if not load:
+            raise
+        raise RuntimeError(_weights_hint(name, weights, e)) from e
+
+
+def _load_weights_file(backbone: nn.Module, path: Path) -> None:
+    """Load a timm model's weights file (safetensors or a torch state dict); a classifier of another size is skipped."""
+    from timm.models import load_state_dict
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {str(path)!r} not found; give a file saved from a timm model, or local-dir:FOLDER / "
+            "hf-hub:ORG/NAME for a folder saved by timm or timm-exits."
+        )
+    state = load_state_dict(str(path))
+    own = backbone.state_dict()
+    head = backbone.pretrained_cfg.get("classifier")
+    heads = [head] if isinstance(head, str) else list(head or [])
+    for key in [k for k in state if any(k.startswith(f"{h}.") for h in heads)]:
+        if key in own and state[key].shape != own[key].shape:
+            del state[key]  # another number of classes: the new head keeps its initialisation
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not any(k.startswith(f"{h}.") for h in heads)]
+    if missing or unexpected:
+        raise RecipeError(
+            f"weights file {str(path)!r} does not fit {backbone.pretrained_cfg.get('architecture')!r}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}; check the recipe's model and model_kwargs."
+        )
+
+
+def _weights_hint(name: str, weights: str | None, e: Exception) -> str:
+    if weights:
+        return f"could not load the weights {weights!r} into {name!r} ({type(e).__name__}: {e})."
+    return (
+        f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}). Without network access, fill the "
+        "Hugging Face cache first, point weights: at a local copy, or set pretrained: false."
+    )
+
+
+def build_model(recipe: Mapping[str, Any], num_classes: int, pretrained: bool | None = None) -> EarlyExitModel:
+    """Create the recipe's timm backbone, load the weights it asks for, and attach its exits.
+
+    Args:
+        recipe: A resolved recipe.
+        num_classes: Classes of the data set.
+        pretrained: Load the backbone's weights (``weights``, else timm's pretrained ones); default: whether
+            the recipe sets ``pretrained`` or ``weights``.
+
+    Returns:
+        The `EarlyExitModel` (on the CPU).
+    """
+    from . import models as _models  # noqa: F401  (registers alexnet_cifar and vgg13_cifar with timm)
+
+    load = bool(recipe["pretrained"] or recipe["weights"]) if pretrained is None else bool(pretrained)
+    backbone = _create_backbone(recipe, num_classes, load)
+    size = int(recipe["img_size"])
+    return wrap(
+        backbone,
+        exits=recipe["exits"],
+        num_classes=num_classes,
+        head=recipe["head"],
+        gate=recipe["gate"],
+        costs=recipe["costs"],
+        input_size=(3, size, size),
+        head_hidden=recipe["head_hidden"],
+        gate_hidden=recipe["gate_hidden"],
+        gate_bias=recipe["gate_bias"],
+        detach_gate_inputs=recipe["detach_gate_inputs"],
+        drop_rate=recipe["exit_drop_rate"],
+    )

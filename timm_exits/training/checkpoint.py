@@ -1,0 +1,191 @@
+"""Training checkpoints, and loading a trained run back.
+
+Checkpoints are safetensors files (model, EMA and optimizer tensors; everything else as JSON in the header), written
+to a temporary file and moved into place. `load_run` rebuilds a run's model from its recipe and checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import yaml
+from torch import nn
+
+from ..core.model import EarlyExitModel
+from .build import build_model
+from .recipe import _RUNTIME_KEYS, RecipeError, load_recipe
+from .runfiles import atomic_write_text
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "LoadedRun",
+    "load_run",
+]
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+_CKPT_META = "timm_exits.checkpoint"
+
+_CKPT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model or run it is loaded into."""
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def _plain(v: Any) -> Any:
+    if torch.is_tensor(v):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    ema: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Write model / EMA / optimizer tensors and JSON metadata to one safetensors file, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in (("model", model), ("ema", ema)):
+        if module is not None:
+            for k, v in module.state_dict().items():
+                tensors[f"{prefix}/{k}"] = v.detach().to("cpu", copy=True).contiguous()
+    opt_meta = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, st in sd["state"].items():
+            for name, v in st.items():
+                if torch.is_tensor(v):  # 0-dim tensors (Adam's step) included: safetensors keeps them exactly
+                    tensors[f"optim/{idx}/{name}"] = v.detach().to("cpu", copy=True).contiguous()
+                else:
+                    scalars.setdefault(str(idx), {})[name] = _plain(v)
+        groups = [{k: _plain(v) for k, v in g.items()} for g in sd["param_groups"]]
+        opt_meta = {"param_groups": groups, "scalars": scalars, "type": type(optimizer).__name__}
+    meta = {**meta, "optimizer": opt_meta, "format_version": _CKPT_VERSION}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    safetensors.torch.save_file(tensors, str(tmp), metadata={_CKPT_META: json.dumps(meta)})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps({k: v for k, v in meta.items() if k != "optimizer"}))
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Read a checkpoint written by `save_checkpoint`: ({"model"|"ema"|"optim": tensors}, metadata)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found.")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            groups: dict[str, dict[str, torch.Tensor]] = {}
+            for k in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
+                prefix, rest = k.split("/", 1)
+                groups.setdefault(prefix, {})[rest] = f.get_tensor(k)
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({e}).") from e
+    if _CKPT_META not in header:
+        raise CheckpointError(f"{path} is not a timm-exits training checkpoint (no {_CKPT_META!r} metadata).")
+    meta = json.loads(header[_CKPT_META])
+    if meta.get("format_version", 0) > _CKPT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer timm-exits (format {meta['format_version']}).")
+    return groups, meta
+
+
+def _load_state(module: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error naming what does not match (another architecture, other exits)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    shapes = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (checkpoint vs model, e.g. {shapes[:3]})")
+        raise CheckpointError(
+            f"{source} was saved from a different architecture or exit layout than this recipe builds: "
+            + "; ".join(parts)
+            + "."
+        )
+    module.load_state_dict(dict(tensors), strict=True)
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = t
+    for idx, values in meta["scalars"].items():
+        for name, v in values.items():
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": copy.deepcopy(meta["param_groups"])})
+
+
+@dataclass
+class LoadedRun:
+    """A trained run loaded back: its recipe, class names and model (EMA weights when the run kept an EMA)."""
+
+    run_dir: Path
+    recipe: dict[str, Any]
+    classes: list[str]
+    model: EarlyExitModel
+    meta: dict[str, Any]
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> LoadedRun:
+    """Rebuild a run's model from its recipe and checkpoint (no pretrained download).
+
+    Args:
+        run_dir: The run folder.
+        device: Device of the model.
+        **overrides: Runtime recipe keys to change (e.g. data_dir).
+
+    Returns:
+        A `LoadedRun`.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file() or not (run_dir / "recipe.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a timm-exits run folder (run.json / recipe.yaml missing).")
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    bad = sorted(k for k in overrides if k not in _RUNTIME_KEYS)
+    if bad:
+        raise RecipeError(
+            f"only runtime keys can change for a trained run, not {bad}; runtime keys: {sorted(_RUNTIME_KEYS)}."
+        )
+    recipe = load_recipe(saved, {k: v for k, v in overrides.items() if v is not None})
+    groups, meta = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    if meta.get("fingerprint") != info.get("fingerprint"):
+        raise CheckpointError(f"{run_dir / CHECKPOINT_NAME} belongs to another run than {run_dir / 'run.json'}.")
+    model = build_model(recipe, int(info["num_classes"]), pretrained=False)
+    weights = groups.get("ema") if recipe["ema"] and "ema" in groups else groups.get("model", {})
+    _load_state(model, weights, str(run_dir / CHECKPOINT_NAME))
+    return LoadedRun(run_dir, recipe, list(info["classes"]), model.to(device).eval(), meta)

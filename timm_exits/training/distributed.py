@@ -1,0 +1,73 @@
+"""Many training processes (torchrun): process group set-up, sums over ranks, and errors agreed on by all ranks."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointError
+from .run_folder import RunFolderError
+
+__all__ = []
+
+
+# ----------------------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_pref: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if device_pref == "auto":
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    elif device_pref == "cuda" and world > 1:
+        device = torch.device(f"cuda:{local_rank}")
+    else:
+        device = torch.device(device_pref)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    d = _Dist(device=device)
+    if world > 1 or dist.is_initialized():
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
+            d.owns_group = True
+        d.rank, d.world, d.local_rank = dist.get_rank(), dist.get_world_size(), local_rank
+    return d
+
+
+def _all_sum(t: torch.Tensor, d: _Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _agree(d: _Dist, error: BaseException | None) -> None:
+    """Raise rank 0's error (if any) on every rank, so no rank waits forever on the others."""
+    if d.world == 1:
+        if error is not None:
+            raise error
+        return
+    box = [None if error is None else (type(error).__name__, str(error))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        kind, msg = box[0]
+        cls = {"RunFolderError": RunFolderError, "CheckpointError": CheckpointError}.get(kind, RuntimeError)
+        raise cls(f"(from rank 0) {msg}")

@@ -1,0 +1,153 @@
+"""The run folder of a training run: whether a new run, a resumed run or ``--overwrite`` may use it, and the
+files that identify the run (``run.json`` with the recipe's fingerprint, ``recipe.yaml``).
+
+A folder holding another run, or any run without ``resume`` / ``overwrite``, is an error; ``--overwrite``
+deletes only the files timm-exits wrote (its manifest, `timm_exits.training.runfiles`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .._version import __version__
+from .checkpoint import CHECKPOINT_NAME
+from .recipe import _diff, _fingerprint, _identity
+from .runfiles import MANIFEST_NAME, atomic_write_text, read_manifest, record, remove_recorded
+
+__all__ = [
+    "RunFolderError",
+]
+
+
+class RunFolderError(RuntimeError):
+    """The output folder cannot be used for this run without the user's say-so."""
+
+
+# -------------------------------------------------------------------------------------- run folder
+# Every path a run writes; taken as the tool's in a run folder written before manifests existed.
+_OWN_FILES = (
+    "run.json",
+    "recipe.yaml",
+    CHECKPOINT_NAME,
+    "checkpoint.json",
+    "train.log",
+    "metrics.jsonl",
+    "report.json",
+    "report.md",
+    "plots/gate_histograms.png",
+    "plots/accuracy_vs_cost.png",
+    "plots/exit_distribution.png",
+    "model/config.json",
+    "model/model.safetensors",
+    "model/exits.safetensors",
+    "model/README.md",
+    "model/report.json",
+)
+
+_TRAIN_FILES = _OWN_FILES[:6]
+
+
+def _own_files(run_dir: Path) -> list[str]:
+    """Relative paths timm-exits wrote in `run_dir`: its manifest, else the fixed names of an older run."""
+    try:
+        listed = read_manifest(run_dir)
+    except ValueError as e:
+        raise RunFolderError(str(e)) from e
+    if listed is not None:
+        return listed
+    return list(_OWN_FILES) if (run_dir / "run.json").is_file() else []
+
+
+def _clear_run(run_dir: Path) -> tuple[list[str], list[str]]:
+    """Delete the files timm-exits wrote in `run_dir`; return (deleted, files of others left in place)."""
+    fallback = list(_OWN_FILES) if (run_dir / "run.json").is_file() else []
+    return remove_recorded(run_dir, fallback)
+
+
+def _prepare_run_dir(run_dir: Path, recipe: dict[str, Any], resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """Check the output folder without changing it.
+
+    Returns:
+        (resume from its checkpoint, delete the files of the run it holds before writing the new one).
+    """
+    if resume and overwrite:
+        raise RunFolderError("pass either resume or overwrite, not both.")
+    info = run_dir / "run.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"output {run_dir} exists and is not a folder.")
+    entries = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    if resume and not info.is_file():
+        raise RunFolderError(
+            f"--resume: {run_dir} holds no timm-exits run (no run.json), so there is nothing to resume; nothing was "
+            "written. Give the --output of the run to continue, or leave out --resume to start a new run."
+        )
+    if not entries:
+        return False, False
+    own = set(_own_files(run_dir)) | {MANIFEST_NAME}
+    others = [e for e in entries if e not in own]
+    if not info.is_file():
+        if not overwrite:
+            raise RunFolderError(
+                f"output folder {run_dir} is not empty and holds no timm-exits run (no run.json); nothing was "
+                f"written. Choose a new --output, or pass --overwrite to write the run there next to its "
+                f"{len(others)} file(s), which are left in place."
+            )
+    else:
+        old = json.loads(info.read_text(encoding="utf-8"))
+        changes = _diff(old.get("identity", {}), _identity(recipe))
+        if not overwrite:
+            if changes:
+                raise RunFolderError(
+                    f"output folder {run_dir} holds a different run (recipe differs: {'; '.join(changes[:8])}); "
+                    "nothing was overwritten. Choose a new --output, or pass --overwrite to replace that run (only "
+                    "the files timm-exits wrote are deleted)."
+                )
+            if not resume:
+                raise RunFolderError(
+                    f"output folder {run_dir} already holds this run; nothing was overwritten. Pass --resume to "
+                    "continue it from its last checkpoint, or --overwrite to start it again (only the files "
+                    "timm-exits wrote are deleted)."
+                )
+            if not (run_dir / CHECKPOINT_NAME).is_file():
+                raise RunFolderError(
+                    f"--resume: {run_dir / CHECKPOINT_NAME} is missing, so the run cannot continue where it stopped; "
+                    "nothing was written. Restore the checkpoint, or pass --overwrite to train the run again from "
+                    "step 0."
+                )
+            return True, False
+    clash = sorted(set(others) & set(_OWN_FILES))
+    if clash:
+        raise RunFolderError(
+            f"output folder {run_dir} holds files timm-exits did not write at paths a run writes: {clash}; nothing "
+            "was written. Move them away, or choose a new --output."
+        )
+    return False, True
+
+
+def _write_run_files(run_dir: Path, recipe: dict[str, Any], classes: list[str], world: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record(run_dir, _TRAIN_FILES)
+    info = run_dir / "run.json"
+    if not info.is_file():
+        payload = {
+            "fingerprint": _fingerprint(recipe),
+            "identity": _identity(recipe),
+            "classes": classes,
+            "num_classes": len(classes),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "timm_exits_version": __version__,
+            "world_size": world,
+        }
+        atomic_write_text(info, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+
+
+def _default_output(recipe: Mapping[str, Any]) -> Path:
+    name = recipe["name"] or recipe["model"]
+    return Path("runs") / (name if recipe["method"] in name else f"{name}-{recipe['method']}")

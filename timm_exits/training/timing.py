@@ -1,0 +1,180 @@
+"""Timing at batch 1 and the ``bench`` command: `time_per_image` (median over passes, all candidates interleaved
+within each pass), `machine_name`, and `benchmark`, which times a trained run's policies against its plain backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.model import EarlyExitModel
+
+__all__ = [
+    "machine_name",
+    "time_per_image",
+    "benchmark",
+]
+
+
+def machine_name(device: torch.device | str = "cpu") -> str:
+    """A short description of the processor (or GPU) the timings ran on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_per_image(
+    candidates: Mapping[str, Callable[[torch.Tensor], Any]],
+    inputs: Sequence[torch.Tensor],
+    repeats: int = 5,
+    warmup: int = 10,
+) -> dict[str, float]:
+    """Median milliseconds per image of each candidate over `repeats` passes through `inputs`.
+
+    Candidates run one after the other within every pass, so a load change on the machine hits all
+    of them alike.
+
+    Args:
+        candidates: Name -> function called on one input batch.
+        inputs: Input batches (batch 1 for latency).
+        repeats: Timed passes; the median is returned.
+        warmup: Untimed calls per candidate before timing.
+
+    Returns:
+        Name -> median ms per image.
+    """
+    if not inputs:
+        raise ValueError("time_per_image needs at least one input.")
+    device = inputs[0].device
+    n_images = sum(int(x.shape[0]) for x in inputs)
+    with torch.no_grad():
+        for fn in candidates.values():
+            for i in range(warmup):
+                fn(inputs[i % len(inputs)])
+        _sync(device)
+        times: dict[str, list[float]] = {k: [] for k in candidates}
+        for _ in range(max(1, repeats)):
+            for name, fn in candidates.items():
+                t0 = time.perf_counter()
+                for x in inputs:
+                    fn(x)
+                _sync(device)
+                times[name].append(1000.0 * (time.perf_counter() - t0) / n_images)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _timing_inputs(dataset: Any, count: int, device: torch.device) -> list[torch.Tensor]:
+    count = min(int(count), len(dataset))
+    return [dataset[i][0].unsqueeze(0).to(device) for i in range(count)]
+
+
+def _time_model(
+    model: EarlyExitModel,
+    thresholds: Mapping[str, float | None],
+    inputs: Sequence[torch.Tensor],
+    repeats: int,
+    warmup: int,
+) -> tuple[float, dict[str, float]]:
+    """(baseline ms per image, {policy: ms per image}); "gate_0.5" style names map to their policy."""
+    candidates: dict[str, Callable[[torch.Tensor], Any]] = {"baseline": model.backbone}
+    for name, thr in thresholds.items():
+        policy = name.split("_")[0]
+        candidates[name] = lambda x, p=policy, t=thr: model.predict(x, policy=p, threshold=t)
+    ms = time_per_image(candidates, inputs, repeats, warmup)
+    base = ms.pop("baseline")
+    return base, ms
+
+
+# ------------------------------------------------------------------------------------------ bench
+def benchmark(
+    run_dir: str | os.PathLike,
+    *,
+    policies: Sequence[str] | None = None,
+    batch_size: int = 1,
+    images: int | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Measured inference time of a trained run's policies against its plain backbone.
+
+    Thresholds are the calibrated ones of the run's report.json (else each policy's default).
+
+    Args:
+        run_dir: The run folder.
+        policies: Policies to time (default: gate, confidence, entropy, soft).
+        batch_size: Images per call.
+        images: Test images to time (default: the recipe's ``timing_images``).
+        repeats: Timed passes (median reported).
+        warmup: Untimed calls per candidate first.
+        threads: torch threads (default: the recipe's, else torch's).
+        data_dir: Where the data set lives now.
+        device: Device to time on.
+
+    Returns:
+        {"timing": {...}, "policies": {name: {"threshold", "ms_per_image", "speedup"}}}.
+    """
+    from .checkpoint import load_run
+    from .data import build_datasets, load_splits
+
+    run = load_run(run_dir, device=device, data_dir=data_dir)
+    recipe, model = run.recipe, run.model
+    device = torch.device(device)
+    if threads or recipe["threads"]:
+        torch.set_num_threads(int(threads or recipe["threads"]))
+    names = list(policies or ("gate", "confidence", "entropy", "soft"))
+    report_path = Path(run_dir) / "report.json"
+    saved = json.loads(report_path.read_text(encoding="utf-8")).get("policies", {}) if report_path.is_file() else {}
+    thresholds: dict[str, float | None] = {}
+    for name in names:
+        pol = name.split("_")[0]
+        if pol not in ("gate", "confidence", "entropy", "soft"):
+            raise ValueError(f"unknown policy {name!r}; choose from gate, gate_0.5, confidence, entropy, soft.")
+        default = 0.5 if name == "gate_0.5" else None
+        thresholds[name] = saved.get(name, {}).get("threshold", default) if pol != "soft" else None
+    data = build_datasets(recipe, model, load_splits(recipe))
+    count = min(int(images or recipe["timing_images"]), len(data.test))
+    singles = _timing_inputs(data.test, count, device)
+    inputs = [torch.cat(singles[i : i + batch_size]) for i in range(0, len(singles), batch_size)]
+    reps = int(repeats or recipe["timing_repeats"])
+    base, ms = _time_model(model, thresholds, inputs, reps, int(recipe["timing_warmup"] if warmup is None else warmup))
+    return {
+        "timing": {
+            "machine": machine_name(device),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "batch_size": batch_size,
+            "images": count,
+            "repeats": reps,
+            "baseline_ms_per_image": base,
+        },
+        "policies": {
+            k: {"threshold": thresholds[k], "ms_per_image": v, "speedup": base / v if v > 0 else None}
+            for k, v in ms.items()
+        },
+    }

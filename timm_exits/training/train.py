@@ -1,0 +1,573 @@
+"""The trainer: fine-tune a multi-exit timm model on one machine or many, then evaluate and report it.
+
+Recipes (the keys, shipped recipes, overrides) are `timm_exits.training.recipe`; this module runs one.
+
+Methods (``method:``):
+
+* ``baseline``: the plain backbone, trained on its own head only (`FinalExitLoss`); exits stay untrained.
+* ``branchynet``: B-Net, the sum of per-exit cross-entropies (`BranchyNetLoss`); gates are not trained
+  and inference uses entropy thresholds.
+* ``soft``: the soft-conditional objective (`SoftConditionalLoss`) with deep supervision
+  (``exit_weight``) and the cost weight warmed up linearly from 0 over the first ``cost_warmup``
+  fraction of all steps (set on ``loss.cost_weight`` before every step).
+
+``frozen_epochs`` adds a first stage that trains the exit heads and gates (and the backbone's
+classifier, unless ``frozen_train_classifier: false``) on a frozen backbone held in eval mode, so its
+BatchNorm statistics stay as they are; ``epochs`` of joint training follow.
+
+Runs: ``train()`` writes a run folder (``run.json``, ``recipe.yaml``, ``checkpoint.safetensors``,
+``train.log``, ``metrics.jsonl``, then ``report.json`` / ``report.md`` / ``plots/`` and ``model/``).
+Checkpoints are safetensors files (model, EMA and optimizer tensors; everything else as JSON in
+the header), written to a temporary file and moved into place, at the end of every epoch and every
+``checkpoint_every_steps`` steps. ``resume=True`` continues from the last one and ends with the same
+weights as an uninterrupted run: data order, augmentation, mixup and dropout are seeded from
+(seed, epoch, sample) and (seed, step), and learning rates and the cost weight are functions of the
+step. A folder holding another run, or any run without ``resume`` / ``overwrite``, is an error.
+
+Many processes: start with ``torchrun --nproc_per_node N -m timm_exits.training.cli train -c recipe.yaml``.
+DistributedDataParallel (nccl on GPUs, gloo on CPUs); ``batch_size`` is the global batch, split
+evenly over the processes, so N processes train the same model as one (exactly so for backbones
+without BatchNorm, in a frozen stage, or with ``sync_bn: true`` on GPUs); validation metrics are
+summed over ranks; only rank 0 writes, and resuming needs the run folder on a shared file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core.losses import SoftConditionalLoss
+from ..core.model import EarlyExitModel
+from ..inference.calibration import Collected, simulate
+from .build import build_model
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, _load_optimizer, _load_state, load_checkpoint, save_checkpoint
+from .data import build_datasets, load_splits, make_loader, make_mixup
+from .distributed import _agree, _all_sum, _Dist, _setup_distributed
+from .recipe import RecipeError, _fingerprint, load_recipe
+from .report import evaluate
+from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files
+from .runfiles import atomic_write_text
+from .sampling import seed_for
+from .stages import _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages
+
+__all__ = [
+    "TrainingInterrupted",
+    "train",
+]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT) at a step boundary, after writing a checkpoint to resume from."""
+
+
+# ---------------------------------------------------------------------------------------- logging
+class _Log:
+    def __init__(self, path: Path | None, bars: bool) -> None:
+        self.path = path
+        self.bars = bars
+
+    def __call__(self, msg: str) -> None:
+        if self.bars:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+        else:
+            print(msg, flush=True)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+
+def _distribution_text(dist_: Sequence[float]) -> str:
+    return ", ".join(f"#{i + 1}: {100 * p:.1f} %" for i, p in enumerate(dist_))
+
+
+def _epoch_line(rec: dict[str, Any]) -> str:
+    tr, va = rec["train"], rec["val"]
+    parts = [f"loss {tr['loss']:.4f}"]
+    for k in ("soft_ce", "exit_ce", "final_ce", "expected_cost"):
+        if k in tr:
+            parts.append(f"{k} {tr[k]:.4f}")
+    if "cost_weight" in tr:
+        parts.append(f"lambda {tr['cost_weight']:.3g}")
+    accs = "/".join(f"{100 * a:.1f}" for a in va["exit_accuracy"])
+    g = va["gate"]
+    return (
+        f"epoch {rec['epoch']}/{rec['epochs']} [{rec['stage']}] {' '.join(parts)} | lr {rec['lr']:.3g} | "
+        f"val exits {accs} % | soft {100 * va['soft_accuracy']:.1f} % | gate@0.5 {100 * g['accuracy']:.1f} % "
+        f"at cost {g['expected_cost']:.3f}, exits {_distribution_text(g['exit_distribution'])} | {rec['seconds']:.1f} s"
+    )
+
+
+# ---------------------------------------------------------------------------------------- training
+def _autocast(recipe: Mapping[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
+    if not recipe["amp"]:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if recipe["amp"] == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-exit and soft accuracy, and the gate@0.5 policy's accuracy / cost / exit shares, summed over ranks."""
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    e = model.num_exits
+    sums = torch.zeros(3 * e + 3, dtype=torch.float64)  # exit correct | gate counts | gate correct per exit | ...
+    costs = model.exit_costs.detach().float().cpu()
+    try:
+        for x, y in loader:
+            x = x.to(d.device, non_blocking=True)
+            if recipe["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(recipe, d.device):
+                out = model(x)
+            logits = torch.stack([f.float() for f in out.logits], 1).cpu()
+            gates = out.gate_logits.float().cpu()
+            correct = logits.argmax(-1) == y[:, None]
+            index = simulate(Collected(logits, gates, y, costs), "gate", 0.5)
+            hit = correct[torch.arange(len(y)), index]
+            sums[:e] += correct.sum(0)
+            sums[e : 2 * e] += torch.bincount(index, minlength=e)
+            sums[2 * e : 3 * e] += torch.bincount(index[hit], minlength=e)
+            sums[3 * e] += (out.log_probs.float().argmax(-1).cpu() == y).sum()
+            sums[3 * e + 1] += costs[index].double().sum()
+            sums[3 * e + 2] += len(y)
+    finally:
+        for m, flag in was:
+            m.training = flag
+    sums = _all_sum(sums.to(d.device), d).cpu()
+    n = max(float(sums[-1]), 1.0)
+    return {
+        "num_samples": int(sums[-1]),
+        "exit_accuracy": (sums[:e] / n).tolist(),
+        "soft_accuracy": float(sums[3 * e] / n),
+        "gate": {
+            "threshold": 0.5,
+            "accuracy": float(sums[2 * e : 3 * e].sum() / n),
+            "expected_cost": float(sums[3 * e + 1] / n),
+            "exit_distribution": (sums[e : 2 * e] / n).tolist(),
+        },
+    }
+
+
+def _progress_enabled(recipe: Mapping[str, Any], d: _Dist) -> bool:
+    if not d.main:
+        return False
+    p = recipe["progress"]
+    return sys.stderr.isatty() if p == "auto" else bool(p)
+
+
+@dataclass
+class _Position:
+    stage: int = 0
+    epoch: int = 0  # within the stage
+    batch: int = 0  # within the epoch
+    step: int = 0  # global optimizer steps
+    done: bool = False
+
+
+def train(
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    **overrides: Any,
+) -> Path:
+    """Train a recipe and (on rank 0) write its report; see the module docstring.
+
+    Args:
+        config: Recipe file path or dict of keys (None: the defaults, i.e. the digits data set).
+        output: Run folder (default: ``runs/<name>-<method>``).
+        resume: Continue the run in `output` from its last checkpoint.
+        overwrite: Replace whatever run `output` holds.
+        **overrides: Recipe keys to override (``data_dir="..."``, ``epochs=2``, ...).
+
+    Returns:
+        The run folder.
+    """
+    recipe = load_recipe(config, overrides)
+    d = _setup_distributed(recipe["device"])
+    try:
+        return _train(recipe, d, Path(output) if output else _default_output(recipe), resume, overwrite)
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_LOSS_PARTS = ("loss", "soft_ce", "exit_ce", "final_ce", "expected_cost", "steps")
+
+_LOGGED_PARTS = {"soft": ("soft_ce", "exit_ce", "expected_cost"), "branchynet": (), "baseline": ("final_ce",)}
+
+
+class _Trainer:
+    """One rank's side of a training run: set-up, stages, epochs, steps and checkpoints (see `train`)."""
+
+    def __init__(self, recipe: dict[str, Any], d: _Dist, run_dir: Path, resume: bool, overwrite: bool) -> None:
+        self.recipe, self.d, self.run_dir = recipe, d, run_dir
+        if recipe["batch_size"] % d.world:
+            raise RecipeError(f"batch_size {recipe['batch_size']} (global) does not split over {d.world} processes.")
+        self.per_rank = recipe["batch_size"] // d.world
+        if (recipe["mixup"] or recipe["cutmix"]) and self.per_rank % 2:
+            raise RecipeError(f"mixup needs an even batch per process; batch_size / processes = {self.per_rank}.")
+        if recipe["amp"] == "fp16" and d.device.type != "cuda":
+            raise RecipeError("amp: fp16 needs a CUDA device; use amp: bf16 on CPUs.")
+        if recipe["sync_bn"] and d.world > 1 and d.device.type != "cuda":
+            raise RecipeError(
+                "sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); on CPUs freeze BatchNorm with "
+                "frozen_epochs or use a backbone without BatchNorm."
+            )
+        if recipe["threads"]:
+            torch.set_num_threads(recipe["threads"])
+
+        # rank 0 checks the output folder and loads the data first (it may download); the others follow
+        self.resuming, clear = self._on_rank0_first(
+            lambda: _prepare_run_dir(run_dir, recipe, resume, overwrite), (False, False)
+        )
+        raw = self._on_rank0_first(lambda: load_splits(recipe), None)
+        if raw is None:
+            raw = load_splits(recipe)
+        torch.manual_seed(recipe["seed"])
+        self.model = build_model(recipe, len(raw.classes), pretrained=None if not self.resuming else False)
+        self.data = build_datasets(recipe, self.model, raw)
+        self.ckpt_path = run_dir / CHECKPOINT_NAME
+        self.ckpt: dict[str, dict[str, torch.Tensor]] = {}
+        meta: dict[str, Any] = {}
+        if self.resuming:
+            self.ckpt, meta = load_checkpoint(self.ckpt_path)
+            _load_state(self.model, self.ckpt.get("model", {}), str(self.ckpt_path))
+            if meta.get("fingerprint") != _fingerprint(recipe):
+                raise CheckpointError(f"{self.ckpt_path} was written by another recipe than this run's.")
+        elif recipe["init_checkpoint"]:
+            groups, _ = load_checkpoint(recipe["init_checkpoint"])
+            _load_state(self.model, groups.get("model", {}), str(recipe["init_checkpoint"]))
+        self.ckpt_meta = meta
+        target = recipe["calibrate_target_cost"]
+        cheapest = float(self.model.exit_costs.min())
+        if recipe["report"] and target is not None and target < cheapest - 1e-9:
+            raise RecipeError(
+                f"calibrate_target_cost={target} is below the cheapest expected cost this model can reach, "
+                f"{cheapest:.4f} (every image at exit #1); set calibrate_target_cost >= {cheapest:.4f}."
+            )
+        kept: list[str] = []
+        if d.main:  # everything above could still fail: only now is the old run's output deleted
+            if clear:
+                _, kept = _clear_run(run_dir)
+            _write_run_files(run_dir, recipe, self.data.classes, d.world)
+        self.model.to(d.device)
+        if recipe["sync_bn"] and d.world > 1:  # replaces BatchNorm children in place; names and hooks stay
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if recipe["channels_last"]:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = None
+        if recipe["ema"]:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=recipe["ema_decay"])
+            if "ema" in self.ckpt:
+                _load_state(self.ema.module, self.ckpt["ema"], str(self.ckpt_path))
+
+        self.train_loader = make_loader(
+            self.data.train,
+            self.per_rank,
+            train=True,
+            num_replicas=d.world,
+            rank=d.rank,
+            seed=recipe["seed"],
+            num_workers=recipe["num_workers"],
+            pin_memory=d.device.type == "cuda",
+        )
+        self.val_loader = make_loader(
+            self.data.val, recipe["eval_batch_size"], train=False, num_replicas=d.world, rank=d.rank
+        )
+        self.steps_per_epoch = self.train_loader.sampler.batches_per_epoch
+        if self.steps_per_epoch == 0:
+            raise RecipeError(
+                f"batch_size {recipe['batch_size']} is larger than the train split ({len(self.data.train)} samples)."
+            )
+        self.stages = _stages(recipe)
+        self.total_epochs = sum(s.epochs for s in self.stages)
+        self.total_steps = self.total_epochs * self.steps_per_epoch
+        self.mixup = make_mixup(recipe, self.data.num_classes)
+        self.loss_fn = _make_loss(recipe, self.mixup is not None)
+        self.scaler = torch.amp.GradScaler("cuda") if recipe["amp"] == "fp16" else None
+        self.pos = _Position(**meta.get("position", {}))
+        self.history: list[dict[str, Any]] = list(meta.get("history", []))
+        self.bars = _progress_enabled(recipe, d)
+        self.log = _Log(run_dir / "train.log" if d.main else None, self.bars)
+        if kept:
+            self.log(f"--overwrite: deleted the earlier run's files; left {len(kept)} other file(s) in place: {kept}")
+        self._interrupted = False
+
+    def _on_rank0_first(self, fn: Any, default: Any) -> Any:
+        """Run `fn` on rank 0 and share its result (a bool or tuple) or its error with every rank."""
+        result, error = default, None
+        if self.d.main:
+            try:
+                result = fn()
+            except Exception as e:
+                error = e
+        _agree(self.d, error)
+        if self.d.world > 1 and isinstance(default, (bool, tuple)):
+            box = [result]
+            dist.broadcast_object_list(box, src=0)
+            result = box[0]
+        return result
+
+    # ---------------------------------------------------------------------------------------- run
+    def run(self) -> bool:
+        """Train every remaining stage; False when stopped early by ``stop_after_steps``."""
+        r, d, pos = self.recipe, self.d, self.pos
+        if d.main:
+            n = (len(self.data.train), len(self.data.val), len(self.data.test))
+            costs = [round(c, 3) for c in self.model.exit_costs.tolist()]
+            self.log(
+                f"{f'resuming at step {pos.step}' if self.resuming else 'starting'}: {r['model']} with exits "
+                f"{[b.name for b in self.model.branches]} (costs {costs}) on {r['dataset']} ({n[0]} train / "
+                f"{n[1]} val / {n[2]} test), method {r['method']}, {d.world} process(es) on {d.device}, "
+                f"{self.steps_per_epoch} steps per epoch, run folder {self.run_dir}"
+            )
+            if pos.done:
+                self.log("training already finished; nothing to resume.")
+        self.epoch_bar = None
+        if self.bars and not pos.done:
+            from tqdm import tqdm
+
+            done = sum(s.epochs for s in self.stages[: pos.stage]) + pos.epoch
+            self.epoch_bar = tqdm(total=self.total_epochs, initial=done, desc="epochs", position=0)
+        previous = self._catch_sigint()
+        try:
+            while not pos.done:
+                if not self._stage(pos.stage):
+                    if d.main:
+                        self.log(
+                            f"stopped after {pos.step} steps (stop_after_steps); --resume continues from the last "
+                            "checkpoint."
+                        )
+                    return False
+        finally:
+            if previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+                signal.signal(signal.SIGINT, previous)
+            if self.epoch_bar is not None:
+                self.epoch_bar.close()
+        return True
+
+    def _catch_sigint(self) -> Any:
+        """Make Ctrl-C stop at the next step boundary, after a checkpoint; returns the handler it replaced.
+
+        Only in a single process run from the main thread (ranks of a distributed run would stop at
+        different steps); a second Ctrl-C stops at once, as without this handler.
+        """
+        if self.d.world > 1 or threading.current_thread() is not threading.main_thread():
+            return None
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self._previous_sigint = signal.default_int_handler if previous is None else previous
+        return self._previous_sigint
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._interrupted = True
+        signal.signal(signal.SIGINT, self._previous_sigint)
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once).", file=sys.stderr)
+
+    def _stop(self) -> TrainingInterrupted:
+        msg = (
+            f"interrupted at step {self.pos.step}; checkpoint written, continue with --resume "
+            f"(--output {self.run_dir})."
+        )
+        if self.d.main:
+            self.log(msg)
+        return TrainingInterrupted(msg)
+
+    def _stage(self, si: int) -> bool:
+        stage, pos = self.stages[si], self.pos
+        n_trainable = _configure_stage(self.model, self.recipe, stage)
+        opt, sched = _make_optimizer(self.model, self.recipe, stage, self.steps_per_epoch)
+        meta = self.ckpt_meta
+        if self.resuming and meta.get("optimizer") and (pos.epoch or pos.batch):  # resumed inside this stage
+            _load_optimizer(opt, self.ckpt.get("optim", {}), meta["optimizer"])
+            if self.scaler is not None and meta.get("scaler"):
+                self.scaler.load_state_dict(meta["scaler"])
+        net: nn.Module = self.model
+        if self.d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+            net = DistributedDataParallel(self.model, device_ids=ids)
+        if self.d.main:
+            self.log(
+                f"stage {stage.name}: {stage.epochs} epoch(s), {n_trainable:,} trainable parameters, lr {stage.lr:g}"
+            )
+        first_epoch = sum(s.epochs for s in self.stages[:si])
+        while pos.stage == si:
+            if not self._epoch(si, first_epoch + pos.epoch, net, opt, sched, first_epoch * self.steps_per_epoch):
+                return False
+        return True
+
+    def _epoch(self, si: int, global_epoch: int, net: nn.Module, opt, sched, stage_first_step: int) -> bool:
+        r, d, pos, stage = self.recipe, self.d, self.pos, self.stages[si]
+        self.data.train.set_epoch(global_epoch)
+        self.train_loader.sampler.set_epoch(global_epoch, pos.batch)
+        _set_modes(self.model, stage)
+        t0 = time.time()
+        saved = self.ckpt_meta.pop("accum", None) if self.resuming else None
+        accum = torch.tensor(saved if saved and pos.batch else [0.0] * len(_LOSS_PARTS), dtype=torch.float64)
+        bar = None
+        if self.bars:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.steps_per_epoch, initial=pos.batch, desc=f"epoch {global_epoch + 1}", leave=False, position=1
+            )
+        try:
+            for x, y in self.train_loader:
+                loss = self._step(net, opt, sched, x, y, stage_first_step)
+                parts = self.loss_fn.last
+                accum += torch.tensor(
+                    [loss] + [float(parts.get(k, 0.0)) for k in _LOSS_PARTS[1:-1]] + [1.0], dtype=torch.float64
+                )
+                pos.step += 1
+                pos.batch += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if r["stop_after_steps"] and pos.step >= r["stop_after_steps"]:
+                    return False  # as if killed: no checkpoint
+                if self._interrupted and pos.batch < self.steps_per_epoch:
+                    self._checkpoint(opt, accum)
+                    raise self._stop()
+                every = r["checkpoint_every_steps"]
+                if every and pos.step % every == 0 and pos.batch < self.steps_per_epoch:
+                    self._checkpoint(opt, accum)
+        finally:
+            if bar is not None:
+                bar.close()
+
+        accum = _all_sum(accum.to(d.device), d).cpu() / d.world
+        steps = max(float(accum[-1]), 1.0)
+        train_stats = {"loss": float(accum[0]) / steps}
+        for i, k in enumerate(_LOSS_PARTS[:-1]):
+            if k in _LOGGED_PARTS[r["method"]]:
+                train_stats[k] = float(accum[i]) / steps
+        if isinstance(self.loss_fn, SoftConditionalLoss):
+            train_stats["cost_weight"] = self.loss_fn.cost_weight
+        val = _validate_epoch(self.ema.module if self.ema is not None else self.model, self.val_loader, d, r)
+        rec = {
+            "epoch": global_epoch + 1,
+            "epochs": self.total_epochs,
+            "stage": stage.name,
+            "step": pos.step,
+            "lr": float(opt.param_groups[0]["lr"]),
+            "train": train_stats,
+            "val": val,
+            "seconds": time.time() - t0,
+        }
+        self.history.append(rec)
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        if pos.epoch == stage.epochs:
+            pos.stage, pos.epoch = si + 1, 0
+            pos.done = pos.stage == len(self.stages)
+        self._checkpoint(opt, None)
+        if d.main:
+            self.log(_epoch_line(rec))
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+        if self.epoch_bar is not None:
+            self.epoch_bar.update(1)
+        if self._interrupted:  # the last step of an epoch: stopped after its validation and checkpoint
+            raise self._stop()
+        return True
+
+    def _step(self, net: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, stage_first_step: int) -> float:
+        """One optimizer step; its randomness and learning rate depend only on the step number."""
+        r, d, pos = self.recipe, self.d, self.pos
+        x = x.to(d.device, non_blocking=True)
+        y = y.to(d.device, non_blocking=True)
+        if self.mixup is not None:
+            np.random.seed(seed_for(r["seed"], pos.step, d.rank, 2))  # timm's Mixup draws from numpy
+            x, y = self.mixup(x, y)
+        if r["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(seed_for(r["seed"], pos.step, d.rank, 1))
+        if sched is not None:
+            sched.step_update(num_updates=pos.step - stage_first_step)
+        if isinstance(self.loss_fn, SoftConditionalLoss):
+            warm = r["cost_warmup"] * self.total_steps
+            self.loss_fn.cost_weight = r["cost_weight"] * (min(1.0, pos.step / warm) if warm > 0 else 1.0)
+        with _autocast(r, d.device):
+            out = net(x)
+        loss = self.loss_fn(out, y)
+        if not torch.isfinite(loss):
+            parts = {k: float(v) for k, v in self.loss_fn.last.items()}
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {pos.step} (parts {parts}); lower lr, set clip_grad, or switch amp off."
+            )
+        opt.zero_grad(set_to_none=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if r["clip_grad"]:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, r["clip_grad"])
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if r["clip_grad"]:
+                torch.nn.utils.clip_grad_norm_(params, r["clip_grad"])
+            opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=pos.step + 1)
+        return float(loss.detach())
+
+    def _checkpoint(self, opt: torch.optim.Optimizer, accum: torch.Tensor | None) -> None:
+        """Save on rank 0; a mid-epoch checkpoint also keeps the epoch's loss sums (averaged over ranks)."""
+        acc_list = None
+        if accum is not None:
+            accum.copy_(_all_sum(accum.to(self.d.device), self.d).cpu() / self.d.world)
+            acc_list = accum.tolist()
+        if self.d.main:
+            meta = {
+                "fingerprint": _fingerprint(self.recipe),
+                "position": dict(self.pos.__dict__),
+                "history": self.history,
+                "accum": acc_list,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "recipe": self.recipe,
+            }
+            ema = self.ema.module if self.ema is not None else None
+            save_checkpoint(self.ckpt_path, self.model, meta, ema, opt)
+
+
+def _train(recipe: dict[str, Any], d: _Dist, run_dir: Path, resume: bool, overwrite: bool) -> Path:
+    trainer = _Trainer(recipe, d, run_dir, resume, overwrite)
+    start_step, t0 = trainer.pos.step, time.time()
+    if not trainer.run():
+        return run_dir
+    log = trainer.log
+    trained_now = trainer.pos.step > start_step
+    if d.main and trained_now:
+        log(f"training done in {time.time() - t0:.1f} s ({trainer.pos.step - start_step} steps)")
+    if d.owns_group and dist.is_initialized():  # the report is rank 0's alone
+        dist.barrier()
+        dist.destroy_process_group()
+        d.owns_group = False
+    if d.main and recipe["report"]:
+        if not trained_now and (run_dir / "report.json").is_file():
+            log(f"the report already exists: {run_dir / 'report.md'}")
+        else:
+            evaluate(run_dir, log=log)
+    return run_dir
