@@ -305,6 +305,9 @@ def test_round_trip_local_folder(case, models, tmp_path, monkeypatch):
 
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["architecture"] == CASES[case][0]
+    upstream = {"url", "hf_hub_id", "tag", "origin_url", "paper_ids", "paper_name"}
+    assert upstream & set(model.backbone.pretrained_cfg) and not upstream & set(cfg["pretrained_cfg"])
+    assert cfg["pretrained_cfg"]["input_size"] == [3, SIZE, SIZE]  # the training's own preprocessing stays
     files = cfg["timm_exits"].pop("files")
     assert files == {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("model.safetensors", EXITS)}
     with safetensors.safe_open(folder / EXITS, "pt") as f:

@@ -123,10 +123,18 @@ def _is_exit_model(model: Any) -> bool:
     return isinstance(model, nn.Module) and all(hasattr(model, a) for a in ("backbone", "branches", "config"))
 
 
+# pretrained_cfg keys that name the upstream checkpoint the architecture's default weights came from; the
+# saved weights are this model's own, so a saved config does not claim that checkpoint's tag, URL or paper.
+_UPSTREAM_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "tag", "origin_url", "paper_ids", "paper_name", "notes")
+
+
 def _record_hashes(config_path: Path, files: dict[str, str]) -> None:
-    """Add the weight files' SHA-256 under config.json's "timm_exits" -> "files" (timm ignores the key)."""
+    """Add the weight files' SHA-256 under config.json's "timm_exits" -> "files" (timm ignores the key), and
+    drop the upstream checkpoint's identity from timm's pretrained_cfg."""
     hf_config = json.loads(config_path.read_text(encoding="utf-8"))
     hf_config[CONFIG_KEY]["files"] = files
+    for key in _UPSTREAM_KEYS:
+        hf_config.get("pretrained_cfg", {}).pop(key, None)
     config_path.write_text(json.dumps(hf_config, indent=2), encoding="utf-8")  # as timm's save_for_hf writes it
 
 
