@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 PAPER = {"baseline": 81.61, "branchynet": 83.94, "soft": 85.78}
-# Rows of the paper's grid that the issue asks for when a GPU allows, with the paper's numbers
+# Rows of the paper's grid not yet trained, with the paper's numbers
 # (baseline / B-Net / soft); printed as "not yet run" until a report for them is committed.
 NOT_YET_RUN = {
     ("vgg13_bn", "cifar10"): ("VGG-13, CIFAR-10", "75.44 / 82.88 / 87.11"),

@@ -1,7 +1,7 @@
 """Exit gates: small modules that decide, per sample, how much weight an exit gets.
 
 A gate returns a logit; the exit weight is `sigmoid(logit)` (the soft-conditional recursion works on
-`logsigmoid` of it for numerical safety). Measured here (see the design notes), gates that see only
+`logsigmoid` of it for numerical safety). Measured on CIFAR-10, gates that see only
 pooled features lose to a plain max-softmax threshold on their own exits, while gates that also see
 the confidence statistics of their exit (and the earlier ones) do not, so "stats" is the default.
 """
