@@ -245,6 +245,14 @@ def _exit_metadata(meta: dict[str, str], label: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- load
+def _saved_config(src: Any) -> tuple[Path, str, ExitConfig, dict[str, str] | None, str]:
+    """Fetch and check a saved folder's config.json: (path, label, exit config, recorded hashes, architecture)."""
+    cfg_path, cfg_label = src.fetch(CONFIG_NAME)
+    hf_config = _read_json(cfg_path, cfg_label)
+    exit_cfg, hashes = _exit_config(hf_config, cfg_label), _recorded_hashes(hf_config, cfg_label)
+    return cfg_path, cfg_label, exit_cfg, hashes, str(hf_config["architecture"])
+
+
 def from_pretrained(
     source: str | os.PathLike,
     *,
@@ -280,11 +288,7 @@ def from_pretrained(
     if "pretrained" in model_kwargs:
         raise TypeError("from_pretrained() builds the backbone itself; do not pass pretrained=.")
     src = _parse_source(source, revision, cache_dir, token, local_files_only)
-    cfg_path, cfg_label = src.fetch(CONFIG_NAME)
-    hf_config = _read_json(cfg_path, cfg_label)
-    exit_cfg = _exit_config(hf_config, cfg_label)
-    hashes = _recorded_hashes(hf_config, cfg_label)
-    architecture = str(hf_config["architecture"])
+    cfg_path, cfg_label, exit_cfg, hashes, architecture = _saved_config(src)
     weights_path, weights_label = src.fetch(WEIGHTS_NAME)
     exits_path, exits_label = src.fetch(EXITS_NAME)
 
@@ -340,11 +344,7 @@ def load_exits(
         An `EarlyExitModel` wrapping `model`.
     """
     src = _parse_source(source, revision, cache_dir, token, local_files_only)
-    cfg_path, cfg_label = src.fetch(CONFIG_NAME)
-    hf_config = _read_json(cfg_path, cfg_label)
-    exit_cfg = _exit_config(hf_config, cfg_label)
-    hashes = _recorded_hashes(hf_config, cfg_label)
-    architecture = str(hf_config["architecture"])
+    cfg_path, cfg_label, exit_cfg, hashes, architecture = _saved_config(src)
     exits_path, exits_label = src.fetch(EXITS_NAME)
     mine = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if check_architecture and mine and mine != architecture:
