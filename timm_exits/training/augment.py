@@ -52,7 +52,8 @@ class BatchAugment:
         flip = u[:, 3] < self.hflip
         if self.kind == "crop_flip":
             span = 2 * self.padding + 1
-            return torch.stack([(u[:, 0] * span).floor(), (u[:, 1] * span).floor(), flip.double(), u[:, 2] * 0], 1)
+            offsets = (u[:, :2] * span).floor()
+            return torch.cat([offsets, flip.double()[:, None], torch.zeros(count, 1, dtype=u.dtype)], 1)
         area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0]
         lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         aspect = torch.exp(lo + (hi - lo) * u[:, 1])
