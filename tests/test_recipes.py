@@ -390,3 +390,13 @@ def test_checkpoints_are_safetensors_without_pickle(runs):
     assert any(k.startswith("optim/") for k in tensors) and any(k.startswith("model/") for k in tensors)
     assert not list(runs["soft"].rglob("*.pt")) and not list(runs["soft"].rglob("*.bin"))
     assert not list(runs["soft"].glob(".*tmp*"))
+
+
+def test_key_added_later_keeps_older_runs_resumable():
+    from timm_exits.training.recipe import _fingerprint
+
+    recipe = load_recipe(tiny())
+    older = {k: v for k, v in recipe.items() if k != "weights"}  # written before `weights` existed
+    assert _fingerprint(older) == _fingerprint(recipe)
+    assert _fingerprint({**recipe, "weights": "local-dir:/somewhere"}) != _fingerprint(recipe)
+    assert _fingerprint({**recipe, "lr": 0.2}) != _fingerprint(recipe)

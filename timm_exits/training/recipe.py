@@ -438,8 +438,15 @@ def load_recipe(
     return recipe
 
 
+# Keys added after runs were first recorded, with the value that trains what those runs trained: at that
+# value a key is left out of the identity, so a run recorded before the key existed still resumes.
+_LATER_KEYS: dict[str, Any] = {"weights": None}
+
+
 def _identity(recipe: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in recipe.items() if k not in _RUNTIME_KEYS}
+    return {
+        k: v for k, v in recipe.items() if k not in _RUNTIME_KEYS and not (k in _LATER_KEYS and v == _LATER_KEYS[k])
+    }
 
 
 def _fingerprint(recipe: Mapping[str, Any]) -> str:

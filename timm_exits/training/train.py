@@ -57,7 +57,7 @@ from .build import build_model
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, _load_optimizer, _load_state, load_checkpoint, save_checkpoint
 from .data import build_datasets, load_splits, make_loader, make_mixup
 from .distributed import _agree, _all_sum, _Dist, _setup_distributed
-from .recipe import RecipeError, _fingerprint, load_recipe
+from .recipe import RecipeError, _diff, _fingerprint, _identity, load_recipe
 from .report import evaluate
 from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files
 from .runfiles import atomic_write_text
@@ -252,7 +252,12 @@ class _Trainer:
             self.ckpt, meta = load_checkpoint(self.ckpt_path)
             _load_state(self.model, self.ckpt.get("model", {}), str(self.ckpt_path))
             if meta.get("fingerprint") != _fingerprint(recipe):
-                raise CheckpointError(f"{self.ckpt_path} was written by another recipe than this run's.")
+                changes = _diff(_identity(meta.get("recipe", {})), _identity(recipe))
+                raise CheckpointError(
+                    f"{self.ckpt_path} was written by another recipe than this run's"
+                    + (f" ({'; '.join(changes)})" if changes else "")
+                    + "; resume with the recipe it was written by, or train into a new --output folder."
+                )
         elif recipe["init_checkpoint"]:
             groups, _ = load_checkpoint(recipe["init_checkpoint"])
             _load_state(self.model, groups.get("model", {}), str(recipe["init_checkpoint"]))
