@@ -10,11 +10,12 @@ A local Ray instance (127.0.0.1 only) serves three applications built from one m
 
 The gate thresholds are set on a fixed pool of images so that the exit mix is `--mix` (the share
 leaving at each exit, first exits first; the rest reaches the final head). For each concurrency
-(default 1, 8, 32 clients) and application, `--requests` one-image requests (or until
-`--max-seconds`) are sent from that many client threads over loopback; every answer's exit is
-checked against `predict` on the same image. Per cell: requests/s, p50 / p95 / p99 latency,
-errors, mismatches and the replica's mean batch; medians over `--repeats` rounds, the
-applications interleaved within a round.
+(default 1, 8, 32 clients) and application, `--requests` requests of `--images-per-request`
+images (or until `--max-seconds`) are sent from that many client threads, over loopback HTTP
+through Serve's proxy (`--transport http`) or through deployment handles (`--transport handle`);
+every answer's exit is checked against `predict` on the same image. Per cell: requests/s,
+images/s, p50 / p95 / p99 latency, errors, mismatches and the replica's mean batch (in images);
+medians over `--repeats` rounds, the applications interleaved within a round.
 
 Baseline, measured in the same run: `predict` against the plain forward on a batch of
 `--max-batch` pool images (same thresholds, so the same exit mix), interleaved medians. Target:
@@ -71,8 +72,10 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def _load(call, pool: torch.Tensor, want: torch.Tensor, clients: int, requests: int, max_s: float) -> dict[str, Any]:
-    """`requests` one-image calls from `clients` threads (bounded by `max_s`); latency and correctness."""
+def _load(
+    call, pool: torch.Tensor, want: torch.Tensor, clients: int, requests: int, max_s: float, per_request: int = 1
+) -> dict[str, Any]:
+    """`requests` calls of `per_request` images from `clients` threads (bounded by `max_s`); latency, correctness."""
     lock = threading.Lock()
     issued = [0]
     latencies: list[float] = []
@@ -87,10 +90,10 @@ def _load(call, pool: torch.Tensor, want: torch.Tensor, clients: int, requests: 
                 if i >= requests:
                     return
                 issued[0] += 1
-            k = i % pool.shape[0]
+            idx = (torch.arange(per_request) + i * per_request) % pool.shape[0]
             t = time.perf_counter()
             try:
-                exit_index = call(pool[k : k + 1])
+                exit_index = call(pool[idx])
             except Exception as e:  # counted and reported, the load continues
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}"[:200])
@@ -98,7 +101,7 @@ def _load(call, pool: torch.Tensor, want: torch.Tensor, clients: int, requests: 
             dt = time.perf_counter() - t
             with lock:
                 latencies.append(dt * 1e3)
-                mismatches[0] += int(exit_index != int(want[k]))
+                mismatches[0] += int((exit_index != want[idx]).sum())
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
     start = time.perf_counter()
@@ -115,6 +118,7 @@ def _load(call, pool: torch.Tensor, want: torch.Tensor, clients: int, requests: 
         "mismatches": mismatches[0],
         "wall_s": wall,
         "requests_per_s": done / wall if wall > 0 else 0.0,
+        "images_per_s": done * per_request / wall if wall > 0 else 0.0,
         "p50_ms": _percentile(latencies, 50) if done else None,
         "p95_ms": _percentile(latencies, 95) if done else None,
         "p99_ms": _percentile(latencies, 99) if done else None,
@@ -122,7 +126,7 @@ def _load(call, pool: torch.Tensor, want: torch.Tensor, clients: int, requests: 
 
 
 def _median_cells(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("requests_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_batch")
+    keys = ("requests_per_s", "images_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_batch")
     out: dict[str, Any] = {
         k: statistics.median([r[k] for r in rounds if r[k] is not None])
         if any(r[k] is not None for r in rounds)
@@ -146,6 +150,8 @@ def main() -> dict[str, Any]:
     p.add_argument("--requests", type=int, default=400, help="requests per cell and round")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time limit per cell and round")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--transport", choices=("http", "handle"), default="http")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--wait-ms", type=float, default=5.0, help="batch_wait_timeout_s in ms")
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica and in this process")
@@ -193,18 +199,21 @@ def main() -> dict[str, Any]:
         plain_want = torch.zeros_like(want)  # the plain model answers every image at its only exit
         local = threading.local()
 
+        def target(app: str) -> Any:
+            return f"{base}/{app}" if args.transport == "http" else serve.get_app_handle(app)
+
         def model_call(app: str):
-            def call(x: torch.Tensor) -> int:
+            def call(x: torch.Tensor) -> torch.Tensor:
                 if not hasattr(local, app):
-                    setattr(local, app, ModelClient(f"{base}/{app}", timeout=60))
-                return int(getattr(local, app).predict(x)[1][0])
+                    setattr(local, app, ModelClient(target(app), timeout=60))
+                return getattr(local, app).predict(x)[1]
 
             return call
 
-        def split_call(x: torch.Tensor) -> int:
+        def split_call(x: torch.Tensor) -> torch.Tensor:
             if not hasattr(local, "edge"):
-                local.edge = EdgeClient(parts.edge, f"{base}/split", "gate", thresholds, timeout=60)
-            return int(local.edge.run(x).exit_index[0])
+                local.edge = EdgeClient(parts.edge, target("split"), "gate", thresholds, timeout=60)
+            return local.edge.run(x).exit_index
 
         calls = {
             "plain": (model_call("plain"), plain_want),
@@ -217,7 +226,7 @@ def main() -> dict[str, Any]:
             for c in args.concurrency:
                 for app, (call, expect) in calls.items():
                     before = ModelClient(f"{base}/{app}").describe()  # the replica's batch counts
-                    cell = _load(call, pool, expect, c, args.requests, args.max_seconds)
+                    cell = _load(call, pool, expect, c, args.requests, args.max_seconds, args.images_per_request)
                     after = ModelClient(f"{base}/{app}").describe()
                     batches = after["batches"] - before["batches"]
                     cell["mean_batch"] = (
@@ -227,7 +236,7 @@ def main() -> dict[str, Any]:
 
     results = {app: {c: _median_cells(r) for c, r in by_c.items()} for app, by_c in cells.items()}
     top = str(max(args.concurrency))
-    serve_gain = results["exits"][top]["requests_per_s"] / results["plain"][top]["requests_per_s"]
+    serve_gain = results["exits"][top]["images_per_s"] / results["plain"][top]["images_per_s"]
     out = {
         "benchmark": "serve_load",
         "machine": machine(args.threads),
@@ -239,6 +248,8 @@ def main() -> dict[str, Any]:
         "exit_mix_pool": mix,
         "concurrency": args.concurrency,
         "requests_per_cell": args.requests,
+        "images_per_request": args.images_per_request,
+        "transport": args.transport,
         "repeats": args.repeats,
         "max_batch_size": args.max_batch,
         "batch_wait_ms": args.wait_ms,
