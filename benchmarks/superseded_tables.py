@@ -1,12 +1,15 @@
-"""Print the paper-style tables (Table 1: accuracy per method; Table 2: hard exits) and draw the
-accuracy-versus-cost plot from committed run reports.
+"""Tables and plot of the superseded CIFAR-10 runs under ``results/cifar10`` and ``results/cifar10_short``.
 
-Reads every ``*/report.json`` under the given folder (one sub-folder per run, as committed under
-``results/`` by ``run_evidence.py``). A run's ``report_cpu.json``, when present, is the same model
-re-evaluated on this CPU with batch-1 timing (``timm-exits eval RUN --device cpu``) and is used for
-Table 2. ``frontier.json`` files (``policy_frontier.py``) give the curves of the plot.
+Prints the paper-style tables (Table 1: accuracy per method; Table 2: hard exits) and draws the
+accuracy-versus-cost plot from the run reports of that flat layout (one folder per run). The evidence
+grid's tables (``results/evidence``) are made by ``evidence_tables.py``.
 
-    python benchmarks/evidence_tables.py results/cifar10 --plot results/cifar10/accuracy_vs_cost.png
+Reads every ``*/report.json`` under the given folder (one sub-folder per run, as an earlier form of
+``run_evidence.py`` committed them under ``results/``). A run's ``report_cpu.json``, when present, is
+the same model re-evaluated on this CPU with batch-1 timing (``timm-exits eval RUN --device cpu``)
+and is used for Table 2. ``frontier.json`` files (``policy_frontier.py``) give the curves of the plot.
+
+    python benchmarks/superseded_tables.py results/cifar10 --plot results/cifar10/accuracy_vs_cost.png
 """
 
 from __future__ import annotations
