@@ -1,0 +1,480 @@
+"""Regenerate every evidence table and plot from the run files under ``results/evidence/``.
+
+``run_evidence.py`` copies each finished run's small files to
+``results/evidence/<data set>/<backbone>_<method>[_l<lambda>]_s<seed>/``. From them this script writes
+``results/evidence/tables.md`` with
+
+- Table 1 form: per data set and backbone, one row per method (baseline, B-Net, soft at each lambda):
+  final-exit and soft-ensemble test accuracy, mean and sample standard deviation over the seeds
+  trained, beside the paper's figure;
+- Table 2 form: the recommended hard-exit policy of each run at batch 1 (``timing.json`` of
+  ``time_recommended.py``): accuracy, expected cost, measured speed-up against the plain backbone
+  timed in the same process, exit distribution;
+- the policy table: at budgets 0.4 to 0.9, the recommended policy against max-softmax, entropy and
+  static truncation, with bootstrap 95 % intervals (``frontier.json`` of ``policy_frontier.py``);
+
+and one accuracy-versus-cost PNG per data set (``<data set>/accuracy_vs_cost.png``, every policy
+and method on the same axes). Rows of the grid (``run_evidence.GRID``) and of the paper that have no
+run yet say "not trained yet", with the paper's figure beside. Blocks between
+``<!-- evidence tables: NAME -->`` and ``<!-- end evidence tables: NAME -->`` in the docs given by
+``--docs`` are replaced by the table NAME (``table1``, ``table2``, ``policies``).
+
+    python benchmarks/evidence_tables.py            # write tables.md, the PNGs and the docs blocks
+    python benchmarks/evidence_tables.py --check    # exit 1, with a diff, if any of them is stale
+
+``--check`` compares text only (tables.md and the docs blocks) and that each PNG exists: PNG bytes
+depend on the matplotlib version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from run_evidence import GRID, LAMBDA_A, LAMBDA_B
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "evidence"
+DOCS = (ROOT / "docs" / "evidence.md",)
+POLICY_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+RUN_NAME = re.compile(r"^(?P<backbone>.+?)_(?P<variant>baseline|branchynet|soft_l[0-9.e+-]+)_s(?P<seed>\d+)$")
+BLOCK = re.compile(r"(<!-- evidence tables: (\w+) -->\n)(.*?)(<!-- end evidence tables: \2 -->)", re.DOTALL)
+
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+BACKBONES = {"resnet18": "ResNet-18", "vgg13": "VGG-13", "alexnet": "AlexNet-style"}
+# Table 1 of the paper: test accuracy of baseline / B-Net / the soft-conditional method
+PAPER_T1 = {
+    ("cifar10", "resnet18"): (81.61, 83.94, 85.78),
+    ("cifar10", "vgg13"): (75.44, 82.88, 87.11),
+    ("cifar10", "alexnet"): (73.21, 80.59, 82.54),
+    ("cifar100", "resnet18"): (51.13, 54.78, 58.54),
+    ("cifar100", "vgg13"): (47.18, 51.97, 57.31),
+}
+# Table 2 of the paper (CIFAR-10, hard early exit): accuracy, time per image, speed-up
+PAPER_T2 = {
+    ("cifar10", "resnet18"): "84.92 %, 2.18 ms, 58 % speed-up",
+    ("cifar10", "vgg13"): "86.70 %, 1.59 ms, 44 % speed-up",
+    ("cifar10", "alexnet"): "79.96 %, 2.74 ms, 12 % speed-up",
+}
+POLICY_ROWS = {"recommended": "recommended", "confidence": "max-softmax", "entropy": "entropy", "static": "static"}
+POLICY_NAMES = {
+    "gate_fitted_no_gain": "fitted gates",
+    "confidence": "max-softmax",
+    "entropy": "entropy",
+    "static": "static",
+    "gate_joint": "joint gates",
+    "recommended": "recommended",
+}
+
+
+@dataclass
+class Run:
+    """One run folder's files."""
+
+    name: str
+    seed: int
+    report: dict
+    frontier: dict | None = None
+    timing: dict | None = None
+
+
+@dataclass
+class Row:
+    """The runs of one (data set, backbone, method variant), one per seed."""
+
+    dataset: str
+    backbone: str
+    variant: str
+    runs: list[Run] = field(default_factory=list)
+
+
+def _variants() -> list[str]:
+    return ["baseline", "branchynet", f"soft_l{LAMBDA_A:g}", f"soft_l{LAMBDA_B:g}"]
+
+
+def _variant_key(variant: str) -> tuple[int, float]:
+    if variant.startswith("soft_l"):
+        return 2, float(variant[len("soft_l") :])
+    return (0 if variant == "baseline" else 1), 0.0
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) -> None:
+    """Refuse a run whose folder name disagrees with its report (a mislabelled copy)."""
+    rec = report["recipe"]
+    method = variant.split("_l")[0]
+    lam_ok = method != "soft" or f"soft_l{rec['cost_weight']:g}" == variant
+    if report["dataset"] != dataset or report["method"] != method or int(rec["seed"]) != seed or not lam_ok:
+        raise SystemExit(
+            f"{dataset}/{name}: the report says dataset {report['dataset']}, method {report['method']}, "
+            f"seed {rec['seed']}, cost_weight {rec['cost_weight']}"
+        )
+
+
+def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
+    """Every row, keyed (data set, backbone, variant), sorted: each method of every backbone in the grid,
+    the paper or the results tree, with the runs found for it (none: not trained yet)."""
+    found: dict[tuple[str, str, str], list[Run]] = {}
+    for path in sorted(results.glob("*/*/report.json")):
+        dataset, name = path.parent.parent.name, path.parent.name
+        m = RUN_NAME.match(name)
+        if not m:
+            continue
+        seed, report = int(m["seed"]), json.loads(path.read_text())
+        _check_name(dataset, name, m["variant"], seed, report)
+        run = Run(name, seed, report, _read(path.parent / "frontier.json"), _read(path.parent / "timing.json"))
+        found.setdefault((dataset, m["backbone"], m["variant"]), []).append(run)
+    grid = [(n.split("/", 1)[0], RUN_NAME.match(n.split("/", 1)[1])["backbone"]) for n in GRID]
+    backbones = set(grid) | set(PAPER_T1) | {(d, b) for d, b, _ in found}
+    keys = {(d, b, v) for d, b in backbones for v in _variants()} | set(found)
+    rows = {key: Row(*key, sorted(found.get(key, []), key=lambda r: r.seed)) for key in keys}
+    return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], _variant_key(kv[0][2]))))
+
+
+def _label(variant: str) -> str:
+    if variant.startswith("soft_l"):
+        return f"soft, lambda {variant[len('soft_l') :]}"
+    return {"baseline": "baseline", "branchynet": "B-Net"}[variant]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def mean_sd(values: list[float]) -> str:
+    """'mean ± sample standard deviation %' of fractions (mean alone for one value)."""
+    mean = _pct(statistics.fmean(values))
+    return f"{mean} %" if len(values) < 2 else f"{mean} ± {_pct(statistics.stdev(values))} %"
+
+
+def _paper_t1(row: Row) -> str:
+    paper = PAPER_T1.get((row.dataset, row.backbone))
+    return "-" if paper is None else f"{paper[min(_variant_key(row.variant)[0], 2)]:.2f} %"
+
+
+def _by_dataset(rows: dict[tuple[str, str, str], Row]) -> dict[str, list[Row]]:
+    out: dict[str, list[Row]] = {}
+    for row in rows.values():
+        out.setdefault(row.dataset, []).append(row)
+    return out
+
+
+def table1(rows: dict[tuple[str, str, str], Row]) -> str:
+    """Table 1 form: final-exit and soft-ensemble accuracy per method, over seeds, beside the paper."""
+    out = [
+        "Test accuracy, mean ± sample standard deviation over the seeds trained (the seeds column gives n). "
+        "Soft ensemble: the soft-conditional output of soft runs. Paper: its baseline, B-Net and proposed "
+        "figure (one figure for every lambda).",
+    ]
+    for dataset, group in _by_dataset(rows).items():
+        out += [
+            f"\n**{DATASETS.get(dataset, dataset)}**\n",
+            "| backbone | method | seeds | final exit | soft ensemble | paper |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in group:
+            head = f"| {BACKBONES.get(row.backbone, row.backbone)} | {_label(row.variant)} |"
+            if not row.runs:
+                why = "not trained yet" if _in_grid(row) else "not trained yet (not in the grid)"
+                out.append(f"{head} none | {why} | - | {_paper_t1(row)} |")
+                continue
+            tests = [r.report["test"] for r in row.runs]
+            seeds = f"{len(row.runs)} ({', '.join(str(r.seed) for r in row.runs)})"
+            soft = mean_sd([t["soft_accuracy"] for t in tests]) if row.variant.startswith("soft") else "-"
+            out.append(
+                f"{head} {seeds} | {mean_sd([t['final_accuracy'] for t in tests])} | {soft} | {_paper_t1(row)} |"
+            )
+    return "\n".join(out)
+
+
+def distribution(dist: list[float]) -> str:
+    """'#1 98.4 %, #4 1.6 %': share of images per exit, exits no image took left out."""
+    return ", ".join(f"#{i + 1} {100 * v:.1f} %" for i, v in enumerate(dist) if v >= 0.0005)
+
+
+def _policy_label(choice: dict) -> str:
+    name = choice["policy"]
+    if name == "static":
+        return f"static, exit #{choice['exit']}"
+    return f"{POLICY_NAMES[name]} {'<=' if name == 'entropy' else '>='} {choice['threshold']:.3f}"
+
+
+def _in_grid(row: Row) -> bool:
+    return any(n.startswith(f"{row.dataset}/{row.backbone}_{row.variant}_s") for n in GRID)
+
+
+def _expected_runs(row: Row) -> list[str]:
+    """Names of the grid's runs of this row that have no files yet."""
+    have = {r.name for r in row.runs}
+    prefix = f"{row.dataset}/{row.backbone}_{row.variant}_s"
+    return sorted(n.split("/", 1)[1] for n in GRID if n.startswith(prefix) and n.split("/", 1)[1] not in have)
+
+
+def table2(rows: dict[tuple[str, str, str], Row]) -> str:
+    """Table 2 form: each run's recommended hard-exit policy, timed at batch 1 against the plain backbone."""
+    out = [
+        "The recommended policy of each run (`time_recommended.py`: the lowest frontier budget whose "
+        "recommended policy is within 1 point of the final exit on the held-out split, unless a budget was "
+        "given), through the real early-exit path: accuracy, expected cost (share of the backbone's FLOPs) "
+        "and exit distribution on the whole test split; ms per image at batch 1 on the first test images, "
+        "plain backbone and policy interleaved in the same process (medians).",
+    ]
+    machines: dict[str, list[str]] = {}
+    for dataset, group in _by_dataset(rows).items():
+        out += [
+            f"\n**{DATASETS.get(dataset, dataset)}**\n",
+            "| run | budget | policy | test accuracy | expected cost | plain ms | policy ms | speed-up "
+            "| exit distribution | paper |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in (r for r in group if r.variant != "baseline"):
+            paper = PAPER_T2.get((row.dataset, row.backbone), "-")
+            for run in row.runs:
+                t = run.timing
+                if t is None:
+                    out.append(f"| {run.name} | not timed yet (no timing.json) | | | | | | | | {paper} |")
+                    continue
+                tm, test = t["timing"], t["test"]
+                out.append(
+                    f"| {run.name} | {t['budget']:g} | {_policy_label(t['policy'])} | {_pct(test['accuracy'])} % | "
+                    f"{test['expected_cost']:.3f} | {tm['plain_ms_per_image']:.3f} | {tm['policy_ms_per_image']:.3f} | "
+                    f"{tm['speedup']:.2f}x | {distribution(test['exit_distribution'])} | {paper} |"
+                )
+                m = t["machine"]
+                setting = (
+                    f"{m['cpu']} ({m['cores']} cores), torch {m['torch']}, {tm['threads']} torch thread(s), "
+                    f"batch {tm['batch_size']}, {tm['images']} images, median of {tm['repeats']} passes"
+                )
+                machines.setdefault(setting, []).append(f"{dataset}/{run.name}")
+            out += [f"| {name} | not trained yet | | | | | | | | {paper} |" for name in _expected_runs(row)]
+        for backbone in sorted({r.backbone for r in group}):
+            mine = [r for r in group if r.backbone == backbone]
+            if (dataset, backbone) in PAPER_T2 and not any(r.runs or _in_grid(r) for r in mine):
+                label = f"{BACKBONES.get(backbone, backbone)} (not in the grid)"
+                out.append(f"| {label} | not trained yet | | | | | | | | {PAPER_T2[(dataset, backbone)]} |")
+    for setting, names in sorted(machines.items()):
+        out.append(f"\nTimed on {setting}: {', '.join(names)}.")
+    return "\n".join(out)
+
+
+def _cell(entry: dict | None, recommended: bool) -> str:
+    if not entry:
+        return "-"
+    lo, hi = entry["test_accuracy_ci95"]
+    cell = f"{_pct(entry['test_accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
+    if recommended:
+        return f"{cell} {POLICY_NAMES[entry['policy']]}"
+    d = entry.get("recommended_minus_this_ci95")
+    return cell if d is None else f"{cell}, Δ [{_pct(d[0])}, {_pct(d[1])}]"
+
+
+def _frontier_row(frontier: dict, budget: float) -> dict:
+    return next((r for r in frontier["table"] if abs(r["budget"] - budget) < 1e-9), {})
+
+
+def policy_table(rows: dict[tuple[str, str, str], Row]) -> str:
+    """Test accuracy per policy and budget, with bootstrap 95 % intervals, from each run's frontier.json."""
+    out = [
+        "Test accuracy (%) at thresholds chosen on the held-out split within each budget (share of the "
+        "backbone's FLOPs), with its bootstrap 95 % interval over test images; Δ: the interval of the "
+        "recommended policy's accuracy minus this one's (paired, points); the recommended cell names the "
+        "policy it chose; -: no threshold of that policy fits the budget.",
+    ]
+    for dataset, group in _by_dataset(rows).items():
+        runs = [run for row in group for run in row.runs if run.frontier]
+        if not runs:
+            continue
+        out += [
+            f"\n**{DATASETS.get(dataset, dataset)}**\n",
+            "| run | policy | " + " | ".join(f"{b:g}" for b in POLICY_BUDGETS) + " |",
+            "|---|---|" + "---|" * len(POLICY_BUDGETS),
+        ]
+        for run in runs:
+            for key, label in POLICY_ROWS.items():
+                cells = [_cell(_frontier_row(run.frontier, b).get(key), key == "recommended") for b in POLICY_BUDGETS]
+                out.append(f"| {run.name} | {label} | " + " | ".join(cells) + " |")
+    if len(out) == 1:
+        out.append("\nNo run has a frontier.json yet.")
+    return "\n".join(out)
+
+
+def _plotted(group: list[Row]) -> bool:
+    return any(run.frontier for row in group for run in row.runs)
+
+
+def tables_md(rows: dict[tuple[str, str, str], Row]) -> str:
+    """The whole of tables.md."""
+    parts = [
+        "# Evidence tables",
+        "Generated by `python benchmarks/evidence_tables.py` from the run files under `results/evidence/`; "
+        "`--check` fails when this file is stale.",
+        "## Table 1 form: accuracy per method",
+        table1(rows),
+        "## Table 2 form: hard early exit at batch 1",
+        table2(rows),
+        "## Policies at a cost budget",
+        policy_table(rows),
+    ]
+    plots = [d for d, group in _by_dataset(rows).items() if _plotted(group)]
+    if plots:
+        parts.append("## Accuracy against cost")
+        parts += [
+            f"![{DATASETS.get(d, d)}: test accuracy against expected cost]({d}/accuracy_vs_cost.png)" for d in plots
+        ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "the plots need matplotlib, a dependency of timm-exits: pip install 'matplotlib>=3.7' "
+            "(or reinstall the package: pip install -e .)"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_curve(runs: list[Run], policy: str) -> list[tuple[float, float]]:
+    """(cost, accuracy %) per budget, averaged over the runs (budgets where every run has a point)."""
+    points = set()
+    for budget in sorted({r["budget"] for r in runs[0].frontier["table"]}):
+        entries = [_frontier_row(run.frontier, budget).get(policy) for run in runs]
+        if all(entries):
+            cost = statistics.fmean(e["test_cost"] for e in entries)
+            points.add((round(cost, 6), round(100 * statistics.fmean(e["test_accuracy"] for e in entries), 6)))
+    return sorted(points)
+
+
+def plot(dataset: str, group: list[Row], path: Path) -> None:
+    """Every policy (colour) of every method (line style) and backbone (marker) on one set of axes;
+    baseline networks as black stars at cost 1.0."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    colours = dict(zip(POLICY_NAMES, ("C0", "C1", "C2", "C7", "C4", "k")))
+    styles = {"branchynet": "--", f"soft_l{LAMBDA_A:g}": "-", f"soft_l{LAMBDA_B:g}": ":"}
+    backbones = sorted({row.backbone for row in group})
+    markers = dict(zip(backbones, "os^Dv<>p"))
+    fig, ax = plt.subplots(figsize=(10.0, 5.5), dpi=120)
+    for row in group:
+        runs = [run for run in row.runs if run.frontier]
+        if row.variant == "baseline" and row.runs:
+            acc = 100 * statistics.fmean(r.report["test"]["final_accuracy"] for r in row.runs)
+            ax.plot([1.0], [acc], marker="*", color="k", markersize=12, linestyle="none")
+            ax.annotate(row.backbone, (1.0, acc), xytext=(8, 0), textcoords="offset points", fontsize=7, va="center")
+        for policy, colour in colours.items():
+            pts = _mean_curve(runs, policy) if runs else []
+            if pts:
+                xs, ys = zip(*pts)
+                recommended = policy == "recommended"
+                ax.plot(
+                    xs,
+                    ys,
+                    linestyle=styles.get(row.variant, "-."),
+                    marker=markers[row.backbone],
+                    markersize=3,
+                    color=colour,
+                    linewidth=4.0 if recommended else 1.0,
+                    alpha=0.3 if recommended else 1.0,
+                    zorder=1 if recommended else 2,
+                )
+    handles = [Line2D([], [], color=c, label=POLICY_NAMES[p]) for p, c in colours.items() if p != "recommended"]
+    handles.append(Line2D([], [], color="k", linewidth=4.0, alpha=0.3, label="recommended (under its choice)"))
+    handles += [Line2D([], [], color="gray", linestyle=s, label=_label(v)) for v, s in styles.items()]
+    handles += [Line2D([], [], color="gray", marker=markers[b], linestyle="none", label=b) for b in backbones]
+    handles.append(Line2D([], [], color="k", marker="*", linestyle="none", label="baseline network"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel("expected cost (share of the backbone's FLOPs)")
+    ax.set_ylabel(f"{DATASETS.get(dataset, dataset)} test accuracy (%), mean over seeds")
+    ax.set_title("Thresholds chosen on the held-out split within each budget", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def blocks(rows: dict[tuple[str, str, str], Row]) -> dict[str, str]:
+    """The tables that docs blocks may hold, by block name."""
+    return {"table1": table1(rows), "table2": table2(rows), "policies": policy_table(rows)}
+
+
+def fill_blocks(text: str, tables: dict[str, str], where: str) -> str:
+    """`text` with every evidence-tables block replaced by its table."""
+
+    def sub(m: re.Match) -> str:
+        if m[2] not in tables:
+            raise SystemExit(f"{where}: unknown evidence tables block {m[2]!r}; known: {', '.join(tables)}")
+        return f"{m[1]}{tables[m[2]]}\n{m[4]}"
+
+    return BLOCK.sub(sub, text)
+
+
+def expected_files(results: Path, docs: list[Path]) -> dict[Path, str]:
+    """Every text file this script writes, with the content it would write now."""
+    rows = load_rows(results)
+    files = {results / "tables.md": tables_md(rows)}
+    tables = blocks(rows)
+    for doc in docs:
+        files[doc] = fill_blocks(doc.read_text(), tables, str(doc))
+    return files
+
+
+def check(results: Path, docs: list[Path]) -> int:
+    """0 when every generated file is up to date and every plot exists; else print the diffs and return 1."""
+    stale = 0
+    for path, text in expected_files(results, docs).items():
+        old = path.read_text() if path.is_file() else ""
+        if old != text:
+            stale += 1
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), text.splitlines(True), str(path), "now"))
+    for dataset, group in _by_dataset(load_rows(results)).items():
+        png = results / dataset / "accuracy_vs_cost.png"
+        if _plotted(group) and not png.is_file():
+            stale += 1
+            print(f"missing plot: {png}")
+    if stale:
+        print(f"\n{stale} file(s) stale: run python benchmarks/evidence_tables.py")
+    return 1 if stale else 0
+
+
+def write(results: Path, docs: list[Path]) -> None:
+    """Write tables.md, the docs blocks and one plot per data set with a frontier."""
+    for path, text in expected_files(results, docs).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+            print(f"wrote {path}")
+    for dataset, group in _by_dataset(load_rows(results)).items():
+        if _plotted(group):
+            plot(dataset, group, results / dataset / "accuracy_vs_cost.png")
+            print(f"wrote {results / dataset / 'accuracy_vs_cost.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: write everything, or with --check compare; returns the exit status."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="the results tree (default: results/evidence)")
+    p.add_argument("--docs", type=Path, nargs="*", default=list(DOCS), help="files with evidence-tables blocks")
+    p.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 if anything is stale")
+    args = p.parse_args(argv)
+    if args.check:
+        return check(args.results, args.docs)
+    write(args.results, args.docs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
