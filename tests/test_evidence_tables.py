@@ -170,3 +170,8 @@ def test_a_folder_named_for_another_seed_than_its_report_is_refused(tree, tmp_pa
     shutil.move(results / "digits" / "test_resnet_baseline_s0", results / "digits" / "test_resnet_baseline_s3")
     with pytest.raises(SystemExit, match="seed 0"):
         evidence_tables.load_rows(results)
+
+
+def test_committed_evidence_tables_are_current():
+    code, out = _quiet(evidence_tables.main, ["--check"])
+    assert code == 0, out
