@@ -95,16 +95,19 @@ class Row:
 
 
 def _variants() -> list[str]:
+    """The methods every backbone has a row for."""
     return ["baseline", "branchynet", f"soft_l{LAMBDA_A:g}", f"soft_l{LAMBDA_B:g}"]
 
 
 def _variant_key(variant: str) -> tuple[int, float]:
+    """Row order (and index into the paper's triple): baseline, B-Net, soft by lambda."""
     if variant.startswith("soft_l"):
         return 2, float(variant[len("soft_l") :])
     return (0 if variant == "baseline" else 1), 0.0
 
 
 def _read(path: Path) -> dict | None:
+    """A JSON file's content, None where it does not exist."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -128,7 +131,7 @@ def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
         dataset, name = path.parent.parent.name, path.parent.name
         m = RUN_NAME.match(name)
         if not m:
-            continue
+            raise SystemExit(f"{path.parent}: not a run name of the form <backbone>_<method>[_l<lambda>]_s<seed>")
         seed, report = int(m["seed"]), json.loads(path.read_text())
         _check_name(dataset, name, m["variant"], seed, report)
         run = Run(name, seed, report, _read(path.parent / "frontier.json"), _read(path.parent / "timing.json"))
@@ -141,12 +144,14 @@ def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
 
 
 def _label(variant: str) -> str:
+    """The method as the tables name it."""
     if variant.startswith("soft_l"):
         return f"soft, lambda {variant[len('soft_l') :]}"
     return {"baseline": "baseline", "branchynet": "B-Net"}[variant]
 
 
 def _pct(x: float) -> str:
+    """A fraction as a percentage with two decimals (no sign)."""
     return f"{100 * x:.2f}"
 
 
@@ -157,11 +162,13 @@ def mean_sd(values: list[float]) -> str:
 
 
 def _paper_t1(row: Row) -> str:
+    """The paper's Table 1 figure for this row, '-' where the paper has none."""
     paper = PAPER_T1.get((row.dataset, row.backbone))
-    return "-" if paper is None else f"{paper[min(_variant_key(row.variant)[0], 2)]:.2f} %"
+    return "-" if paper is None else f"{paper[_variant_key(row.variant)[0]]:.2f} %"
 
 
 def _by_dataset(rows: dict[tuple[str, str, str], Row]) -> dict[str, list[Row]]:
+    """The rows grouped by data set, in their order."""
     out: dict[str, list[Row]] = {}
     for row in rows.values():
         out.setdefault(row.dataset, []).append(row)
@@ -202,6 +209,7 @@ def distribution(dist: list[float]) -> str:
 
 
 def _policy_label(choice: dict) -> str:
+    """A recommended policy with its threshold (or exit), e.g. 'max-softmax >= 0.905'."""
     name = choice["policy"]
     if name == "static":
         return f"static, exit #{choice['exit']}"
@@ -209,6 +217,7 @@ def _policy_label(choice: dict) -> str:
 
 
 def _in_grid(row: Row) -> bool:
+    """Whether run_evidence.py's grid has an entry for this row."""
     return any(n.startswith(f"{row.dataset}/{row.backbone}_{row.variant}_s") for n in GRID)
 
 
@@ -267,6 +276,7 @@ def table2(rows: dict[tuple[str, str, str], Row]) -> str:
 
 
 def _cell(entry: dict | None, recommended: bool) -> str:
+    """A policy-table cell: accuracy [95 % interval], then the policy chosen or the paired difference."""
     if not entry:
         return "-"
     lo, hi = entry["test_accuracy_ci95"]
@@ -278,6 +288,7 @@ def _cell(entry: dict | None, recommended: bool) -> str:
 
 
 def _frontier_row(frontier: dict, budget: float) -> dict:
+    """The frontier's row at `budget` ({} where it has none)."""
     return next((r for r in frontier["table"] if abs(r["budget"] - budget) < 1e-9), {})
 
 
@@ -308,6 +319,7 @@ def policy_table(rows: dict[tuple[str, str, str], Row]) -> str:
 
 
 def _plotted(group: list[Row]) -> bool:
+    """Whether a data set has a plot: some run of it has a frontier."""
     return any(run.frontier for row in group for run in row.runs)
 
 
@@ -334,6 +346,7 @@ def tables_md(rows: dict[tuple[str, str, str], Row]) -> str:
 
 
 def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a clear error naming what to install."""
     try:
         import matplotlib
     except ImportError:

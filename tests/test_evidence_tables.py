@@ -175,3 +175,11 @@ def test_a_folder_named_for_another_seed_than_its_report_is_refused(tree, tmp_pa
 def test_committed_evidence_tables_are_current():
     code, out = _quiet(evidence_tables.main, ["--check"])
     assert code == 0, out
+
+
+def test_a_folder_that_is_not_a_run_name_is_refused(tree, tmp_path):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    shutil.move(results / "digits" / "test_resnet_baseline_s0", results / "digits" / "baseline-copy")
+    with pytest.raises(SystemExit, match="not a run name"):
+        evidence_tables.load_rows(results)
