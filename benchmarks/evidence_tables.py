@@ -1,212 +1,493 @@
-"""Print the paper-style tables (Table 1: accuracy per method; Table 2: hard exits) and draw the
-accuracy-versus-cost plot from committed run reports.
+"""Regenerate every evidence table and plot from the run files under ``results/evidence/``.
 
-Reads every ``*/report.json`` under the given folder (one sub-folder per run, as committed under
-``results/`` by ``run_evidence.py``). A run's ``report_cpu.json``, when present, is the same model
-re-evaluated on this CPU with batch-1 timing (``timm-exits eval RUN --device cpu``) and is used for
-Table 2. ``frontier.json`` files (``policy_frontier.py``) give the curves of the plot.
+``run_evidence.py`` copies each finished run's small files to
+``results/evidence/<data set>/<backbone>_<method>[_l<lambda>]_s<seed>/``. From them this script writes
+``results/evidence/tables.md`` with
 
-    python benchmarks/evidence_tables.py results/cifar10 --plot results/cifar10/accuracy_vs_cost.png
+- Table 1 form: per data set and backbone, one row per method (baseline, B-Net, soft at each lambda):
+  final-exit and soft-ensemble test accuracy, mean and sample standard deviation over the seeds
+  trained, beside the paper's figure;
+- Table 2 form: the recommended hard-exit policy of each run at batch 1 (``timing.json`` of
+  ``time_recommended.py``): accuracy, expected cost, measured speed-up against the plain backbone
+  timed in the same process, exit distribution;
+- the policy table: at budgets 0.4 to 0.9, the recommended policy against max-softmax, entropy and
+  static truncation, with bootstrap 95 % intervals (``frontier.json`` of ``policy_frontier.py``);
+
+and one accuracy-versus-cost PNG per data set (``<data set>/accuracy_vs_cost.png``, every policy
+and method on the same axes). Rows of the grid (``run_evidence.GRID``) and of the paper that have no
+run yet say "not trained yet", with the paper's figure beside. Blocks between
+``<!-- evidence tables: NAME -->`` and ``<!-- end evidence tables: NAME -->`` in the docs given by
+``--docs`` are replaced by the table NAME (``table1``, ``table2``, ``policies``).
+
+    python benchmarks/evidence_tables.py            # write tables.md, the PNGs and the docs blocks
+    python benchmarks/evidence_tables.py --check    # exit 1, with a diff, if any of them is stale
+
+``--check`` compares text only (tables.md and the docs blocks) and that each PNG exists: PNG bytes
+depend on the matplotlib version.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-PAPER = {"baseline": 81.61, "branchynet": 83.94, "soft": 85.78}
-# Rows of the paper's grid not yet trained, with the paper's numbers
-# (baseline / B-Net / soft); printed as "not yet run" until a report for them is committed.
-NOT_YET_RUN = {
-    ("vgg13_bn", "cifar10"): ("VGG-13, CIFAR-10", "75.44 / 82.88 / 87.11"),
-    ("resnet18", "cifar100"): ("ResNet-18, CIFAR-100", "51.13 / 54.78 / 58.54"),
-    ("vgg13_bn", "cifar100"): ("VGG-13, CIFAR-100", "47.18 / 51.97 / 57.31"),
+from run_evidence import GRID, LAMBDA_A, LAMBDA_B
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "evidence"
+DOCS = (ROOT / "docs" / "evidence.md",)
+POLICY_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+RUN_NAME = re.compile(r"^(?P<backbone>.+?)_(?P<variant>baseline|branchynet|soft_l[0-9.e+-]+)_s(?P<seed>\d+)$")
+BLOCK = re.compile(r"(<!-- evidence tables: (\w+) -->\n)(.*?)(<!-- end evidence tables: \2 -->)", re.DOTALL)
+
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+BACKBONES = {"resnet18": "ResNet-18", "vgg13": "VGG-13", "alexnet": "AlexNet-style"}
+# Table 1 of the paper: test accuracy of baseline / B-Net / the soft-conditional method
+PAPER_T1 = {
+    ("cifar10", "resnet18"): (81.61, 83.94, 85.78),
+    ("cifar10", "vgg13"): (75.44, 82.88, 87.11),
+    ("cifar10", "alexnet"): (73.21, 80.59, 82.54),
+    ("cifar100", "resnet18"): (51.13, 54.78, 58.54),
+    ("cifar100", "vgg13"): (47.18, 51.97, 57.31),
 }
-PAPER_HARD = "84.92 % at a 58 % speed-up (exits #1 0.4 %, #2 22.4 %, #6 1.6 %, #7 52.2 %, #8 13.5 %)"
-FRONTIER_BUDGETS = (0.35, 0.4, 0.45, 0.5, 0.6, 0.7)
-# (run method, frontier policy) -> plot label; the soft model's policies and B-Net's, on the same axes
-CURVES = {
-    ("soft", "gate_fitted_no_gain"): "soft model, fitted gates (library default)",
-    ("soft", "gate_joint"): "soft model, jointly trained gates",
-    ("soft", "confidence"): "soft model, max-softmax",
-    ("branchynet", "gate_fitted_no_gain"): "B-Net, fitted gates (library default)",
-    ("branchynet", "entropy"): "B-Net, entropy (BranchyNet)",
-    ("branchynet", "confidence"): "B-Net, max-softmax",
+# Table 2 of the paper (CIFAR-10, hard early exit): accuracy, time per image, speed-up
+PAPER_T2 = {
+    ("cifar10", "resnet18"): "84.92 %, 2.18 ms, 58 % speed-up",
+    ("cifar10", "vgg13"): "86.70 %, 1.59 ms, 44 % speed-up",
+    ("cifar10", "alexnet"): "79.96 %, 2.74 ms, 12 % speed-up",
+}
+POLICY_ROWS = {"recommended": "recommended", "confidence": "max-softmax", "entropy": "entropy", "static": "static"}
+POLICY_NAMES = {
+    "gate_fitted_no_gain": "fitted gates",
+    "confidence": "max-softmax",
+    "entropy": "entropy",
+    "static": "static",
+    "gate_joint": "joint gates",
+    "recommended": "recommended",
 }
 
 
-def _dist(d: list[float]) -> str:
-    return ", ".join(f"#{i + 1}: {100 * v:.1f} %" for i, v in enumerate(d) if v >= 0.0005)
+@dataclass
+class Run:
+    """One run folder's files."""
+
+    name: str
+    seed: int
+    report: dict
+    frontier: dict | None = None
+    timing: dict | None = None
 
 
-def _load(folder: Path) -> dict[str, dict]:
-    runs = {}
-    for path in sorted(folder.glob("*/report.json")):
-        run = {"report": json.loads(path.read_text())}
-        for extra, key in (("report_cpu.json", "report_cpu"), ("frontier.json", "frontier")):
-            if (path.parent / extra).is_file():
-                run[key] = json.loads((path.parent / extra).read_text())
-        runs[path.parent.name] = run
-    return runs
+@dataclass
+class Row:
+    """The runs of one (data set, backbone, method variant), one per seed."""
+
+    dataset: str
+    backbone: str
+    variant: str
+    runs: list[Run] = field(default_factory=list)
 
 
-def _exit_ce(r: dict) -> str:
-    """How much per-exit cross-entropy (deep supervision) the run's loss has."""
-    rec = r["recipe"]
-    if r["method"] == "soft":
-        return f"{rec['exit_weight']:g} x mean" if rec["exit_weight"] else "none"
-    if r["method"] == "branchynet":
-        return "sum" if not rec.get("branchynet_weights") else f"weighted sum {rec['branchynet_weights']}"
-    return "final exit only"
+def _variants() -> list[str]:
+    """The methods every backbone has a row for."""
+    return ["baseline", "branchynet", f"soft_l{LAMBDA_A:g}", f"soft_l{LAMBDA_B:g}"]
 
 
-def _headline(r: dict) -> float:
-    t = r["test"]
-    return t["soft_accuracy"] if r["method"] == "soft" else t["final_accuracy"]
+def _variant_key(variant: str) -> tuple[int, float]:
+    """Row order (and index into the paper's triple): baseline, B-Net, soft by lambda."""
+    if variant.startswith("soft_l"):
+        return 2, float(variant[len("soft_l") :])
+    return (0 if variant == "baseline" else 1), 0.0
 
 
-def table1(runs: dict[str, dict]) -> str:
-    lines = [
-        "| run | method | exits | lambda | per-exit CE | test accuracy | final exit | best early exit | paper |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, run in runs.items():
-        r = run["report"]
-        rec, t = r["recipe"], r["test"]
-        lam = rec["cost_weight"] if r["method"] == "soft" else "-"
-        early = max(t["exit_accuracy"][:-1])
-        lines.append(
-            f"| {name} | {r['method']} | {rec['exits']} ({len(t['exit_accuracy']) - 1}) | {lam} | {_exit_ce(r)} | "
-            f"{100 * _headline(r):.2f} % | {100 * t['final_accuracy']:.2f} % | {100 * early:.2f} % | "
-            f"{PAPER[r['method']]:.2f} % |"
+def _read(path: Path) -> dict | None:
+    """A JSON file's content, None where it does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) -> None:
+    """Refuse a run whose folder name disagrees with its report (a mislabelled copy)."""
+    rec = report["recipe"]
+    method = variant.split("_l")[0]
+    lam_ok = method != "soft" or f"soft_l{rec['cost_weight']:g}" == variant
+    if report["dataset"] != dataset or report["method"] != method or int(rec["seed"]) != seed or not lam_ok:
+        raise SystemExit(
+            f"{dataset}/{name}: the report says dataset {report['dataset']}, method {report['method']}, "
+            f"seed {rec['seed']}, cost_weight {rec['cost_weight']}"
         )
-    return "\n".join(lines)
 
 
-def table2(name: str, run: dict) -> str:
-    r = run.get("report_cpu", run["report"])
-    lines = [
-        f"`{name}` (paper: {PAPER_HARD}):\n",
-        "| policy | test accuracy | expected cost | ms / image (batch 1) | speed-up | exit distribution |",
-        "|---|---|---|---|---|---|",
+def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
+    """Every row, keyed (data set, backbone, variant), sorted: each method of every backbone in the grid,
+    the paper or the results tree, with the runs found for it (none: not trained yet)."""
+    found: dict[tuple[str, str, str], list[Run]] = {}
+    for path in sorted(results.glob("*/*/report.json")):
+        dataset, name = path.parent.parent.name, path.parent.name
+        m = RUN_NAME.match(name)
+        if not m:
+            raise SystemExit(f"{path.parent}: not a run name of the form <backbone>_<method>[_l<lambda>]_s<seed>")
+        seed, report = int(m["seed"]), json.loads(path.read_text())
+        _check_name(dataset, name, m["variant"], seed, report)
+        run = Run(name, seed, report, _read(path.parent / "frontier.json"), _read(path.parent / "timing.json"))
+        found.setdefault((dataset, m["backbone"], m["variant"]), []).append(run)
+    grid = [(n.split("/", 1)[0], RUN_NAME.match(n.split("/", 1)[1])["backbone"]) for n in GRID]
+    backbones = set(grid) | set(PAPER_T1) | {(d, b) for d, b, _ in found}
+    keys = {(d, b, v) for d, b in backbones for v in _variants()} | set(found)
+    rows = {key: Row(*key, sorted(found.get(key, []), key=lambda r: r.seed)) for key in keys}
+    return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], _variant_key(kv[0][2]))))
+
+
+def _label(variant: str) -> str:
+    """The method as the tables name it."""
+    if variant.startswith("soft_l"):
+        return f"soft, lambda {variant[len('soft_l') :]}"
+    return {"baseline": "baseline", "branchynet": "B-Net"}[variant]
+
+
+def _pct(x: float) -> str:
+    """A fraction as a percentage with two decimals (no sign)."""
+    return f"{100 * x:.2f}"
+
+
+def mean_sd(values: list[float]) -> str:
+    """'mean ± sample standard deviation %' of fractions (mean alone for one value)."""
+    mean = _pct(statistics.fmean(values))
+    return f"{mean} %" if len(values) < 2 else f"{mean} ± {_pct(statistics.stdev(values))} %"
+
+
+def _paper_t1(row: Row) -> str:
+    """The paper's Table 1 figure for this row, '-' where the paper has none."""
+    paper = PAPER_T1.get((row.dataset, row.backbone))
+    return "-" if paper is None else f"{paper[_variant_key(row.variant)[0]]:.2f} %"
+
+
+def _by_dataset(rows: dict[tuple[str, str, str], Row]) -> dict[str, list[Row]]:
+    """The rows grouped by data set, in their order."""
+    out: dict[str, list[Row]] = {}
+    for row in rows.values():
+        out.setdefault(row.dataset, []).append(row)
+    return out
+
+
+def table1(rows: dict[tuple[str, str, str], Row]) -> str:
+    """Table 1 form: final-exit and soft-ensemble accuracy per method, over seeds, beside the paper."""
+    out = [
+        "Test accuracy, mean ± sample standard deviation over the seeds trained (the seeds column gives n). "
+        "Soft ensemble: the soft-conditional output of soft runs. Paper: its baseline, B-Net and proposed "
+        "figure (one figure for every lambda).",
     ]
-    for pol_name, pol in r["policies"].items():
-        ms, su = pol.get("ms_per_image"), pol.get("speedup")
-        lines.append(
-            f"| {pol_name} | {100 * pol['accuracy']:.2f} % | {pol['expected_cost']:.3f} | "
-            f"{'-' if ms is None else f'{ms:.2f}'} | {'-' if su is None else f'{su:.2f}x'} | "
-            f"{_dist(pol['exit_distribution'])} |"
-        )
-    tm = r["timing"]
-    if tm.get("baseline_ms_per_image") is not None:
-        lines.append(
-            f"\nTiming: batch 1, {tm['threads']} threads, {tm['machine']} ({tm['device']}), median of "
-            f"{tm['repeats']} passes over {tm['images']} test images; plain backbone "
-            f"{tm['baseline_ms_per_image']:.2f} ms / image, measured in the same run."
-        )
-    else:
-        lines.append("\nNo timing in this report (trained and evaluated on the GPU host; not re-timed here).")
-    return "\n".join(lines)
-
-
-def frontier_table(runs: dict[str, dict]) -> str:
-    lines = [
-        "| run | policy | " + " | ".join(f"cost <= {b}" for b in FRONTIER_BUDGETS) + " |",
-        "|---|---|" + "---|" * len(FRONTIER_BUDGETS),
-    ]
-    for name, run in runs.items():
-        if "frontier" not in run:
-            continue
-        table = run["frontier"]["table"]
-        for policy in ["static", *_policies(run)]:
-            cells = []
-            for budget in FRONTIER_BUDGETS:
-                row = next((x for x in table if abs(x["budget"] - budget) < 1e-9), None)
-                v = row and row.get(policy)
-                cells.append("-" if not v else f"{100 * v['test_accuracy']:.2f} % ({v['test_cost']:.2f})")
-            if all(c == "-" for c in cells):  # e.g. an objective added after this frontier was computed
+    for dataset, group in _by_dataset(rows).items():
+        out += [
+            f"\n**{DATASETS.get(dataset, dataset)}**\n",
+            "| backbone | method | seeds | final exit | soft ensemble | paper |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in group:
+            head = f"| {BACKBONES.get(row.backbone, row.backbone)} | {_label(row.variant)} |"
+            if not row.runs:
+                why = "not trained yet" if _in_grid(row) else "not trained yet (not in the grid)"
+                out.append(f"{head} none | {why} | - | {_paper_t1(row)} |")
                 continue
-            label = CURVES.get((run["report"]["method"], policy), "static truncation (every image at one exit)")
-            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            tests = [r.report["test"] for r in row.runs]
+            seeds = f"{len(row.runs)} ({', '.join(str(r.seed) for r in row.runs)})"
+            soft = mean_sd([t["soft_accuracy"] for t in tests]) if row.variant.startswith("soft") else "-"
+            out.append(
+                f"{head} {seeds} | {mean_sd([t['final_accuracy'] for t in tests])} | {soft} | {_paper_t1(row)} |"
+            )
+    return "\n".join(out)
 
 
-def _policies(run: dict) -> list[str]:
-    method = run["report"]["method"]
-    return [p for (m, p) in CURVES if m == method]
+def distribution(dist: list[float]) -> str:
+    """'#1 98.4 %, #4 1.6 %': share of images per exit, exits no image took left out."""
+    return ", ".join(f"#{i + 1} {100 * v:.1f} %" for i, v in enumerate(dist) if v >= 0.0005)
 
 
-def plot(runs: dict[str, dict], path: Path, only: list[str] | None = None) -> None:
-    import matplotlib
+def _policy_label(choice: dict) -> str:
+    """A recommended policy with its threshold (or exit), e.g. 'max-softmax >= 0.905'."""
+    name = choice["policy"]
+    if name == "static":
+        return f"static, exit #{choice['exit']}"
+    return f"{POLICY_NAMES[name]} {'<=' if name == 'entropy' else '>='} {choice['threshold']:.3f}"
 
+
+def _in_grid(row: Row) -> bool:
+    """Whether run_evidence.py's grid has an entry for this row."""
+    return any(n.startswith(f"{row.dataset}/{row.backbone}_{row.variant}_s") for n in GRID)
+
+
+def _expected_runs(row: Row) -> list[str]:
+    """Names of the grid's runs of this row that have no files yet."""
+    have = {r.name for r in row.runs}
+    prefix = f"{row.dataset}/{row.backbone}_{row.variant}_s"
+    return sorted(n.split("/", 1)[1] for n in GRID if n.startswith(prefix) and n.split("/", 1)[1] not in have)
+
+
+def table2(rows: dict[tuple[str, str, str], Row]) -> str:
+    """Table 2 form: each run's recommended hard-exit policy, timed at batch 1 against the plain backbone."""
+    out = [
+        "The recommended policy of each run (`time_recommended.py`: the lowest frontier budget whose "
+        "recommended policy is within 1 point of the final exit on the held-out split, unless a budget was "
+        "given), through the real early-exit path: accuracy, expected cost (share of the backbone's FLOPs) "
+        "and exit distribution on the whole test split; ms per image at batch 1 on the first test images, "
+        "plain backbone and policy interleaved in the same process (medians).",
+    ]
+    machines: dict[str, list[str]] = {}
+    for dataset, group in _by_dataset(rows).items():
+        out += [
+            f"\n**{DATASETS.get(dataset, dataset)}**\n",
+            "| run | budget | policy | test accuracy | expected cost | plain ms | policy ms | speed-up "
+            "| exit distribution | paper |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in (r for r in group if r.variant != "baseline"):
+            paper = PAPER_T2.get((row.dataset, row.backbone), "-")
+            for run in row.runs:
+                t = run.timing
+                if t is None:
+                    out.append(f"| {run.name} | not timed yet (no timing.json) | | | | | | | | {paper} |")
+                    continue
+                tm, test = t["timing"], t["test"]
+                out.append(
+                    f"| {run.name} | {t['budget']:g} | {_policy_label(t['policy'])} | {_pct(test['accuracy'])} % | "
+                    f"{test['expected_cost']:.3f} | {tm['plain_ms_per_image']:.3f} | {tm['policy_ms_per_image']:.3f} | "
+                    f"{tm['speedup']:.2f}x | {distribution(test['exit_distribution'])} | {paper} |"
+                )
+                m = t["machine"]
+                setting = (
+                    f"{m['cpu']} ({m['cores']} cores), torch {m['torch']}, {tm['threads']} torch thread(s), "
+                    f"batch {tm['batch_size']}, {tm['images']} images, median of {tm['repeats']} passes"
+                )
+                machines.setdefault(setting, []).append(f"{dataset}/{run.name}")
+            out += [f"| {name} | not trained yet | | | | | | | | {paper} |" for name in _expected_runs(row)]
+        for backbone in sorted({r.backbone for r in group}):
+            mine = [r for r in group if r.backbone == backbone]
+            if (dataset, backbone) in PAPER_T2 and not any(r.runs or _in_grid(r) for r in mine):
+                label = f"{BACKBONES.get(backbone, backbone)} (not in the grid)"
+                out.append(f"| {label} | not trained yet | | | | | | | | {PAPER_T2[(dataset, backbone)]} |")
+    for setting, names in sorted(machines.items()):
+        out.append(f"\nTimed on {setting}: {', '.join(names)}.")
+    return "\n".join(out)
+
+
+def _cell(entry: dict | None, recommended: bool) -> str:
+    """A policy-table cell: accuracy [95 % interval], then the policy chosen or the paired difference."""
+    if not entry:
+        return "-"
+    lo, hi = entry["test_accuracy_ci95"]
+    cell = f"{_pct(entry['test_accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
+    if recommended:
+        return f"{cell} {POLICY_NAMES[entry['policy']]}"
+    d = entry.get("recommended_minus_this_ci95")
+    return cell if d is None else f"{cell}, Δ [{_pct(d[0])}, {_pct(d[1])}]"
+
+
+def _frontier_row(frontier: dict, budget: float) -> dict:
+    """The frontier's row at `budget` ({} where it has none)."""
+    return next((r for r in frontier["table"] if abs(r["budget"] - budget) < 1e-9), {})
+
+
+def policy_table(rows: dict[tuple[str, str, str], Row]) -> str:
+    """Test accuracy per policy and budget, with bootstrap 95 % intervals, from each run's frontier.json."""
+    out = [
+        "Test accuracy (%) at thresholds chosen on the held-out split within each budget (share of the "
+        "backbone's FLOPs), with its bootstrap 95 % interval over test images; Δ: the interval of the "
+        "recommended policy's accuracy minus this one's (paired, points); the recommended cell names the "
+        "policy it chose; -: no threshold of that policy fits the budget.",
+    ]
+    for dataset, group in _by_dataset(rows).items():
+        runs = [run for row in group for run in row.runs if run.frontier]
+        if not runs:
+            continue
+        out += [
+            f"\n**{DATASETS.get(dataset, dataset)}**\n",
+            "| run | policy | " + " | ".join(f"{b:g}" for b in POLICY_BUDGETS) + " |",
+            "|---|---|" + "---|" * len(POLICY_BUDGETS),
+        ]
+        for run in runs:
+            for key, label in POLICY_ROWS.items():
+                cells = [_cell(_frontier_row(run.frontier, b).get(key), key == "recommended") for b in POLICY_BUDGETS]
+                out.append(f"| {run.name} | {label} | " + " | ".join(cells) + " |")
+    if len(out) == 1:
+        out.append("\nNo run has a frontier.json yet.")
+    return "\n".join(out)
+
+
+def _plotted(group: list[Row]) -> bool:
+    """Whether a data set has a plot: some run of it has a frontier."""
+    return any(run.frontier for row in group for run in row.runs)
+
+
+def tables_md(rows: dict[tuple[str, str, str], Row]) -> str:
+    """The whole of tables.md."""
+    parts = [
+        "# Evidence tables",
+        "Generated by `python benchmarks/evidence_tables.py` from the run files under `results/evidence/`; "
+        "`--check` fails when this file is stale.",
+        "## Table 1 form: accuracy per method",
+        table1(rows),
+        "## Table 2 form: hard early exit at batch 1",
+        table2(rows),
+        "## Policies at a cost budget",
+        policy_table(rows),
+    ]
+    plots = [d for d, group in _by_dataset(rows).items() if _plotted(group)]
+    if plots:
+        parts.append("## Accuracy against cost")
+        parts += [
+            f"![{DATASETS.get(d, d)}: test accuracy against expected cost]({d}/accuracy_vs_cost.png)" for d in plots
+        ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a clear error naming what to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "the plots need matplotlib, a dependency of timm-exits: pip install 'matplotlib>=3.7' "
+            "(or reinstall the package: pip install -e .)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
-    for name, run in runs.items():
-        r = run["report"]
-        if "frontier" not in run or (only and name not in only):
-            continue
-        for policy in _policies(run):
-            pts = sorted(
-                {(v["test_cost"], v["test_accuracy"]) for row in run["frontier"]["table"] if (v := row.get(policy))}
-            )
+    return plt
+
+
+def _mean_curve(runs: list[Run], policy: str) -> list[tuple[float, float]]:
+    """(cost, accuracy %) per budget, averaged over the runs (budgets where every run has a point)."""
+    points = set()
+    for budget in sorted({r["budget"] for r in runs[0].frontier["table"]}):
+        entries = [_frontier_row(run.frontier, budget).get(policy) for run in runs]
+        if all(entries):
+            cost = statistics.fmean(e["test_cost"] for e in entries)
+            points.add((round(cost, 6), round(100 * statistics.fmean(e["test_accuracy"] for e in entries), 6)))
+    return sorted(points)
+
+
+def plot(dataset: str, group: list[Row], path: Path) -> None:
+    """Every policy (colour) of every method (line style) and backbone (marker) on one set of axes;
+    baseline networks as black stars at cost 1.0."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    colours = dict(zip(POLICY_NAMES, ("C0", "C1", "C2", "C7", "C4", "k")))
+    styles = {"branchynet": "--", f"soft_l{LAMBDA_A:g}": "-", f"soft_l{LAMBDA_B:g}": ":"}
+    backbones = sorted({row.backbone for row in group})
+    markers = dict(zip(backbones, "os^Dv<>p"))
+    fig, ax = plt.subplots(figsize=(10.0, 5.5), dpi=120)
+    for row in group:
+        runs = [run for run in row.runs if run.frontier]
+        if row.variant == "baseline" and row.runs:
+            acc = 100 * statistics.fmean(r.report["test"]["final_accuracy"] for r in row.runs)
+            ax.plot([1.0], [acc], marker="*", color="k", markersize=12, linestyle="none")
+            ax.annotate(row.backbone, (1.0, acc), xytext=(8, 0), textcoords="offset points", fontsize=7, va="center")
+        for policy, colour in colours.items():
+            pts = _mean_curve(runs, policy) if runs else []
             if pts:
                 xs, ys = zip(*pts)
-                style = "-" if r["method"] == "soft" else "--"
-                ax.plot(xs, [100 * y for y in ys], style, marker=".", label=f"{CURVES[(r['method'], policy)]} [{name}]")
-        static = [(c, a) for c, a in zip(run["frontier"]["exit_costs"], run["frontier"]["test_exit_accuracy"])]
-        ax.plot(*zip(*[(c, 100 * a) for c, a in static]), "x", color="gray", alpha=0.6)
-    for name, run in runs.items():
-        if run["report"]["method"] == "baseline":
-            acc = 100 * run["report"]["test"]["final_accuracy"]
-            ax.plot([1.0], [acc], "k*", markersize=12, label=f"baseline network [{name}]")
-    ax.set_xlabel("expected cost (fraction of the plain ResNet-18's FLOPs, gamma)")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title("Accuracy vs cost: thresholds chosen on the 5,000 held-out images (x: single exits)")
+                recommended = policy == "recommended"
+                ax.plot(
+                    xs,
+                    ys,
+                    linestyle=styles.get(row.variant, "-."),
+                    marker=markers[row.backbone],
+                    markersize=3,
+                    color=colour,
+                    linewidth=4.0 if recommended else 1.0,
+                    alpha=0.3 if recommended else 1.0,
+                    zorder=1 if recommended else 2,
+                )
+    handles = [Line2D([], [], color=c, label=POLICY_NAMES[p]) for p, c in colours.items() if p != "recommended"]
+    handles.append(Line2D([], [], color="k", linewidth=4.0, alpha=0.3, label="recommended (under its choice)"))
+    handles += [Line2D([], [], color="gray", linestyle=s, label=_label(v)) for v, s in styles.items()]
+    handles += [Line2D([], [], color="gray", marker=markers[b], linestyle="none", label=b) for b in backbones]
+    handles.append(Line2D([], [], color="k", marker="*", linestyle="none", label="baseline network"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel("expected cost (share of the backbone's FLOPs)")
+    ax.set_ylabel(f"{DATASETS.get(dataset, dataset)} test accuracy (%), mean over seeds")
+    ax.set_title("Thresholds chosen on the held-out split within each budget", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
 
 
-def main() -> None:
+def blocks(rows: dict[tuple[str, str, str], Row]) -> dict[str, str]:
+    """The tables that docs blocks may hold, by block name."""
+    return {"table1": table1(rows), "table2": table2(rows), "policies": policy_table(rows)}
+
+
+def fill_blocks(text: str, tables: dict[str, str], where: str) -> str:
+    """`text` with every evidence-tables block replaced by its table."""
+
+    def sub(m: re.Match) -> str:
+        if m[2] not in tables:
+            raise SystemExit(f"{where}: unknown evidence tables block {m[2]!r}; known: {', '.join(tables)}")
+        return f"{m[1]}{tables[m[2]]}\n{m[4]}"
+
+    return BLOCK.sub(sub, text)
+
+
+def expected_files(results: Path, docs: list[Path]) -> dict[Path, str]:
+    """Every text file this script writes, with the content it would write now."""
+    rows = load_rows(results)
+    files = {results / "tables.md": tables_md(rows)}
+    tables = blocks(rows)
+    for doc in docs:
+        files[doc] = fill_blocks(doc.read_text(), tables, str(doc))
+    return files
+
+
+def check(results: Path, docs: list[Path]) -> int:
+    """0 when every generated file is up to date and every plot exists; else print the diffs and return 1."""
+    stale = 0
+    for path, text in expected_files(results, docs).items():
+        old = path.read_text() if path.is_file() else ""
+        if old != text:
+            stale += 1
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), text.splitlines(True), str(path), "now"))
+    for dataset, group in _by_dataset(load_rows(results)).items():
+        png = results / dataset / "accuracy_vs_cost.png"
+        if _plotted(group) and not png.is_file():
+            stale += 1
+            print(f"missing plot: {png}")
+    if stale:
+        print(f"\n{stale} file(s) stale: run python benchmarks/evidence_tables.py")
+    return 1 if stale else 0
+
+
+def write(results: Path, docs: list[Path]) -> None:
+    """Write tables.md, the docs blocks and one plot per data set with a frontier."""
+    for path, text in expected_files(results, docs).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+            print(f"wrote {path}")
+    for dataset, group in _by_dataset(load_rows(results)).items():
+        if _plotted(group):
+            plot(dataset, group, results / dataset / "accuracy_vs_cost.png")
+            print(f"wrote {results / dataset / 'accuracy_vs_cost.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: write everything, or with --check compare; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("folder", type=Path)
-    p.add_argument("--plot", type=Path, help="write the accuracy-versus-cost PNG here")
-    p.add_argument("--plot-runs", nargs="+", help="runs whose curves the plot shows (default: every run)")
-    args = p.parse_args()
-    runs = _load(args.folder)
-    if not runs:
-        raise SystemExit(f"no */report.json under {args.folder}")
-    r0 = next(iter(runs.values()))["report"]
-    rec = r0["recipe"]
-    print(
-        f"Budget (same for every run): {rec['model']} at {rec['img_size']} px, {rec['epochs']} epochs, "
-        f"{rec['opt']} lr {rec['lr']} (cosine, {rec['warmup_epochs']} warm-up), batch {rec['batch_size']}, "
-        f"amp {rec['amp']}; {r0['splits']['train']} train / {r0['splits']['val']} val / {r0['splits']['test']} "
-        "test.\n"
-    )
-    print("Table 1 form (test accuracy: the soft-conditional ensemble for soft runs, the final exit otherwise):\n")
-    print(table1(runs))
-    models = {(r["report"]["model"], r["report"]["dataset"]) for r in runs.values()}
-    missing = [row for key, row in NOT_YET_RUN.items() if key not in models]
-    if missing:
-        print("\n| not yet run | paper (baseline / B-Net / soft) |\n|---|---|")
-        for k, v in missing:
-            print(f"| {k} | {v} % |")
-    for name, run in runs.items():
-        if run["report"]["method"] == "soft" or "report_cpu" in run:
-            print("\nTable 2 form, hard exits of " + table2(name, run))
-    if any("frontier" in run for run in runs.values()):
-        print("\nPolicy frontier (test accuracy (test cost) at thresholds chosen on val within each budget):\n")
-        print(frontier_table(runs))
-    if args.plot:
-        plot(runs, args.plot, args.plot_runs)
-        print(f"\n![accuracy vs cost]({args.plot.name})")
+    p.add_argument("--results", type=Path, default=RESULTS, help="the results tree (default: results/evidence)")
+    p.add_argument("--docs", type=Path, nargs="*", default=list(DOCS), help="files with evidence-tables blocks")
+    p.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 if anything is stale")
+    args = p.parse_args(argv)
+    if args.check:
+        return check(args.results, args.docs)
+    write(args.results, args.docs)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

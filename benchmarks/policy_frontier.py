@@ -103,14 +103,15 @@ def _recommended(row: dict, correct: dict[str, torch.Tensor]) -> None:
     correct["recommended"] = correct[choice]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Command line (``argv``: the arguments, default ``sys.argv[1:]``); prints the frontier as JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a run folder written by timm-exits train")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     p.add_argument("--device", default="cpu", help="where the exits' outputs are collected (cpu, cuda)")
     p.add_argument("--data-dir", help="where the run's data set lives now, if it moved")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = load_run(args.run, device=args.device, data_dir=args.data_dir)
     model = run.model.eval()

@@ -3,8 +3,12 @@
 Runs the entries of `GRID` one after another (or several at a time), each as its own
 `timm-exits train` process with checkpoints: a stopped driver started again resumes every run from
 its last checkpoint and skips finished ones. Each finished soft / B-Net run gets its policy frontier
-(`policy_frontier.py`) right away; then the small files of the run (report, metrics, recipe, log,
-frontier; never checkpoints or weights) are copied to ``RESULTS/<data set>/<name>``.
+(`policy_frontier.py`) right away and, with ``--timing-images N``, the batch-1 timing of its recommended
+policy against the plain backbone (`time_recommended.py`, ``timing.json``); then the small files of
+the run (report, metrics, recipe, log, frontier, timing; never checkpoints or weights) are copied to
+``RESULTS/<data set>/<name>``. Timing is best taken on an otherwise idle machine: started again after
+the grid has finished, with ``--timing-images N`` and ``--parallel 1``, the driver times every
+finished run that has no ``timing.json`` yet and copies the files again.
 
     python benchmarks/run_evidence.py --data-dir DATA --out runs/evidence --results results/evidence
 
@@ -49,7 +53,15 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     **_methods("cifar10_alexnet", "cifar10/alexnet", (0,), (LAMBDA_A,)),
 }
 FRONTIER_BUDGETS = [round(0.2 + 0.025 * i, 3) for i in range(33)]  # 0.2 .. 1.0
-SMALL_FILES = ("report.json", "report.md", "metrics.jsonl", "recipe.yaml", "train.log", "frontier.json")
+SMALL_FILES = (
+    "report.json",
+    "report.md",
+    "metrics.jsonl",
+    "recipe.yaml",
+    "train.log",
+    "frontier.json",
+    "timing.json",
+)
 
 
 def _run_dir(out: Path, name: str) -> Path:
@@ -76,6 +88,15 @@ def _frontier(name: str, args: argparse.Namespace) -> int:
     return code
 
 
+def _timing(name: str, args: argparse.Namespace) -> int:
+    run = _run_dir(args.out, name)
+    cmd = [sys.executable, str(HERE / "time_recommended.py"), "--run", str(run), "--data-dir", str(args.data_dir)]
+    cmd += ["--threads", str(args.threads), "--images", str(args.timing_images)]
+    cmd += ["--repeats", str(args.timing_repeats), "--out", str(run / "timing.json")]
+    with open(args.out / f"{name}.timing.out", "w") as out:
+        return subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
@@ -86,6 +107,8 @@ def _finish(name: str, args: argparse.Namespace) -> dict:
     method = json.loads((run / "report.json").read_text())["method"]
     if method != "baseline" and not (run / "frontier.json").exists():
         info["frontier_returncode"] = _frontier(name, args)
+    if args.timing_images and (run / "frontier.json").exists() and not (run / "timing.json").exists():
+        info["timing_returncode"] = _timing(name, args)
     if args.results:
         dest = args.results / name
         dest.mkdir(parents=True, exist_ok=True)
@@ -102,7 +125,11 @@ def main() -> None:
     p.add_argument("--results", type=Path, help="copy each finished run's small files to RESULTS/NAME")
     p.add_argument("--only", nargs="+", choices=sorted(GRID), help="run these entries (default: all, in order)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
-    p.add_argument("--threads", type=int, default=2, help="threads of the frontier step")
+    p.add_argument("--threads", type=int, default=2, help="threads of the frontier and timing steps")
+    p.add_argument(
+        "--timing-images", type=int, default=0, help="time each run's recommended policy on N test images (0: no)"
+    )
+    p.add_argument("--timing-repeats", type=int, default=7, help="timed passes of the timing step (median)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides shared by every run")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,185 @@
+"""The evidence tables from a real tiny results tree: numbers equal to the run files, --check, plots.
+
+One soft run and one baseline run are trained on digits (`test_resnet`, the `tiny()` recipe of
+test_recipes.py); the soft run gets its frontier (`policy_frontier.py`) and its batch-1 timing
+(`time_recommended.py`), and is copied as a second seed with other test accuracies (and no timing)
+so that the spread over seeds is exercised. The tables script then reads that tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_recipes import PNG_MAGIC, tiny
+
+from timm_exits.training.train import train
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import evidence_tables  # noqa: E402
+import policy_frontier  # noqa: E402
+import time_recommended  # noqa: E402
+
+SMALL = ("report.json", "report.md", "metrics.jsonl", "recipe.yaml", "train.log", "frontier.json", "timing.json")
+DOC = "# Doc\n\n<!-- evidence tables: table1 -->\nold\n<!-- end evidence tables: table1 -->\n\nafter\n"
+
+
+def _quiet(fn, *args):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = fn(*args)
+    return result, out.getvalue()
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    for name in SMALL:
+        if (run / name).is_file():
+            shutil.copy2(run / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """results/evidence/digits/ with soft seeds 0 and 1 and a baseline; tables.md, plot and a doc written."""
+    root = tmp_path_factory.mktemp("evidence")
+    soft = train(tiny(method="soft", cost_weight=0.1, timing_images=0), root / "runs" / "soft")
+    base = train(tiny(method="baseline", timing_images=0), root / "runs" / "baseline")
+    _, frontier = _quiet(policy_frontier.main, ["--run", str(soft), "--threads", "1"])
+    (soft / "frontier.json").write_text(frontier)
+    argv = ["--run", str(soft), "--threads", "1", "--images", "4", "--repeats", "2", "--warmup", "1"]
+    _quiet(time_recommended.main, [*argv, "--out", str(soft / "timing.json")])
+    results = root / "results" / "evidence"
+    digits = results / "digits"
+    _copy(soft, digits / "test_resnet_soft_l0.1_s0")
+    _copy(base, digits / "test_resnet_baseline_s0")
+    s1 = _copy(soft, digits / "test_resnet_soft_l0.1_s1")
+    (s1 / "timing.json").unlink()
+    report = json.loads((s1 / "report.json").read_text())
+    report["recipe"]["seed"] = 1
+    report["test"]["final_accuracy"] += 0.125
+    report["test"]["soft_accuracy"] += 0.0625
+    (s1 / "report.json").write_text(json.dumps(report))
+    (root / "doc.md").write_text(DOC)
+    code, _ = _quiet(evidence_tables.main, ["--results", str(results), "--docs", str(root / "doc.md")])
+    assert code == 0
+    return results
+
+
+def _row(text: str, *starts: str) -> list[str]:
+    """The cells of the first table row whose leading cells are `starts`."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[: len(starts)] == list(starts):
+            return cells
+    raise AssertionError(f"no row {starts} in:\n{text}")
+
+
+def _json(tree: Path, run: str, name: str) -> dict:
+    return json.loads((tree / "digits" / run / name).read_text())
+
+
+def _pm(values: list[float]) -> str:
+    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f} %"
+
+
+def test_table1_gives_mean_and_spread_over_seeds_and_marks_missing_rows(tree):
+    text = (tree / "tables.md").read_text()
+    tests = [_json(tree, f"test_resnet_soft_l0.1_s{s}", "report.json")["test"] for s in (0, 1)]
+    row = _row(text, "test_resnet", "soft, lambda 0.1")
+    assert row[2] == "2 (0, 1)"
+    assert row[3] == _pm([t["final_accuracy"] for t in tests])
+    assert row[4] == _pm([t["soft_accuracy"] for t in tests])
+    base = _json(tree, "test_resnet_baseline_s0", "report.json")["test"]
+    assert _row(text, "test_resnet", "baseline")[2:5] == ["1 (0)", f"{100 * base['final_accuracy']:.2f} %", "-"]
+    assert "not trained yet" in _row(text, "test_resnet", "B-Net")[3]
+    assert _row(text, "ResNet-18", "soft, lambda 0.1")[3:] == ["not trained yet", "-", "85.78 %"]
+    assert _row(text, "VGG-13", "baseline")[5] == "75.44 %"
+
+
+def test_table2_reads_timing_json_and_says_which_runs_have_none(tree):
+    text = (tree / "tables.md").read_text()
+    t = _json(tree, "test_resnet_soft_l0.1_s0", "timing.json")
+    # the hard path over the whole test split gives what the frontier simulated for the same policy
+    assert t["test"]["accuracy"] == pytest.approx(t["frontier"]["test_accuracy"])
+    assert t["test"]["expected_cost"] == pytest.approx(t["frontier"]["test_cost"], abs=1e-6)
+    assert t["timing"]["batch_size"] == 1 and t["timing"]["images"] == 4 and t["timing"]["threads"] == 1
+    assert {"cpu", "cores"} <= set(t["machine"]) and t["timing"]["plain_ms_per_image"] > 0
+    row = _row(text, "test_resnet_soft_l0.1_s0")
+    assert row[1] == f"{t['budget']:g}"
+    assert row[3] == f"{100 * t['test']['accuracy']:.2f} %"
+    assert row[4] == f"{t['test']['expected_cost']:.3f}"
+    assert row[7] == f"{t['timing']['plain_ms_per_image'] / t['timing']['policy_ms_per_image']:.2f}x"
+    assert row[8] == evidence_tables.distribution(t["test"]["exit_distribution"])
+    assert _row(text, "test_resnet_soft_l0.1_s1")[1] == "not timed yet (no timing.json)"
+    assert _row(text, "resnet18_soft_l0.1_s0")[1:2] == ["not trained yet"]
+
+
+def test_policy_table_cells_are_the_frontier_numbers(tree):
+    text = (tree / "tables.md").read_text()
+    frontier = _json(tree, "test_resnet_soft_l0.1_s0", "frontier.json")
+    by_budget = {r["budget"]: r for r in frontier["table"]}
+    rec = _row(text, "test_resnet_soft_l0.1_s0", "recommended")
+    conf = _row(text, "test_resnet_soft_l0.1_s0", "max-softmax")
+    for i, budget in enumerate((0.4, 0.5, 0.6, 0.7, 0.8, 0.9)):
+        r, c = by_budget[budget]["recommended"], by_budget[budget]["confidence"]
+        if r is None:
+            assert rec[2 + i] == "-"
+            continue
+        lo, hi = (f"{100 * v:.2f}" for v in r["test_accuracy_ci95"])
+        assert rec[2 + i].startswith(f"{100 * r['test_accuracy']:.2f} [{lo}, {hi}]")
+        d = [f"{100 * v:.2f}" for v in c["recommended_minus_this_ci95"]]
+        assert conf[2 + i].endswith(f"Δ [{d[0]}, {d[1]}]")
+
+
+def test_check_passes_when_current_and_fails_after_an_edit(tree, tmp_path):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    doc = tmp_path / "doc.md"
+    shutil.copy2(tree.parent.parent / "doc.md", doc)
+    args = ["--results", str(results), "--docs", str(doc), "--check"]
+    assert "<!-- evidence tables: table1 -->\nTest accuracy" in doc.read_text()
+    assert doc.read_text().endswith("<!-- end evidence tables: table1 -->\n\nafter\n")
+    assert _quiet(evidence_tables.main, args)[0] == 0
+    tables = results / "tables.md"
+    tables.write_text(tables.read_text().replace("not trained yet", "trained", 1))
+    code, out = _quiet(evidence_tables.main, args)
+    assert code == 1 and "+| AlexNet-style | baseline | none | not trained yet |" in out
+    _quiet(evidence_tables.main, args[:-1])
+    doc.write_text(doc.read_text().replace("± ", "+- "))
+    code, out = _quiet(evidence_tables.main, args)
+    assert code == 1 and str(doc) in out
+
+
+def test_plot_is_a_png_per_data_set(tree):
+    assert (tree / "digits" / "accuracy_vs_cost.png").read_bytes()[:8] == PNG_MAGIC
+    assert "](digits/accuracy_vs_cost.png)" in (tree / "tables.md").read_text()
+    assert not (tree / "cifar10").exists()
+
+
+def test_a_folder_named_for_another_seed_than_its_report_is_refused(tree, tmp_path):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    shutil.move(results / "digits" / "test_resnet_baseline_s0", results / "digits" / "test_resnet_baseline_s3")
+    with pytest.raises(SystemExit, match="seed 0"):
+        evidence_tables.load_rows(results)
+
+
+def test_committed_evidence_tables_are_current():
+    code, out = _quiet(evidence_tables.main, ["--check"])
+    assert code == 0, out
+
+
+def test_a_folder_that_is_not_a_run_name_is_refused(tree, tmp_path):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    shutil.move(results / "digits" / "test_resnet_baseline_s0", results / "digits" / "baseline-copy")
+    with pytest.raises(SystemExit, match="not a run name"):
+        evidence_tables.load_rows(results)
