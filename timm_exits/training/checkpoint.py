@@ -22,7 +22,8 @@ from torch import nn
 
 from ..core.model import EarlyExitModel
 from .build import build_model
-from .recipe import _RUNTIME_KEYS, RecipeError, load_recipe
+from .recipe import RecipeError, load_recipe
+from .recipe_schema import RUNTIME_KEYS
 from .runfiles import atomic_write_text
 
 __all__ = [
