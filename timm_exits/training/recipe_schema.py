@@ -105,6 +105,7 @@ def later(default: Any) -> Any:
 
 
 def _floats(*values: float) -> Any:
+    """A list field defaulting to `values` (a fresh list per recipe)."""
     return field(default_factory=lambda: list(values))
 
 
