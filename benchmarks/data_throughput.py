@@ -61,12 +61,13 @@ def main() -> None:
                 trainer._step(trainer.model, opt, sched, x0, y0, 0)
 
         samples = interleaved_samples({"recipe_loop": loop, "in_memory": tensors}, args.repeats, warmup=1)
-    images = args.steps * recipe["batch_size"]
+    images = args.steps * recipe.data.batch_size
     ips = {k: images / (statistics.median(v) / 1e3) for k, v in samples.items()}
+    flat = recipe.flat()
     out = {
         "benchmark": "data_throughput",
         "machine": machine(args.threads),
-        "recipe": {k: recipe[k] for k in ("model", "dataset", "exits", "method", "img_size", "augment", "batch_size")},
+        "recipe": {k: flat[k] for k in ("model", "dataset", "exits", "method", "img_size", "augment", "batch_size")},
         "steps_per_round": args.steps,
         "repeats": args.repeats,
         "images_per_s": {k: round(v, 1) for k, v in ips.items()},
@@ -80,8 +81,8 @@ def _make(trainer: _Trainer):
     from timm_exits.training.stages import _configure_stage, _make_optimizer
 
     stage = trainer.stages[0]
-    _configure_stage(trainer.model, trainer.recipe, stage)
-    return _make_optimizer(trainer.model, trainer.recipe, stage, trainer.steps_per_epoch)
+    _configure_stage(trainer.model, trainer.recipe.method.method, stage)
+    return _make_optimizer(trainer.model, trainer.recipe.optim, stage, trainer.steps_per_epoch)
 
 
 if __name__ == "__main__":

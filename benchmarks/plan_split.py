@@ -110,10 +110,10 @@ def _load_run(args: argparse.Namespace) -> tuple[Any, DataLoader, DataLoader, di
     except ImportError as e:
         sys.exit(f"--run needs timm_exits.training: {e}")
     run = load_run(args.run, data_dir=args.data_dir)
-    splits = build_datasets(run.recipe, run.model)
+    splits = build_datasets(run.recipe.data, run.model, seed=run.recipe.seed)
     val = DataLoader(splits.val, batch_size=128)
     test = DataLoader(splits.test, batch_size=128)
-    info = {"run": str(args.run), "arch": run.recipe.get("model"), "dataset": run.recipe.get("dataset")}
+    info = {"run": str(args.run), "arch": run.recipe.model.model, "dataset": run.recipe.data.dataset}
     return run.model, val, test, info
 
 

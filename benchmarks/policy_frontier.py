@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     run = load_run(args.run, device=args.device, data_dir=args.data_dir)
     model = run.model.eval()
-    splits = build_datasets(run.recipe, model)
+    splits = build_datasets(run.recipe.data, model, seed=run.recipe.seed)
     loaders = {name: make_loader(getattr(splits, name), 256, train=False) for name in ("val", "test")}
 
     def outputs(m):
@@ -146,11 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         _recommended(row, correct)
         _with_intervals(row, correct, seed=i)
         table.append(row)
+    flat = run.recipe.flat()
     result = {
         "benchmark": "policy_frontier",
         "machine": machine(args.threads) | {"device": args.device},
         "run": args.run,
-        "recipe": {k: run.recipe.get(k) for k in ("model", "dataset", "method", "img_size", "epochs", "exits")},
+        "recipe": {k: flat[k] for k in ("model", "dataset", "method", "img_size", "epochs", "exits")},
         "splits": {"val": int(val.labels.shape[0]), "test": int(test.labels.shape[0])},
         "exit_costs": test.costs.tolist(),
         "val_exit_accuracy": val.exit_accuracy,

@@ -104,14 +104,15 @@ def test_eval_split_resizes_centre_crops_and_normalises():
 
 def test_array_data_sets_stay_in_memory_and_folder_trees_do_not(tmp_path):
     cfg = load_recipe(None, {"dataset": "digits", "img_size": 24})
-    data = build_datasets(cfg)
+    data = build_datasets(cfg.data, seed=cfg.seed)
     assert isinstance(data.train, ArraySplit) and data.train.images.dtype == torch.uint8
     assert data.train.augment.kind == "rrc" and data.val.augment is None
     x, y = next(iter(make_loader(data.val, 16, train=False)))
     assert x.shape == (16, 3, 24, 24) and y.dtype == torch.long
     with pytest.raises(ValueError, match="need timm's per-image transforms"):
-        build_datasets(load_recipe(None, {"dataset": "digits", "augment": "crop_flip", "re_prob": 0.25}))
-    assert not isinstance(build_datasets(load_recipe(None, {"augment": "auto", "re_prob": 0.25})).train, ArraySplit)
+        build_datasets(load_recipe(None, {"dataset": "digits", "augment": "crop_flip", "re_prob": 0.25}).data, seed=0)
+    auto = load_recipe(None, {"augment": "auto", "re_prob": 0.25}).data
+    assert not isinstance(build_datasets(auto, seed=0).train, ArraySplit)
     root = tmp_path / "tree"
     for split in ("train", "test"):
         for cls in ("a", "b"):
@@ -122,8 +123,8 @@ def test_array_data_sets_stay_in_memory_and_folder_trees_do_not(tmp_path):
                 Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / split / cls / f"{i}.png")
     tree = {"dataset": "imagefolder", "data_dir": str(root), "val_split": 2}
     with pytest.raises(ValueError, match="augment: timm"):
-        build_datasets(load_recipe(None, {**tree, "augment": "crop_flip"}))
-    assert not isinstance(build_datasets(load_recipe(None, tree)).train, ArraySplit)
+        build_datasets(load_recipe(None, {**tree, "augment": "crop_flip"}).data, seed=0)
+    assert not isinstance(build_datasets(load_recipe(None, tree).data, seed=0).train, ArraySplit)
 
 
 def test_cifar_image_tree_is_decoded_into_memory(tmp_path):
@@ -139,8 +140,8 @@ def test_cifar_image_tree_is_decoded_into_memory(tmp_path):
                 arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
                 Image.fromarray(arr).save(d / f"{i:05d}.png")
                 pixels[(split, c, i)] = arr
-    cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path), "val_split": 10})
-    data = build_datasets(cfg, raw=load_splits(cfg))
+    cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path), "val_split": 10}).data
+    data = build_datasets(cfg, raw=load_splits(cfg), seed=0)
     assert isinstance(data.test, ArraySplit) and (len(data.train), len(data.val), len(data.test)) == (10, 10, 10)
     first = data.test.images[data.test.indices[0]].permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(first, pixels[("test", 0, 0)])

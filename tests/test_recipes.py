@@ -22,7 +22,7 @@ from timm_exits.training.build import build_model
 from timm_exits.training.checkpoint import CheckpointError, load_checkpoint
 from timm_exits.training.cli import main as cli_main
 from timm_exits.training.data import build_datasets, load_splits
-from timm_exits.training.recipe import DEFAULTS, RECIPE_DIR, RecipeError, load_recipe
+from timm_exits.training.recipe import RECIPE_DIR, Recipe, RecipeError, load_recipe
 from timm_exits.training.run_folder import RunFolderError
 from timm_exits.training.sampling import ShardSampler
 from timm_exits.training.train import train
@@ -86,7 +86,7 @@ def test_method_trains_one_epoch_and_writes_a_valid_report(runs, method):
     run = runs[method]
     report = json.loads((run / "report.json").read_text())
     assert report["method"] == method and report["model"] == "test_resnet" and report["dataset"] == "digits"
-    assert report["recipe"]["method"] == method and set(DEFAULTS) <= set(report["recipe"])
+    assert report["recipe"]["method"] == method and set(Recipe().flat()) <= set(report["recipe"])
     exits = report["exits"]
     assert exits[-1]["name"] == "final" and len(exits) >= 2
     costs = [e["cost"] for e in exits]
@@ -136,7 +136,7 @@ def test_method_trains_one_epoch_and_writes_a_valid_report(runs, method):
 def test_frozen_stage_keeps_backbone_and_batchnorm_fixed(tmp_path):
     run = train(tiny(method="soft", frozen_epochs=1, epochs=0, report=False), tmp_path / "frozen")
     torch.manual_seed(0)
-    fresh = build_model(load_recipe(tiny()), 10).state_dict()
+    fresh = build_model(load_recipe(tiny()).model, 10, 32).state_dict()
     saved = model_tensors(run)
     classifier = "backbone.fc."
     for k, v in fresh.items():
@@ -150,7 +150,7 @@ def test_frozen_stage_keeps_backbone_and_batchnorm_fixed(tmp_path):
 def test_soft_cost_weight_is_warmed_up(runs):
     rec = history(runs["soft"])[-1]
     # one epoch of 4 steps with cost_warmup 0.2 of 4 steps: lambda reaches cost_weight
-    assert rec["train"]["cost_weight"] == pytest.approx(DEFAULTS["cost_weight"])
+    assert rec["train"]["cost_weight"] == pytest.approx(Recipe().method.cost_weight)
     assert "soft_ce" in rec["train"] and "exit_ce" in rec["train"]
 
 
@@ -218,18 +218,20 @@ def test_backbone_starts_from_a_users_timm_checkpoint(runs, tmp_path):
     reference = safetensors.torch.load_file(str(saved / "model.safetensors"))
     for weights in (f"local-dir:{saved}", str(saved / "model.safetensors")):
         recipe = load_recipe(tiny(), {"weights": weights, "method": "soft", "frozen_epochs": 1, "epochs": 0})
-        model = build_model(recipe, 10)
+        model = build_model(recipe.model, 10, recipe.data.img_size)
         state = model.backbone.state_dict()
         assert reference.keys() <= state.keys()
         for key, value in reference.items():
             torch.testing.assert_close(state[key], value, rtol=0, atol=0)
-        assert not torch.equal(build_model(load_recipe(tiny()), 10).backbone.conv1[0].weight, state["conv1.0.weight"])
-    five = build_model(load_recipe(tiny(), {"weights": str(saved / "model.safetensors")}), 5).backbone.state_dict()
+        plain = build_model(load_recipe(tiny()).model, 10, 32)
+        assert not torch.equal(plain.backbone.conv1[0].weight, state["conv1.0.weight"])
+    five = build_model(load_recipe(tiny(), {"weights": str(saved / "model.safetensors")}).model, 5, 32)
+    five = five.backbone.state_dict()
     assert five["fc.weight"].shape[0] == 5 and torch.equal(five["conv1.0.weight"], reference["conv1.0.weight"])
     with pytest.raises(RecipeError, match="hold a 'test_resnet'.*set model: test_resnet"):
-        build_model(load_recipe(tiny(), {"weights": f"local-dir:{saved}", "model": "resnet18"}), 10)
+        build_model(load_recipe(tiny(), {"weights": f"local-dir:{saved}", "model": "resnet18"}).model, 10, 32)
     with pytest.raises(FileNotFoundError, match="weights file .*not found"):
-        build_model(load_recipe(tiny(), {"weights": str(tmp_path / "missing.safetensors")}), 10)
+        build_model(load_recipe(tiny(), {"weights": str(tmp_path / "missing.safetensors")}).model, 10, 32)
 
 
 def test_every_recipe_file_resolves():
@@ -238,10 +240,10 @@ def test_every_recipe_file_resolves():
     methods = set()
     for path in files:
         r = load_recipe(path)
-        assert r["name"] == path.stem
-        methods.add(r["method"])
+        assert r.name == path.stem
+        methods.add(r.method.method)
         for m in ("baseline", "branchynet", "soft"):
-            assert load_recipe(path, {"method": m})["method"] == m
+            assert load_recipe(path, {"method": m}).method.method == m
     grid = {p.stem for p in files}
     for ds in ("cifar10", "cifar100", "cinic10"):
         for arch in ("resnet18", "vgg13", "alexnet"):
@@ -251,7 +253,7 @@ def test_every_recipe_file_resolves():
 
 def test_alexnet_cifar_builds_with_auto_exits_and_saves_as_a_timm_model(tmp_path):
     recipe = load_recipe(RECIPES / "cifar10_alexnet.yaml")
-    model = build_model(recipe, 10).eval()
+    model = build_model(recipe.model, 10, recipe.data.img_size).eval()
     assert [b.name for b in model.branches] == ["stages.1", "stages.2", "stages.3"]
     x = torch.randn(2, 3, 32, 32)
     out = model(x)
@@ -278,12 +280,12 @@ def test_shard_sampler_splits_global_batches_exactly():
 
 
 def test_digits_splits_are_fixed_and_disjoint():
-    cfg = load_recipe(None, {"dataset": "digits"})
+    cfg = load_recipe(None, {"dataset": "digits"}).data
     a, b = load_splits(cfg), load_splits(cfg)
     assert a.train[1] == b.train[1] and a.test[1] == b.test[1]
     tr, va, te = set(a.train[1]), set(a.val[1]), set(a.test[1])
     assert not (tr & va or tr & te or va & te) and len(tr | va | te) == 1797
-    data = build_datasets(cfg)
+    data = build_datasets(cfg, seed=0)
     x, y = data.train[0]
     assert x.shape == (3, 32, 32) and 0 <= y < 10 and data.num_classes == 10
 
@@ -301,7 +303,7 @@ def _image_tree(root: Path, splits: dict[str, int]) -> None:
 def test_imagefolder_tree_holds_out_val_when_missing(tmp_path):
     _image_tree(tmp_path, {"train": 10, "test": 3})
     cfg = load_recipe(None, {"dataset": "imagefolder", "data_dir": str(tmp_path), "val_split": 4})
-    data = build_datasets(cfg)
+    data = build_datasets(cfg.data, seed=cfg.seed)
     assert (len(data.train), len(data.val), len(data.test)) == (16, 4, 6)
     assert data.classes == ["cat", "dog"] and data.test[0][0].shape == (3, 32, 32)
 
@@ -316,7 +318,9 @@ def test_cifar_npz_copy_is_read(tmp_path):
             y=np.arange(n) % 10,
             label_names=np.array([f"c{i}" for i in range(10)]),
         )
-    data = build_datasets(load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path), "val_split": 10}))
+    data = build_datasets(
+        load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path), "val_split": 10}).data, seed=0
+    )
     assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 10) and data.classes[0] == "c0"
 
 
@@ -395,8 +399,8 @@ def test_checkpoints_are_safetensors_without_pickle(runs):
 def test_key_added_later_keeps_older_runs_resumable():
     from timm_exits.training.recipe import _fingerprint
 
-    recipe = load_recipe(tiny())
+    recipe = load_recipe(tiny()).flat()
     older = {k: v for k, v in recipe.items() if k != "weights"}  # written before `weights` existed
-    assert _fingerprint(older) == _fingerprint(recipe)
+    assert _fingerprint(older) == _fingerprint(recipe) == _fingerprint(load_recipe(tiny()))
     assert _fingerprint({**recipe, "weights": "local-dir:/somewhere"}) != _fingerprint(recipe)
     assert _fingerprint({**recipe, "lr": 0.2}) != _fingerprint(recipe)

@@ -47,7 +47,7 @@ def run(tmp_path_factory) -> Path:
 def test_recipes_are_selected_by_name_listed_and_still_taken_by_path(tmp_path, capsys):
     by_path = load_recipe(RECIPE_DIR / "digits_quick.yaml")
     assert load_recipe("digits_quick") == by_path == load_recipe("digits_quick.yaml")
-    assert load_recipe("cifar10_resnet18")["dataset"] == "cifar10"
+    assert load_recipe("cifar10_resnet18").data.dataset == "cifar10"
     with pytest.raises(FileNotFoundError, match="Did you mean digits_quick.*Shipped recipes.*cifar10_resnet18"):
         load_recipe("digits_quik")
 
@@ -55,8 +55,8 @@ def test_recipes_are_selected_by_name_listed_and_still_taken_by_path(tmp_path, c
     mine = tmp_path / "mine.yaml"
     mine.write_text("base: cifar10_resnet18.yaml\nlr: 0.01\n")
     r = load_recipe(mine)
-    assert r["lr"] == 0.01 and r["name"] == "mine" and r["dataset"] == "cifar10"
-    assert r["epochs"] == load_recipe("cifar10_resnet18")["epochs"]
+    assert r.optim.lr == 0.01 and r.name == "mine" and r.data.dataset == "cifar10"
+    assert r.optim.epochs == load_recipe("cifar10_resnet18").optim.epochs
 
     assert cli_main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()

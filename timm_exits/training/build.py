@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from ..core.model import EarlyExitModel, wrap
-from .recipe import RecipeError
+from .recipe_schema import ModelSection
+from .recipe_types import RecipeError
 
 __all__ = [
     "build_model",
@@ -18,12 +17,12 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------- model
-def _create_backbone(recipe: Mapping[str, Any], num_classes: int, load: bool) -> nn.Module:
+def _create_backbone(spec: ModelSection, num_classes: int, load: bool) -> nn.Module:
     """The recipe's timm model, with the weights it names (``weights``) or timm's pretrained ones."""
     import timm
 
-    name, weights = recipe["model"], recipe["weights"]
-    kwargs = dict(recipe["model_kwargs"] or {})
+    name, weights = spec.model, spec.weights
+    kwargs = dict(spec.model_kwargs or {})
     try:
         if load and weights and weights.startswith(("local-dir:", "hf-hub:")):
             backbone = timm.create_model(weights, pretrained=True, num_classes=num_classes, **kwargs)
@@ -86,34 +85,35 @@ def _weights_hint(name: str, weights: str | None, e: Exception) -> str:
     )
 
 
-def build_model(recipe: Mapping[str, Any], num_classes: int, pretrained: bool | None = None) -> EarlyExitModel:
-    """Create the recipe's timm backbone, load the weights it asks for, and attach its exits.
+def build_model(spec: ModelSection, num_classes: int, img_size: int, pretrained: bool | None = None) -> EarlyExitModel:
+    """Create the model section's timm backbone, load the weights it asks for, and attach its exits.
 
     Args:
-        recipe: A resolved recipe.
+        spec: The recipe's model section (``recipe.model``).
         num_classes: Classes of the data set.
+        img_size: Input size (``recipe.data.img_size``), at which the exits' costs are measured.
         pretrained: Load the backbone's weights (``weights``, else timm's pretrained ones); default: whether
-            the recipe sets ``pretrained`` or ``weights``.
+            the section sets ``pretrained`` or ``weights``.
 
     Returns:
         The `EarlyExitModel` (on the CPU).
     """
     from . import models as _models  # noqa: F401  (registers alexnet_cifar and vgg13_cifar with timm)
 
-    load = bool(recipe["pretrained"] or recipe["weights"]) if pretrained is None else bool(pretrained)
-    backbone = _create_backbone(recipe, num_classes, load)
-    size = int(recipe["img_size"])
+    load = bool(spec.pretrained or spec.weights) if pretrained is None else bool(pretrained)
+    backbone = _create_backbone(spec, num_classes, load)
+    size = int(img_size)
     return wrap(
         backbone,
-        exits=recipe["exits"],
+        exits=spec.exits,
         num_classes=num_classes,
-        head=recipe["head"],
-        gate=recipe["gate"],
-        costs=recipe["costs"],
+        head=spec.head,
+        gate=spec.gate,
+        costs=spec.costs,
         input_size=(3, size, size),
-        head_hidden=recipe["head_hidden"],
-        gate_hidden=recipe["gate_hidden"],
-        gate_bias=recipe["gate_bias"],
-        detach_gate_inputs=recipe["detach_gate_inputs"],
-        drop_rate=recipe["exit_drop_rate"],
+        head_hidden=spec.head_hidden,
+        gate_hidden=spec.gate_hidden,
+        gate_bias=spec.gate_bias,
+        detach_gate_inputs=spec.detach_gate_inputs,
+        drop_rate=spec.exit_drop_rate,
     )

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..core.model import EarlyExitModel
 from .build import build_model
-from .recipe import _RUNTIME_KEYS, RecipeError, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe
+from .recipe_schema import RUNTIME_KEYS
 from .runfiles import atomic_write_text
 
 __all__ = [
@@ -154,7 +155,7 @@ class LoadedRun:
     """A trained run loaded back: its recipe, class names and model (EMA weights when the run kept an EMA)."""
 
     run_dir: Path
-    recipe: dict[str, Any]
+    recipe: Recipe
     classes: list[str]
     model: EarlyExitModel
     meta: dict[str, Any]
@@ -166,7 +167,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", **o
     Args:
         run_dir: The run folder.
         device: Device of the model.
-        **overrides: Runtime recipe keys to change (e.g. data_dir).
+        **overrides: Runtime recipe keys to change (e.g. data_dir), by their flat names.
 
     Returns:
         A `LoadedRun`.
@@ -176,16 +177,16 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", **o
         raise FileNotFoundError(f"{run_dir} is not a timm-exits run folder (run.json / recipe.yaml missing).")
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    bad = sorted(k for k in overrides if k not in _RUNTIME_KEYS)
+    bad = sorted(k for k in overrides if k not in RUNTIME_KEYS)
     if bad:
         raise RecipeError(
-            f"only runtime keys can change for a trained run, not {bad}; runtime keys: {sorted(_RUNTIME_KEYS)}."
+            f"only runtime keys can change for a trained run, not {bad}; runtime keys: {sorted(RUNTIME_KEYS)}."
         )
     recipe = load_recipe(saved, {k: v for k, v in overrides.items() if v is not None})
     groups, meta = load_checkpoint(run_dir / CHECKPOINT_NAME)
     if meta.get("fingerprint") != info.get("fingerprint"):
         raise CheckpointError(f"{run_dir / CHECKPOINT_NAME} belongs to another run than {run_dir / 'run.json'}.")
-    model = build_model(recipe, int(info["num_classes"]), pretrained=False)
-    weights = groups.get("ema") if recipe["ema"] and "ema" in groups else groups.get("model", {})
+    model = build_model(recipe.model, int(info["num_classes"]), recipe.data.img_size, pretrained=False)
+    weights = groups.get("ema") if recipe.optim.ema and "ema" in groups else groups.get("model", {})
     _load_state(model, weights, str(run_dir / CHECKPOINT_NAME))
     return LoadedRun(run_dir, recipe, list(info["classes"]), model.to(device).eval(), meta)

@@ -7,7 +7,7 @@
     timm-exits bench RUN_DIR [--policy P ...] [--batch-size 1] [--images N] [--repeats R] [--threads T]
     timm-exits push RUN_DIR --repo-id ORG/NAME [--private] [--token T] [--revision BRANCH]
     timm-exits recipes                                      # the shipped recipes, one line each
-    timm-exits recipe -c NAME_OR_FILE [key=value ...]       # print the resolved recipe
+    timm-exits recipe -c NAME_OR_FILE [--sections | --json] [key=value ...]   # print the resolved recipe
 
 ``-c`` takes the name of a shipped recipe (``timm-exits recipes``) or the path of a YAML file. Errors
 print one line and exit with status 2; Ctrl-C exits with status 130 (``train`` first writes a checkpoint
@@ -127,6 +127,9 @@ def _add_recipes(sub: argparse._SubParsersAction) -> None:
 def _add_recipe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipe", help="print a resolved recipe (defaults, base files and overrides merged)")
     p.add_argument("-c", "--config", help="shipped recipe name or YAML file")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sections", action="store_true", help="print YAML by section (default: flat keys)")
+    g.add_argument("--json", action="store_true", help="print JSON by section")
     p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
@@ -220,11 +223,10 @@ def _run(args: argparse.Namespace) -> None:
         for name, line in recipes.items():
             print(f"{name:<{width}}  {line}".rstrip())
     elif args.command == "recipe":
-        import yaml
-
         from .recipe import load_recipe
 
-        print(yaml.safe_dump(load_recipe(args.config, _overrides(args)), sort_keys=False), end="")
+        recipe = load_recipe(args.config, _overrides(args))
+        print(recipe.to_json() if args.json else recipe.to_yaml(flat=not args.sections), end="\n" if args.json else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,6 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import AUGMENTS, ArrayLoader, ArraySplit, BatchAugment
+from .recipe_schema import DataSection
 from .sampling import ShardSampler, seed_for
 
 __all__ = [
@@ -128,15 +129,15 @@ def _holdout(labels: Sequence[int], size: float | int, seed: int) -> tuple[list[
     return sorted(int(i) for i in kept), sorted(int(i) for i in held)
 
 
-def _digits(cfg: dict[str, Any]) -> _Raw:
+def _digits(spec: DataSection) -> _Raw:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     base = _ArrayImages(images, d.target)
     labels = base.targets
-    pool, test = _holdout(labels, cfg["test_split"], cfg["split_seed"])
-    keep, val = _holdout([labels[i] for i in pool], cfg["val_split"], cfg["split_seed"] + 1)
+    pool, test = _holdout(labels, spec.test_split, spec.split_seed)
+    keep, val = _holdout([labels[i] for i in pool], spec.val_split, spec.split_seed + 1)
     train = [pool[i] for i in keep]
     val = [pool[i] for i in val]
     return _Raw((base, train), (base, val), (base, test), [str(c) for c in d.target_names])
@@ -152,20 +153,20 @@ def _npz_split(path: Path) -> _ArrayImages:
         return _ArrayImages(z["x"], z["y"])
 
 
-def _cifar(cfg: dict[str, Any], name: str) -> _Raw:
+def _cifar(spec: DataSection, name: str) -> _Raw:
     import torchvision
 
-    root = Path(cfg["data_dir"] or "data").expanduser()
+    root = Path(spec.data_dir or "data").expanduser()
     tv_cls, tv_dir = {
         "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
         "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python"),
     }[name]
     npz = root / name / "train.npz"
     folder = root / name / "train"
-    if (root / tv_dir).is_dir() or cfg["download"]:
+    if (root / tv_dir).is_dir() or spec.download:
         try:
-            train = tv_cls(str(root), train=True, download=bool(cfg["download"]))
-            test = tv_cls(str(root), train=False, download=bool(cfg["download"]))
+            train = tv_cls(str(root), train=True, download=bool(spec.download))
+            test = tv_cls(str(root), train=False, download=bool(spec.download))
         except RuntimeError as e:
             raise FileNotFoundError(f"{name} under {str(root / tv_dir)!r} is incomplete or corrupted ({e}).") from e
         classes = list(train.classes)
@@ -176,12 +177,12 @@ def _cifar(cfg: dict[str, Any], name: str) -> _Raw:
             key = "label_names" if "label_names" in z else "fine_label_names"
             classes = [str(c) for c in z[key]] if key in z else [str(i) for i in range(int(z["y"].max()) + 1)]
     elif folder.is_dir():
-        raw = _folder_tree(cfg, root / name, what=name)
+        raw = _folder_tree(spec, root / name, what=name)
         decoded = {id(ds): _decoded(ds) for ds, _ in (raw.train, raw.val, raw.test)}
         return _Raw(*((decoded[id(ds)], idx) for ds, idx in (raw.train, raw.val, raw.test)), raw.classes)
     else:
         raise _missing(name, root, [root / tv_dir, npz, folder], _RESTORE_HINT)
-    keep, val = _holdout(_targets(train), cfg["val_split"], cfg["split_seed"])
+    keep, val = _holdout(_targets(train), spec.val_split, spec.split_seed)
     return _Raw((train, keep), (train, val), (test, list(range(len(test)))), classes)
 
 
@@ -200,7 +201,7 @@ def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def _folder_tree(cfg: dict[str, Any], root: Path, what: str) -> _Raw:
+def _folder_tree(spec: DataSection, root: Path, what: str) -> _Raw:
     """train/ [val|valid|validation/] [test/] ImageFolder tree; missing splits are held out of train."""
     from torchvision.datasets import ImageFolder
 
@@ -218,63 +219,67 @@ def _folder_tree(cfg: dict[str, Any], root: Path, what: str) -> _Raw:
     parts: dict[str, tuple[Dataset, list[int]]] = {}
     pool = list(range(len(train)))
     labels = train.targets
-    for split, folder, size, salt in (("test", test_dir, cfg["test_split"], 0), ("val", val_dir, cfg["val_split"], 1)):
+    for split, folder, size, salt in (("test", test_dir, spec.test_split, 0), ("val", val_dir, spec.val_split, 1)):
         if folder is not None:
             ds = ImageFolder(str(folder))
             if ds.classes != train.classes:
                 raise ValueError(f"{folder} has classes {ds.classes[:5]}... but train/ has {train.classes[:5]}...")
             parts[split] = (ds, list(range(len(ds))))
         else:
-            keep, held = _holdout([labels[i] for i in pool], size, cfg["split_seed"] + salt)
+            keep, held = _holdout([labels[i] for i in pool], size, spec.split_seed + salt)
             parts[split] = (train, [pool[i] for i in held])
             pool = [pool[i] for i in keep]
     return _Raw((train, pool), parts["val"], parts["test"], list(train.classes))
 
 
-def load_splits(cfg: dict[str, Any]) -> _Raw:
+def load_splits(spec: DataSection) -> _Raw:
     """Load the untransformed train / val / test splits a recipe asks for.
 
     Args:
-        cfg: The recipe (keys dataset, data_dir, download, val_split, test_split, split_seed).
+        spec: The recipe's data section (keys dataset, data_dir, download, val_split, test_split, split_seed).
 
     Returns:
         The splits as (base data set, indices) pairs plus the class names.
     """
-    name = cfg["dataset"]
+    name = spec.dataset
     if name == "digits":
-        return _digits(cfg)
+        return _digits(spec)
     if name in ("cifar10", "cifar100"):
-        return _cifar(cfg, name)
+        return _cifar(spec, name)
     if name in ("cinic10", "imagefolder"):
-        if not cfg["data_dir"]:
+        if not spec.data_dir:
             raise FileNotFoundError(f"dataset {name!r} needs data_dir (pass --data-dir or set data_dir: ...).")
-        root = Path(cfg["data_dir"]).expanduser()
+        root = Path(spec.data_dir).expanduser()
         if name == "cinic10" and not root.is_dir():
             raise FileNotFoundError(
                 f"CINIC-10 not found: data_dir={str(root)!r} does not exist. Download and extract CINIC-10 "
                 "(train/, valid/, test/ class folders) and pass --data-dir."
             )
-        return _folder_tree(cfg, root, what=name)
+        return _folder_tree(spec, root, what=name)
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}.")
 
 
 # ------------------------------------------------------------------------------------ transforms
-def build_transforms(cfg: dict[str, Any], model: torch.nn.Module | None = None) -> tuple[Callable, Callable, dict]:
+def build_transforms(spec: DataSection, model: torch.nn.Module | None = None) -> tuple[Callable, Callable, dict]:
     """timm train and eval transforms for a recipe.
 
     Mean / std / interpolation follow the backbone's pretrained config (``resolve_data_config``);
     the input size is the recipe's ``img_size``; ``crop_pct`` 1.0 resizes the whole image (right for
     images no larger than the input, such as 32-px CIFAR shown to a 224-px backbone).
 
+    Args:
+        spec: The recipe's data section.
+        model: The (wrapped) backbone whose pretrained config gives mean / std / interpolation, or None.
+
     Returns:
         (train transform, eval transform, resolved data config).
     """
     from timm.data import create_transform, resolve_data_config
 
-    size = int(cfg["img_size"])
-    args = {"input_size": (3, size, size), "crop_pct": float(cfg["crop_pct"])}
-    if cfg["interpolation"]:
-        args["interpolation"] = cfg["interpolation"]
+    size = int(spec.img_size)
+    args = {"input_size": (3, size, size), "crop_pct": float(spec.crop_pct)}
+    if spec.interpolation:
+        args["interpolation"] = spec.interpolation
     backbone = getattr(model, "backbone", model)
     if backbone is not None and getattr(backbone, "pretrained_cfg", None):
         data_cfg = resolve_data_config(args, model=backbone)
@@ -283,17 +288,17 @@ def build_transforms(cfg: dict[str, Any], model: torch.nn.Module | None = None) 
 
         data_cfg = {"interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, **args}
     data_cfg["input_size"] = (3, size, size)
-    data_cfg["crop_pct"] = float(cfg["crop_pct"])
+    data_cfg["crop_pct"] = float(spec.crop_pct)
     common = {k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std")}
     train_tf = create_transform(
         **common,
         is_training=True,
-        scale=tuple(cfg["crop_scale"]),
-        ratio=tuple(cfg["crop_ratio"]),
-        hflip=float(cfg["hflip"]),
-        color_jitter=float(cfg["color_jitter"] or 0.0),
-        auto_augment=cfg["auto_augment"],
-        re_prob=float(cfg["re_prob"]),
+        scale=tuple(spec.crop_scale),
+        ratio=tuple(spec.crop_ratio),
+        hflip=float(spec.hflip),
+        color_jitter=float(spec.color_jitter or 0.0),
+        auto_augment=spec.auto_augment,
+        re_prob=float(spec.re_prob),
     )
     eval_tf = create_transform(**common, is_training=False, crop_pct=data_cfg["crop_pct"])
     return train_tf, eval_tf, {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()}
@@ -359,22 +364,22 @@ class DataSplits:
         return len(self.classes)
 
 
-def resolve_augment(cfg: dict[str, Any], raw: _Raw) -> str:
+def resolve_augment(spec: DataSection, raw: _Raw) -> str:
     """The augmentation a recipe gets on its data: ``crop_flip`` / ``rrc`` (in memory) or ``timm`` (per image).
 
     ``auto`` picks ``rrc`` for array data sets (digits, CIFAR in any of its layouts) and ``timm`` when
     the data is a folder tree or the recipe asks for augmentations only timm's transforms have.
     """
     in_memory = all(isinstance(ds, _ArrayImages) for ds, _ in (raw.train, raw.val, raw.test))
-    per_image = [k for k in ("auto_augment", "color_jitter", "re_prob") if cfg.get(k)]
-    kind = cfg.get("augment", "auto")
+    per_image = [k for k in ("auto_augment", "color_jitter", "re_prob") if getattr(spec, k)]
+    kind = spec.augment
     if kind == "auto":
         return "timm" if per_image or not in_memory else "rrc"
     if kind in ("crop_flip", "rrc"):
         if not in_memory:
             raise ValueError(
                 f"augment: {kind} works on array data sets held in memory (digits, cifar10, cifar100); "
-                f"{cfg['dataset']!r} is read image by image: use augment: timm (or auto)."
+                f"{spec.dataset!r} is read image by image: use augment: timm (or auto)."
             )
         if per_image:
             raise ValueError(
@@ -386,25 +391,28 @@ def resolve_augment(cfg: dict[str, Any], raw: _Raw) -> str:
     return kind
 
 
-def build_datasets(cfg: dict[str, Any], model: torch.nn.Module | None = None, raw: _Raw | None = None) -> DataSplits:
+def build_datasets(
+    spec: DataSection, model: torch.nn.Module | None = None, raw: _Raw | None = None, *, seed: int
+) -> DataSplits:
     """Load a recipe's data set and wrap its splits for training (augmented) and evaluation.
 
     Array data sets are held in memory as one uint8 tensor and augmented per batch (`ArraySplit`);
     folder trees, and recipes with ``augment: timm``, go through timm's per-image transforms.
 
     Args:
-        cfg: The recipe.
+        spec: The recipe's data section (``recipe.data``).
         model: The (wrapped) backbone, whose pretrained config gives mean / std / interpolation.
         raw: Splits already loaded by `load_splits` (loaded here if None).
+        seed: The recipe's ``seed``: of the sample subsets and the augmentation.
 
     Returns:
         A `DataSplits`.
     """
-    raw = raw if raw is not None else load_splits(cfg)
-    kind = resolve_augment(cfg, raw)
-    train_tf, eval_tf, data_cfg = build_transforms(cfg, model)
-    seed = int(cfg["seed"])
-    lim_train, lim_eval = cfg["max_train_samples"], cfg["max_eval_samples"]
+    raw = raw if raw is not None else load_splits(spec)
+    kind = resolve_augment(spec, raw)
+    train_tf, eval_tf, data_cfg = build_transforms(spec, model)
+    seed = int(seed)
+    lim_train, lim_eval = spec.max_train_samples, spec.max_eval_samples
     picks = (
         (raw.train, _subset(raw.train[1], lim_train, seed), train_tf, True),
         (raw.val, _subset(raw.val[1], lim_eval, seed + 1), eval_tf, False),
@@ -415,10 +423,10 @@ def build_datasets(cfg: dict[str, Any], model: torch.nn.Module | None = None, ra
     else:
         augment = BatchAugment(
             kind,
-            padding=int(cfg.get("crop_padding", 4)),
-            hflip=float(cfg["hflip"]),
-            scale=tuple(cfg["crop_scale"]),
-            ratio=tuple(cfg["crop_ratio"]),
+            padding=int(spec.crop_padding),
+            hflip=float(spec.hflip),
+            scale=tuple(spec.crop_scale),
+            ratio=tuple(spec.crop_ratio),
         )
         tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         splits = []
@@ -429,7 +437,7 @@ def build_datasets(cfg: dict[str, Any], model: torch.nn.Module | None = None, ra
             splits.append(ArraySplit(images, labels, idx, data_cfg, augment if is_train else None, seed))
     for split, ds in zip(("train", "val", "test"), splits):
         if len(ds) == 0:
-            raise ValueError(f"the {split} split of {cfg['dataset']!r} is empty.")
+            raise ValueError(f"the {split} split of {spec.dataset!r} is empty.")
     return DataSplits(*splits, raw.classes, data_cfg)
 
 
@@ -476,16 +484,26 @@ def make_loader(
     )
 
 
-def make_mixup(cfg: dict[str, Any], num_classes: int) -> Callable | None:
-    """timm ``Mixup`` for the recipe's mixup / cutmix alphas (label smoothing folded in), or None."""
-    if not (cfg["mixup"] or cfg["cutmix"]):
+def make_mixup(spec: DataSection, num_classes: int, label_smoothing: float = 0.0) -> Callable | None:
+    """timm ``Mixup`` for the data section's mixup / cutmix alphas, or None when both are 0.
+
+    Args:
+        spec: The recipe's data section.
+        num_classes: Classes of the data set.
+        label_smoothing: The loss's label smoothing (``recipe.method.label_smoothing``), folded into the mixed
+            targets.
+
+    Returns:
+        The ``Mixup`` callable ``(x, y) -> (x, soft targets)``, or None.
+    """
+    if not (spec.mixup or spec.cutmix):
         return None
     from timm.data import Mixup
 
     return Mixup(
-        mixup_alpha=float(cfg["mixup"]),
-        cutmix_alpha=float(cfg["cutmix"]),
-        prob=float(cfg["mixup_prob"]),
-        label_smoothing=float(cfg["label_smoothing"]),
+        mixup_alpha=float(spec.mixup),
+        cutmix_alpha=float(spec.cutmix),
+        prob=float(spec.mixup_prob),
+        label_smoothing=float(label_smoothing),
         num_classes=num_classes,
     )

@@ -154,25 +154,26 @@ def evaluate(
         fit_gates=fit_gates_objective,
     )
     recipe, model = run.recipe, run.model
+    ev = recipe.eval
     cheapest = float(model.exit_costs.min())
     explicit = target_cost is not None or max_accuracy_drop is not None
-    asked = target_cost if explicit else recipe["calibrate_target_cost"]
+    asked = target_cost if explicit else ev.calibrate_target_cost
     if asked is not None and asked < cheapest - 1e-9:
         raise CalibrationError(_unreachable(asked, cheapest, run_dir))
-    policy = policy or recipe["policy"]
+    policy = policy or ev.policy
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
     if threshold is not None and policy == "soft":
         raise ValueError("the soft policy has no threshold.")
-    if recipe["threads"]:
-        torch.set_num_threads(recipe["threads"])
+    if recipe.runtime.threads:
+        torch.set_num_threads(recipe.runtime.threads)
     if target_cost is None and max_accuracy_drop is None:
-        target_cost, max_accuracy_drop = recipe["calibrate_target_cost"], recipe["calibrate_max_drop"]
+        target_cost, max_accuracy_drop = ev.calibrate_target_cost, ev.calibrate_max_drop
     if target_cost is not None:
         max_accuracy_drop = None
     t0 = time.time()
-    data = build_datasets(recipe, model, load_splits(recipe))
-    bs = recipe["eval_batch_size"]
+    data = build_datasets(recipe.data, model, load_splits(recipe.data), seed=recipe.seed)
+    bs = recipe.data.eval_batch_size
     val_loader = make_loader(data.val, bs, train=False)
     test_loader = make_loader(data.test, bs, train=False)
     val = collect(model, val_loader, device=device)
@@ -181,15 +182,15 @@ def evaluate(
 
     policies: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[dict[str, float]]] = {}
-    do_timing = timing and recipe["timing_images"] > 0
-    inputs = _timing_inputs(data.test, recipe["timing_images"], device) if do_timing else []
+    do_timing = timing and ev.timing_images > 0
+    inputs = _timing_inputs(data.test, ev.timing_images, device) if do_timing else []
 
     def time_policies(entries: dict[str, dict[str, Any]]) -> float | None:
         """Time `entries` at batch 1 against the plain backbone, in place; return the backbone's ms/image."""
         if not do_timing:
             return None
         thresholds = {k: v["threshold"] for k, v in entries.items()}
-        base, ms = _time_model(model, thresholds, inputs, recipe["timing_repeats"], recipe["timing_warmup"])
+        base, ms = _time_model(model, thresholds, inputs, ev.timing_repeats, ev.timing_warmup)
         for k, v in ms.items():
             entries[k]["ms_per_image"] = v
             entries[k]["speedup"] = base / v if v > 0 else None
@@ -218,7 +219,7 @@ def evaluate(
     soft_acc, soft_val_acc = _soft_accuracy(test), _soft_accuracy(val)
     gate_fit = None
     timed_joint: dict[str, Any] = {}
-    objective = recipe["fit_gates"]
+    objective = ev.fit_gates
     if objective != "none" and model.config.gate == "stats" and len(model.branches):
         # The jointly trained gates, kept for comparison, then gates re-fitted on the val split.
         policies["gate_joint"] = calibrated("gate", val, test)
@@ -245,19 +246,19 @@ def evaluate(
         "device": str(device),
         "threads": torch.get_num_threads(),
         "batch_size": 1,
-        "repeats": int(recipe["timing_repeats"]),
-        "images": min(int(recipe["timing_images"]), len(data.test)),
-        "warmup": int(recipe["timing_warmup"]),
+        "repeats": int(ev.timing_repeats),
+        "images": min(int(ev.timing_images), len(data.test)),
+        "warmup": int(ev.timing_warmup),
         "baseline_ms_per_image": None,
     }
     # policies of the jointly trained gates were timed before the gates were re-fitted
     timing_info["baseline_ms_per_image"] = time_policies({k: v for k, v in policies.items() if k not in timed_joint})
 
     report: dict[str, Any] = {
-        "model": recipe["model"],
-        "dataset": recipe["dataset"],
-        "method": recipe["method"],
-        "recipe": recipe,
+        "model": recipe.model.model,
+        "dataset": recipe.data.dataset,
+        "method": recipe.method.method,
+        "recipe": recipe.flat(),
         "exits": [{"name": b.name, "cost": c} for b, c in zip(model.branches, costs)]
         + [{"name": "final", "cost": costs[-1]}],
         "test": {

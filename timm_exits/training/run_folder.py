@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from .._version import __version__
 from .checkpoint import CHECKPOINT_NAME
-from .recipe import _diff, _fingerprint, _identity
+from .recipe import Recipe, _diff, _fingerprint, _identity
 from .runfiles import MANIFEST_NAME, atomic_write_text, read_manifest, record, remove_recorded
 
 __all__ = [
@@ -70,7 +66,7 @@ def _clear_run(run_dir: Path) -> tuple[list[str], list[str]]:
     return remove_recorded(run_dir, fallback)
 
 
-def _prepare_run_dir(run_dir: Path, recipe: dict[str, Any], resume: bool, overwrite: bool) -> tuple[bool, bool]:
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> tuple[bool, bool]:
     """Check the output folder without changing it.
 
     Returns:
@@ -130,7 +126,7 @@ def _prepare_run_dir(run_dir: Path, recipe: dict[str, Any], resume: bool, overwr
     return False, True
 
 
-def _write_run_files(run_dir: Path, recipe: dict[str, Any], classes: list[str], world: int) -> None:
+def _write_run_files(run_dir: Path, recipe: Recipe, classes: list[str], world: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     record(run_dir, _TRAIN_FILES)
     info = run_dir / "run.json"
@@ -145,9 +141,10 @@ def _write_run_files(run_dir: Path, recipe: dict[str, Any], classes: list[str], 
             "world_size": world,
         }
         atomic_write_text(info, json.dumps(payload, indent=2, default=str) + "\n")
-    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml(flat=True))  # flat keys, as older run folders hold
 
 
-def _default_output(recipe: Mapping[str, Any]) -> Path:
-    name = recipe["name"] or recipe["model"]
-    return Path("runs") / (name if recipe["method"] in name else f"{name}-{recipe['method']}")
+def _default_output(recipe: Recipe) -> Path:
+    name = recipe.name or recipe.model.model
+    method = recipe.method.method
+    return Path("runs") / (name if method in name else f"{name}-{method}")

@@ -5,7 +5,6 @@ training), the method's loss, the optimizer and the learning-rate schedule (`One
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,19 +13,21 @@ from torch import nn
 
 from ..core.losses import BranchyNetLoss, FinalExitLoss, SoftConditionalLoss
 from ..core.model import EarlyExitModel
+from .recipe_schema import MethodSection, OptimSection
 
 __all__ = [
     "OneCycle",
 ]
 
 
-def _make_loss(recipe: Mapping[str, Any], mixup: bool) -> nn.Module:
-    smoothing = 0.0 if mixup else recipe["label_smoothing"]  # timm Mixup folds smoothing into its targets
-    if recipe["method"] == "baseline":
+def _make_loss(method: MethodSection, mixup: bool) -> nn.Module:
+    """The method's loss (`method.cost_weight` is warmed up by the trainer: it starts at 0 here)."""
+    smoothing = 0.0 if mixup else method.label_smoothing  # timm Mixup folds smoothing into its targets
+    if method.method == "baseline":
         return FinalExitLoss(label_smoothing=smoothing)
-    if recipe["method"] == "branchynet":
-        return BranchyNetLoss(weights=recipe["branchynet_weights"], label_smoothing=smoothing)
-    return SoftConditionalLoss(cost_weight=0.0, exit_weight=recipe["exit_weight"], label_smoothing=smoothing)
+    if method.method == "branchynet":
+        return BranchyNetLoss(weights=method.branchynet_weights, label_smoothing=smoothing)
+    return SoftConditionalLoss(cost_weight=0.0, exit_weight=method.exit_weight, label_smoothing=smoothing)
 
 
 @dataclass
@@ -34,20 +35,21 @@ class _Stage:
     name: str  # "frozen" | "joint"
     epochs: int
     lr: float
+    train_classifier: bool = True  # frozen stage: also train the backbone's own classifier
 
 
-def _stages(recipe: Mapping[str, Any]) -> list[_Stage]:
+def _stages(optim: OptimSection) -> list[_Stage]:
     stages = []
-    if recipe["frozen_epochs"]:
-        stages.append(_Stage("frozen", recipe["frozen_epochs"], recipe["frozen_lr"] or recipe["lr"]))
-    if recipe["epochs"]:
-        stages.append(_Stage("joint", recipe["epochs"], recipe["lr"]))
+    if optim.frozen_epochs:
+        lr = optim.frozen_lr or optim.lr
+        stages.append(_Stage("frozen", optim.frozen_epochs, lr, optim.frozen_train_classifier))
+    if optim.epochs:
+        stages.append(_Stage("joint", optim.epochs, optim.lr))
     return stages
 
 
-def _configure_stage(model: EarlyExitModel, recipe: Mapping[str, Any], stage: _Stage) -> int:
-    """Set requires_grad for the stage and method; return the number of trainable parameters."""
-    method = recipe["method"]
+def _configure_stage(model: EarlyExitModel, method: str, stage: _Stage) -> int:
+    """Set requires_grad for the stage and method (``recipe.method.method``); return the trainable parameters."""
     model.requires_grad_(False)
     if stage.name == "joint":
         model.backbone.requires_grad_(True)
@@ -56,7 +58,7 @@ def _configure_stage(model: EarlyExitModel, recipe: Mapping[str, Any], stage: _S
     else:
         for p in model.exit_parameters():
             p.requires_grad_(True)
-        if recipe["frozen_train_classifier"] and model.final_head is None:
+        if stage.train_classifier and model.final_head is None:
             model.backbone.get_classifier().requires_grad_(True)
     if method == "baseline":
         model.branches.requires_grad_(False)
@@ -116,25 +118,26 @@ class OneCycle:
             group["lr"] = peak * f
 
 
-def _make_optimizer(model: EarlyExitModel, recipe: Mapping[str, Any], stage: _Stage, steps_per_epoch: int):
+def _make_optimizer(model: EarlyExitModel, optim: OptimSection, stage: _Stage, steps_per_epoch: int):
+    """The stage's optimizer and learning-rate schedule (None: a constant rate) from the optim section."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     kwargs: dict[str, Any] = {}
-    if recipe["opt"].lower() in ("sgd", "momentum", "nesterov"):
-        kwargs["momentum"] = recipe["momentum"]
-    opt = create_optimizer_v2(model, opt=recipe["opt"], lr=stage.lr, weight_decay=recipe["weight_decay"], **kwargs)
-    if recipe["sched"] in (None, "none", "const", "constant"):
+    if optim.opt.lower() in ("sgd", "momentum", "nesterov"):
+        kwargs["momentum"] = optim.momentum
+    opt = create_optimizer_v2(model, opt=optim.opt, lr=stage.lr, weight_decay=optim.weight_decay, **kwargs)
+    if optim.sched in (None, "none", "const", "constant"):
         return opt, None
-    if recipe["sched"] == "onecycle":
-        return opt, OneCycle(opt, stage.epochs * steps_per_epoch, recipe["warmup_epochs"] * steps_per_epoch)
+    if optim.sched == "onecycle":
+        return opt, OneCycle(opt, stage.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch)
     sched, _ = create_scheduler_v2(
         opt,
-        sched=recipe["sched"],
+        sched=optim.sched,
         num_epochs=stage.epochs,
-        warmup_epochs=int(round(recipe["warmup_epochs"])),
-        warmup_lr=recipe["warmup_lr"],
-        min_lr=recipe["min_lr"],
+        warmup_epochs=int(round(optim.warmup_epochs)),
+        warmup_lr=optim.warmup_lr,
+        min_lr=optim.min_lr,
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )

@@ -145,8 +145,8 @@ def benchmark(
     run = load_run(run_dir, device=device, data_dir=data_dir)
     recipe, model = run.recipe, run.model
     device = torch.device(device)
-    if threads or recipe["threads"]:
-        torch.set_num_threads(int(threads or recipe["threads"]))
+    if threads or recipe.runtime.threads:
+        torch.set_num_threads(int(threads or recipe.runtime.threads))
     names = list(policies or ("gate", "confidence", "entropy", "soft"))
     report_path = Path(run_dir) / "report.json"
     saved = json.loads(report_path.read_text(encoding="utf-8")).get("policies", {}) if report_path.is_file() else {}
@@ -157,12 +157,13 @@ def benchmark(
             raise ValueError(f"unknown policy {name!r}; choose from gate, gate_0.5, confidence, entropy, soft.")
         default = 0.5 if name == "gate_0.5" else None
         thresholds[name] = saved.get(name, {}).get("threshold", default) if pol != "soft" else None
-    data = build_datasets(recipe, model, load_splits(recipe))
-    count = min(int(images or recipe["timing_images"]), len(data.test))
+    data = build_datasets(recipe.data, model, load_splits(recipe.data), seed=recipe.seed)
+    ev = recipe.eval
+    count = min(int(images or ev.timing_images), len(data.test))
     singles = _timing_inputs(data.test, count, device)
     inputs = [torch.cat(singles[i : i + batch_size]) for i in range(0, len(singles), batch_size)]
-    reps = int(repeats or recipe["timing_repeats"])
-    base, ms = _time_model(model, thresholds, inputs, reps, int(recipe["timing_warmup"] if warmup is None else warmup))
+    reps = int(repeats or ev.timing_repeats)
+    base, ms = _time_model(model, thresholds, inputs, reps, int(ev.timing_warmup if warmup is None else warmup))
     return {
         "timing": {
             "machine": machine_name(device),

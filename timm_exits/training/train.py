@@ -57,7 +57,8 @@ from .build import build_model
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, _load_optimizer, _load_state, load_checkpoint, save_checkpoint
 from .data import build_datasets, load_splits, make_loader, make_mixup
 from .distributed import _agree, _all_sum, _Dist, _setup_distributed
-from .recipe import RecipeError, _diff, _fingerprint, _identity, load_recipe
+from .recipe import Recipe, RecipeError, _diff, _fingerprint, _identity, load_recipe
+from .recipe_schema import OptimSection
 from .report import evaluate
 from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files
 from .runfiles import atomic_write_text
@@ -114,15 +115,15 @@ def _epoch_line(rec: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- training
-def _autocast(recipe: Mapping[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
-    if not recipe["amp"]:
+def _autocast(amp: str | None, device: torch.device) -> contextlib.AbstractContextManager:
+    if not amp:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if recipe["amp"] == "bf16" else torch.float16
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
-def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, recipe: Mapping[str, Any]) -> dict[str, Any]:
+def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, optim: OptimSection) -> dict[str, Any]:
     """Per-exit and soft accuracy, and the gate@0.5 policy's accuracy / cost / exit shares, summed over ranks."""
     was = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -132,9 +133,9 @@ def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, recipe: Mappin
     try:
         for x, y in loader:
             x = x.to(d.device, non_blocking=True)
-            if recipe["channels_last"]:
+            if optim.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(recipe, d.device):
+            with _autocast(optim.amp, d.device):
                 out = model(x)
             logits = torch.stack([f.float() for f in out.logits], 1).cpu()
             gates = out.gate_logits.float().cpu()
@@ -165,10 +166,10 @@ def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, recipe: Mappin
     }
 
 
-def _progress_enabled(recipe: Mapping[str, Any], d: _Dist) -> bool:
+def _progress_enabled(progress: str | bool, d: _Dist) -> bool:
     if not d.main:
         return False
-    p = recipe["progress"]
+    p = progress
     return sys.stderr.isatty() if p == "auto" else bool(p)
 
 
@@ -182,7 +183,7 @@ class _Position:
 
 
 def train(
-    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    config: str | os.PathLike | Mapping[str, Any] | Recipe | None = None,
     output: str | os.PathLike | None = None,
     *,
     resume: bool = False,
@@ -192,17 +193,18 @@ def train(
     """Train a recipe and (on rank 0) write its report; see the module docstring.
 
     Args:
-        config: Recipe file path or dict of keys (None: the defaults, i.e. the digits data set).
+        config: Recipe file path, shipped recipe name, dict of flat or sectioned keys, or `Recipe` (None: the
+            defaults, i.e. the digits data set).
         output: Run folder (default: ``runs/<name>-<method>``).
         resume: Continue the run in `output` from its last checkpoint.
         overwrite: Replace whatever run `output` holds.
-        **overrides: Recipe keys to override (``data_dir="..."``, ``epochs=2``, ...).
+        **overrides: Recipe keys to override (``data_dir="..."``, ``epochs=2``, ``**{"optim.lr": 0.1}``, ...).
 
     Returns:
         The run folder.
     """
     recipe = load_recipe(config, overrides)
-    d = _setup_distributed(recipe["device"])
+    d = _setup_distributed(recipe.runtime.device)
     try:
         return _train(recipe, d, Path(output) if output else _default_output(recipe), resume, overwrite)
     finally:
@@ -218,33 +220,35 @@ _LOGGED_PARTS = {"soft": ("soft_ce", "exit_ce", "expected_cost"), "branchynet": 
 class _Trainer:
     """One rank's side of a training run: set-up, stages, epochs, steps and checkpoints (see `train`)."""
 
-    def __init__(self, recipe: dict[str, Any], d: _Dist, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    def __init__(self, recipe: Recipe, d: _Dist, run_dir: Path, resume: bool, overwrite: bool) -> None:
         self.recipe, self.d, self.run_dir = recipe, d, run_dir
-        if recipe["batch_size"] % d.world:
-            raise RecipeError(f"batch_size {recipe['batch_size']} (global) does not split over {d.world} processes.")
-        self.per_rank = recipe["batch_size"] // d.world
-        if (recipe["mixup"] or recipe["cutmix"]) and self.per_rank % 2:
+        data, optim = recipe.data, recipe.optim
+        if data.batch_size % d.world:
+            raise RecipeError(f"batch_size {data.batch_size} (global) does not split over {d.world} processes.")
+        self.per_rank = data.batch_size // d.world
+        if (data.mixup or data.cutmix) and self.per_rank % 2:
             raise RecipeError(f"mixup needs an even batch per process; batch_size / processes = {self.per_rank}.")
-        if recipe["amp"] == "fp16" and d.device.type != "cuda":
+        if optim.amp == "fp16" and d.device.type != "cuda":
             raise RecipeError("amp: fp16 needs a CUDA device; use amp: bf16 on CPUs.")
-        if recipe["sync_bn"] and d.world > 1 and d.device.type != "cuda":
+        if optim.sync_bn and d.world > 1 and d.device.type != "cuda":
             raise RecipeError(
                 "sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); on CPUs freeze BatchNorm with "
                 "frozen_epochs or use a backbone without BatchNorm."
             )
-        if recipe["threads"]:
-            torch.set_num_threads(recipe["threads"])
+        if recipe.runtime.threads:
+            torch.set_num_threads(recipe.runtime.threads)
 
         # rank 0 checks the output folder and loads the data first (it may download); the others follow
         self.resuming, clear = self._on_rank0_first(
             lambda: _prepare_run_dir(run_dir, recipe, resume, overwrite), (False, False)
         )
-        raw = self._on_rank0_first(lambda: load_splits(recipe), None)
+        raw = self._on_rank0_first(lambda: load_splits(data), None)
         if raw is None:
-            raw = load_splits(recipe)
-        torch.manual_seed(recipe["seed"])
-        self.model = build_model(recipe, len(raw.classes), pretrained=None if not self.resuming else False)
-        self.data = build_datasets(recipe, self.model, raw)
+            raw = load_splits(data)
+        torch.manual_seed(recipe.seed)
+        load = None if not self.resuming else False
+        self.model = build_model(recipe.model, len(raw.classes), data.img_size, pretrained=load)
+        self.data = build_datasets(data, self.model, raw, seed=recipe.seed)
         self.ckpt_path = run_dir / CHECKPOINT_NAME
         self.ckpt: dict[str, dict[str, torch.Tensor]] = {}
         meta: dict[str, Any] = {}
@@ -258,13 +262,13 @@ class _Trainer:
                     + (f" ({'; '.join(changes)})" if changes else "")
                     + "; resume with the recipe it was written by, or train into a new --output folder."
                 )
-        elif recipe["init_checkpoint"]:
-            groups, _ = load_checkpoint(recipe["init_checkpoint"])
-            _load_state(self.model, groups.get("model", {}), str(recipe["init_checkpoint"]))
+        elif recipe.model.init_checkpoint:
+            groups, _ = load_checkpoint(recipe.model.init_checkpoint)
+            _load_state(self.model, groups.get("model", {}), str(recipe.model.init_checkpoint))
         self.ckpt_meta = meta
-        target = recipe["calibrate_target_cost"]
+        target = recipe.eval.calibrate_target_cost
         cheapest = float(self.model.exit_costs.min())
-        if recipe["report"] and target is not None and target < cheapest - 1e-9:
+        if recipe.eval.report and target is not None and target < cheapest - 1e-9:
             raise RecipeError(
                 f"calibrate_target_cost={target} is below the cheapest expected cost this model can reach, "
                 f"{cheapest:.4f} (every image at exit #1); set calibrate_target_cost >= {cheapest:.4f}."
@@ -275,15 +279,15 @@ class _Trainer:
                 _, kept = _clear_run(run_dir)
             _write_run_files(run_dir, recipe, self.data.classes, d.world)
         self.model.to(d.device)
-        if recipe["sync_bn"] and d.world > 1:  # replaces BatchNorm children in place; names and hooks stay
+        if optim.sync_bn and d.world > 1:  # replaces BatchNorm children in place; names and hooks stay
             nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if recipe["channels_last"]:
+        if optim.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ema = None
-        if recipe["ema"]:
+        if optim.ema:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(self.model, decay=recipe["ema_decay"])
+            self.ema = ModelEmaV3(self.model, decay=optim.ema_decay)
             if "ema" in self.ckpt:
                 _load_state(self.ema.module, self.ckpt["ema"], str(self.ckpt_path))
 
@@ -293,27 +297,27 @@ class _Trainer:
             train=True,
             num_replicas=d.world,
             rank=d.rank,
-            seed=recipe["seed"],
-            num_workers=recipe["num_workers"],
+            seed=recipe.seed,
+            num_workers=data.num_workers,
             pin_memory=d.device.type == "cuda",
         )
         self.val_loader = make_loader(
-            self.data.val, recipe["eval_batch_size"], train=False, num_replicas=d.world, rank=d.rank
+            self.data.val, data.eval_batch_size, train=False, num_replicas=d.world, rank=d.rank
         )
         self.steps_per_epoch = self.train_loader.sampler.batches_per_epoch
         if self.steps_per_epoch == 0:
             raise RecipeError(
-                f"batch_size {recipe['batch_size']} is larger than the train split ({len(self.data.train)} samples)."
+                f"batch_size {data.batch_size} is larger than the train split ({len(self.data.train)} samples)."
             )
-        self.stages = _stages(recipe)
+        self.stages = _stages(optim)
         self.total_epochs = sum(s.epochs for s in self.stages)
         self.total_steps = self.total_epochs * self.steps_per_epoch
-        self.mixup = make_mixup(recipe, self.data.num_classes)
-        self.loss_fn = _make_loss(recipe, self.mixup is not None)
-        self.scaler = torch.amp.GradScaler("cuda") if recipe["amp"] == "fp16" else None
+        self.mixup = make_mixup(data, self.data.num_classes, recipe.method.label_smoothing)
+        self.loss_fn = _make_loss(recipe.method, self.mixup is not None)
+        self.scaler = torch.amp.GradScaler("cuda") if optim.amp == "fp16" else None
         self.pos = _Position(**meta.get("position", {}))
         self.history: list[dict[str, Any]] = list(meta.get("history", []))
-        self.bars = _progress_enabled(recipe, d)
+        self.bars = _progress_enabled(recipe.runtime.progress, d)
         self.log = _Log(run_dir / "train.log" if d.main else None, self.bars)
         if kept:
             self.log(f"--overwrite: deleted the earlier run's files; left {len(kept)} other file(s) in place: {kept}")
@@ -342,9 +346,9 @@ class _Trainer:
             n = (len(self.data.train), len(self.data.val), len(self.data.test))
             costs = [round(c, 3) for c in self.model.exit_costs.tolist()]
             self.log(
-                f"{f'resuming at step {pos.step}' if self.resuming else 'starting'}: {r['model']} with exits "
-                f"{[b.name for b in self.model.branches]} (costs {costs}) on {r['dataset']} ({n[0]} train / "
-                f"{n[1]} val / {n[2]} test), method {r['method']}, {d.world} process(es) on {d.device}, "
+                f"{f'resuming at step {pos.step}' if self.resuming else 'starting'}: {r.model.model} with exits "
+                f"{[b.name for b in self.model.branches]} (costs {costs}) on {r.data.dataset} ({n[0]} train / "
+                f"{n[1]} val / {n[2]} test), method {r.method.method}, {d.world} process(es) on {d.device}, "
                 f"{self.steps_per_epoch} steps per epoch, run folder {self.run_dir}"
             )
             if pos.done:
@@ -400,8 +404,8 @@ class _Trainer:
 
     def _stage(self, si: int) -> bool:
         stage, pos = self.stages[si], self.pos
-        n_trainable = _configure_stage(self.model, self.recipe, stage)
-        opt, sched = _make_optimizer(self.model, self.recipe, stage, self.steps_per_epoch)
+        n_trainable = _configure_stage(self.model, self.recipe.method.method, stage)
+        opt, sched = _make_optimizer(self.model, self.recipe.optim, stage, self.steps_per_epoch)
         meta = self.ckpt_meta
         if self.resuming and meta.get("optimizer") and (pos.epoch or pos.batch):  # resumed inside this stage
             _load_optimizer(opt, self.ckpt.get("optim", {}), meta["optimizer"])
@@ -450,12 +454,12 @@ class _Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}")
-                if r["stop_after_steps"] and pos.step >= r["stop_after_steps"]:
+                if r.runtime.stop_after_steps and pos.step >= r.runtime.stop_after_steps:
                     return False  # as if killed: no checkpoint
                 if self._interrupted and pos.batch < self.steps_per_epoch:
                     self._checkpoint(opt, accum)
                     raise self._stop()
-                every = r["checkpoint_every_steps"]
+                every = r.runtime.checkpoint_every_steps
                 if every and pos.step % every == 0 and pos.batch < self.steps_per_epoch:
                     self._checkpoint(opt, accum)
         finally:
@@ -466,11 +470,11 @@ class _Trainer:
         steps = max(float(accum[-1]), 1.0)
         train_stats = {"loss": float(accum[0]) / steps}
         for i, k in enumerate(_LOSS_PARTS[:-1]):
-            if k in _LOGGED_PARTS[r["method"]]:
+            if k in _LOGGED_PARTS[r.method.method]:
                 train_stats[k] = float(accum[i]) / steps
         if isinstance(self.loss_fn, SoftConditionalLoss):
             train_stats["cost_weight"] = self.loss_fn.cost_weight
-        val = _validate_epoch(self.ema.module if self.ema is not None else self.model, self.val_loader, d, r)
+        val = _validate_epoch(self.ema.module if self.ema is not None else self.model, self.val_loader, d, r.optim)
         rec = {
             "epoch": global_epoch + 1,
             "epochs": self.total_epochs,
@@ -502,17 +506,17 @@ class _Trainer:
         x = x.to(d.device, non_blocking=True)
         y = y.to(d.device, non_blocking=True)
         if self.mixup is not None:
-            np.random.seed(seed_for(r["seed"], pos.step, d.rank, 2))  # timm's Mixup draws from numpy
+            np.random.seed(seed_for(r.seed, pos.step, d.rank, 2))  # timm's Mixup draws from numpy
             x, y = self.mixup(x, y)
-        if r["channels_last"]:
+        if r.optim.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        torch.manual_seed(seed_for(r["seed"], pos.step, d.rank, 1))
+        torch.manual_seed(seed_for(r.seed, pos.step, d.rank, 1))
         if sched is not None:
             sched.step_update(num_updates=pos.step - stage_first_step)
         if isinstance(self.loss_fn, SoftConditionalLoss):
-            warm = r["cost_warmup"] * self.total_steps
-            self.loss_fn.cost_weight = r["cost_weight"] * (min(1.0, pos.step / warm) if warm > 0 else 1.0)
-        with _autocast(r, d.device):
+            warm = r.method.cost_warmup * self.total_steps
+            self.loss_fn.cost_weight = r.method.cost_weight * (min(1.0, pos.step / warm) if warm > 0 else 1.0)
+        with _autocast(r.optim.amp, d.device):
             out = net(x)
         loss = self.loss_fn(out, y)
         if not torch.isfinite(loss):
@@ -524,15 +528,15 @@ class _Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            if r["clip_grad"]:
+            if r.optim.clip_grad:
                 self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, r["clip_grad"])
+                torch.nn.utils.clip_grad_norm_(params, r.optim.clip_grad)
             self.scaler.step(opt)
             self.scaler.update()
         else:
             loss.backward()
-            if r["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_(params, r["clip_grad"])
+            if r.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, r.optim.clip_grad)
             opt.step()
         if self.ema is not None:
             self.ema.update(self.model, step=pos.step + 1)
@@ -551,13 +555,13 @@ class _Trainer:
                 "history": self.history,
                 "accum": acc_list,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "recipe": self.recipe,
+                "recipe": self.recipe.flat(),  # flat keys, as run folders store them
             }
             ema = self.ema.module if self.ema is not None else None
             save_checkpoint(self.ckpt_path, self.model, meta, ema, opt)
 
 
-def _train(recipe: dict[str, Any], d: _Dist, run_dir: Path, resume: bool, overwrite: bool) -> Path:
+def _train(recipe: Recipe, d: _Dist, run_dir: Path, resume: bool, overwrite: bool) -> Path:
     trainer = _Trainer(recipe, d, run_dir, resume, overwrite)
     start_step, t0 = trainer.pos.step, time.time()
     if not trainer.run():
@@ -570,7 +574,7 @@ def _train(recipe: dict[str, Any], d: _Dist, run_dir: Path, resume: bool, overwr
         dist.barrier()
         dist.destroy_process_group()
         d.owns_group = False
-    if d.main and recipe["report"]:
+    if d.main and recipe.eval.report:
         if not trained_now and (run_dir / "report.json").is_file():
             log(f"the report already exists: {run_dir / 'report.md'}")
         else:

@@ -1,0 +1,266 @@
+"""The typed recipe: sections, round trips (dict, flat, JSON, YAML), errors, fingerprints, and sections given to parts.
+
+No training here: every check builds recipes, or at most a model and the digits data, in a few seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import get_args
+
+import pytest
+import yaml
+
+from timm_exits.core.config import GATE_TYPES, HEAD_TYPES
+from timm_exits.inference.gate_fitting import GATE_OBJECTIVES
+from timm_exits.inference.policies import POLICIES
+from timm_exits.training import recipe_schema as schema
+from timm_exits.training.augment import AUGMENTS
+from timm_exits.training.build import build_model
+from timm_exits.training.cli import main as cli_main
+from timm_exits.training.data import DATASETS, build_datasets, make_mixup
+from timm_exits.training.recipe import RECIPE_DIR, _fingerprint, _identity, load_recipe
+from timm_exits.training.recipe_schema import (
+    FLAT_KEYS,
+    RUNTIME_KEYS,
+    SECTIONS,
+    DataSection,
+    MethodSection,
+    ModelSection,
+    OptimSection,
+    Recipe,
+    RecipeError,
+)
+from timm_exits.training.stages import _make_loss, _stages
+
+SHIPPED = sorted(RECIPE_DIR.glob("*.yaml"))
+
+# Fingerprints produced by the flat-dict recipe implementation (`DEFAULTS` and `_coerce`) that the typed
+# recipe replaced: run folders and checkpoints are identified by them, so they must never change.
+FLAT_DICT_FINGERPRINTS = {
+    "_finetune224": "3fec7e8abd27eb23",
+    "_paper": "8f3e12ee5acc1505",
+    "cifar100_alexnet": "43d2f02668e3f50e",
+    "cifar100_resnet18": "c78668275bfdf888",
+    "cifar100_resnet18_ft224": "7debe6afd517d8ae",
+    "cifar100_vgg13": "92c675cb26f0367e",
+    "cifar100_vgg13_ft224": "51090adb8cd34d12",
+    "cifar10_alexnet": "7f30a4791e577a9e",
+    "cifar10_resnet18": "7467af71cd48366d",
+    "cifar10_resnet18_ft224": "ffea7aaecf2edf7a",
+    "cifar10_vgg13": "2647f4ac6f51f13c",
+    "cifar10_vgg13_ft224": "b2eb8ddd2a58c1b5",
+    "cinic10_alexnet": "4a9d29541f1c7690",
+    "cinic10_resnet18": "ef15b3c89284876c",
+    "cinic10_resnet18_ft224": "5720c21b899487d3",
+    "cinic10_vgg13": "46c651bf2d6c6ba4",
+    "cinic10_vgg13_ft224": "8740fb822000eed9",
+    "digits_quick": "d265102096f6dfa3",
+}
+FLAT_DICT_OVERRIDE_FINGERPRINTS = [
+    ("cifar10_resnet18", ["method=baseline", "seed=0"], "796a20228c640de7"),
+    ("cifar10_resnet18", ["method=soft", "cost_weight=0.05", "seed=1"], "e3ade784a6b29e0c"),
+    ("cifar100_vgg13_ft224", ["method=branchynet", "seed=2"], "232d2b0ee46ce3db"),
+    (
+        "digits_quick",
+        [
+            "weights=hf-hub:timm/resnet18.a1_in1k",
+            "model_kwargs.drop_path_rate=0.1",
+            "costs=[0.2, 0.5, 1]",
+            "val_split=100",
+            "exits=[1, 2]",
+            "amp=bf16",
+            "clip_grad=1",
+        ],
+        "3ed88b220394c259",
+    ),
+    (None, None, "7a71fa5fbb37abe2"),
+]
+# The runtime keys of the flat-dict implementation (its `_RUNTIME_KEYS` table).
+FLAT_DICT_RUNTIME_KEYS = {
+    "data_dir",
+    "download",
+    "num_workers",
+    "eval_batch_size",
+    "device",
+    "threads",
+    "checkpoint_every_steps",
+    "stop_after_steps",
+    "progress",
+    "report",
+    "policy",
+    "fit_gates",
+    "calibrate_max_drop",
+    "calibrate_target_cost",
+    "timing_images",
+    "timing_repeats",
+    "timing_warmup",
+}
+
+
+# ------------------------------------------------------------------------------------- fingerprints
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_fingerprint_of_every_shipped_recipe_is_unchanged(path):
+    assert _fingerprint(load_recipe(path)) == FLAT_DICT_FINGERPRINTS[path.stem]
+
+
+@pytest.mark.parametrize("source, overrides, expected", FLAT_DICT_OVERRIDE_FINGERPRINTS)
+def test_fingerprint_with_overrides_is_unchanged(source, overrides, expected):
+    recipe = load_recipe(source, overrides)
+    assert _fingerprint(recipe) == _fingerprint(recipe.flat()) == expected
+    runtime = ["device=cpu", "threads=2", "num_workers=3", "eval_batch_size=7", "policy=entropy", "progress=true"]
+    assert _fingerprint(load_recipe(source, [*(overrides or []), *runtime])) == expected
+
+
+def test_runtime_keys_are_declared_in_the_sections_and_match_the_old_table():
+    assert RUNTIME_KEYS == FLAT_DICT_RUNTIME_KEYS
+    assert schema.LATER_KEYS == {"weights": None}
+    for name, section in SECTIONS.items():
+        for f in dataclasses.fields(section):
+            assert (f.name in RUNTIME_KEYS) == bool(section.RUNTIME or f.metadata.get(schema._RUNTIME)), (name, f.name)
+
+
+def test_stored_flat_recipe_of_an_older_run_loads_back():
+    # a checkpoint's "recipe" / run folder's recipe.yaml as the flat-dict implementation wrote it (its key order)
+    stored = load_recipe("cifar10_resnet18", ["method=baseline"]).flat()
+    old_order = ["name", "method", "seed", "model", "pretrained", "model_kwargs", "exits", "dataset", "lr", "epochs"]
+    stored = {k: stored[k] for k in old_order} | {k: v for k, v in stored.items() if k not in old_order}
+    stored.pop("weights")  # written before `weights` existed
+    recipe = load_recipe(stored)
+    assert recipe.method.method == "baseline" and recipe.model.weights is None
+    assert _fingerprint(recipe) == _fingerprint(stored) == "796a20228c640de7"
+    assert _identity(recipe) == _identity(stored)
+
+
+# -------------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_yaml_json_yaml_round_trip_of_every_shipped_recipe(path, tmp_path):
+    recipe = load_recipe(path)
+    again = Recipe.from_json(recipe.to_json())
+    assert again == recipe
+    assert Recipe.from_yaml(again.to_yaml()) == recipe
+    assert again.to_yaml() == recipe.to_yaml()
+    assert Recipe.from_dict(recipe.to_dict()) == Recipe.from_dict(recipe.flat()) == recipe
+    assert json.loads(json.dumps(recipe.flat())) == recipe.flat()
+    sectioned, flat = tmp_path / "sectioned.yaml", tmp_path / "flat.yaml"
+    sectioned.write_text(recipe.to_yaml())
+    flat.write_text(recipe.to_yaml(flat=True))
+    assert load_recipe(sectioned) == load_recipe(flat) == recipe
+
+
+def test_flat_and_sectioned_yaml_give_the_same_recipe(tmp_path):
+    (tmp_path / "flat.yaml").write_text(
+        "base: cifar10_resnet18.yaml\nlr: 0.02\nepochs: 3\nmodel_kwargs:\n  drop_rate: 0.1\n"
+    )
+    (tmp_path / "sectioned.yaml").write_text(
+        "base: cifar10_resnet18.yaml\noptim:\n  lr: 0.02\n  epochs: 3\nmodel:\n  model_kwargs: {drop_rate: 0.1}\n"
+    )
+    (tmp_path / "mixed.yaml").write_text("base: sectioned.yaml\nname: flat\noptim.lr: 0.02\n")
+    flat, sectioned = load_recipe(tmp_path / "flat.yaml"), load_recipe(tmp_path / "sectioned.yaml")
+    assert flat.optim.lr == 0.02 and flat.model.model_kwargs == {"drop_rate": 0.1} and flat.data.dataset == "cifar10"
+    assert dataclasses.replace(sectioned, name="flat") == flat == load_recipe(tmp_path / "mixed.yaml")
+
+
+def test_overrides_flat_by_section_and_into_mappings():
+    plain = load_recipe("digits_quick", ["lr=0.1", "model_kwargs.drop_path_rate=0.1"])
+    by_section = load_recipe("digits_quick", ["optim.lr=0.1", "model.model_kwargs.drop_path_rate=0.1"])
+    assert plain == by_section and plain.optim.lr == 0.1
+    assert plain.model.model_kwargs == {"drop_path_rate": 0.1}
+    assert load_recipe(None, {"optim": {"lr": "1e-3"}}).optim.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
+    nested = load_recipe(None, ["model_kwargs.a.b=2", "model_kwargs.a.c=3"]).model.model_kwargs
+    assert nested == {"a": {"b": 2, "c": 3}}
+    assert load_recipe(plain, {"seed": 3}).seed == 3 and load_recipe(plain, {"seed": 3}).optim.lr == 0.1
+
+
+def test_values_are_converted_from_their_annotations():
+    r = load_recipe(None, ["val_split=5000", "test_split=0.25", "progress=false", "costs=[1, 2]", "clip_grad=none"])
+    assert r.data.val_split == 5000 and isinstance(r.data.val_split, int) and r.data.test_split == 0.25
+    assert r.runtime.progress is False and r.model.costs == [1.0, 2.0] and r.optim.clip_grad is None
+    assert r.optim.sched == "cosine" and load_recipe(None, ["sched=none"]).optim.sched == "none"
+    assert load_recipe(None, {"exits": ("layer1", 2, 0.5)}).model.exits == ["layer1", 2, 0.5]
+    assert load_recipe(None, {"method": "baseline"}).eval.policy == "confidence"  # the method's policy
+    assert OptimSection(lr="0.5").lr == 0.5  # sections convert when built directly too
+
+
+def test_flat_key_names_are_unique_across_sections():
+    names = [f.name for f in dataclasses.fields(Recipe) if f.name not in SECTIONS]
+    for section in SECTIONS.values():
+        names += [f.name for f in dataclasses.fields(section)]
+    assert len(names) == len(set(names)) == len(FLAT_KEYS)
+    assert list(Recipe().flat()) == list(FLAT_KEYS)
+    assert list(SECTIONS) == ["method", "model", "data", "optim", "eval", "runtime"]
+
+
+def test_literal_choices_equal_the_registries():
+    assert get_args(schema.DatasetName) == DATASETS
+    assert get_args(schema.AugmentName) == AUGMENTS
+    assert get_args(schema.FitGatesObjective) == (*GATE_OBJECTIVES, "none")
+    assert get_args(schema.PolicyName) == POLICIES
+    assert get_args(schema.HeadKind) == HEAD_TYPES and get_args(schema.GateKind) == GATE_TYPES
+    assert get_args(schema.MethodName) == schema.METHODS == ("baseline", "branchynet", "soft")
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_unknown_keys_and_sections_name_the_valid_ones():
+    with pytest.raises(RecipeError, match=r"unknown key 'lrr' in recipe section 'optim'\. Did you mean 'lr'\?.*epochs"):
+        load_recipe(None, {"optim": {"lrr": 0.1}})
+    with pytest.raises(RecipeError, match=r"'seed' is a top-level key.*Valid keys of data: dataset"):
+        load_recipe(None, ["data.seed=1"])
+    with pytest.raises(RecipeError, match=r"'lr' is a key of section 'optim'"):
+        load_recipe(None, {"model": {"lr": 0.1}})
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'optimizer'\. Did you mean 'optim'.*Sections"):
+        load_recipe(None, {"optimizer": {"lr": 0.1}})
+    with pytest.raises(RecipeError, match=r"section 'optim' takes a mapping"):
+        load_recipe(None, {"optim": 0.1})
+    with pytest.raises(RecipeError, match=r"dotted key 'lr.x': 'lr' is not a mapping"):
+        load_recipe(None, ["lr.x=1"])
+
+
+def test_wrong_types_name_key_value_and_type_and_choices_are_listed():
+    with pytest.raises(RecipeError, match=r"recipe key 'epochs': 'many' is not a valid int value"):
+        load_recipe(None, {"optim": {"epochs": "many"}})
+    with pytest.raises(RecipeError, match=r"recipe key 'epochs': 2\.5 is not a valid int value"):
+        load_recipe(None, {"epochs": 2.5})
+    with pytest.raises(RecipeError, match=r"recipe key 'costs': \['a'\] is not a valid list\[float\] \| None value"):
+        load_recipe(None, {"costs": ["a"]})
+    with pytest.raises(RecipeError, match=r"recipe key 'ema': 1 is not a valid bool value"):
+        load_recipe(None, {"ema": 1})
+    with pytest.raises(RecipeError, match=r"recipe key 'amp': 'fp32' is not one of \[None, 'bf16', 'fp16'\]"):
+        load_recipe(None, ["amp=fp32"])
+    with pytest.raises(RecipeError, match=r"'dataset': 'mnist' is not one of \['digits', 'cifar10'"):
+        DataSection(dataset="mnist")
+    with pytest.raises(RecipeError, match=r"frozen_epochs with method 'baseline' would train nothing"):
+        load_recipe(None, {"method": "baseline", "frozen_epochs": 1})
+    with pytest.raises(RecipeError, match=r"epochs and frozen_epochs must be >= 0 and not both 0"):
+        load_recipe(None, {"epochs": 0})
+    with pytest.raises(RecipeError, match=r"mixup / cutmix need an even batch_size"):
+        load_recipe(None, {"mixup": 0.2, "batch_size": 7})
+    with pytest.raises(RecipeError, match=r"cost_warmup must be a fraction in \[0, 1\]"):
+        MethodSection(cost_warmup=2)
+    with pytest.raises(RecipeError, match=r"a recipe in JSON is an object"):
+        Recipe.from_json("[1, 2]")
+
+
+# ------------------------------------------------------------------------------ sections given to parts
+def test_parts_build_from_their_own_section():
+    model = build_model(ModelSection(model="test_resnet", exits=[1, 2], head="mlp", head_hidden=16), 7, 32)
+    assert model.num_exits == 3 and model.config.head == "mlp"
+    data = build_datasets(DataSection(max_train_samples=40, max_eval_samples=20, img_size=16), seed=1)
+    assert (len(data.train), len(data.val), len(data.test)) == (40, 20, 20) and data.train[0][0].shape == (3, 16, 16)
+    assert make_mixup(DataSection(), 10) is None and make_mixup(DataSection(mixup=0.2), 10, 0.1) is not None
+    loss = _make_loss(MethodSection(method="branchynet", branchynet_weights=[1, 2, 3]), mixup=False)
+    assert type(loss).__name__ == "BranchyNetLoss"
+    stages = _stages(OptimSection(frozen_epochs=1, frozen_lr=0.5, epochs=2, frozen_train_classifier=False))
+    assert [(s.name, s.epochs, s.lr, s.train_classifier) for s in stages] == [
+        ("frozen", 1, 0.5, False),
+        ("joint", 2, 0.05, True),
+    ]
+
+
+def test_cli_prints_the_recipe_flat_sectioned_or_as_json(capsys):
+    assert cli_main(["recipe", "-c", "digits_quick", "optim.lr=0.2", "--sections"]) == 0
+    sectioned = yaml.safe_load(capsys.readouterr().out)
+    assert sectioned["optim"]["lr"] == 0.2 and sectioned["name"] == "digits_quick"
+    assert cli_main(["recipe", "-c", "digits_quick", "lr=0.2", "--json"]) == 0
+    assert Recipe.from_json(capsys.readouterr().out) == Recipe.from_dict(sectioned)
