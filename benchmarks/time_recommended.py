@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     choice = row["recommended"]
     loaded = load_run(folder, data_dir=args.data_dir)
     model = loaded.model.eval()
-    splits = build_datasets(loaded.recipe, model)
+    splits = build_datasets(loaded.recipe.data, model, seed=loaded.recipe.seed)
     val_loader = make_loader(splits.val, EVAL_BATCH, train=False)
     test_loader = make_loader(splits.test, EVAL_BATCH, train=False)
     policy = build_policy(model, choice, val_loader)
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "time_recommended",
         "machine": machine(args.threads),
         "run": str(folder),
-        "recipe": {k: recipe.get(k) for k in ("model", "dataset", "method", "cost_weight", "seed", "img_size")},
+        "recipe": {k: recipe.flat()[k] for k in ("model", "dataset", "method", "cost_weight", "seed", "img_size")},
         "budget": row["budget"],
         "budget_rule": rule,
         "policy": {k: choice[k] for k in ("policy", "threshold", "exit") if k in choice},
