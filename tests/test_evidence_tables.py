@@ -183,3 +183,16 @@ def test_a_folder_that_is_not_a_run_name_is_refused(tree, tmp_path):
     shutil.move(results / "digits" / "test_resnet_baseline_s0", results / "digits" / "baseline-copy")
     with pytest.raises(SystemExit, match="not a run name"):
         evidence_tables.load_rows(results)
+
+
+def test_rows_not_trained_show_the_measured_minutes_per_epoch(tmp_path):
+    results = tmp_path / "evidence"
+    results.mkdir()
+    rate = 87.5
+    (results / "throughput_vgg13.json").write_text(json.dumps({"images_per_s": {"recipe_loop": rate}}))
+    minutes = evidence_tables.epoch_minutes(results)
+    assert minutes == {"vgg13": pytest.approx(45_000 / rate / 60)}
+    text = evidence_tables.table1(evidence_tables.load_rows(results), minutes)
+    rows = [line for line in text.splitlines() if line.startswith("| VGG-13 |")]
+    assert len(rows) == 8 and all(f"{45_000 / rate / 60:.1f} min per epoch" in line for line in rows)
+    assert "| ResNet-18 | baseline | none | not trained yet |" in text
