@@ -43,7 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "evidence"
 DOCS = (ROOT / "docs" / "evidence.md",)
 POLICY_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-RUN_NAME = re.compile(r"^(?P<backbone>.+?)_(?P<variant>baseline|branchynet|soft_l[0-9.e+-]+)_s(?P<seed>\d+)$")
+RUN_NAME = re.compile(
+    r"^(?P<backbone>.+?)_(?P<variant>baseline|branchynet|(?:attached_)?soft_l[0-9.e+-]+)_s(?P<seed>\d+)$"
+)
+ATTACHED = "attached_"  # variant prefix: exits attached to the trained baseline (frozen, then joint)
 BLOCK = re.compile(r"(<!-- evidence tables: (\w+) -->\n)(.*?)(<!-- end evidence tables: \2 -->)", re.DOTALL)
 
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
@@ -100,7 +103,9 @@ def _variants() -> list[str]:
 
 
 def _variant_key(variant: str) -> tuple[int, float]:
-    """Row order (and index into the paper's triple): baseline, B-Net, soft by lambda."""
+    """Row order (and index into the paper's triple): baseline, B-Net, soft by lambda, attached exits."""
+    if variant.startswith(ATTACHED):
+        return 3, float(variant[len(ATTACHED + "soft_l") :])
     if variant.startswith("soft_l"):
         return 2, float(variant[len("soft_l") :])
     return (0 if variant == "baseline" else 1), 0.0
@@ -114,12 +119,14 @@ def _read(path: Path) -> dict | None:
 def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) -> None:
     """Refuse a run whose folder name disagrees with its report (a mislabelled copy)."""
     rec = report["recipe"]
-    method = variant.split("_l")[0]
-    lam_ok = method != "soft" or f"soft_l{rec['cost_weight']:g}" == variant
+    plain = variant.removeprefix(ATTACHED)
+    method = plain.split("_l")[0]
+    lam_ok = method != "soft" or f"soft_l{rec['cost_weight']:g}" == plain
+    lam_ok = lam_ok and (plain == variant) == (rec.get("weights") is None)
     if report["dataset"] != dataset or report["method"] != method or int(rec["seed"]) != seed or not lam_ok:
         raise SystemExit(
             f"{dataset}/{name}: the report says dataset {report['dataset']}, method {report['method']}, "
-            f"seed {rec['seed']}, cost_weight {rec['cost_weight']}"
+            f"seed {rec['seed']}, cost_weight {rec['cost_weight']}, weights {rec.get('weights')}"
         )
 
 
@@ -151,13 +158,18 @@ def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
         found.setdefault((dataset, m["backbone"], m["variant"]), []).append(run)
     grid = [(n.split("/", 1)[0], RUN_NAME.match(n.split("/", 1)[1])["backbone"]) for n in GRID]
     backbones = set(grid) | set(PAPER_T1) | {(d, b) for d, b, _ in found}
-    keys = {(d, b, v) for d, b in backbones for v in _variants()} | set(found)
+    in_grid = {
+        (n.split("/", 1)[0], m["backbone"], m["variant"]) for n in GRID if (m := RUN_NAME.match(n.split("/")[1]))
+    }
+    keys = {(d, b, v) for d, b in backbones for v in _variants()} | in_grid | set(found)
     rows = {key: Row(*key, sorted(found.get(key, []), key=lambda r: r.seed)) for key in keys}
     return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], _variant_key(kv[0][2]))))
 
 
 def _label(variant: str) -> str:
     """The method as the tables name it."""
+    if variant.startswith(ATTACHED):
+        return f"{_label(variant[len(ATTACHED) :])}, exits attached to the trained baseline"
     if variant.startswith("soft_l"):
         return f"soft, lambda {variant[len('soft_l') :]}"
     return {"baseline": "baseline", "branchynet": "B-Net"}[variant]
@@ -177,7 +189,8 @@ def mean_sd(values: list[float]) -> str:
 def _paper_t1(row: Row) -> str:
     """The paper's Table 1 figure for this row, '-' where the paper has none."""
     paper = PAPER_T1.get((row.dataset, row.backbone))
-    return "-" if paper is None else f"{paper[_variant_key(row.variant)[0]]:.2f} %"
+    index = _variant_key(row.variant)[0]
+    return "-" if paper is None or index >= len(paper) else f"{paper[index]:.2f} %"
 
 
 def _by_dataset(rows: dict[tuple[str, str, str], Row]) -> dict[str, list[Row]]:
@@ -211,7 +224,7 @@ def table1(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | No
                 continue
             tests = [r.report["test"] for r in row.runs]
             seeds = f"{len(row.runs)} ({', '.join(str(r.seed) for r in row.runs)})"
-            soft = mean_sd([t["soft_accuracy"] for t in tests]) if row.variant.startswith("soft") else "-"
+            soft = mean_sd([t["soft_accuracy"] for t in tests]) if "soft" in row.variant else "-"
             out.append(
                 f"{head} {seeds} | {mean_sd([t['final_accuracy'] for t in tests])} | {soft} | {_paper_t1(row)} |"
             )
@@ -338,6 +351,47 @@ def _plotted(group: list[Row]) -> bool:
     return any(run.frontier for row in group for run in row.runs)
 
 
+def _minutes(run: Run) -> float:
+    """A run's training time in minutes (its report's training seconds)."""
+    return run.report["training"]["seconds"] / 60
+
+
+def attached_table(rows: dict[tuple[str, str, str], Row]) -> str:
+    """Exits attached to the trained baseline against the same method trained from scratch: test
+    accuracy and training minutes (the attached run's own, and with the baseline's added)."""
+    out = [
+        "Exits attached to the trained baseline (loaded as a timm checkpoint; frozen epochs, then joint "
+        "epochs) against the same method and seed trained from scratch. Costs and policies: Table 2 and "
+        "the policy table.",
+        "",
+        "| data set | run | epochs (frozen + joint) | final exit | soft ensemble | train min | with baseline's | "
+        "from scratch: final / soft / min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, backbone, variant), row in rows.items():
+        if not variant.startswith(ATTACHED):
+            continue
+        label = DATASETS.get(dataset, dataset)
+        if not row.runs:
+            out.append(f"| {label} | {backbone}_{variant} | - | not trained yet | | | | |")
+            continue
+        scratch = {r.seed: r for r in rows.get((dataset, backbone, variant[len(ATTACHED) :]), Row("", "", "")).runs}
+        base = {r.seed: r for r in rows.get((dataset, backbone, "baseline"), Row("", "", "")).runs}
+        for run in row.runs:
+            rec, test = run.report["recipe"], run.report["test"]
+            total = f"{_minutes(run) + _minutes(base[run.seed]):.1f}" if run.seed in base else "-"
+            ref = scratch.get(run.seed)
+            ref_text = "not trained yet"
+            if ref is not None:
+                t = ref.report["test"]
+                ref_text = f"{_pct(t['final_accuracy'])} % / {_pct(t['soft_accuracy'])} % / {_minutes(ref):.1f}"
+            out.append(
+                f"| {label} | {run.name} | {rec['frozen_epochs']} + {rec['epochs']} | {_pct(test['final_accuracy'])} % "
+                f"| {_pct(test['soft_accuracy'])} % | {_minutes(run):.1f} | {total} | {ref_text} |"
+            )
+    return "\n".join(out)
+
+
 def tables_md(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | None = None) -> str:
     """The whole of tables.md."""
     parts = [
@@ -350,6 +404,8 @@ def tables_md(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] |
         table2(rows),
         "## Policies at a cost budget",
         policy_table(rows),
+        "## Exits attached to a trained network",
+        attached_table(rows),
     ]
     plots = [d for d, group in _by_dataset(rows).items() if _plotted(group)]
     if plots:

@@ -48,10 +48,26 @@ def _methods(recipe: str, prefix: str, seeds: tuple[int, ...], soft_lambdas: tup
 # CIFAR-10 method comes first, so a partial grid already compares the methods.
 GRID: dict[str, tuple[str, dict[str, object]]] = {
     **_methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B)),
+    # the path most users take: exits attached to the trained baseline, loaded as a user's own timm
+    # checkpoint, 5 epochs on the frozen backbone, then 5 jointly ({out}: the folder of the run folders)
+    "cifar10/resnet18_attached_soft_l0.1_s0": (
+        "cifar10_resnet18",
+        {
+            "method": "soft",
+            "cost_weight": LAMBDA_A,
+            "seed": 0,
+            "weights": "local-dir:{out}/cifar10/resnet18_baseline_s0/model",
+            "frozen_epochs": 5,
+            "epochs": 5,
+            "warmup_epochs": 0.75,
+        },
+    ),
     **_methods("cifar10_resnet18", "cifar10/resnet18", (1,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar100_resnet18", "cifar100/resnet18", (0,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar10_alexnet", "cifar10/alexnet", (0,), (LAMBDA_A,)),
 }
+# runs that start from another run's model: trained once that run has finished
+REQUIRES = {"cifar10/resnet18_attached_soft_l0.1_s0": "cifar10/resnet18_baseline_s0"}
 FRONTIER_BUDGETS = [round(0.2 + 0.025 * i, 3) for i in range(33)]  # 0.2 .. 1.0
 SMALL_FILES = (
     "report.json",
@@ -74,7 +90,8 @@ def _train_cmd(name: str, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "timm_exits.training.cli", "train", "-c", recipe]
     cmd += ["--data-dir", str(args.data_dir), "--output", str(run), "--no-progress"]
     cmd += ["--resume"] if (run / "checkpoint.safetensors").exists() else []
-    return cmd + [f"{k}={v}" for k, v in overrides.items()] + list(args.set)
+    values = {k: str(v).replace("{out}", str(args.out)) for k, v in overrides.items()}
+    return cmd + [f"{k}={v}" for k, v in values.items()] + list(args.set)
 
 
 def _frontier(name: str, args: argparse.Namespace) -> int:
@@ -118,6 +135,20 @@ def _finish(name: str, args: argparse.Namespace) -> dict:
     return info
 
 
+def _next(queue: list[str], running: dict, summary: dict, args: argparse.Namespace) -> str | None:
+    """Take the first queued run whose required run has finished; a run whose required run failed or
+    is not selected is skipped. None: every queued run waits for one still training."""
+    for name in list(queue):
+        need = REQUIRES.get(name)
+        if need is None or (_run_dir(args.out, need) / "report.json").exists():
+            queue.remove(name)
+            return name
+        if need not in queue and need not in running:
+            queue.remove(name)
+            summary[name] = {"status": f"skipped: needs {need}, which has no report"}
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", type=Path, required=True)
@@ -138,7 +169,9 @@ def main() -> None:
     start = time.monotonic()
     while queue or running:
         while queue and len(running) < args.parallel:
-            name = queue.pop(0)
+            name = _next(queue, running, summary, args)
+            if name is None:
+                break
             run = _run_dir(args.out, name)
             if (run / "report.json").exists():
                 summary[name] = {"status": "done before", **_finish(name, args)}

@@ -193,3 +193,58 @@ def test_rows_not_trained_show_the_measured_minutes_per_epoch(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| VGG-13 |")]
     assert len(rows) == 8 and all(f"{45_000 / rate / 60:.1f} min per epoch" in line for line in rows)
     assert "| ResNet-18 | baseline | none | not trained yet |" in text
+
+
+def test_exits_attached_to_the_trained_baseline_are_compared_with_scratch(tree, tmp_path):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    base_model = tmp_path / "base"
+    base = train(tiny(method="baseline", timing_images=0, report=True), base_model)
+    shutil.copy2(base / "report.json", results / "digits" / "test_resnet_baseline_s0" / "report.json")
+    overrides = {"weights": f"local-dir:{base / 'model'}", "frozen_epochs": 1, "epochs": 1}
+    attached = train(tiny(method="soft", cost_weight=0.1, timing_images=0, **overrides), tmp_path / "attached")
+    _copy(attached, results / "digits" / "test_resnet_attached_soft_l0.1_s0")
+    rows = evidence_tables.load_rows(results)
+    row = _row(evidence_tables.attached_table(rows), "digits", "test_resnet_attached_soft_l0.1_s0")
+    rep, scratch = (
+        json.loads((d / "report.json").read_text()) for d in (attached, tree / "digits" / "test_resnet_soft_l0.1_s0")
+    )
+    minutes = rep["training"]["seconds"] / 60
+    assert row[2] == "1 + 1"
+    assert row[3:5] == [f"{100 * rep['test']['final_accuracy']:.2f} %", f"{100 * rep['test']['soft_accuracy']:.2f} %"]
+    assert row[5] == f"{minutes:.1f}"
+    base_minutes = json.loads((base / "report.json").read_text())["training"]["seconds"] / 60
+    assert row[6] == f"{minutes + base_minutes:.1f}"
+    assert row[7].startswith(f"{100 * scratch['test']['final_accuracy']:.2f} % / ")
+    assert "exits attached to the trained baseline" in evidence_tables.table1(rows)
+    # a folder named as attached whose run started from scratch is refused
+    shutil.rmtree(results / "digits" / "test_resnet_attached_soft_l0.1_s0")
+    digits = results / "digits"
+    shutil.move(digits / "test_resnet_soft_l0.1_s0", digits / "test_resnet_attached_soft_l0.1_s0")
+    with pytest.raises(SystemExit, match="weights None"):
+        evidence_tables.load_rows(results)
+
+
+def test_driver_starts_a_run_only_after_the_run_it_starts_from(tmp_path):
+    import argparse
+
+    import run_evidence
+
+    args = argparse.Namespace(out=tmp_path)
+    attached, base = (
+        "cifar10/resnet18_attached_soft_l0.1_s0",
+        run_evidence.REQUIRES["cifar10/resnet18_attached_soft_l0.1_s0"],
+    )
+    other = "cifar10/resnet18_baseline_s1"
+    queue, summary = [attached, other], {}
+    assert run_evidence._next(queue, {base: None}, summary, args) == other  # base still training
+    assert run_evidence._next(queue, {base: None}, summary, args) is None and queue == [attached]
+    (tmp_path / base).mkdir(parents=True)
+    (tmp_path / base / "report.json").write_text("{}")
+    assert run_evidence._next(queue, {}, summary, args) == attached and not summary
+    (tmp_path / base / "report.json").unlink()
+    queue = [attached]
+    assert run_evidence._next(queue, {}, summary, args) is None and queue == []  # base failed: skipped
+    assert summary[attached]["status"].startswith("skipped")
+    cmd = run_evidence._train_cmd(attached, argparse.Namespace(out=tmp_path, data_dir=tmp_path, set=[]))
+    assert f"weights=local-dir:{tmp_path}/{base}/model" in cmd
