@@ -121,9 +121,14 @@ def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) 
     rec = report["recipe"]
     plain = variant.removeprefix(ATTACHED)
     method = plain.split("_l")[0]
-    lam_ok = method != "soft" or f"soft_l{rec['cost_weight']:g}" == plain
-    lam_ok = lam_ok and (plain == variant) == (rec.get("weights") is None)
-    if report["dataset"] != dataset or report["method"] != method or int(rec["seed"]) != seed or not lam_ok:
+    matches = (
+        report["dataset"] == dataset
+        and report["method"] == method
+        and int(rec["seed"]) == seed
+        and (method != "soft" or f"soft_l{rec['cost_weight']:g}" == plain)
+        and (plain == variant) == (rec.get("weights") is None)  # attached runs, and only they, start from weights
+    )
+    if not matches:
         raise SystemExit(
             f"{dataset}/{name}: the report says dataset {report['dataset']}, method {report['method']}, "
             f"seed {rec['seed']}, cost_weight {rec['cost_weight']}, weights {rec.get('weights')}"
@@ -356,6 +361,11 @@ def _minutes(run: Run) -> float:
     return run.report["training"]["seconds"] / 60
 
 
+def _by_seed(rows: dict[tuple[str, str, str], Row], key: tuple[str, str, str]) -> dict[int, Run]:
+    """The runs of one row by seed (none where the row does not exist)."""
+    return {r.seed: r for r in rows[key].runs} if key in rows else {}
+
+
 def attached_table(rows: dict[tuple[str, str, str], Row]) -> str:
     """Exits attached to the trained baseline against the same method trained from scratch: test
     accuracy and training minutes (the attached run's own, and with the baseline's added)."""
@@ -375,8 +385,8 @@ def attached_table(rows: dict[tuple[str, str, str], Row]) -> str:
         if not row.runs:
             out.append(f"| {label} | {backbone}_{variant} | - | not trained yet | | | | |")
             continue
-        scratch = {r.seed: r for r in rows.get((dataset, backbone, variant[len(ATTACHED) :]), Row("", "", "")).runs}
-        base = {r.seed: r for r in rows.get((dataset, backbone, "baseline"), Row("", "", "")).runs}
+        scratch = _by_seed(rows, (dataset, backbone, variant[len(ATTACHED) :]))
+        base = _by_seed(rows, (dataset, backbone, "baseline"))
         for run in row.runs:
             rec, test = run.report["recipe"], run.report["test"]
             total = f"{_minutes(run) + _minutes(base[run.seed]):.1f}" if run.seed in base else "-"

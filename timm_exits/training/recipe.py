@@ -156,9 +156,6 @@ def load_recipe(
     return Recipe.from_dict(given, overrides)
 
 
-_LATER_KEYS = LATER_KEYS  # keys added later, at the value that trains what older runs trained
-
-
 def _identity(recipe: Recipe | Mapping[str, Any]) -> dict[str, Any]:
     """The flat keys that identify a run: all but the runtime keys, and keys added later at their neutral value.
 
@@ -169,7 +166,7 @@ def _identity(recipe: Recipe | Mapping[str, Any]) -> dict[str, Any]:
         Flat key -> value.
     """
     flat = recipe.flat() if isinstance(recipe, Recipe) else recipe
-    return {k: v for k, v in flat.items() if k not in RUNTIME_KEYS and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
+    return {k: v for k, v in flat.items() if k not in RUNTIME_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])}
 
 
 def _fingerprint(recipe: Recipe | Mapping[str, Any]) -> str:

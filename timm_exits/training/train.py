@@ -169,8 +169,7 @@ def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, optim: OptimSe
 def _progress_enabled(progress: str | bool, d: _Dist) -> bool:
     if not d.main:
         return False
-    p = progress
-    return sys.stderr.isatty() if p == "auto" else bool(p)
+    return sys.stderr.isatty() if progress == "auto" else bool(progress)
 
 
 @dataclass
@@ -246,8 +245,8 @@ class _Trainer:
         if raw is None:
             raw = load_splits(data)
         torch.manual_seed(recipe.seed)
-        load = None if not self.resuming else False
-        self.model = build_model(recipe.model, len(raw.classes), data.img_size, pretrained=load)
+        pretrained = False if self.resuming else None  # a resumed run's weights come from its checkpoint
+        self.model = build_model(recipe.model, len(raw.classes), data.img_size, pretrained=pretrained)
         self.data = build_datasets(data, self.model, raw, seed=recipe.seed)
         self.ckpt_path = run_dir / CHECKPOINT_NAME
         self.ckpt: dict[str, dict[str, torch.Tensor]] = {}
