@@ -284,6 +284,28 @@ def test_predict_with_nonfinite_inputs():
         predict(model, x[[1, 4]], "gate", 2.0, allow_nonfinite=True)
 
 
+def test_finite_check_of_predict_agrees_with_an_elementwise_check():
+    from timm_exits.inference.policies import _all_finite
+
+    x = images(4, 32, seed=5)
+    cases = {"finite": x.clone(), "huge but finite (the sum overflows)": torch.full_like(x, 3e38)}
+    for i, value in enumerate([float("nan"), float("inf"), -float("inf")]):
+        bad = x.clone()
+        bad[i % 4, 1, 3, i] = value
+        cases[f"one {value}"] = bad
+    both = x.clone()
+    both[0, 0, 0, 0], both[2, 0, 0, 0] = float("inf"), -float("inf")  # the sum is NaN, not inf
+    cases["inf and -inf"] = both
+    for name, t in cases.items():
+        assert _all_finite(t) == bool(torch.isfinite(t).all()), name
+        assert _all_finite(t.to(torch.bfloat16)) == bool(torch.isfinite(t.to(torch.bfloat16)).all()), name
+
+    model, size = _wrapped("resnet18")
+    huge = torch.full((2, 3, size, size), 3e38)
+    pred = predict(model, huge, "confidence", 1.0)  # finite input: predicted, not refused
+    assert pred.stats.nonfinite == [] and pred.logits.shape == (2, model.num_classes)
+
+
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
