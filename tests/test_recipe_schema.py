@@ -37,10 +37,7 @@ from timm_exits.training.stages import _make_loss, _stages
 SHIPPED = sorted(RECIPE_DIR.glob("*.yaml"))
 
 # Fingerprints produced by the flat-dict recipe implementation (`DEFAULTS` and `_coerce`) that the typed
-# recipe replaced: run folders and checkpoints are identified by them, so they must never change. They
-# describe the recipes with NCHW convolutions: the shipped 32-px budget has since switched to channels-last,
-# which the tests undo with an override (`AS_WRITTEN`).
-AS_WRITTEN = ["channels_last=false"]
+# recipe replaced: run folders and checkpoints are identified by them, so they must never change.
 FLAT_DICT_FINGERPRINTS = {
     "_finetune224": "3fec7e8abd27eb23",
     "_paper": "8f3e12ee5acc1505",
@@ -105,15 +102,15 @@ FLAT_DICT_RUNTIME_KEYS = {
 # ------------------------------------------------------------------------------------- fingerprints
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_fingerprint_of_every_shipped_recipe_is_unchanged(path):
-    assert _fingerprint(load_recipe(path, AS_WRITTEN)) == FLAT_DICT_FINGERPRINTS[path.stem]
+    assert _fingerprint(load_recipe(path)) == FLAT_DICT_FINGERPRINTS[path.stem]
 
 
 @pytest.mark.parametrize("source, overrides, expected", FLAT_DICT_OVERRIDE_FINGERPRINTS)
 def test_fingerprint_with_overrides_is_unchanged(source, overrides, expected):
-    recipe = load_recipe(source, [*AS_WRITTEN, *(overrides or [])])
+    recipe = load_recipe(source, overrides)
     assert _fingerprint(recipe) == _fingerprint(recipe.flat()) == expected
     runtime = ["device=cpu", "threads=2", "num_workers=3", "eval_batch_size=7", "policy=entropy", "progress=true"]
-    assert _fingerprint(load_recipe(source, [*AS_WRITTEN, *(overrides or []), *runtime])) == expected
+    assert _fingerprint(load_recipe(source, [*(overrides or []), *runtime])) == expected
 
 
 def test_runtime_keys_are_declared_in_the_sections_and_match_the_old_table():
@@ -126,7 +123,7 @@ def test_runtime_keys_are_declared_in_the_sections_and_match_the_old_table():
 
 def test_stored_flat_recipe_of_an_older_run_loads_back():
     # a checkpoint's "recipe" / run folder's recipe.yaml as the flat-dict implementation wrote it (its key order)
-    stored = load_recipe("cifar10_resnet18", [*AS_WRITTEN, "method=baseline"]).flat()
+    stored = load_recipe("cifar10_resnet18", ["method=baseline"]).flat()
     old_order = ["name", "method", "seed", "model", "pretrained", "model_kwargs", "exits", "dataset", "lr", "epochs"]
     stored = {k: stored[k] for k in old_order} | {k: v for k, v in stored.items() if k not in old_order}
     stored.pop("weights")  # written before `weights` existed
