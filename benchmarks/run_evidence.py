@@ -47,8 +47,10 @@ def _methods(recipe: str, prefix: str, seeds: tuple[int, ...], soft_lambdas: tup
 # name -> (shipped recipe name, overrides), in the order they are trained: the CIFAR-10 baseline and the
 # exits attached to it first (the path most users take), then seed 0 of every CIFAR-10 method, so a partial
 # grid already compares the methods.
+_CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B))
+_BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
-    "cifar10/resnet18_baseline_s0": ("cifar10_resnet18", {"method": "baseline", "seed": 0}),
+    _BASELINE_S0: _CIFAR10_S0.pop(_BASELINE_S0),
     # the path most users take: exits attached to the trained baseline, loaded as a user's own timm
     # checkpoint, 5 epochs on the frozen backbone, then 5 jointly ({out}: the folder of the run folders)
     "cifar10/resnet18_attached_soft_l0.1_s0": (
@@ -63,13 +65,13 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
             "warmup_epochs": 0.75,
         },
     ),
-    **_methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B)),
+    **_CIFAR10_S0,
     **_methods("cifar10_resnet18", "cifar10/resnet18", (1,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar100_resnet18", "cifar100/resnet18", (0,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar10_alexnet", "cifar10/alexnet", (0,), (LAMBDA_A,)),
 }
 # runs that start from another run's model: trained once that run has finished
-REQUIRES = {"cifar10/resnet18_attached_soft_l0.1_s0": "cifar10/resnet18_baseline_s0"}
+REQUIRES = {"cifar10/resnet18_attached_soft_l0.1_s0": _BASELINE_S0}
 FRONTIER_BUDGETS = [round(0.2 + 0.025 * i, 3) for i in range(33)]  # 0.2 .. 1.0
 SMALL_FILES = (
     "report.json",
