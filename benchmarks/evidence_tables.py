@@ -44,9 +44,12 @@ RESULTS = ROOT / "results" / "evidence"
 DOCS = (ROOT / "docs" / "evidence.md",)
 POLICY_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RUN_NAME = re.compile(
-    r"^(?P<backbone>.+?)_(?P<variant>baseline|branchynet|(?:attached_)?soft_l[0-9.e+-]+)_s(?P<seed>\d+)$"
+    r"^(?P<backbone>.+?)_(?P<variant>baseline|branchynet|(?:attached_(?:lr[0-9.e+-]+_)?)?soft_l[0-9.e+-]+)"
+    r"_s(?P<seed>\d+)$"
 )
-ATTACHED = "attached_"  # variant prefix: exits attached to the trained baseline (frozen, then joint)
+# variant of exits attached to the trained baseline (frozen, then joint epochs), optionally naming the
+# joint stage's learning rate: attached_[lr<lr>_]<the variant trained from scratch>
+ATTACHED = re.compile(r"^attached_(?:lr(?P<lr>[0-9.e+-]+)_)?(?P<scratch>.+)$")
 BLOCK = re.compile(r"(<!-- evidence tables: (\w+) -->\n)(.*?)(<!-- end evidence tables: \2 -->)", re.DOTALL)
 
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
@@ -102,13 +105,21 @@ def _variants() -> list[str]:
     return ["baseline", "branchynet", f"soft_l{LAMBDA_A:g}", f"soft_l{LAMBDA_B:g}"]
 
 
-def _variant_key(variant: str) -> tuple[int, float]:
-    """Row order (and index into the paper's triple): baseline, B-Net, soft by lambda, attached exits."""
-    if variant.startswith(ATTACHED):
-        return 3, float(variant[len(ATTACHED + "soft_l") :])
+def _scratch_variant(variant: str) -> str | None:
+    """The from-scratch variant that an attached variant is compared with; None for a from-scratch one."""
+    m = ATTACHED.match(variant)
+    return m["scratch"] if m else None
+
+
+def _variant_key(variant: str) -> tuple[int, float, float]:
+    """Row order (and index into the paper's triple): baseline, B-Net, soft by lambda, attached exits
+    (by lambda, then joint learning rate)."""
+    m = ATTACHED.match(variant)
+    if m:
+        return 3, _variant_key(m["scratch"])[1], float(m["lr"] or 0)
     if variant.startswith("soft_l"):
-        return 2, float(variant[len("soft_l") :])
-    return (0 if variant == "baseline" else 1), 0.0
+        return 2, float(variant[len("soft_l") :]), 0.0
+    return (0 if variant == "baseline" else 1), 0.0, 0.0
 
 
 def _read(path: Path) -> dict | None:
@@ -119,19 +130,21 @@ def _read(path: Path) -> dict | None:
 def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) -> None:
     """Refuse a run whose folder name disagrees with its report (a mislabelled copy)."""
     rec = report["recipe"]
-    plain = variant.removeprefix(ATTACHED)
+    attached = ATTACHED.match(variant)
+    plain = attached["scratch"] if attached else variant
     method = plain.split("_l")[0]
     matches = (
         report["dataset"] == dataset
         and report["method"] == method
         and int(rec["seed"]) == seed
         and (method != "soft" or f"soft_l{rec['cost_weight']:g}" == plain)
-        and (plain == variant) == (rec.get("weights") is None)  # attached runs, and only they, start from weights
+        and (attached is None) == (rec.get("weights") is None)  # attached runs, and only they, start from weights
+        and (attached is None or attached["lr"] is None or float(attached["lr"]) == float(rec["lr"]))
     )
     if not matches:
         raise SystemExit(
             f"{dataset}/{name}: the report says dataset {report['dataset']}, method {report['method']}, "
-            f"seed {rec['seed']}, cost_weight {rec['cost_weight']}, weights {rec.get('weights')}"
+            f"seed {rec['seed']}, cost_weight {rec['cost_weight']}, weights {rec.get('weights')}, lr {rec['lr']}"
         )
 
 
@@ -173,8 +186,10 @@ def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
 
 def _label(variant: str) -> str:
     """The method as the tables name it."""
-    if variant.startswith(ATTACHED):
-        return f"{_label(variant[len(ATTACHED) :])}, exits attached to the trained baseline"
+    m = ATTACHED.match(variant)
+    if m:
+        lr = f", joint lr {m['lr']}" if m["lr"] else ""
+        return f"{_label(m['scratch'])}, exits attached to the trained baseline{lr}"
     if variant.startswith("soft_l"):
         return f"soft, lambda {variant[len('soft_l') :]}"
     return {"baseline": "baseline", "branchynet": "B-Net"}[variant]
@@ -374,18 +389,19 @@ def attached_table(rows: dict[tuple[str, str, str], Row]) -> str:
         "epochs) against the same method and seed trained from scratch. Costs and policies: Table 2 and "
         "the policy table.",
         "",
-        "| data set | run | epochs (frozen + joint) | final exit | soft ensemble | train min | with baseline's | "
-        "from scratch: final / soft / min |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data set | run | epochs (frozen + joint) | peak lr (frozen / joint) | final exit | soft ensemble | "
+        "train min | with baseline's | from scratch: final / soft / min |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (dataset, backbone, variant), row in rows.items():
-        if not variant.startswith(ATTACHED):
+        scratch_variant = _scratch_variant(variant)
+        if scratch_variant is None:
             continue
         label = DATASETS.get(dataset, dataset)
         if not row.runs:
-            out.append(f"| {label} | {backbone}_{variant} | - | not trained yet | | | | |")
+            out.append(f"| {label} | {backbone}_{variant} | - | - | not trained yet | | | | |")
             continue
-        scratch = _by_seed(rows, (dataset, backbone, variant[len(ATTACHED) :]))
+        scratch = _by_seed(rows, (dataset, backbone, scratch_variant))
         base = _by_seed(rows, (dataset, backbone, "baseline"))
         for run in row.runs:
             rec, test = run.report["recipe"], run.report["test"]
@@ -396,7 +412,8 @@ def attached_table(rows: dict[tuple[str, str, str], Row]) -> str:
                 t = ref.report["test"]
                 ref_text = f"{_pct(t['final_accuracy'])} % / {_pct(t['soft_accuracy'])} % / {_minutes(ref):.1f}"
             out.append(
-                f"| {label} | {run.name} | {rec['frozen_epochs']} + {rec['epochs']} | {_pct(test['final_accuracy'])} % "
+                f"| {label} | {run.name} | {rec['frozen_epochs']} + {rec['epochs']} "
+                f"| {rec.get('frozen_lr') or rec['lr']:g} / {rec['lr']:g} | {_pct(test['final_accuracy'])} % "
                 f"| {_pct(test['soft_accuracy'])} % | {_minutes(run):.1f} | {total} | {ref_text} |"
             )
     return "\n".join(out)

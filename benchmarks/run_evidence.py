@@ -65,13 +65,28 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
             "warmup_epochs": 0.75,
         },
     ),
+    # the same, with the joint stage at a tenth of the budget's peak rate (a fine-tune of trained weights)
+    "cifar10/resnet18_attached_lr0.01_soft_l0.1_s0": (
+        "cifar10_resnet18",
+        {
+            "method": "soft",
+            "cost_weight": LAMBDA_A,
+            "seed": 0,
+            "weights": "local-dir:{out}/cifar10/resnet18_baseline_s0/model",
+            "frozen_epochs": 5,
+            "frozen_lr": 0.1,
+            "epochs": 5,
+            "lr": 0.01,
+            "warmup_epochs": 0.75,
+        },
+    ),
     **_CIFAR10_S0,
     **_methods("cifar10_resnet18", "cifar10/resnet18", (1,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar100_resnet18", "cifar100/resnet18", (0,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar10_alexnet", "cifar10/alexnet", (0,), (LAMBDA_A,)),
 }
 # runs that start from another run's model: trained once that run has finished
-REQUIRES = {"cifar10/resnet18_attached_soft_l0.1_s0": _BASELINE_S0}
+REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
 FRONTIER_BUDGETS = [round(0.2 + 0.025 * i, 3) for i in range(33)]  # 0.2 .. 1.0
 SMALL_FILES = (
     "report.json",

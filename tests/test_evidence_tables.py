@@ -210,13 +210,29 @@ def test_exits_attached_to_the_trained_baseline_are_compared_with_scratch(tree, 
         json.loads((d / "report.json").read_text()) for d in (attached, tree / "digits" / "test_resnet_soft_l0.1_s0")
     )
     minutes = rep["training"]["seconds"] / 60
+    lr = rep["recipe"]["lr"]
     assert row[2] == "1 + 1"
-    assert row[3:5] == [f"{100 * rep['test']['final_accuracy']:.2f} %", f"{100 * rep['test']['soft_accuracy']:.2f} %"]
-    assert row[5] == f"{minutes:.1f}"
+    assert row[3] == f"{lr:g} / {lr:g}"
+    assert row[4:6] == [f"{100 * rep['test']['final_accuracy']:.2f} %", f"{100 * rep['test']['soft_accuracy']:.2f} %"]
+    assert row[6] == f"{minutes:.1f}"
     base_minutes = json.loads((base / "report.json").read_text())["training"]["seconds"] / 60
-    assert row[6] == f"{minutes + base_minutes:.1f}"
-    assert row[7].startswith(f"{100 * scratch['test']['final_accuracy']:.2f} % / ")
+    assert row[7] == f"{minutes + base_minutes:.1f}"
+    assert row[8].startswith(f"{100 * scratch['test']['final_accuracy']:.2f} % / ")
     assert "exits attached to the trained baseline" in evidence_tables.table1(rows)
+    # a name may state the joint stage's learning rate: its own row, compared with the same scratch run
+    _copy(attached, results / "digits" / f"test_resnet_attached_lr{lr:g}_soft_l0.1_s0")
+    rows = evidence_tables.load_rows(results)
+    tagged = _row(evidence_tables.attached_table(rows), "digits", f"test_resnet_attached_lr{lr:g}_soft_l0.1_s0")
+    assert tagged[4:] == row[4:]
+    assert f"exits attached to the trained baseline, joint lr {lr:g}" in evidence_tables.table1(rows)
+    # ... and must be the rate the run used
+    shutil.move(
+        results / "digits" / f"test_resnet_attached_lr{lr:g}_soft_l0.1_s0",
+        results / "digits" / f"test_resnet_attached_lr{10 * lr:g}_soft_l0.1_s0",
+    )
+    with pytest.raises(SystemExit, match=f"lr {lr}"):
+        evidence_tables.load_rows(results)
+    shutil.rmtree(results / "digits" / f"test_resnet_attached_lr{10 * lr:g}_soft_l0.1_s0")
     # a folder named as attached whose run started from scratch is refused
     shutil.rmtree(results / "digits" / "test_resnet_attached_soft_l0.1_s0")
     digits = results / "digits"
