@@ -44,6 +44,24 @@ def _methods(recipe: str, prefix: str, seeds: tuple[int, ...], soft_lambdas: tup
     return grid
 
 
+def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
+    """Soft exits (lambda A, seed 0) attached to the seed-0 CIFAR-10 baseline's saved model: 5 epochs on the
+    frozen backbone, then 5 jointly, the joint stage at `joint_lr` (default: the budget's) and the frozen one
+    at the budget's peak rate ({out}: the folder of the run folders)."""
+    overrides: dict[str, object] = {
+        "method": "soft",
+        "cost_weight": LAMBDA_A,
+        "seed": 0,
+        "weights": "local-dir:{out}/cifar10/resnet18_baseline_s0/model",
+        "frozen_epochs": 5,
+        "epochs": 5,
+        "warmup_epochs": 0.75,
+    }
+    if joint_lr is not None:
+        overrides.update(frozen_lr=0.1, lr=joint_lr)
+    return "cifar10_resnet18", overrides
+
+
 # name -> (shipped recipe name, overrides), in the order they are trained: the CIFAR-10 baseline and the
 # exits attached to it first (the path most users take), then seed 0 of every CIFAR-10 method, so a partial
 # grid already compares the methods.
@@ -51,35 +69,10 @@ _CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, 
 _BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
     _BASELINE_S0: _CIFAR10_S0.pop(_BASELINE_S0),
-    # the path most users take: exits attached to the trained baseline, loaded as a user's own timm
-    # checkpoint, 5 epochs on the frozen backbone, then 5 jointly ({out}: the folder of the run folders)
-    "cifar10/resnet18_attached_soft_l0.1_s0": (
-        "cifar10_resnet18",
-        {
-            "method": "soft",
-            "cost_weight": LAMBDA_A,
-            "seed": 0,
-            "weights": "local-dir:{out}/cifar10/resnet18_baseline_s0/model",
-            "frozen_epochs": 5,
-            "epochs": 5,
-            "warmup_epochs": 0.75,
-        },
-    ),
+    # the path most users take: exits attached to the trained baseline, loaded as a user's own timm checkpoint
+    "cifar10/resnet18_attached_soft_l0.1_s0": _attached(),
     # the same, with the joint stage at a tenth of the budget's peak rate (a fine-tune of trained weights)
-    "cifar10/resnet18_attached_lr0.01_soft_l0.1_s0": (
-        "cifar10_resnet18",
-        {
-            "method": "soft",
-            "cost_weight": LAMBDA_A,
-            "seed": 0,
-            "weights": "local-dir:{out}/cifar10/resnet18_baseline_s0/model",
-            "frozen_epochs": 5,
-            "frozen_lr": 0.1,
-            "epochs": 5,
-            "lr": 0.01,
-            "warmup_epochs": 0.75,
-        },
-    ),
+    "cifar10/resnet18_attached_lr0.01_soft_l0.1_s0": _attached(joint_lr=0.01),
     **_CIFAR10_S0,
     **_methods("cifar10_resnet18", "cifar10/resnet18", (1,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar100_resnet18", "cifar100/resnet18", (0,), (LAMBDA_A, LAMBDA_B)),
