@@ -6,9 +6,14 @@ its last checkpoint and skips finished ones. Each finished soft / B-Net run gets
 (`policy_frontier.py`) right away and, with ``--timing-images N``, the batch-1 timing of its recommended
 policy against the plain backbone (`time_recommended.py`, ``timing.json``); then the small files of
 the run (report, metrics, recipe, log, frontier, timing; never checkpoints or weights) are copied to
-``RESULTS/<data set>/<name>``. Timing is best taken on an otherwise idle machine: started again after
-the grid has finished, with ``--timing-images N`` and ``--parallel 1``, the driver times every
-finished run that has no ``timing.json`` yet and copies the files again.
+``RESULTS/<data set>/<name>``. Timing wants an otherwise idle machine, so the driver pauses every other
+training process (SIGSTOP, then SIGCONT) while it times a run, and with ``--parallel`` above 1 the
+training processes leave out their report's own timing (``timing_images=0``), which would run beside
+another training. Started again after the grid has finished, with ``--timing-images N``, the driver
+times every finished run that has no ``timing.json`` yet and copies the files again.
+
+On a CPU, two runs at a time with one thread each (``--parallel 2 --set threads=1``) train more
+images per second in all than one run with two threads; each run takes longer.
 
     python benchmarks/run_evidence.py --data-dir DATA --out runs/evidence --results results/evidence
 
@@ -20,12 +25,15 @@ overrides (method, cost weight, seed). The JSON summary goes to stdout; each run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -103,6 +111,8 @@ def _train_cmd(name: str, args: argparse.Namespace) -> list[str]:
     cmd += ["--data-dir", str(args.data_dir), "--output", str(run), "--no-progress"]
     cmd += ["--resume"] if (run / "checkpoint.safetensors").exists() else []
     values = {k: str(v).replace("{out}", str(args.out)) for k, v in overrides.items()}
+    if getattr(args, "parallel", 1) > 1:  # the report's timing would run beside another training
+        values["timing_images"] = "0"
     return cmd + [f"{k}={v}" for k, v in values.items()] + list(args.set)
 
 
@@ -130,14 +140,30 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-def _finish(name: str, args: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def _paused(procs: Sequence[subprocess.Popen]) -> Iterator[None]:
+    """Stop the running processes of `procs` (SIGSTOP) for the block and continue them (SIGCONT) after."""
+    stopped = [p for p in procs if p.poll() is None] if hasattr(signal, "SIGSTOP") else []
+    for proc in stopped:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in stopped:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+
+
+def _finish(name: str, args: argparse.Namespace, others: Sequence[subprocess.Popen] = ()) -> dict:
+    """Frontier, timing (with the `others` training processes paused) and the copy of a finished run."""
     run = _run_dir(args.out, name)
     info: dict = {}
     method = json.loads((run / "report.json").read_text())["method"]
     if method != "baseline" and not (run / "frontier.json").exists():
         info["frontier_returncode"] = _frontier(name, args)
     if args.timing_images and (run / "frontier.json").exists() and not (run / "timing.json").exists():
-        info["timing_returncode"] = _timing(name, args)
+        with _paused(list(others)):
+            info["timing_returncode"] = _timing(name, args)
     if args.results:
         dest = args.results / name
         dest.mkdir(parents=True, exist_ok=True)
@@ -186,7 +212,8 @@ def main() -> None:
                 break
             run = _run_dir(args.out, name)
             if (run / "report.json").exists():
-                summary[name] = {"status": "done before", **_finish(name, args)}
+                others = [proc for proc, _ in running.values()]
+                summary[name] = {"status": "done before", **_finish(name, args, others)}
                 continue
             run.parent.mkdir(parents=True, exist_ok=True)
             with open(args.out / f"{name.replace('/', '_')}.out", "a") as log:
@@ -202,7 +229,7 @@ def main() -> None:
                     "seconds": time.monotonic() - t0,
                 }
                 if proc.returncode == 0:
-                    summary[name].update(_finish(name, args))
+                    summary[name].update(_finish(name, args, [other for other, _ in running.values()]))
         time.sleep(1.0)
     print(json.dumps({"set": args.set, "seconds": time.monotonic() - start, "runs": summary}))
 

@@ -262,5 +262,46 @@ def test_driver_starts_a_run_only_after_the_run_it_starts_from(tmp_path):
     queue = [attached]
     assert run_evidence._next(queue, {}, summary, args) is None and queue == []  # base failed: skipped
     assert summary[attached]["status"].startswith("skipped")
-    cmd = run_evidence._train_cmd(attached, argparse.Namespace(out=tmp_path, data_dir=tmp_path, set=[]))
+    cmd = run_evidence._train_cmd(attached, argparse.Namespace(out=tmp_path, data_dir=tmp_path, set=[], parallel=1))
     assert f"weights=local-dir:{tmp_path}/{base}/model" in cmd
+    assert not any(c.startswith("timing_images=") for c in cmd)
+
+
+def test_driver_keeps_timing_away_from_other_training(tmp_path):
+    """Runs trained side by side skip their report's timing (a --set still wins); the timing step pauses
+    the other training processes and lets them go on after, even when it fails."""
+    import argparse
+    import subprocess
+    import time
+
+    import run_evidence
+
+    name = "cifar10/resnet18_soft_l0.1_s0"
+    args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, set=[], parallel=2)
+    cmd = run_evidence._train_cmd(name, args)
+    assert "timing_images=0" in cmd
+    args.set = ["timing_images=50"]
+    cmd = run_evidence._train_cmd(name, args)
+    assert cmd.index("timing_images=50") > cmd.index("timing_images=0")  # the CLI takes the last value
+
+    def stopped(proc, want: bool) -> bool:  # waits up to 10 s for the signal to take effect
+        for _ in range(200):
+            if (Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T") == want:
+                return True
+            time.sleep(0.05)
+        return False
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("process states are read from /proc")
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    try:
+        with pytest.raises(RuntimeError), run_evidence._paused([*procs, done]):
+            assert all(stopped(p, True) for p in procs)
+            raise RuntimeError("timing failed")
+        assert all(stopped(p, False) for p in procs)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
