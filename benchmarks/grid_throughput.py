@@ -1,0 +1,127 @@
+"""Training images/s of the whole machine: one run with every thread against runs side by side.
+
+How to spend a CPU's cores on a grid of runs: each layout ("1x2": one training process with 2
+threads; "2x1": two processes with 1 thread each) starts its processes at once; every process builds
+the recipe's trainer (as `data_throughput.py` does), takes ``--warmup`` steps of the recipe's loop,
+waits until every process of the layout is ready, then times ``--steps`` steps. The layout's
+throughput is the sum of its processes' images/s. Layouts alternate over ``--repeats`` rounds; the
+JSON gives each layout's median and its ratio to the first layout.
+
+    python benchmarks/grid_throughput.py --data-dir DATA > benchmarks/results/grid_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _timing import machine
+
+from timm_exits.training.recipe import load_recipe
+
+HERE = Path(__file__).resolve().parent
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """One training process: warm up, say ready, wait for the go line, time the steps, print images/s."""
+    from data_throughput import _make
+
+    from timm_exits.training.distributed import _Dist
+    from timm_exits.training.train import _Trainer
+
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe, [f"data_dir={args.data_dir}", f"threads={args.threads}", *args.set])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _Trainer(recipe, _Dist(), Path(tmp) / "run", resume=False, overwrite=False)
+        opt, sched = _make(trainer)
+        trainer.data.train.set_epoch(0)
+        trainer.train_loader.sampler.set_epoch(0)
+        batches = iter(trainer.train_loader)
+        trainer.model.train()
+
+        def steps(n: int) -> None:
+            for _ in range(n):
+                x, y = next(batches)
+                trainer._step(trainer.model, opt, sched, x, y, 0)
+
+        steps(args.warmup)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        start = time.perf_counter()
+        steps(args.steps)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"images_per_s": args.steps * recipe.data.batch_size / seconds}), flush=True)
+
+
+def _layout(procs: int, threads: int, args: argparse.Namespace) -> float:
+    """Images/s of `procs` processes with `threads` threads each, timed over the same window."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--data-dir", args.data_dir]
+    cmd += ["--recipe", args.recipe, "--threads", str(threads), "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup), "--set", *args.set]
+    workers = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE) for _ in range(procs)
+    ]
+    for w in workers:
+        if w.stdout.readline().strip() != "ready":
+            raise SystemExit(f"a worker of layout {procs}x{threads} failed before its timed steps")
+    for w in workers:
+        w.stdin.write("go\n")
+        w.stdin.flush()
+    total = 0.0
+    for w in workers:
+        out, _ = w.communicate()
+        if w.returncode != 0:
+            raise SystemExit(f"a worker of layout {procs}x{threads} exited with {w.returncode}")
+        total += json.loads(out.strip().splitlines()[-1])["images_per_s"]
+    return total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default="cifar10_resnet18", help="shipped recipe name or YAML path")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--layouts", nargs="+", default=["1x2", "2x1"], help="PROCESSESxTHREADS, the first is the baseline")
+    p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per process and round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
+    p.add_argument("--repeats", type=int, default=3, help="rounds, the layouts alternating")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)  # a worker's threads
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return _worker(args)
+    try:
+        layouts = [tuple(int(n) for n in layout.split("x")) for layout in args.layouts]
+    except ValueError:
+        raise SystemExit(f"--layouts {' '.join(args.layouts)}: each layout is PROCESSESxTHREADS, e.g. 2x1") from None
+    samples: dict[str, list[float]] = {layout: [] for layout in args.layouts}
+    for _ in range(args.repeats):
+        for name, (procs, threads) in zip(args.layouts, layouts):
+            samples[name].append(_layout(procs, threads, args))
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    base = args.layouts[0]
+    flat = load_recipe(args.recipe, [f"data_dir={args.data_dir}", *args.set]).flat()
+    out = {
+        "benchmark": "grid_throughput",
+        "machine": machine(max(procs * threads for procs, threads in layouts)),
+        "recipe": {k: flat[k] for k in ("name", "model", "dataset", "method", "img_size", "batch_size")},
+        "overrides": args.set,
+        "steps_per_process": args.steps,
+        "warmup_steps": args.warmup,
+        "repeats": args.repeats,
+        "images_per_s": {k: round(v, 1) for k, v in medians.items()},
+        "ratio_to_" + base: {k: round(v / medians[base], 3) for k, v in medians.items()},
+        "rounds_images_per_s": {k: [round(s, 1) for s in v] for k, v in samples.items()},
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
