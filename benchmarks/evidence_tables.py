@@ -17,7 +17,8 @@ and one accuracy-versus-cost PNG per data set (``<data set>/accuracy_vs_cost.png
 and method on the same axes). Rows of the grid (``run_evidence.GRID``) and of the paper that have no
 run yet say "not trained yet", with the paper's figure beside. Blocks between
 ``<!-- evidence tables: NAME -->`` and ``<!-- end evidence tables: NAME -->`` in the docs given by
-``--docs`` are replaced by the table NAME (``table1``, ``table2``, ``policies``).
+``--docs`` (docs/evidence.md and README.md) are replaced by the table NAME (``table1``, ``table2``,
+``policies``, or ``summary``: one line per trained run, its accuracy and its recommended policy).
 
     python benchmarks/evidence_tables.py            # write tables.md, the PNGs and the docs blocks
     python benchmarks/evidence_tables.py --check    # exit 1, with a diff, if any of them is stale
@@ -41,7 +42,7 @@ from run_evidence import GRID, LAMBDA_A, LAMBDA_B
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "evidence"
-DOCS = (ROOT / "docs" / "evidence.md",)
+DOCS = (ROOT / "docs" / "evidence.md", ROOT / "README.md")
 POLICY_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RUN_NAME = re.compile(
     r"^(?P<backbone>.+?)_(?P<variant>baseline|branchynet|(?:attached_(?:lr[0-9.e+-]+_)?)?soft_l[0-9.e+-]+)"
@@ -517,9 +518,39 @@ def plot(dataset: str, group: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def summary(rows: dict[tuple[str, str, str], Row]) -> str:
+    """One line per trained run: final-exit and soft-ensemble accuracy, and its recommended policy at batch 1."""
+    out = [
+        "| data set | backbone | method | seed | final exit | soft ensemble | recommended policy at batch 1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dataset, group in _by_dataset(rows).items():
+        for row in group:
+            for run in row.runs:
+                test, t = run.report["test"], run.timing
+                soft = f"{_pct(test['soft_accuracy'])} %" if "soft" in row.variant else "-"
+                if t is not None:
+                    policy = (
+                        f"{_pct(t['test']['accuracy'])} % at {t['test']['expected_cost']:.3f} of the FLOPs, "
+                        f"{t['timing']['speedup']:.2f}x faster than the plain network"
+                    )
+                else:
+                    policy = "-" if row.variant == "baseline" else "not timed yet"
+                out.append(
+                    f"| {DATASETS.get(dataset, dataset)} | {BACKBONES.get(row.backbone, row.backbone)} | "
+                    f"{_label(row.variant)} | {run.seed} | {_pct(test['final_accuracy'])} % | {soft} | {policy} |"
+                )
+    return "\n".join(out)
+
+
 def blocks(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | None = None) -> dict[str, str]:
     """The tables that docs blocks may hold, by block name."""
-    return {"table1": table1(rows, minutes), "table2": table2(rows), "policies": policy_table(rows)}
+    return {
+        "table1": table1(rows, minutes),
+        "table2": table2(rows),
+        "policies": policy_table(rows),
+        "summary": summary(rows),
+    }
 
 
 def fill_blocks(text: str, tables: dict[str, str], where: str) -> str:

@@ -122,6 +122,29 @@ def test_table2_reads_timing_json_and_says_which_runs_have_none(tree):
     assert _row(text, "resnet18_soft_l0.1_s0")[1:2] == ["not trained yet"]
 
 
+def test_summary_gives_each_run_its_accuracy_and_timed_policy(tree):
+    rows = evidence_tables.load_rows(tree)
+    text = evidence_tables.fill_blocks(
+        "<!-- evidence tables: summary -->\n<!-- end evidence tables: summary -->\n",
+        evidence_tables.blocks(rows),
+        "doc",
+    )
+    t = _json(tree, "test_resnet_soft_l0.1_s0", "timing.json")
+    test = _json(tree, "test_resnet_soft_l0.1_s0", "report.json")["test"]
+    row = _row(text, "digits", "test_resnet", "soft, lambda 0.1", "0")
+    assert row[4:6] == [f"{100 * test['final_accuracy']:.2f} %", f"{100 * test['soft_accuracy']:.2f} %"]
+    speedup = t["timing"]["plain_ms_per_image"] / t["timing"]["policy_ms_per_image"]
+    assert row[6] == (
+        f"{100 * t['test']['accuracy']:.2f} % at {t['test']['expected_cost']:.3f} of the FLOPs, "
+        f"{speedup:.2f}x faster than the plain network"
+    )
+    assert _row(text, "digits", "test_resnet", "soft, lambda 0.1", "1")[6] == "not timed yet"
+    base = _json(tree, "test_resnet_baseline_s0", "report.json")["test"]
+    base_row = _row(text, "digits", "test_resnet", "baseline", "0")
+    assert base_row[4:] == [f"{100 * base['final_accuracy']:.2f} %", "-", "-"]
+    assert len([line for line in text.splitlines() if line.startswith("| digits |")]) == 3  # trained runs only
+
+
 def test_policy_table_cells_are_the_frontier_numbers(tree):
     text = (tree / "tables.md").read_text()
     frontier = _json(tree, "test_resnet_soft_l0.1_s0", "frontier.json")
@@ -305,3 +328,9 @@ def test_driver_keeps_timing_away_from_other_training(tmp_path):
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def test_committed_tables_match_the_committed_runs():
+    """results/evidence/tables.md, docs/evidence.md and README.md hold what the script makes of results/."""
+    code, out = _quiet(evidence_tables.main, ["--check"])
+    assert code == 0, out
