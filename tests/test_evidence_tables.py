@@ -162,6 +162,26 @@ def test_policy_table_cells_are_the_frontier_numbers(tree):
         assert conf[2 + i].endswith(f"Δ [{d[0]}, {d[1]}]")
 
 
+def test_shortfalls_name_budgets_where_the_whole_interval_is_below_zero(tree):
+    def entry(d):
+        return {"test_accuracy": 0.8, "test_accuracy_ci95": [0.79, 0.81], "recommended_minus_this_ci95": d}
+
+    frontier = {
+        "table": [
+            {"budget": 0.4, "confidence": entry([-0.004, -0.001]), "entropy": entry([-0.003, 0.002])},
+            {"budget": 0.6, "static": entry([-0.01, 0.0]), "entropy": entry([-0.0029, -0.0003])},
+            {"budget": 0.95, "confidence": entry([-0.5, -0.4])},  # outside the table's budgets
+        ]
+    }
+    assert evidence_tables.shortfalls(frontier) == [
+        "max-softmax at 0.4 (Δ [-0.40, -0.10])",
+        "entropy at 0.6 (Δ [-0.29, -0.03])",
+    ]
+    text = (tree / "tables.md").read_text()
+    run = _json(tree, "test_resnet_soft_l0.1_s0", "frontier.json")
+    assert f"- test_resnet_soft_l0.1_s0: {'; '.join(evidence_tables.shortfalls(run)) or 'nowhere'}\n" in text
+
+
 def test_check_passes_when_current_and_fails_after_an_edit(tree, tmp_path):
     results = tmp_path / "evidence"
     shutil.copytree(tree, results)
