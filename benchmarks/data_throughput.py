@@ -13,9 +13,11 @@ model's speed that the data path keeps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +26,33 @@ from _timing import interleaved_samples, machine, paired_ratio
 from timm_exits.training.distributed import _Dist
 from timm_exits.training.recipe import load_recipe
 from timm_exits.training.train import _Trainer
+
+
+@contextlib.contextmanager
+def recipe_trainer(
+    recipe: str, data_dir: str, threads: int, sets: list[str]
+) -> Iterator[tuple[_Trainer, object, object]]:
+    """A recipe's trainer in a temporary run folder, ready to step: its first stage's optimizer and
+    schedule, the model in train mode and the loader at epoch 0.
+
+    Args:
+        recipe: Shipped recipe name or YAML path.
+        data_dir: The data folder.
+        threads: Torch threads (also the recipe's ``threads``).
+        sets: Recipe overrides, ``KEY=VALUE``.
+
+    Yields:
+        (trainer, optimizer, scheduler).
+    """
+    torch.set_num_threads(threads)
+    loaded = load_recipe(recipe, [f"data_dir={data_dir}", f"threads={threads}", *sets])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _Trainer(loaded, _Dist(), Path(tmp) / "run", resume=False, overwrite=False)
+        opt, sched = _make(trainer)
+        trainer.data.train.set_epoch(0)
+        trainer.train_loader.sampler.set_epoch(0)
+        trainer.model.train()
+        yield trainer, opt, sched
 
 
 def main() -> None:
@@ -35,16 +64,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed rounds")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe, [f"data_dir={args.data_dir}", f"threads={args.threads}", *args.set])
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = _Trainer(recipe, _Dist(), Path(tmp) / "run", resume=False, overwrite=False)
-        opt, sched = _make(trainer)
-        trainer.data.train.set_epoch(0)
-        trainer.train_loader.sampler.set_epoch(0)
+    with recipe_trainer(args.recipe, args.data_dir, args.threads, args.set) as (trainer, opt, sched):
+        recipe = trainer.recipe
         loader_iter = iter(trainer.train_loader)
         x0, y0 = next(iter(trainer.train_loader))
-        trainer.model.train()
 
         def loop() -> None:
             nonlocal loader_iter

@@ -17,11 +17,9 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
 from _timing import machine
 
 from timm_exits.training.recipe import load_recipe
@@ -31,20 +29,11 @@ HERE = Path(__file__).resolve().parent
 
 def _worker(args: argparse.Namespace) -> None:
     """One training process: warm up, say ready, wait for the go line, time the steps, print images/s."""
-    from data_throughput import _make
+    from data_throughput import recipe_trainer
 
-    from timm_exits.training.distributed import _Dist
-    from timm_exits.training.train import _Trainer
-
-    torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe, [f"data_dir={args.data_dir}", f"threads={args.threads}", *args.set])
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = _Trainer(recipe, _Dist(), Path(tmp) / "run", resume=False, overwrite=False)
-        opt, sched = _make(trainer)
-        trainer.data.train.set_epoch(0)
-        trainer.train_loader.sampler.set_epoch(0)
+    with recipe_trainer(args.recipe, args.data_dir, args.threads, args.set) as (trainer, opt, sched):
+        batch_size = trainer.recipe.data.batch_size
         batches = iter(trainer.train_loader)
-        trainer.model.train()
 
         def steps(n: int) -> None:
             for _ in range(n):
@@ -57,7 +46,7 @@ def _worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         steps(args.steps)
         seconds = time.perf_counter() - start
-    print(json.dumps({"images_per_s": args.steps * recipe.data.batch_size / seconds}), flush=True)
+    print(json.dumps({"images_per_s": args.steps * batch_size / seconds}), flush=True)
 
 
 def _layout(procs: int, threads: int, args: argparse.Namespace) -> float:

@@ -1,0 +1,76 @@
+"""The training-throughput benchmarks run end to end on a tiny recipe and report consistent JSON.
+
+`data_throughput.py` (the recipe's loop against the model on in-memory tensors) and
+`grid_throughput.py` (one training process against several side by side) on the `tiny()` recipe of
+test_recipes.py: the fields a reader needs, every layout's processes counted, ratios that are the
+quotients of the medians printed. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_recipes import tiny
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import data_throughput  # noqa: E402
+import grid_throughput  # noqa: E402
+
+
+def _run(main, argv: list[str]) -> dict:
+    old = sys.argv
+    sys.argv = ["prog", *argv]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            main()
+    finally:
+        sys.argv = old
+    return json.loads(out.getvalue())
+
+
+@pytest.fixture()
+def recipe(tmp_path) -> str:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny()))
+    return str(path)
+
+
+def test_data_throughput_compares_the_loop_with_in_memory_steps(recipe, tmp_path):
+    out = _run(data_throughput.main, ["--recipe", recipe, "--data-dir", str(tmp_path), "--threads", "1",
+                                      "--steps", "2", "--repeats", "2"])  # fmt: skip
+    assert out["machine"]["threads"] == 1 and out["steps_per_round"] == 2 and out["repeats"] == 2
+    assert out["recipe"]["batch_size"] == 32 and out["recipe"]["model"] == "test_resnet"
+    assert set(out["round_ms"]) == {"recipe_loop", "in_memory"}
+    for name, rounds in out["round_ms"].items():
+        assert len(rounds) == 2
+        median_s = statistics.median(rounds) / 1e3
+        assert out["images_per_s"][name] == pytest.approx(2 * 32 / median_s, rel=0.01, abs=0.1)
+
+
+@pytest.mark.slow  # three training processes, each importing torch and timm: about a minute on 2 cores
+def test_grid_throughput_sums_each_layouts_processes(recipe, tmp_path):
+    argv = ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", "1x1", "2x1"]
+    out = _run(grid_throughput.main, [*argv, "--steps", "2", "--warmup", "1", "--repeats", "1"])
+    assert out["recipe"]["batch_size"] == 32 and out["recipe"]["model"] == "test_resnet"
+    assert out["machine"]["threads"] == 2  # the largest layout's processes x threads
+    assert out["steps_per_process"] == 2 and out["warmup_steps"] == 1 and out["repeats"] == 1
+    rounds = out["rounds_images_per_s"]
+    assert set(rounds) == {"1x1", "2x1"} and all(len(v) == 1 and min(v) > 0 for v in rounds.values())
+    medians = {k: statistics.median(v) for k, v in rounds.items()}
+    assert out["images_per_s"] == pytest.approx(medians, abs=0.1)
+    assert out["ratio_to_1x1"]["1x1"] == 1.0
+    assert out["ratio_to_1x1"]["2x1"] == pytest.approx(medians["2x1"] / medians["1x1"], abs=2e-3)
+
+
+def test_grid_throughput_refuses_a_malformed_layout(recipe, tmp_path):
+    with pytest.raises(SystemExit, match="PROCESSESxTHREADS"):
+        _run(grid_throughput.main, ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", "2by1"])
