@@ -112,7 +112,7 @@ def _train_cmd(name: str, args: argparse.Namespace) -> list[str]:
     cmd += ["--data-dir", str(args.data_dir), "--output", str(run), "--no-progress"]
     cmd += ["--resume"] if (run / "checkpoint.safetensors").exists() else []
     values = {k: str(v).replace("{out}", str(args.out)) for k, v in overrides.items()}
-    if getattr(args, "parallel", 1) > 1:  # the report's timing would run beside another training
+    if args.parallel > 1:  # the report's timing would run beside another training
         values["timing_images"] = "0"
     return cmd + [f"{k}={v}" for k, v in values.items()] + list(args.set)
 
@@ -163,7 +163,7 @@ def _finish(name: str, args: argparse.Namespace, others: Sequence[subprocess.Pop
     if method != "baseline" and not (run / "frontier.json").exists():
         info["frontier_returncode"] = _frontier(name, args)
     if args.timing_images and (run / "frontier.json").exists() and not (run / "timing.json").exists():
-        with _paused(list(others)):
+        with _paused(others):
             info["timing_returncode"] = _timing(name, args)
     if args.results:
         dest = args.results / name
@@ -172,6 +172,11 @@ def _finish(name: str, args: argparse.Namespace, others: Sequence[subprocess.Pop
             if (run / f).exists():
                 shutil.copy2(run / f, dest / f)
     return info
+
+
+def _procs(running: dict) -> list[subprocess.Popen]:
+    """The training processes of the runs in `running` (name -> (process, start time))."""
+    return [proc for proc, _ in running.values()]
 
 
 def _next(queue: list[str], running: dict, summary: dict, args: argparse.Namespace) -> str | None:
@@ -213,8 +218,7 @@ def main() -> None:
                 break
             run = _run_dir(args.out, name)
             if (run / "report.json").exists():
-                others = [proc for proc, _ in running.values()]
-                summary[name] = {"status": "done before", **_finish(name, args, others)}
+                summary[name] = {"status": "done before", **_finish(name, args, _procs(running))}
                 continue
             run.parent.mkdir(parents=True, exist_ok=True)
             with open(args.out / f"{name.replace('/', '_')}.out", "a") as log:
@@ -230,7 +234,7 @@ def main() -> None:
                     "seconds": time.monotonic() - t0,
                 }
                 if proc.returncode == 0:
-                    summary[name].update(_finish(name, args, [other for other, _ in running.values()]))
+                    summary[name].update(_finish(name, args, _procs(running)))
         time.sleep(1.0)
     print(json.dumps({"set": args.set, "seconds": time.monotonic() - start, "runs": summary}))
 
