@@ -190,7 +190,8 @@ step setup 60 "$OUT/setup.log" bash "$SELF" --setup
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 # (a) the CUDA tests: hard exit on CUDA (fp32, bf16, one host sync per exit) and compiled exits on CUDA
-step tests 100 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider \
+# (in this process: the ini's `-n auto` would need pytest-xdist, which the machine may lack)
+step tests 100 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider -o addopts= -m "not slow" \
   tests/test_inference.py tests/test_compile.py -k cuda
 # (b) measured vs predicted speed-up of hard exit, eager and compiled exits; resnet18 at 224 and 32, vit_tiny
 step speed 190 "$OUT/speed.log" "$PY" benchmarks/speed.py --device cuda --batches 1 64 \
