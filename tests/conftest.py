@@ -11,6 +11,16 @@ import torchvision
 # One thread: the suite is many small ops, and 2-thread OpenMP collapses when the cores are shared.
 torch.set_num_threads(int(os.environ.get("TIMM_EXITS_TEST_THREADS", "1")))
 
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core this process may run on, at most 4 (each worker imports torch and
+    builds its own models); PYTEST_XDIST_AUTO_NUM_WORKERS overrides it."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 4)
+
+
 # name -> (timm kwargs, input size). Each keeps its architecture (and layout) but runs fast on 2 cores.
 BACKBONES: dict[str, tuple[dict, int]] = {
     "resnet18": ({}, 64),
