@@ -21,8 +21,8 @@ tensor, and each batch is gathered and augmented with tensor ops (`ArraySplit`, 
 ``crop_flip`` (reflect-pad, random crop, flip) or ``rrc`` (random-resized crop, flip), then
 normalised (`timm_exits.training.augment`); no loader processes, so the data path keeps up with the
 model. Folder trees, and ``augment: timm``, go image by image through timm's transforms
-(``resolve_data_config``, ``create_transform``, auto-augment, random erasing). Mixup / cutmix come from timm's ``Mixup`` on
-either path (soft targets, which every loss of timm-exits accepts).
+(``resolve_data_config``, ``create_transform``, auto-augment, random erasing). Mixup / cutmix come
+from timm's ``Mixup`` on either path (soft targets, which every loss of timm-exits accepts).
 
 Randomness does not depend on the number of processes or on where a run was resumed: sample ``i``
 of epoch ``e`` is augmented from (seed, e, i) (in memory: row ``i`` of the parameters drawn for the
