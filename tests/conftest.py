@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import timm
 import torch
 import torchvision
@@ -12,13 +13,12 @@ import torchvision
 torch.set_num_threads(int(os.environ.get("TIMM_EXITS_TEST_THREADS", "1")))
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto`: one worker per core this process may run on, at most 4 (each worker imports torch and
-    builds its own models); PYTEST_XDIST_AUTO_NUM_WORKERS overrides it."""
-    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
-        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, 4)
+@pytest.hookimpl(wrapper=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: pytest-xdist's count (the cores this process may run on), at most 4: each worker imports
+    torch and builds its own models. PYTEST_XDIST_AUTO_NUM_WORKERS, when set, is taken as it is."""
+    count = yield
+    return count if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") else min(count, 4)
 
 
 # name -> (timm kwargs, input size). Each keeps its architecture (and layout) but runs fast on 2 cores.
