@@ -153,7 +153,7 @@ CIFAR_TRAIN_IMAGES = 45_000  # CIFAR train split less the 5,000 images the grid 
 
 
 def epoch_minutes(results: Path) -> dict[str, float]:
-    """Measured minutes per CIFAR training epoch of backbones not trained here, from the
+    """Measured minutes per CIFAR training epoch of a backbone, for its rows not trained yet, from the
     ``throughput_<backbone>.json`` files that ``data_throughput.py`` printed (recipe loop images/s)."""
     out = {}
     for path in sorted(results.glob("throughput_*.json")):
@@ -223,7 +223,9 @@ def _by_dataset(rows: dict[tuple[str, str, str], Row]) -> dict[str, list[Row]]:
 
 
 def table1(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | None = None) -> str:
-    """Table 1 form: final-exit and soft-ensemble accuracy per method, over seeds, beside the paper."""
+    """Table 1 form: final-exit and soft-ensemble accuracy per method, over seeds, beside the paper; rows not
+    trained yet show the backbone's measured minutes per epoch where `minutes` has them."""
+    minutes = minutes or {}
     out = [
         "Test accuracy, mean ± sample standard deviation over the seeds trained (the seeds column gives n). "
         "Soft ensemble: the soft-conditional output of soft runs. Paper: its baseline, B-Net and proposed "
@@ -238,9 +240,14 @@ def table1(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | No
         for row in group:
             head = f"| {BACKBONES.get(row.backbone, row.backbone)} | {_label(row.variant)} |"
             if not row.runs:
-                why = "not trained yet" if _in_grid(row) else "not trained yet (not in the grid)"
-                if not _in_grid(row) and row.backbone in (minutes or {}):
-                    why = f"not trained: {minutes[row.backbone]:.1f} min per epoch measured here"
+                measured = minutes.get(row.backbone)
+                per_epoch = f"{measured:.1f} min per epoch measured here" if measured else ""
+                if _in_grid(row):
+                    why = f"not trained yet ({per_epoch})" if per_epoch else "not trained yet"
+                elif per_epoch and not _backbone_in_grid(row):
+                    why = f"not trained: {per_epoch}"
+                else:
+                    why = "not trained yet (not in the grid)"
                 out.append(f"{head} none | {why} | - | {_paper_t1(row)} |")
                 continue
             tests = [r.report["test"] for r in row.runs]
@@ -268,6 +275,11 @@ def _policy_label(choice: dict) -> str:
 def _in_grid(row: Row) -> bool:
     """Whether run_evidence.py's grid has an entry for this row."""
     return any(n.startswith(f"{row.dataset}/{row.backbone}_{row.variant}_s") for n in GRID)
+
+
+def _backbone_in_grid(row: Row) -> bool:
+    """Whether run_evidence.py's grid trains this row's backbone on its data set at all."""
+    return any(n.startswith(f"{row.dataset}/{row.backbone}_") for n in GRID)
 
 
 def _expected_runs(row: Row) -> list[str]:

@@ -238,6 +238,20 @@ def test_rows_not_trained_show_the_measured_minutes_per_epoch(tmp_path):
     assert "| ResNet-18 | baseline | none | not trained yet |" in text
 
 
+def test_grid_rows_not_trained_yet_show_the_measured_minutes_per_epoch(tmp_path):
+    results = tmp_path / "evidence"
+    results.mkdir()
+    rate = 70.0
+    (results / "throughput_alexnet.json").write_text(json.dumps({"images_per_s": {"recipe_loop": rate}}))
+    text = evidence_tables.table1(evidence_tables.load_rows(results), evidence_tables.epoch_minutes(results))
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| AlexNet-style |")}
+    per_epoch = f"{45_000 / rate / 60:.1f} min per epoch measured here"
+    for method in ("baseline", "B-Net", "soft, lambda 0.1"):  # in the grid: still to be trained
+        assert f"| none | not trained yet ({per_epoch}) |" in rows[method]
+    assert "| none | not trained yet (not in the grid) |" in rows["soft, lambda 0.5"]
+    assert "| ResNet-18 | baseline | none | not trained yet |" in text
+
+
 def test_exits_attached_to_the_trained_baseline_are_compared_with_scratch(tree, tmp_path):
     results = tmp_path / "evidence"
     shutil.copytree(tree, results)
