@@ -4,6 +4,7 @@
 ``results/evidence/<data set>/<backbone>_<method>[_l<lambda>]_s<seed>/``. From them this script writes
 ``results/evidence/tables.md`` with
 
+- the targets: each target of the grid with the committed figure it is judged on and whether it is met;
 - Table 1 form: per data set and backbone, one row per method (baseline, B-Net, soft at each lambda):
   final-exit and soft-ensemble test accuracy, mean and sample standard deviation over the seeds
   trained, beside the paper's figure;
@@ -18,7 +19,8 @@ and method on the same axes). Rows of the grid (``run_evidence.GRID``) and of th
 run yet say "not trained yet", with the paper's figure beside. Blocks between
 ``<!-- evidence tables: NAME -->`` and ``<!-- end evidence tables: NAME -->`` in the docs given by
 ``--docs`` (docs/evidence.md and README.md) are replaced by the table NAME (``table1``, ``table2``,
-``policies``, or ``summary``: one line per trained run, its accuracy and its recommended policy).
+``policies``, ``targets``, or ``summary``: one line per trained run, its accuracy and its recommended
+policy).
 
     python benchmarks/evidence_tables.py            # write tables.md, the PNGs and the docs blocks
     python benchmarks/evidence_tables.py --check    # exit 1, with a diff, if any of them is stale
@@ -448,12 +450,160 @@ def attached_table(rows: dict[tuple[str, str, str], Row]) -> str:
     return "\n".join(out)
 
 
+# The grid's targets for ResNet-18: test accuracy of the plain network (the budget) and of the soft ensemble
+ACCURACY_TARGETS = {"cifar10": (0.865, 0.875), "cifar100": (0.605, 0.625)}
+TARGET_BACKBONE = "resnet18"
+ORDERING_DATASETS = ("cifar10",)  # soft >= B-Net >= baseline beyond the seed spread
+POLICY_GAIN = {"cifar100": ((0.6, 0.7), 0.01)}  # recommended >= max-softmax + 1 point at these budgets
+HARD_EXIT = (0.5, 1.9)  # keeps the baseline's accuracy at <= this share of its FLOPs, >= this speed-up
+
+
+def _missed(value: float, goal: float) -> str:
+    """'met', or 'missed by x points' for a fraction below its goal."""
+    return "met" if value >= goal - 1e-12 else f"missed by {_pct(goal - value)} points"
+
+
+def _accuracies(row: Row, key: str) -> list[float]:
+    """One test accuracy per seed of a row (`key`: final_accuracy or soft_accuracy)."""
+    return [r.report["test"][key] for r in row.runs]
+
+
+def _ordered(upper: list[float], lower: list[float]) -> str:
+    """Whether the mean of `upper` is above that of `lower` beyond the seed spread: the gap between the
+    means larger than the sum of the two sample standard deviations."""
+    gap = statistics.fmean(upper) - statistics.fmean(lower)
+    if min(len(upper), len(lower)) < 2:
+        return f"{'+' if gap >= 0 else '-'}{_pct(abs(gap))} points, spread not measured (one seed)"
+    spread = statistics.stdev(upper) + statistics.stdev(lower)
+    beyond = "beyond" if gap > spread else "within"
+    return f"{'+' if gap >= 0 else '-'}{_pct(abs(gap))} points, {beyond} the spread ({_pct(spread)})"
+
+
+def _ordering_verdict(gaps: list[str]) -> str:
+    """'met' when every gap of an ordering is positive and beyond the spread."""
+    if any("not measured" in g for g in gaps):
+        return "not decided: one seed" if all(g.startswith("+") for g in gaps) else "missed on one seed"
+    return "met" if all(g.startswith("+") and "beyond" in g for g in gaps) else "missed"
+
+
+def _gain_cell(frontier: dict, budget: float) -> tuple[str, float | None]:
+    """The recommended policy's test accuracy minus max-softmax's at `budget`, as text and as a fraction."""
+    row = _frontier_row(frontier, budget)
+    rec, conf = row.get("recommended"), row.get("confidence")
+    if not rec or not conf:
+        return f"{budget:g}: {'max-softmax' if rec else 'recommended'} has no threshold in the budget", None
+    gain = rec["test_accuracy"] - conf["test_accuracy"]
+    return f"{budget:g}: {'+' if gain >= 0 else '-'}{_pct(abs(gain))}", gain
+
+
+def _hard_exit(run: Run, base: list[float]) -> tuple[str, str]:
+    """A timed run's recommended policy against the hard-exit target, as (measured, verdict)."""
+    t = run.timing
+    acc, cost, speedup = t["test"]["accuracy"], t["test"]["expected_cost"], t["timing"]["speedup"]
+    measured = f"{_pct(acc)} % at {cost:.3f} of the FLOPs, {speedup:.2f}x"
+    if not base:
+        return measured, "no baseline trained"
+    mean = statistics.fmean(base)
+    measured += f"; baseline {_pct(mean)} %"
+    misses = []
+    if acc < mean:
+        misses.append(f"accuracy {_pct(mean - acc)} points below")
+    if cost > HARD_EXIT[0]:
+        misses.append(f"cost above {HARD_EXIT[0]:g}")
+    if speedup < HARD_EXIT[1]:
+        misses.append(f"speed-up below {HARD_EXIT[1]:g}x")
+    return measured, "met" if not misses else "missed: " + ", ".join(misses)
+
+
+def targets(rows: dict[tuple[str, str, str], Row]) -> str:
+    """Each of the grid's targets with the committed figure it is judged on and whether it is met."""
+    out = [
+        "Each target of the grid against the committed runs (test split; means over the seeds trained). "
+        "Beyond the seed spread: the gap between two methods' means is larger than the sum of their sample "
+        f"standard deviations. Hard exit: the recommended policy at batch 1 keeps the baseline's mean accuracy "
+        f"at <= {HARD_EXIT[0]:g} of its FLOPs and >= {HARD_EXIT[1]:g}x its speed.",
+        "",
+        "| target | runs | measured | verdict |",
+        "|---|---|---|---|",
+    ]
+    name = BACKBONES.get(TARGET_BACKBONE, TARGET_BACKBONE)
+    soft_variants = [v for v in _variants() if v.startswith("soft_l")]
+    for dataset, (plain_goal, soft_goal) in ACCURACY_TARGETS.items():
+        label = f"{DATASETS.get(dataset, dataset)} {name}"
+        row_of = {v: rows.get((dataset, TARGET_BACKBONE, v)) or Row(dataset, TARGET_BACKBONE, v) for v in _variants()}
+        checks = [("baseline", "final_accuracy", f"plain network >= {_pct(plain_goal)} %", plain_goal)]
+        checks += [
+            (v, "soft_accuracy", f"{_label(v)}: soft ensemble >= {_pct(soft_goal)} %", soft_goal) for v in soft_variants
+        ]
+        for variant, key, what, goal in checks:
+            row = row_of[variant]
+            if not row.runs:
+                out.append(f"| {label}: {what} | - | - | not trained yet |")
+                continue
+            values = _accuracies(row, key)
+            seeds = ", ".join(r.name for r in row.runs)
+            out.append(f"| {label}: {what} | {seeds} | {mean_sd(values)} | {_missed(statistics.fmean(values), goal)} |")
+        if dataset in ORDERING_DATASETS:
+            base, bnet = row_of["baseline"], row_of["branchynet"]
+            for variant in soft_variants:
+                soft = row_of[variant]
+                what = f"{label}: {_label(variant)} >= B-Net >= baseline beyond the seed spread"
+                if not (soft.runs and bnet.runs and base.runs):
+                    out.append(f"| {what} | - | - | not trained yet |")
+                    continue
+                gaps = [
+                    _ordered(_accuracies(soft, "soft_accuracy"), _accuracies(bnet, "final_accuracy")),
+                    _ordered(_accuracies(bnet, "final_accuracy"), _accuracies(base, "final_accuracy")),
+                ]
+                counts = f"{len(soft.runs)} / {len(bnet.runs)} / {len(base.runs)} seeds"
+                measured = f"soft - B-Net {gaps[0]}; B-Net - baseline {gaps[1]}"
+                out.append(f"| {what} | {counts} | {measured} | {_ordering_verdict(gaps)} |")
+        if dataset in POLICY_GAIN:
+            budgets, goal = POLICY_GAIN[dataset]
+            at = " and ".join(f"{b:g}" for b in budgets)
+            what = f"{label}: recommended policy >= max-softmax + {100 * goal:g} point at {at} of the cost"
+            runs = [r for v in ("branchynet", *soft_variants) for r in row_of[v].runs]
+            if not runs:
+                out.append(f"| {what} | - | - | not trained yet |")
+            for run in runs:
+                if run.frontier is None:
+                    out.append(f"| {what} | {run.name} | - | no frontier.json yet |")
+                    continue
+                cells = [_gain_cell(run.frontier, b) for b in budgets]
+                gains = [g for _, g in cells]
+                ok = all(g is not None and g >= goal - 1e-12 for g in gains)
+                measured = "; ".join(c for c, _ in cells) + " points"
+                out.append(f"| {what} | {run.name} | {measured} | {'met' if ok else 'missed'} |")
+    for (dataset, backbone, variant), row in rows.items():
+        if variant == "baseline" or not row.runs:
+            continue
+        base = _accuracies(
+            rows.get((dataset, backbone, "baseline")) or Row(dataset, backbone, "baseline"), "final_accuracy"
+        )
+        label = f"{DATASETS.get(dataset, dataset)} {BACKBONES.get(backbone, backbone)}"
+        for run in row.runs:
+            what = f"{label}: hard exit keeps the baseline's accuracy at <= {HARD_EXIT[0]:g} of the FLOPs"
+            if run.frontier is not None:
+                misses = shortfalls(run.frontier)
+                verdict = "met" if not misses else "missed: " + "; ".join(misses)
+                policy_what = f"{label}: recommended policy not below max-softmax, entropy or static beyond the noise"
+                out.append(f"| {policy_what} | {run.name} | budgets 0.4 to 0.9 | {verdict} |")
+            if run.timing is None:
+                out.append(f"| {what} | {run.name} | - | not timed yet |")
+                continue
+            measured, verdict = _hard_exit(run, base)
+            out.append(f"| {what} | {run.name} | {measured} | {verdict} |")
+    return "\n".join(out)
+
+
 def tables_md(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | None = None) -> str:
     """The whole of tables.md."""
     parts = [
         "# Evidence tables",
         "Generated by `python benchmarks/evidence_tables.py` from the run files under `results/evidence/`; "
         "`--check` fails when this file is stale.",
+        "## Targets",
+        targets(rows),
         "## Table 1 form: accuracy per method",
         table1(rows, minutes),
         "## Table 2 form: hard early exit at batch 1",
@@ -578,6 +728,7 @@ def blocks(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | No
         "table2": table2(rows),
         "policies": policy_table(rows),
         "summary": summary(rows),
+        "targets": targets(rows),
     }
 
 

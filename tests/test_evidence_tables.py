@@ -192,7 +192,8 @@ def test_check_passes_when_current_and_fails_after_an_edit(tree, tmp_path):
     assert doc.read_text().endswith("<!-- end evidence tables: table1 -->\n\nafter\n")
     assert _quiet(evidence_tables.main, args)[0] == 0
     tables = results / "tables.md"
-    tables.write_text(tables.read_text().replace("not trained yet", "trained", 1))
+    row = "| AlexNet-style | baseline | none | not trained yet"
+    tables.write_text(tables.read_text().replace(row, row.replace("not trained yet", "trained"), 1))
     code, out = _quiet(evidence_tables.main, args)
     assert code == 1 and "+| AlexNet-style | baseline | none | not trained yet |" in out
     _quiet(evidence_tables.main, args[:-1])
@@ -250,6 +251,73 @@ def test_grid_rows_not_trained_yet_show_the_measured_minutes_per_epoch(tmp_path)
         assert f"| none | not trained yet ({per_epoch}) |" in rows[method]
     assert "| none | not trained yet (not in the grid) |" in rows["soft, lambda 0.5"]
     assert "| ResNet-18 | baseline | none | not trained yet |" in text
+
+
+def _fake_run(name: str, seed: int, final: float, soft: float = 0.0, **files) -> evidence_tables.Run:
+    return evidence_tables.Run(name, seed, {"test": {"final_accuracy": final, "soft_accuracy": soft}}, **files)
+
+
+def test_targets_judge_each_target_on_the_committed_figures():
+    def row(dataset, variant, *runs):
+        return (dataset, "resnet18", variant), evidence_tables.Row(dataset, "resnet18", variant, list(runs))
+
+    def entry(acc, d=(-0.001, 0.002)):
+        return {"test_accuracy": acc, "test_accuracy_ci95": [acc - 0.01, acc + 0.01], "recommended_minus_this_ci95": d}
+
+    frontier = {
+        "table": [
+            {"budget": 0.6, "recommended": entry(0.600), "confidence": entry(0.585)},  # +1.5 points
+            {
+                "budget": 0.7,
+                "recommended": entry(0.610),
+                "confidence": entry(0.605),
+                "entropy": entry(0.62, (-0.02, -0.01)),
+            },
+        ]
+    }
+    timing = {"test": {"accuracy": 0.866, "expected_cost": 0.31}, "timing": {"speedup": 2.5}}
+    slow = {"test": {"accuracy": 0.87, "expected_cost": 0.45}, "timing": {"speedup": 1.5}}
+    rows = dict(
+        [
+            # CIFAR-10, two seeds each: baseline 0.860 ± 0.0028, B-Net 0.870 ± 0.0028, soft ensemble 0.880 ± 0.0007
+            row("cifar10", "baseline", _fake_run("b0", 0, 0.858), _fake_run("b1", 1, 0.862)),
+            row(
+                "cifar10",
+                "branchynet",
+                _fake_run("n0", 0, 0.868, timing=timing),
+                _fake_run("n1", 1, 0.872, timing=slow),
+            ),
+            row("cifar10", "soft_l0.1", _fake_run("s0", 0, 0.88, 0.8795), _fake_run("s1", 1, 0.88, 0.8805)),
+            row("cifar10", "soft_l0.5", _fake_run("h0", 0, 0.87, 0.869)),
+            row("cifar100", "soft_l0.1", _fake_run("c0", 0, 0.62, 0.63, frontier=frontier)),
+        ]
+    )
+    text = evidence_tables.targets(rows)
+    plain = _row(text, "CIFAR-10 ResNet-18: plain network >= 86.50 %")
+    assert plain[1:] == ["b0, b1", _pm([0.858, 0.862]), "missed by 0.50 points"]
+    assert _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.1: soft ensemble >= 87.50 %")[3] == "met"
+    assert _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.5: soft ensemble >= 87.50 %")[3] == "missed by 0.60 points"
+    # soft - B-Net = 1.00 points against a spread of 0.28 + 0.07; B-Net - baseline = 1.00 against 0.28 + 0.28
+    order = _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.1 >= B-Net >= baseline beyond the seed spread")
+    assert order[1] == "2 / 2 / 2 seeds" and order[3] == "met"
+    assert order[2] == (
+        "soft - B-Net +1.00 points, beyond the spread (0.35); B-Net - baseline +1.00 points, beyond the spread (0.57)"
+    )
+    # lambda 0.5 has one seed and lies below B-Net: missed, the spread unmeasured
+    order = _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.5 >= B-Net >= baseline beyond the seed spread")
+    assert order[3] == "missed on one seed" and "-0.10 points, spread not measured" in order[2]
+    assert _row(text, "CIFAR-100 ResNet-18: plain network >= 60.50 %")[3] == "not trained yet"
+    assert _row(text, "CIFAR-100 ResNet-18: soft, lambda 0.1: soft ensemble >= 62.50 %")[3] == "met"
+    gain = _row(text, "CIFAR-100 ResNet-18: recommended policy >= max-softmax + 1 point at 0.6 and 0.7 of the cost")
+    assert gain[1:] == ["c0", "0.6: +1.50; 0.7: +0.50 points", "missed"]
+    noise = _row(
+        text, "CIFAR-100 ResNet-18: recommended policy not below max-softmax, entropy or static beyond the noise"
+    )
+    assert noise[1] == "c0" and noise[3] == "missed: entropy at 0.7 (Δ [-2.00, -1.00])"
+    hard = "CIFAR-10 ResNet-18: hard exit keeps the baseline's accuracy at <= 0.5 of the FLOPs"
+    assert _row(text, hard, "n0")[2:] == ["86.60 % at 0.310 of the FLOPs, 2.50x; baseline 86.00 %", "met"]
+    assert _row(text, hard, "n1")[3] == "missed: speed-up below 1.9x"
+    assert _row(text, hard, "s0")[2:] == ["-", "not timed yet"]
 
 
 def test_exits_attached_to_the_trained_baseline_are_compared_with_scratch(tree, tmp_path):
