@@ -1,13 +1,16 @@
 """Training images/s of the whole machine: one run with every thread against runs side by side.
 
 How to spend a CPU's cores on a grid of runs: each layout ("1x2": one training process with 2
-threads; "2x1": two processes with 1 thread each) starts its processes at once; every process builds
+threads; "2x1": two processes with 1 thread each; "2x1+channels_last=true": the same with recipe
+overrides of its own after ``+``) starts its processes at once; every process builds
 the recipe's trainer (as `data_throughput.py` does), takes ``--warmup`` steps of the recipe's loop,
 waits until every process of the layout is ready, then times ``--steps`` steps. The layout's
 throughput is the sum of its processes' images/s. Layouts alternate over ``--repeats`` rounds; the
-JSON gives each layout's median and its ratio to the first layout.
+JSON gives each layout's median and its ratio to the first layout, and the values that its processes'
+recipes resolved for the layout's own overrides.
 
     python benchmarks/grid_throughput.py --data-dir DATA > benchmarks/results/grid_throughput.json
+    python benchmarks/grid_throughput.py --data-dir DATA --layouts 2x1 2x1+channels_last=true
 """
 
 from __future__ import annotations
@@ -23,8 +26,21 @@ from pathlib import Path
 from _timing import machine
 
 from timm_exits.training.recipe import load_recipe
+from timm_exits.training.recipe_schema import RecipeError, parse_overrides
 
 HERE = Path(__file__).resolve().parent
+
+
+def _resolved(flat: dict, key: str) -> object:
+    """The value a flat recipe holds for an override key: 'lr', 'optim.lr' or 'model_kwargs.drop_rate'."""
+    parts = key.split(".")
+    for i, head in enumerate(parts):  # skip a section prefix, then descend into a dict-valued key
+        if head in flat:
+            value = flat[head]
+            for sub in parts[i + 1 :]:
+                value = value[sub]
+            return value
+    raise KeyError(key)
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -46,14 +62,30 @@ def _worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         steps(args.steps)
         seconds = time.perf_counter() - start
-    print(json.dumps({"images_per_s": args.steps * batch_size / seconds}), flush=True)
+        flat = trainer.recipe.flat()
+        resolved = {k: _resolved(flat, k) for k in parse_overrides(args.layout_set)}
+    print(json.dumps({"images_per_s": args.steps * batch_size / seconds, "set": resolved}), flush=True)
 
 
-def _layout(procs: int, threads: int, args: argparse.Namespace) -> float:
-    """Images/s of `procs` processes with `threads` threads each, timed over the same window."""
+def _parse_layout(layout: str) -> tuple[int, int, list[str]]:
+    """'2x1+channels_last=true' -> (2, 1, ['channels_last=true'])."""
+    shape, *sets = layout.split("+")
+    try:
+        procs, threads = (int(n) for n in shape.split("x"))
+    except ValueError:
+        raise SystemExit(
+            f"--layouts {layout}: each layout is PROCESSESxTHREADS, e.g. 2x1, optionally with recipe overrides "
+            "after '+', e.g. 2x1+channels_last=true"
+        ) from None
+    return procs, threads, sets
+
+
+def _layout(procs: int, threads: int, sets: list[str], args: argparse.Namespace) -> tuple[float, dict]:
+    """Images/s of `procs` processes with `threads` threads each, timed over the same window, and the
+    values their recipes resolved for the layout's own overrides `sets`."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--data-dir", args.data_dir]
     cmd += ["--recipe", args.recipe, "--threads", str(threads), "--steps", str(args.steps)]
-    cmd += ["--warmup", str(args.warmup), "--set", *args.set]
+    cmd += ["--warmup", str(args.warmup), "--set", *args.set, *sets, "--layout-set", *sets]
     workers = [
         subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE) for _ in range(procs)
     ]
@@ -63,45 +95,58 @@ def _layout(procs: int, threads: int, args: argparse.Namespace) -> float:
     for w in workers:
         w.stdin.write("go\n")
         w.stdin.flush()
-    total = 0.0
+    total, resolved = 0.0, {}
     for w in workers:
         out, _ = w.communicate()
         if w.returncode != 0:
             raise SystemExit(f"a worker of layout {procs}x{threads} exited with {w.returncode}")
-        total += json.loads(out.strip().splitlines()[-1])["images_per_s"]
-    return total
+        result = json.loads(out.strip().splitlines()[-1])
+        total += result["images_per_s"]
+        resolved = result["set"]
+    return total, resolved
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="cifar10_resnet18", help="shipped recipe name or YAML path")
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--layouts", nargs="+", default=["1x2", "2x1"], help="PROCESSESxTHREADS, the first is the baseline")
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["1x2", "2x1"],
+        help="PROCESSESxTHREADS[+KEY=VALUE...], the first is the baseline",
+    )
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per process and round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     p.add_argument("--repeats", type=int, default=3, help="rounds, the layouts alternating")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)  # a worker's threads
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--layout-set", nargs="*", default=[], help=argparse.SUPPRESS)  # a worker's layout overrides
     args = p.parse_args()
     if args.worker:
         return _worker(args)
-    try:
-        layouts = [tuple(int(n) for n in layout.split("x")) for layout in args.layouts]
-    except ValueError:
-        raise SystemExit(f"--layouts {' '.join(args.layouts)}: each layout is PROCESSESxTHREADS, e.g. 2x1") from None
+    layouts = [_parse_layout(layout) for layout in args.layouts]
+    for name, (_, _, sets) in zip(args.layouts, layouts):
+        try:
+            load_recipe(args.recipe, [f"data_dir={args.data_dir}", *args.set, *sets])
+        except RecipeError as e:
+            raise SystemExit(f"--layouts {name}: {e}") from None
     samples: dict[str, list[float]] = {layout: [] for layout in args.layouts}
+    resolved: dict[str, dict] = {}
     for _ in range(args.repeats):
-        for name, (procs, threads) in zip(args.layouts, layouts):
-            samples[name].append(_layout(procs, threads, args))
+        for name, (procs, threads, sets) in zip(args.layouts, layouts):
+            images_per_s, resolved[name] = _layout(procs, threads, sets, args)
+            samples[name].append(images_per_s)
     medians = {k: statistics.median(v) for k, v in samples.items()}
     base = args.layouts[0]
     flat = load_recipe(args.recipe, [f"data_dir={args.data_dir}", *args.set]).flat()
     out = {
         "benchmark": "grid_throughput",
-        "machine": machine(max(procs * threads for procs, threads in layouts)),
+        "machine": machine(max(procs * threads for procs, threads, _ in layouts)),
         "recipe": {k: flat[k] for k in ("name", "model", "dataset", "method", "img_size", "batch_size")},
         "overrides": args.set,
+        "layout_overrides": resolved,
         "steps_per_process": args.steps,
         "warmup_steps": args.warmup,
         "repeats": args.repeats,

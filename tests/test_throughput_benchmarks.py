@@ -71,6 +71,21 @@ def test_grid_throughput_sums_each_layouts_processes(recipe, tmp_path):
     assert out["ratio_to_1x1"]["2x1"] == pytest.approx(medians["2x1"] / medians["1x1"], abs=2e-3)
 
 
+@pytest.mark.slow  # two training processes: about 40 s on 2 cores
+def test_grid_throughput_gives_a_layout_its_own_recipe_overrides(recipe, tmp_path):
+    layouts = ["1x1", "1x1+optim.channels_last=true+model_kwargs.drop_rate=0.25"]
+    argv = ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", *layouts]
+    out = _run(grid_throughput.main, [*argv, "--steps", "1", "--warmup", "1", "--repeats", "1"])
+    # the values the workers' recipes resolved, not the strings given
+    assert out["layout_overrides"] == {
+        "1x1": {},
+        layouts[1]: {"optim.channels_last": True, "model_kwargs.drop_rate": 0.25},
+    }
+    assert set(out["rounds_images_per_s"]) == set(layouts)
+
+
 def test_grid_throughput_refuses_a_malformed_layout(recipe, tmp_path):
     with pytest.raises(SystemExit, match="PROCESSESxTHREADS"):
         _run(grid_throughput.main, ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", "2by1"])
+    with pytest.raises(SystemExit, match=r"--layouts 1x1\+no_such_key=1: .*no_such_key"):
+        _run(grid_throughput.main, ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", "1x1+no_such_key=1"])
