@@ -468,22 +468,23 @@ def _accuracies(row: Row, key: str) -> list[float]:
     return [r.report["test"][key] for r in row.runs]
 
 
-def _ordered(upper: list[float], lower: list[float]) -> str:
-    """Whether the mean of `upper` is above that of `lower` beyond the seed spread: the gap between the
-    means larger than the sum of the two sample standard deviations."""
+def _ordered(upper: list[float], lower: list[float]) -> tuple[str, float, bool | None]:
+    """How far the mean of `upper` is above that of `lower`, against the seed spread (the sum of the two
+    sample standard deviations): the text, the gap, and whether it is beyond the spread (None for one seed)."""
     gap = statistics.fmean(upper) - statistics.fmean(lower)
+    text = f"{'+' if gap >= 0 else '-'}{_pct(abs(gap))} points"
     if min(len(upper), len(lower)) < 2:
-        return f"{'+' if gap >= 0 else '-'}{_pct(abs(gap))} points, spread not measured (one seed)"
+        return f"{text}, spread not measured (one seed)", gap, None
     spread = statistics.stdev(upper) + statistics.stdev(lower)
-    beyond = "beyond" if gap > spread else "within"
-    return f"{'+' if gap >= 0 else '-'}{_pct(abs(gap))} points, {beyond} the spread ({_pct(spread)})"
+    beyond = gap > spread
+    return f"{text}, {'beyond' if beyond else 'within'} the spread ({_pct(spread)})", gap, beyond
 
 
-def _ordering_verdict(gaps: list[str]) -> str:
+def _ordering_verdict(gaps: list[tuple[str, float, bool | None]]) -> str:
     """'met' when every gap of an ordering is positive and beyond the spread."""
-    if any("not measured" in g for g in gaps):
-        return "not decided: one seed" if all(g.startswith("+") for g in gaps) else "missed on one seed"
-    return "met" if all(g.startswith("+") and "beyond" in g for g in gaps) else "missed"
+    if any(beyond is None for _, _, beyond in gaps):
+        return "not decided: one seed" if all(gap >= 0 for _, gap, _ in gaps) else "missed on one seed"
+    return "met" if all(beyond for _, _, beyond in gaps) else "missed"
 
 
 def _gain_cell(frontier: dict, budget: float) -> tuple[str, float | None]:
@@ -556,7 +557,7 @@ def targets(rows: dict[tuple[str, str, str], Row]) -> str:
                     _ordered(_accuracies(bnet, "final_accuracy"), _accuracies(base, "final_accuracy")),
                 ]
                 counts = f"{len(soft.runs)} / {len(bnet.runs)} / {len(base.runs)} seeds"
-                measured = f"soft - B-Net {gaps[0]}; B-Net - baseline {gaps[1]}"
+                measured = f"soft - B-Net {gaps[0][0]}; B-Net - baseline {gaps[1][0]}"
                 out.append(f"| {what} | {counts} | {measured} | {_ordering_verdict(gaps)} |")
         if dataset in POLICY_GAIN:
             budgets, goal = POLICY_GAIN[dataset]

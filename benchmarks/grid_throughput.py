@@ -6,8 +6,8 @@ overrides of its own after ``+``) starts its processes at once; every process bu
 the recipe's trainer (as `data_throughput.py` does), takes ``--warmup`` steps of the recipe's loop,
 waits until every process of the layout is ready, then times ``--steps`` steps. The layout's
 throughput is the sum of its processes' images/s. Layouts alternate over ``--repeats`` rounds; the
-JSON gives each layout's median and its ratio to the first layout, and the values that its processes'
-recipes resolved for the layout's own overrides.
+JSON gives each layout's median and its ratio to the first layout, and the values that the recipe
+resolves for the layout's own overrides.
 
     python benchmarks/grid_throughput.py --data-dir DATA > benchmarks/results/grid_throughput.json
     python benchmarks/grid_throughput.py --data-dir DATA --layouts 2x1 2x1+channels_last=true
@@ -26,21 +26,19 @@ from pathlib import Path
 from _timing import machine
 
 from timm_exits.training.recipe import load_recipe
-from timm_exits.training.recipe_schema import RecipeError, parse_overrides
+from timm_exits.training.recipe_schema import RecipeError, _flat_pairs, parse_overrides
 
 HERE = Path(__file__).resolve().parent
 
 
 def _resolved(flat: dict, key: str) -> object:
     """The value a flat recipe holds for an override key: 'lr', 'optim.lr' or 'model_kwargs.drop_rate'."""
-    parts = key.split(".")
-    for i, head in enumerate(parts):  # skip a section prefix, then descend into a dict-valued key
-        if head in flat:
-            value = flat[head]
-            for sub in parts[i + 1 :]:
-                value = value[sub]
-            return value
-    raise KeyError(key)
+    [(flat_key, _)] = _flat_pairs({key: None})  # without its section prefix
+    top, *subs = flat_key.split(".")
+    value = flat[top]
+    for sub in subs:  # a key inside a mapping value
+        value = value[sub]
+    return value
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -62,9 +60,7 @@ def _worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         steps(args.steps)
         seconds = time.perf_counter() - start
-        flat = trainer.recipe.flat()
-        resolved = {k: _resolved(flat, k) for k in parse_overrides(args.layout_set)}
-    print(json.dumps({"images_per_s": args.steps * batch_size / seconds, "set": resolved}), flush=True)
+    print(json.dumps({"images_per_s": args.steps * batch_size / seconds}), flush=True)
 
 
 def _parse_layout(layout: str) -> tuple[int, int, list[str]]:
@@ -80,12 +76,12 @@ def _parse_layout(layout: str) -> tuple[int, int, list[str]]:
     return procs, threads, sets
 
 
-def _layout(procs: int, threads: int, sets: list[str], args: argparse.Namespace) -> tuple[float, dict]:
-    """Images/s of `procs` processes with `threads` threads each, timed over the same window, and the
-    values their recipes resolved for the layout's own overrides `sets`."""
+def _layout(procs: int, threads: int, sets: list[str], args: argparse.Namespace) -> float:
+    """Images/s of `procs` processes with `threads` threads each and recipe overrides `sets`, timed over
+    the same window."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--data-dir", args.data_dir]
     cmd += ["--recipe", args.recipe, "--threads", str(threads), "--steps", str(args.steps)]
-    cmd += ["--warmup", str(args.warmup), "--set", *args.set, *sets, "--layout-set", *sets]
+    cmd += ["--warmup", str(args.warmup), "--set", *args.set, *sets]
     workers = [
         subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE) for _ in range(procs)
     ]
@@ -95,15 +91,13 @@ def _layout(procs: int, threads: int, sets: list[str], args: argparse.Namespace)
     for w in workers:
         w.stdin.write("go\n")
         w.stdin.flush()
-    total, resolved = 0.0, {}
+    total = 0.0
     for w in workers:
         out, _ = w.communicate()
         if w.returncode != 0:
             raise SystemExit(f"a worker of layout {procs}x{threads} exited with {w.returncode}")
-        result = json.loads(out.strip().splitlines()[-1])
-        total += result["images_per_s"]
-        resolved = result["set"]
-    return total, resolved
+        total += json.loads(out.strip().splitlines()[-1])["images_per_s"]
+    return total
 
 
 def main() -> None:
@@ -122,22 +116,21 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)  # a worker's threads
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--layout-set", nargs="*", default=[], help=argparse.SUPPRESS)  # a worker's layout overrides
     args = p.parse_args()
     if args.worker:
         return _worker(args)
     layouts = [_parse_layout(layout) for layout in args.layouts]
+    resolved: dict[str, dict] = {}
     for name, (_, _, sets) in zip(args.layouts, layouts):
         try:
-            load_recipe(args.recipe, [f"data_dir={args.data_dir}", *args.set, *sets])
+            flat = load_recipe(args.recipe, [f"data_dir={args.data_dir}", *args.set, *sets]).flat()
         except RecipeError as e:
             raise SystemExit(f"--layouts {name}: {e}") from None
+        resolved[name] = {k: _resolved(flat, k) for k in parse_overrides(sets)}
     samples: dict[str, list[float]] = {layout: [] for layout in args.layouts}
-    resolved: dict[str, dict] = {}
     for _ in range(args.repeats):
         for name, (procs, threads, sets) in zip(args.layouts, layouts):
-            images_per_s, resolved[name] = _layout(procs, threads, sets, args)
-            samples[name].append(images_per_s)
+            samples[name].append(_layout(procs, threads, sets, args))
     medians = {k: statistics.median(v) for k, v in samples.items()}
     base = args.layouts[0]
     flat = load_recipe(args.recipe, [f"data_dir={args.data_dir}", *args.set]).flat()

@@ -76,7 +76,7 @@ def test_grid_throughput_gives_a_layout_its_own_recipe_overrides(recipe, tmp_pat
     layouts = ["1x1", "1x1+optim.channels_last=true+model_kwargs.drop_rate=0.25"]
     argv = ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", *layouts]
     out = _run(grid_throughput.main, [*argv, "--steps", "1", "--warmup", "1", "--repeats", "1"])
-    # the values the workers' recipes resolved, not the strings given
+    # the values the recipe resolves, not the strings given
     assert out["layout_overrides"] == {
         "1x1": {},
         layouts[1]: {"optim.channels_last": True, "model_kwargs.drop_rate": 0.25},
