@@ -215,8 +215,12 @@ def test_committed_evidence_tables_are_current():
 
 @pytest.mark.parametrize(
     "name, error",
-    [("test_resnet_baseline_s3", "seed 0"), ("baseline-copy", "not a run name")],
-    ids=["named-for-another-seed", "not-a-run-name"],
+    [
+        ("test_resnet_baseline_s3", "seed 0"),
+        ("baseline-copy", "not a run name"),
+        ("test_resnet_baseline_alltrain_s0", "val_split 0.1"),
+    ],
+    ids=["named-for-another-seed", "not-a-run-name", "named-whole-split-but-held-out-more"],
 )
 def test_a_misnamed_run_folder_is_refused(tree, tmp_path, name, error):
     results = tmp_path / "evidence"
@@ -224,6 +228,24 @@ def test_a_misnamed_run_folder_is_refused(tree, tmp_path, name, error):
     shutil.move(results / "digits" / "test_resnet_baseline_s0", results / "digits" / name)
     with pytest.raises(SystemExit, match=error):
         evidence_tables.load_rows(results)
+
+
+def test_the_plain_network_on_the_whole_training_split_has_its_own_row(tree, tmp_path):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    whole = results / "digits" / "test_resnet_baseline_alltrain_s0"
+    shutil.copytree(results / "digits" / "test_resnet_baseline_s0", whole)
+    report = json.loads((whole / "report.json").read_text())
+    report["recipe"]["val_split"] = evidence_tables.ALLTRAIN_VAL_SPLIT
+    report["test"]["final_accuracy"] = 0.5
+    (whole / "report.json").write_text(json.dumps(report))
+    rows = evidence_tables.load_rows(results)
+    assert [r.name for r in rows[("digits", "test_resnet", "baseline_alltrain")].runs] == [whole.name]
+    assert [r.name for r in rows[("digits", "test_resnet", "baseline")].runs] == ["test_resnet_baseline_s0"]
+    label = f"baseline, whole training split ({evidence_tables.ALLTRAIN_VAL_SPLIT} images held out)"
+    assert _row(evidence_tables.table1(rows), "test_resnet", label)[2:] == ["1 (0)", "50.00 %", "-", "-"]
+    assert whole.name not in evidence_tables.table2(rows)  # a plain network has no exit policy to time
+    assert _row(evidence_tables.summary(rows), "digits", "test_resnet", label)[-1] == "-"
 
 
 def test_rows_not_trained_show_the_measured_minutes_per_epoch(tmp_path):
@@ -281,6 +303,7 @@ def test_targets_judge_each_target_on_the_committed_figures():
         [
             # CIFAR-10, two seeds each: baseline 0.860 ± 0.0028, B-Net 0.870 ± 0.0028, soft ensemble 0.880 ± 0.0007
             row("cifar10", "baseline", _fake_run("b0", 0, 0.858), _fake_run("b1", 1, 0.862)),
+            row("cifar10", "baseline_alltrain", _fake_run("w0", 0, 0.867)),
             row(
                 "cifar10",
                 "branchynet",
@@ -295,6 +318,8 @@ def test_targets_judge_each_target_on_the_committed_figures():
     text = evidence_tables.targets(rows)
     plain = _row(text, "CIFAR-10 ResNet-18: plain network >= 86.50 %")
     assert plain[1:] == ["b0, b1", _pm([0.858, 0.862]), "missed by 0.50 points"]
+    whole = _row(text, "CIFAR-10 ResNet-18: plain network on the whole training split >= 86.50 %")
+    assert whole[1:] == ["w0", "86.70 %", "met"]
     assert _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.1: soft ensemble >= 87.50 %")[3] == "met"
     assert _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.5: soft ensemble >= 87.50 %")[3] == "missed by 0.60 points"
     # soft - B-Net = 1.00 points against a spread of 0.28 + 0.07; B-Net - baseline = 1.00 against 0.28 + 0.28
