@@ -96,6 +96,7 @@ FLAT_DICT_RUNTIME_KEYS = {
     "timing_images",
     "timing_repeats",
     "timing_warmup",
+    "compile",  # added since, as a runtime key: how a run executes, not what it trains
 }
 
 
@@ -110,6 +111,7 @@ def test_fingerprint_with_overrides_is_unchanged(source, overrides, expected):
     recipe = load_recipe(source, overrides)
     assert _fingerprint(recipe) == _fingerprint(recipe.flat()) == expected
     runtime = ["device=cpu", "threads=2", "num_workers=3", "eval_batch_size=7", "policy=entropy", "progress=true"]
+    runtime.append("compile=true")
     assert _fingerprint(load_recipe(source, [*(overrides or []), *runtime])) == expected
 
 

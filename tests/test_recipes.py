@@ -154,6 +154,19 @@ def test_soft_cost_weight_is_warmed_up(runs):
     assert "soft_ce" in rec["train"] and "exit_ce" in rec["train"]
 
 
+@pytest.mark.slow  # compiles each stage's forward and backward: minutes on 2 cores
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    recipe = tiny(method="soft", frozen_epochs=1, epochs=1, report=False)
+    eager = train(recipe, tmp_path / "eager")
+    compiled = train({**recipe, "compile": True}, tmp_path / "compiled")
+    a, b = model_tensors(eager), model_tensors(compiled)
+    assert a.keys() == b.keys()
+    for k, v in a.items():  # fused kernels round differently: close, not bitwise equal
+        torch.testing.assert_close(b[k], v, rtol=1e-2, atol=5e-3, msg=k)
+    losses = [[h["train"]["loss"] for h in history(run)] for run in (eager, compiled)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
 # ------------------------------------------------------------------------------------ resume
 def test_resume_after_a_kill_mid_epoch_ends_like_an_uninterrupted_run(tmp_path):
     recipe = tiny(

@@ -255,6 +255,7 @@ class RuntimeSection(_Section):
     checkpoint_every_steps: int | None = None  # also checkpoint every N steps within an epoch
     stop_after_steps: int | None = None  # debug: stop (as if killed) after N steps, without a final checkpoint
     progress: ProgressMode = "auto"  # tqdm bars: auto (only on a terminal) | true | false
+    compile: bool = False  # run each stage's training forward and backward through torch.compile
 
 
 _DEFAULT_POLICY = {"baseline": "confidence", "branchynet": "entropy", "soft": "gate"}

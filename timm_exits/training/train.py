@@ -416,6 +416,8 @@ class _Trainer:
 
             ids = [self.d.device.index] if self.d.device.type == "cuda" else None
             net = DistributedDataParallel(self.model, device_ids=ids)
+        if self.recipe.runtime.compile:  # per stage: a frozen stage trains other parameters
+            net = torch.compile(net)
         if self.d.main:
             self.log(
                 f"stage {stage.name}: {stage.epochs} epoch(s), {n_trainable:,} trainable parameters, lr {stage.lr:g}"
