@@ -27,6 +27,9 @@ from timm_exits.training.distributed import _Dist
 from timm_exits.training.recipe import load_recipe
 from timm_exits.training.train import _Trainer
 
+# the recipe settings printed with the rates: what the model is and what changes its speed
+RECORDED_KEYS = ("model", "dataset", "exits", "method", "img_size", "augment", "batch_size", "amp", "channels_last")
+
 
 @contextlib.contextmanager
 def recipe_trainer(
@@ -90,7 +93,7 @@ def main() -> None:
     out = {
         "benchmark": "data_throughput",
         "machine": machine(args.threads),
-        "recipe": {k: flat[k] for k in ("model", "dataset", "exits", "method", "img_size", "augment", "batch_size")},
+        "recipe": {k: flat[k] for k in RECORDED_KEYS},
         "steps_per_round": args.steps,
         "repeats": args.repeats,
         "images_per_s": {k: round(v, 1) for k, v in ips.items()},

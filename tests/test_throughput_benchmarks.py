@@ -46,9 +46,10 @@ def recipe(tmp_path) -> str:
 
 def test_data_throughput_compares_the_loop_with_in_memory_steps(recipe, tmp_path):
     out = _run(data_throughput.main, ["--recipe", recipe, "--data-dir", str(tmp_path), "--threads", "1",
-                                      "--steps", "2", "--repeats", "2"])  # fmt: skip
+                                      "--steps", "2", "--repeats", "2", "--set", "channels_last=true"])  # fmt: skip
     assert out["machine"]["threads"] == 1 and out["steps_per_round"] == 2 and out["repeats"] == 2
     assert out["recipe"]["batch_size"] == 32 and out["recipe"]["model"] == "test_resnet"
+    assert out["recipe"]["channels_last"] is True and out["recipe"]["amp"] is None  # settings that move the rate
     assert set(out["round_ms"]) == {"recipe_loop", "in_memory"}
     for name, rounds in out["round_ms"].items():
         assert len(rounds) == 2
