@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import json
 import re
 import statistics
@@ -667,15 +668,22 @@ def _mean_curve(runs: list[Run], policy: str) -> list[tuple[float, float]]:
     return sorted(points)
 
 
-def plot(dataset: str, group: list[Row], path: Path) -> None:
+def plot(dataset: str, group: list[Row], path: Path) -> list[str]:
     """Every policy (colour) of every method (line style) and backbone (marker) on one set of axes;
-    baseline networks as black stars at cost 1.0."""
+    baseline networks as black stars at cost 1.0.
+
+    Returns:
+        The legend's labels: the policies, each method with a frontier, each backbone with runs.
+    """
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
     colours = dict(zip(POLICY_NAMES, ("C0", "C1", "C2", "C7", "C4", "k")))
-    styles = {"branchynet": "--", f"soft_l{LAMBDA_A:g}": "-", f"soft_l{LAMBDA_B:g}": ":"}
-    backbones = sorted({row.backbone for row in group})
+    styles: dict[str, object] = {"branchynet": "--", f"soft_l{LAMBDA_A:g}": "-", f"soft_l{LAMBDA_B:g}": ":"}
+    others = sorted({r.variant for r in group if r.variant not in styles and any(run.frontier for run in r.runs)})
+    dashes = itertools.cycle(("-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))))
+    styles.update({v: next(dashes) for v in others})
+    backbones = sorted({row.backbone for row in group if row.runs})
     markers = dict(zip(backbones, "os^Dv<>p"))
     fig, ax = plt.subplots(figsize=(10.0, 5.5), dpi=120)
     for row in group:
@@ -683,7 +691,15 @@ def plot(dataset: str, group: list[Row], path: Path) -> None:
         if row.variant == "baseline" and row.runs:
             acc = 100 * statistics.fmean(r.report["test"]["final_accuracy"] for r in row.runs)
             ax.plot([1.0], [acc], marker="*", color="k", markersize=12, linestyle="none")
-            ax.annotate(row.backbone, (1.0, acc), xytext=(8, 0), textcoords="offset points", fontsize=7, va="center")
+            ax.annotate(
+                row.backbone,
+                (1.0, acc),
+                xytext=(-8, 0),
+                textcoords="offset points",
+                fontsize=7,
+                va="center",
+                ha="right",
+            )
         for policy, colour in colours.items():
             pts = _mean_curve(runs, policy) if runs else []
             if pts:
@@ -692,7 +708,7 @@ def plot(dataset: str, group: list[Row], path: Path) -> None:
                 ax.plot(
                     xs,
                     ys,
-                    linestyle=styles.get(row.variant, "-."),
+                    linestyle=styles[row.variant],
                     marker=markers[row.backbone],
                     markersize=3,
                     color=colour,
@@ -713,6 +729,7 @@ def plot(dataset: str, group: list[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
+    return [h.get_label() for h in handles]
 
 
 def summary(rows: dict[tuple[str, str, str], Row]) -> str:

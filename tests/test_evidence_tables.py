@@ -205,6 +205,20 @@ def test_check_passes_when_current_and_fails_after_an_edit(tree, tmp_path):
 def test_plot_is_a_png_per_data_set(tree):
     assert (tree / "digits" / "accuracy_vs_cost.png").read_bytes()[:8] == PNG_MAGIC
     assert "](digits/accuracy_vs_cost.png)" in (tree / "tables.md").read_text()
+
+
+def test_plot_legend_names_every_plotted_method_and_only_backbones_with_runs(tree, tmp_path):
+    group = [row for (dataset, _, _), row in evidence_tables.load_rows(tree).items() if dataset == "digits"]
+    soft = next(row for row in group if row.variant == "soft_l0.1")
+    group += [
+        evidence_tables.Row("digits", "test_resnet", "attached_soft_l0.1", soft.runs),
+        evidence_tables.Row("digits", "untrained_net", "baseline", []),
+    ]
+    labels = evidence_tables.plot("digits", group, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == PNG_MAGIC
+    assert "soft, lambda 0.1, exits attached to the trained baseline" in labels
+    assert "test_resnet" in labels
+    assert "untrained_net" not in labels
     assert not (tree / "cifar10").exists()
 
 
