@@ -673,7 +673,8 @@ def plot(dataset: str, group: list[Row], path: Path) -> list[str]:
     baseline networks as black stars at cost 1.0.
 
     Returns:
-        The legend's labels: the policies, each method with a frontier, each backbone with runs.
+        The legend's labels: the policies, B-Net and the grid's two soft methods, any other method
+        with a frontier, and each backbone with runs.
     """
     plt = _pyplot()
     from matplotlib.lines import Line2D

@@ -205,6 +205,7 @@ def test_check_passes_when_current_and_fails_after_an_edit(tree, tmp_path):
 def test_plot_is_a_png_per_data_set(tree):
     assert (tree / "digits" / "accuracy_vs_cost.png").read_bytes()[:8] == PNG_MAGIC
     assert "](digits/accuracy_vs_cost.png)" in (tree / "tables.md").read_text()
+    assert not (tree / "cifar10").exists()
 
 
 def test_plot_legend_names_every_plotted_method_and_only_backbones_with_runs(tree, tmp_path):
@@ -219,7 +220,6 @@ def test_plot_legend_names_every_plotted_method_and_only_backbones_with_runs(tre
     assert "soft, lambda 0.1, exits attached to the trained baseline" in labels
     assert "test_resnet" in labels
     assert "untrained_net" not in labels
-    assert not (tree / "cifar10").exists()
 
 
 def test_committed_evidence_tables_are_current():
