@@ -98,6 +98,11 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     **_methods("cifar10_resnet18", "cifar10/resnet18", (1,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar10_alexnet", "cifar10/alexnet", (0,), (LAMBDA_A,)),
     **_methods("cifar10_vgg13", "cifar10/vgg13", (0,), (LAMBDA_A,)),
+    # a second seed of the CIFAR-100 budget check, so its verdict reads a mean and a spread
+    "cifar100/resnet18_baseline_alltrain_s1": (
+        "cifar100_resnet18",
+        {"method": "baseline", "seed": 1, "val_split": ALLTRAIN_VAL_SPLIT},
+    ),
 }
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
