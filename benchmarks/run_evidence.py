@@ -55,6 +55,17 @@ def _methods(recipe: str, prefix: str, seeds: tuple[int, ...], soft_lambdas: tup
     return grid
 
 
+def _alltrain(dataset: str, seeds: tuple[int, ...]) -> dict:
+    """The plain ResNet-18 on the whole training split (the budget's own check), one entry per seed."""
+    return {
+        f"{dataset}/resnet18_baseline_alltrain_s{seed}": (
+            f"{dataset}_resnet18",
+            {"method": "baseline", "seed": seed, "val_split": ALLTRAIN_VAL_SPLIT},
+        )
+        for seed in seeds
+    }
+
+
 def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
     """Soft exits (lambda A, seed 0) attached to the seed-0 CIFAR-10 baseline's saved model: 5 epochs on the
     frozen backbone, then 5 jointly, the joint stage at `joint_lr` (default: the budget's) and the frozen one
@@ -77,7 +88,7 @@ def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
 # exits attached to it first (the path most users take), then seed 0 of every CIFAR-10 method, so a partial
 # grid already compares the methods, then CIFAR-100 (where the recommended policy meets data it was not
 # chosen on), then the plain network on the whole training split (the budget's own check), before the second
-# CIFAR-10 seed, the AlexNet-style network and VGG-13.
+# CIFAR-10 seed, the AlexNet-style network, VGG-13 and the CIFAR-100 check's second seed.
 _CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B))
 _BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
@@ -88,21 +99,13 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     "cifar10/resnet18_attached_lr0.01_soft_l0.1_s0": _attached(joint_lr=0.01),
     **_CIFAR10_S0,
     **_methods("cifar100_resnet18", "cifar100/resnet18", (0,), (LAMBDA_A, LAMBDA_B)),
-    **{
-        f"{dataset}/resnet18_baseline_alltrain_s0": (
-            f"{dataset}_resnet18",
-            {"method": "baseline", "seed": 0, "val_split": ALLTRAIN_VAL_SPLIT},
-        )
-        for dataset in ("cifar10", "cifar100")
-    },
+    **_alltrain("cifar10", (0,)),
+    **_alltrain("cifar100", (0,)),
     **_methods("cifar10_resnet18", "cifar10/resnet18", (1,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar10_alexnet", "cifar10/alexnet", (0,), (LAMBDA_A,)),
     **_methods("cifar10_vgg13", "cifar10/vgg13", (0,), (LAMBDA_A,)),
     # a second seed of the CIFAR-100 budget check, so its verdict reads a mean and a spread
-    "cifar100/resnet18_baseline_alltrain_s1": (
-        "cifar100_resnet18",
-        {"method": "baseline", "seed": 1, "val_split": ALLTRAIN_VAL_SPLIT},
-    ),
+    **_alltrain("cifar100", (1,)),
 }
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
