@@ -162,6 +162,71 @@ def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) 
         )
 
 
+# Recipe keys that make up the training budget. Every from-scratch run of one backbone (each method,
+# seed and data set) must share them: the grid compares methods on one budget.
+BUDGET_KEYS = (
+    "epochs",
+    "batch_size",
+    "opt",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "sched",
+    "warmup_epochs",
+    "augment",
+    "crop_padding",
+    "hflip",
+    "label_smoothing",
+    "img_size",
+)
+
+
+OPTIMIZERS = {"sgd": "Nesterov SGD"}  # timm's "sgd" is Nesterov SGD
+
+
+def budget(report: dict) -> dict:
+    """The budget keys of a run's recipe."""
+    return {key: report["recipe"].get(key) for key in BUDGET_KEYS}
+
+
+def _check_budgets(found: dict[tuple[str, str, str], list[Run]]) -> None:
+    """Refuse a from-scratch run whose budget differs from that of its backbone's other from-scratch runs."""
+    first: dict[str, tuple[str, dict]] = {}
+    for (dataset, backbone, variant), runs in sorted(found.items()):
+        if _scratch_variant(variant) is not None:  # exits attached to a trained network: a budget of their own
+            continue
+        for run in runs:
+            ref_name, ref = first.setdefault(backbone, (f"{dataset}/{run.name}", budget(run.report)))
+            differs = {k: v for k, v in budget(run.report).items() if v != ref[k]}
+            if differs:
+                theirs = ", ".join(f"{k} {ref[k]}" for k in differs)
+                ours = ", ".join(f"{k} {v}" for k, v in differs.items())
+                raise SystemExit(
+                    f"{dataset}/{run.name} was trained with {ours}, {ref_name} with {theirs}: the grid compares "
+                    "methods on one budget; train every run of the backbone on it, or keep this run out of "
+                    "the results tree"
+                )
+
+
+def budget_lines(rows: dict[tuple[str, str, str], Row]) -> str:
+    """One line per backbone with runs: the budget its from-scratch runs share."""
+    seen: dict[str, dict] = {}
+    for (_, backbone, variant), row in rows.items():
+        if row.runs and _scratch_variant(variant) is None:
+            seen.setdefault(backbone, budget(row.runs[0].report))
+    out = ["Shared by every from-scratch run of a backbone (`evidence_tables.py` refuses a run that differs).", ""]
+    for backbone, b in seen.items():
+        opt = OPTIMIZERS.get(b["opt"], b["opt"])
+        out.append(
+            f"- {BACKBONES.get(backbone, backbone)}: {b['epochs']} epochs at batch {b['batch_size']}, {opt} "
+            f"(momentum {b['momentum']:g}, weight decay {b['weight_decay']:g}), peak lr {b['lr']:g} on a "
+            f"{b['sched']} schedule with {b['warmup_epochs']:g} warm-up epochs, {b['augment']} augmentation "
+            f"(padding {b['crop_padding']}, flip {b['hflip']:g}), label smoothing {b['label_smoothing']:g}, "
+            f"{b['img_size']} px"
+        )
+    return "\n".join(out)
+
+
 CIFAR_TRAIN_IMAGES = 45_000  # CIFAR train split less the 5,000 images the grid recipes hold out (val_split)
 
 
@@ -188,6 +253,7 @@ def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
         _check_name(dataset, name, m["variant"], seed, report)
         run = Run(name, seed, report, _read(path.parent / "frontier.json"), _read(path.parent / "timing.json"))
         found.setdefault((dataset, m["backbone"], m["variant"]), []).append(run)
+    _check_budgets(found)
     grid = [(n.split("/", 1)[0], RUN_NAME.match(n.split("/", 1)[1])["backbone"]) for n in GRID]
     backbones = set(grid) | set(PAPER_T1) | {(d, b) for d, b, _ in found}
     in_grid = {
@@ -624,6 +690,8 @@ def tables_md(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] |
         "`--check` fails when this file is stale.",
         "## Targets",
         targets(rows),
+        "## Budget",
+        budget_lines(rows),
         "## Table 1 form: accuracy per method",
         table1(rows, minutes),
         "## Table 2 form: hard early exit at batch 1",

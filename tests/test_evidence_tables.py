@@ -244,6 +244,31 @@ def test_a_misnamed_run_folder_is_refused(tree, tmp_path, name, error):
         evidence_tables.load_rows(results)
 
 
+def test_a_run_trained_on_another_budget_is_refused_and_the_budget_is_stated(tree, tmp_path):
+    report = json.loads((tree / "digits" / "test_resnet_soft_l0.1_s0" / "report.json").read_text())
+    rec = report["recipe"]
+    line = _budget_line(evidence_tables.tables_md(evidence_tables.load_rows(tree)), "test_resnet")
+    assert f"{rec['epochs']} epochs at batch {rec['batch_size']}," in line
+    assert f"peak lr {rec['lr']:g} on a {rec['sched']} schedule" in line
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    path = results / "digits" / "test_resnet_baseline_s0" / "report.json"
+    other = json.loads(path.read_text())
+    other["recipe"]["batch_size"] = 2 * rec["batch_size"]
+    path.write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as refused:
+        evidence_tables.load_rows(results)
+    message = str(refused.value)
+    assert "test_resnet_baseline_s0" in message and "one budget" in message
+    assert f"batch_size {2 * rec['batch_size']}" in message and f"batch_size {rec['batch_size']}" in message
+
+
+def _budget_line(text: str, backbone: str) -> str:
+    section = text[text.index("## Budget") : text.index("## Table 1 form")]
+    (line,) = [x for x in section.splitlines() if x.startswith(f"- {backbone}: ")]
+    return line
+
+
 def test_the_plain_network_on_the_whole_training_split_has_its_own_row(tree, tmp_path):
     results = tmp_path / "evidence"
     shutil.copytree(tree, results)
