@@ -44,8 +44,10 @@ def _correct(test: Collected, index: torch.Tensor) -> torch.Tensor:
     return picked.argmax(-1) == test.labels
 
 
-def _at_budget(val: Collected, test: Collected, policy: str, budget: float) -> tuple[dict, torch.Tensor] | None:
-    ok = [p for p in sweep(val, policy) if p["cost"] <= budget + 1e-12]
+def _at_budget(curve: list[dict], test: Collected, policy: str, budget: float) -> tuple[dict, torch.Tensor] | None:
+    """The threshold of `curve` (the policy's sweep on the validation split) with the best accuracy within
+    `budget`, and what it reaches on the test split."""
+    ok = [p for p in curve if p["cost"] <= budget + 1e-12]
     if not ok:
         return None
     best = max(ok, key=lambda p: (p["accuracy"], -p["cost"]))
@@ -133,12 +135,13 @@ def main(argv: list[str] | None = None) -> None:
         fits[objective] = fit_gates(fitted, val, objective=objective).__dict__
         fval, ftest = outputs(fitted)
         policies[f"gate_fitted_{objective}"] = (fval, ftest, "gate")
+    curves = {name: sweep(v, policy) for name, (v, _, policy) in policies.items()}  # the same at every budget
     table = []
     for i, budget in enumerate(args.budgets):
         row: dict = {"budget": budget}
         correct: dict[str, torch.Tensor] = {}
         results = {"static": _static(val, test, budget)}
-        results |= {name: _at_budget(v, t, policy, budget) for name, (v, t, policy) in policies.items()}
+        results |= {name: _at_budget(curves[name], t, policy, budget) for name, (_, t, policy) in policies.items()}
         for name, result in results.items():
             row[name] = result and result[0]
             if result:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import images, make_backbone
 
-from timm_exits import calibrate, collect, predict, simulate, wrap
+from timm_exits import Collected, calibrate, collect, predict, simulate, sweep, wrap
 from timm_exits.core.gates import logit_stats
 from timm_exits.core.layout import to_nchw
 from timm_exits.inference.policies import _run_hard, exit_mask, run_assigned
@@ -170,6 +170,29 @@ def test_bad_inputs():
 
 def _loader(x, y, batch=8):
     return [(x[i : i + batch], y[i : i + batch]) for i in range(0, x.shape[0], batch)]
+
+
+def test_sweep_equals_each_threshold_recomputed_from_the_exit_rule():
+    # logits on a coarse grid: many samples share a score, so thresholds fall exactly on ties
+    g = torch.Generator().manual_seed(3)
+    n, exits, classes = 300, 4, 6
+    logits = torch.randint(-3, 4, (n, exits + 1, classes), generator=g).float() / 2
+    gate_logits = torch.randint(-4, 5, (n, exits), generator=g).float() / 2
+    labels = torch.randint(0, classes, (n,), generator=g)
+    data = Collected(logits, gate_logits, labels, torch.tensor([0.1, 0.3, 0.5, 0.7, 1.0]))
+    for policy in ("gate", "confidence", "entropy"):
+        curve = sweep(data, policy, num=41)
+        assert len(curve) > 10
+        for point in curve:
+            index = torch.full((n,), exits)
+            for b in reversed(range(exits)):
+                index[exit_mask(policy, logits[:, b], gate_logits[:, b], point["threshold"])] = b
+            assert torch.equal(simulate(data, policy, point["threshold"]), index)
+            right = torch.tensor([int(logits[i, index[i]].argmax()) == int(labels[i]) for i in range(n)])
+            assert point["accuracy"] == float(right.float().mean()), (policy, point)
+            assert point["cost"] == pytest.approx(float(data.costs[index].mean()), abs=1e-7)
+    with pytest.raises(ValueError, match="got 2 thresholds for 4 early exits"):
+        simulate(data, "gate", [0.5, 0.5])
 
 
 def test_calibration_meets_targets_and_matches_hard_path():

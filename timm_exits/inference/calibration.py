@@ -20,6 +20,7 @@ import torch
 
 from ..core._utils import evaluating
 from ..core.config import PolicyName
+from ..core.gates import logit_stats
 from ..core.model import EarlyExitModel
 from .policies import POLICIES, exit_mask
 
@@ -152,26 +153,42 @@ def simulate(data: Collected, policy: PolicyName, threshold: float | list[float]
     """Exit index each sample would take under `policy` (the same rule as the hard path)."""
     n_early = data.gate_logits.shape[1]
     thresholds = [float(threshold)] * n_early if isinstance(threshold, (int, float)) else list(threshold)
+    if len(thresholds) != n_early:
+        raise ValueError(f"got {len(thresholds)} thresholds for {n_early} early exits; give one or one per exit.")
+    return _first_exit(data, policy, thresholds, _exit_stats(data, policy))
+
+
+def _exit_stats(data: Collected, policy: str) -> list[torch.Tensor | None]:
+    """Each early exit's (N, 3) `logit_stats`, computed once for the rules that read them (None for "gate")."""
+    n_early = data.gate_logits.shape[1]
+    if policy == "gate":
+        return [None] * n_early
+    return [logit_stats(data.logits[:, b]) for b in range(n_early)]
+
+
+def _first_exit(
+    data: Collected, policy: str, thresholds: list[float], stats: list[torch.Tensor | None]
+) -> torch.Tensor:
+    """(N,) the first early exit whose rule (`exit_mask`) fires, the final exit where none does."""
+    n_early = data.gate_logits.shape[1]
     index = torch.full((data.labels.shape[0],), n_early, dtype=torch.long)
     for b in reversed(range(n_early)):
-        index[exit_mask(policy, data.logits[:, b], data.gate_logits[:, b], thresholds[b])] = b
+        index[exit_mask(policy, data.logits[:, b], data.gate_logits[:, b], thresholds[b], stats[b])] = b
     return index
 
 
-def _point(data: Collected, index: torch.Tensor) -> tuple[float, float]:
-    picked = data.logits[torch.arange(index.shape[0]), index]
-    acc = float((picked.argmax(-1) == data.labels).float().mean())
-    return float(data.costs[index].mean()), acc
+def _point(costs: torch.Tensor, correct: torch.Tensor, index: torch.Tensor) -> tuple[float, float]:
+    """(expected cost, accuracy) of the exits `index`, given every exit's (N, E + 1) correctness."""
+    acc = float(correct.gather(1, index[:, None]).float().mean())
+    return float(costs[index].mean()), acc
 
 
-def _candidates(data: Collected, policy: str, num: int) -> list[float]:
-    from ..core.gates import logit_stats
-
+def _candidates(data: Collected, policy: str, stats: list[torch.Tensor | None], num: int) -> list[float]:
     if policy == "gate":
         scores = torch.sigmoid(data.gate_logits)
     else:
         col = 0 if policy == "confidence" else 1
-        scores = torch.stack([logit_stats(data.logits[:, b])[:, col] for b in range(data.gate_logits.shape[1])], 1)
+        scores = torch.stack([st[:, col] for st in stats], 1) if stats else data.gate_logits
     qs = torch.linspace(0, 1, num, dtype=torch.float64)
     values = torch.quantile(scores.flatten().double(), qs).tolist() if scores.numel() else []
     return sorted({0.0, 1.0, *[min(max(v, 0.0), 1.0) for v in values]})
@@ -182,9 +199,12 @@ def sweep(data: Collected, policy: PolicyName, num: int = 201) -> list[dict[str,
     if policy not in POLICIES[1:]:
         raise ValueError(f"cannot sweep policy {policy!r}; use one of {POLICIES[1:]}.")
     _require_finite(data, "sweep", _FIX_COLLECTED)
+    stats = _exit_stats(data, policy)  # once: only the comparison depends on the threshold
+    correct = data.logits.argmax(-1) == data.labels[:, None]
     curve = []
-    for t in _candidates(data, policy, num):
-        cost, acc = _point(data, simulate(data, policy, t))
+    for t in _candidates(data, policy, stats, num):
+        index = _first_exit(data, policy, [t] * len(stats), stats)
+        cost, acc = _point(data.costs, correct, index)
         curve.append({"threshold": t, "cost": cost, "accuracy": acc})
     return curve
 
