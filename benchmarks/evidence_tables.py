@@ -19,8 +19,8 @@ and method on the same axes). Rows of the grid (``run_evidence.GRID``) and of th
 run yet say "not trained yet", with the paper's figure beside. Blocks between
 ``<!-- evidence tables: NAME -->`` and ``<!-- end evidence tables: NAME -->`` in the docs given by
 ``--docs`` (docs/evidence.md and README.md) are replaced by the table NAME (``table1``, ``table2``,
-``policies``, ``targets``, or ``summary``: one line per trained run, its accuracy and its recommended
-policy).
+``policies``, ``targets``, ``runs``: where and how fast each run trained, or ``summary``: one line per
+trained run, its accuracy and its recommended policy).
 
     python benchmarks/evidence_tables.py            # write tables.md, the PNGs and the docs blocks
     python benchmarks/evidence_tables.py --check    # exit 1, with a diff, if any of them is stale
@@ -92,6 +92,7 @@ class Run:
     report: dict
     frontier: dict | None = None
     timing: dict | None = None
+    epochs: list[dict] = field(default_factory=list)  # metrics.jsonl: one record per training epoch
 
 
 @dataclass
@@ -137,6 +138,11 @@ def _variant_key(variant: str) -> tuple[int, float, float]:
 def _read(path: Path) -> dict | None:
     """A JSON file's content, None where it does not exist."""
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (none if it is absent)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) -> None:
@@ -251,7 +257,14 @@ def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
             raise SystemExit(f"{path.parent}: not a run name of the form <backbone>_<method>[_l<lambda>]_s<seed>")
         seed, report = int(m["seed"]), json.loads(path.read_text())
         _check_name(dataset, name, m["variant"], seed, report)
-        run = Run(name, seed, report, _read(path.parent / "frontier.json"), _read(path.parent / "timing.json"))
+        run = Run(
+            name,
+            seed,
+            report,
+            _read(path.parent / "frontier.json"),
+            _read(path.parent / "timing.json"),
+            _read_lines(path.parent / "metrics.jsonl"),
+        )
         found.setdefault((dataset, m["backbone"], m["variant"]), []).append(run)
     _check_budgets(found)
     grid = [(n.split("/", 1)[0], RUN_NAME.match(n.split("/", 1)[1])["backbone"]) for n in GRID]
@@ -530,6 +543,50 @@ def attached_table(rows: dict[tuple[str, str, str], Row]) -> str:
     return "\n".join(out)
 
 
+def _precision(recipe: dict) -> str:
+    """How a run's training computed: autocast dtype (or fp32) and memory format."""
+    text = f"{recipe['amp']} autocast" if recipe.get("amp") else "fp32"
+    return text + (", channels-last" if recipe.get("channels_last") else "")
+
+
+def _trained_on(run: Run) -> tuple[str, str]:
+    """(machines, threads x processes) the run's epochs recorded, each with its epoch count where several."""
+    runtimes = run.report["training"].get("runtimes") or []
+    if not runtimes:
+        return "not recorded", "-"
+    several = len(runtimes) > 1
+    machines = "; ".join(
+        w["machine"] + (f" ({w['epochs']} epoch{'s' if w['epochs'] != 1 else ''})" if several else "") for w in runtimes
+    )
+    threads = "; ".join(dict.fromkeys(f"{w['threads']} x {w['processes']}" for w in runtimes))
+    return machines, threads
+
+
+def runs_table(rows: dict[tuple[str, str, str], Row]) -> str:
+    """Where and how fast each trained run trained: machine, threads, precision, seconds per epoch."""
+    out = [
+        "Each trained run: the machine and torch threads x processes its epochs recorded (runs trained before "
+        "the run folder recorded them say so), its training precision, the median of its epochs' seconds "
+        "(`metrics.jsonl`) and its whole training time (`report.json`). Minutes compare only between runs "
+        "on the same machine and threads.",
+        "",
+        "| data set | run | trained on | threads x processes | precision | batch | epochs | median s per epoch "
+        "| training min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, _, _), row in rows.items():
+        for run in row.runs:
+            recipe = run.report["recipe"]
+            seconds = [float(e["seconds"]) for e in run.epochs if "seconds" in e]
+            median = f"{statistics.median(seconds):.1f}" if seconds else "-"
+            machines, threads = _trained_on(run)
+            out.append(
+                f"| {DATASETS.get(dataset, dataset)} | {run.name} | {machines} | {threads} | {_precision(recipe)} "
+                f"| {recipe['batch_size']} | {len(seconds)} | {median} | {_minutes(run):.1f} |"
+            )
+    return "\n".join(out)
+
+
 # The grid's targets for ResNet-18: test accuracy of the plain network (the budget) and of the soft ensemble
 ACCURACY_TARGETS = {"cifar10": (0.865, 0.875), "cifar100": (0.605, 0.625)}
 TARGET_BACKBONE = "resnet18"
@@ -700,6 +757,8 @@ def tables_md(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] |
         policy_table(rows),
         "## Exits attached to a trained network",
         attached_table(rows),
+        "## Training time per run",
+        runs_table(rows),
     ]
     plots = [d for d, group in _by_dataset(rows).items() if _plotted(group)]
     if plots:
@@ -834,6 +893,7 @@ def blocks(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | No
         "policies": policy_table(rows),
         "summary": summary(rows),
         "targets": targets(rows),
+        "runs": runs_table(rows),
     }
 
 

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -120,6 +121,41 @@ def test_table2_reads_timing_json_and_says_which_runs_have_none(tree):
     assert row[8] == evidence_tables.distribution(t["test"]["exit_distribution"])
     assert _row(text, "test_resnet_soft_l0.1_s1")[1] == "not timed yet (no timing.json)"
     assert _row(text, "resnet18_soft_l0.1_s0")[1:2] == ["not trained yet"]
+
+
+def test_runs_table_says_where_each_run_trained_and_how_fast(tree, tmp_path):
+    from timm_exits.training.timing import machine_name
+
+    text = (tree / "tables.md").read_text()
+    epochs = [json.loads(line) for line in (tree / "digits/test_resnet_soft_l0.1_s0/metrics.jsonl").open()]
+    report = _json(tree, "test_resnet_soft_l0.1_s0", "report.json")
+    where = epochs[0]["runtime"]
+    assert where["machine"] == machine_name() and where["processes"] == 1
+    row = _row(text, "digits", "test_resnet_soft_l0.1_s0")
+    assert row[2:6] == [machine_name(), f"{where['threads']} x 1", "fp32", str(report["recipe"]["batch_size"])]
+    assert row[6:] == [
+        str(len(epochs)),
+        f"{statistics.median(e['seconds'] for e in epochs):.1f}",
+        f"{report['training']['seconds'] / 60:.1f}",
+    ]
+    assert report["training"]["runtimes"] == [{**where, "epochs": len(epochs)}]
+    # a run whose report predates the record, and one that moved machines when it resumed
+    old = _copy(tree / "digits" / "test_resnet_baseline_s0", tmp_path / "digits" / "test_resnet_baseline_s0")
+    moved = _copy(tree / "digits" / "test_resnet_soft_l0.1_s0", tmp_path / "digits" / "test_resnet_soft_l0.1_s0")
+    rep = json.loads((old / "report.json").read_text())
+    del rep["training"]["runtimes"]
+    (old / "report.json").write_text(json.dumps(rep))
+    rep = json.loads((moved / "report.json").read_text())
+    rep["training"]["runtimes"] = [
+        {"machine": "M1", "threads": 2, "processes": 1, "epochs": 1},
+        {"machine": "M2", "threads": 1, "processes": 1, "epochs": 2},
+    ]
+    rep["recipe"] |= {"amp": "bf16", "channels_last": True}
+    (moved / "report.json").write_text(json.dumps(rep))
+    table = evidence_tables.runs_table(evidence_tables.load_rows(tmp_path))
+    assert _row(table, "digits", "test_resnet_baseline_s0")[2:4] == ["not recorded", "-"]
+    row = _row(table, "digits", "test_resnet_soft_l0.1_s0")
+    assert row[2:5] == ["M1 (1 epoch); M2 (2 epochs)", "2 x 1; 1 x 1", "bf16 autocast, channels-last"]
 
 
 def test_summary_gives_each_run_its_accuracy_and_timed_policy(tree):

@@ -25,6 +25,7 @@ from timm_exits.training.data import build_datasets, load_splits
 from timm_exits.training.recipe import RECIPE_DIR, Recipe, RecipeError, load_recipe
 from timm_exits.training.run_folder import RunFolderError
 from timm_exits.training.sampling import ShardSampler
+from timm_exits.training.timing import machine_name
 from timm_exits.training.train import train
 
 RECIPES = RECIPE_DIR
@@ -112,6 +113,12 @@ def test_method_trains_one_epoch_and_writes_a_valid_report(runs, method):
 
     md = (run / "report.md").read_text()
     assert "#1: " in md and "Soft-conditional ensemble" in md and "ms / image" in md
+    # every epoch records where it ran; the report sums them per machine
+    where = history(run)[0]["runtime"]
+    assert where["machine"] == machine_name() and where["processes"] == 1 and where["threads"] >= 1
+    assert all(h["runtime"] == where for h in history(run))
+    assert report["training"]["runtimes"] == [{**where, "epochs": len(history(run))}]
+    assert f"s on {machine_name()} ({where['threads']} threads x 1 process(es))." in md
     for png in ("gate_histograms", "accuracy_vs_cost", "exit_distribution"):
         data = (run / "plots" / f"{png}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 2000, png

@@ -26,7 +26,9 @@ report.json::
      "test": {"exit_accuracy": [...], "soft_accuracy", "final_accuracy", "num_samples"},
      "policies": {name: {"threshold", "accuracy", "expected_cost", "exit_distribution", "ms_per_image",
                          "speedup", ...}},
-     "timing": {"machine", "threads", "batch_size", "repeats", "baseline_ms_per_image", ...}, ...}
+     "timing": {"machine", "threads", "batch_size", "repeats", "baseline_ms_per_image", ...},
+     "training": {"epochs", "steps", "seconds", "median_epoch_seconds",
+                  "runtimes": [{"machine", "threads", "processes", "epochs"}, ...], "last_epoch"}, ...}
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -312,8 +315,25 @@ def _training_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
         "epochs": last.get("epochs"),
         "steps": last.get("step"),
         "seconds": sum(float(h.get("seconds", 0.0)) for h in history),
+        "median_epoch_seconds": statistics.median(float(h.get("seconds", 0.0)) for h in history),
+        "runtimes": _runtimes(history),
         "last_epoch": last,
     }
+
+
+def _runtimes(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each machine and thread count the epochs ran on, in order, with how many epochs each (empty for
+    runs that did not record it)."""
+    out: list[dict[str, Any]] = []
+    for h in history:
+        where = h.get("runtime")
+        if not where:
+            continue
+        if out and {k: v for k, v in out[-1].items() if k != "epochs"} == where:
+            out[-1]["epochs"] += 1
+        else:
+            out.append({**where, "epochs": 1})
+    return out
 
 
 def _save_model(model: EarlyExitModel, folder: Path, report: dict[str, Any], data_config: dict, log: Callable) -> None:
@@ -370,7 +390,13 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_di
     ]
     tr = report.get("training") or {}
     if tr:
-        lines.append(f"Trained {tr['epochs']} epochs ({tr['steps']} steps) in {tr['seconds']:.1f} s.")
+        runtimes = tr.get("runtimes", [])
+        places = [f"{w['machine']} ({w['threads']} threads x {w['processes']} process(es))" for w in runtimes]
+        if len(places) > 1:
+            where = ": " + "; ".join(f"{w['epochs']} epochs on {p}" for w, p in zip(runtimes, places))
+        else:
+            where = "".join(f" on {p}" for p in places)
+        lines.append(f"Trained {tr['epochs']} epochs ({tr['steps']} steps) in {tr['seconds']:.1f} s{where}.")
     lines += [
         "",
         "## Test accuracy per exit",

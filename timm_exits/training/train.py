@@ -64,6 +64,7 @@ from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_ru
 from .runfiles import atomic_write_text
 from .sampling import seed_for
 from .stages import _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages
+from .timing import machine_name
 
 __all__ = [
     "TrainingInterrupted",
@@ -485,6 +486,8 @@ class _Trainer:
             "train": train_stats,
             "val": val,
             "seconds": time.time() - t0,
+            # where this epoch ran: a resumed run may continue on another machine
+            "runtime": {"machine": machine_name(d.device), "threads": torch.get_num_threads(), "processes": d.world},
         }
         self.history.append(rec)
         pos.epoch, pos.batch = pos.epoch + 1, 0
