@@ -36,10 +36,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from timm_exits.training.recipe import load_recipe
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 LAMBDA_A, LAMBDA_B = 0.1, 0.5
+RESNET18_LR = load_recipe("cifar10_resnet18").optim.lr  # the peak rate of ResNet-18's budget
 # the plain network needs no calibration split: trained once on the whole training split but these images,
 # held out only for the per-epoch validation, it checks the budget itself against its accuracy target
 ALLTRAIN_VAL_SPLIT = 100
@@ -80,7 +83,7 @@ def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
         "warmup_epochs": 0.75,
     }
     if joint_lr is not None:
-        overrides.update(frozen_lr=0.1, lr=joint_lr)
+        overrides.update(frozen_lr=RESNET18_LR, lr=joint_lr)
     return "cifar10_resnet18", overrides
 
 
@@ -96,7 +99,7 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     # the path most users take: exits attached to the trained baseline, loaded as a user's own timm checkpoint
     "cifar10/resnet18_attached_soft_l0.1_s0": _attached(),
     # the same, with the joint stage at a tenth of the budget's peak rate (a fine-tune of trained weights)
-    "cifar10/resnet18_attached_lr0.01_soft_l0.1_s0": _attached(joint_lr=0.01),
+    f"cifar10/resnet18_attached_lr{RESNET18_LR / 10:g}_soft_l0.1_s0": _attached(joint_lr=RESNET18_LR / 10),
     **_CIFAR10_S0,
     **_methods("cifar100_resnet18", "cifar100/resnet18", (0,), (LAMBDA_A, LAMBDA_B)),
     **_alltrain("cifar10", (0,)),
