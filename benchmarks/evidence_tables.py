@@ -954,9 +954,17 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: write everything, or with --check compare; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", type=Path, default=RESULTS, help="the results tree (default: results/evidence)")
-    p.add_argument("--docs", type=Path, nargs="*", default=list(DOCS), help="files with evidence-tables blocks")
+    p.add_argument(
+        "--docs",
+        type=Path,
+        nargs="*",
+        help="files with evidence-tables blocks (default: docs/evidence.md and README.md for the default "
+        "results tree, none for another)",
+    )
     p.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 if anything is stale")
     args = p.parse_args(argv)
+    if args.docs is None:  # the repository's docs show the committed runs, never another tree's
+        args.docs = list(DOCS) if args.results.resolve() == RESULTS.resolve() else []
     if args.check:
         return check(args.results, args.docs)
     write(args.results, args.docs)

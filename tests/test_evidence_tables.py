@@ -238,6 +238,19 @@ def test_check_passes_when_current_and_fails_after_an_edit(tree, tmp_path):
     assert code == 1 and str(doc) in out
 
 
+def test_another_results_tree_leaves_the_repository_docs_alone(tree, tmp_path, monkeypatch):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    doc = tmp_path / "doc.md"
+    doc.write_text(DOC)
+    monkeypatch.setattr(evidence_tables, "DOCS", (doc,))
+    assert _quiet(evidence_tables.main, ["--results", str(results)])[0] == 0
+    assert doc.read_text() == DOC and (results / "tables.md").is_file()
+    monkeypatch.setattr(evidence_tables, "RESULTS", results)  # the default tree writes the default docs
+    assert _quiet(evidence_tables.main, [])[0] == 0
+    assert "<!-- evidence tables: table1 -->\nTest accuracy" in doc.read_text()
+
+
 def test_plot_is_a_png_per_data_set(tree):
     assert (tree / "digits" / "accuracy_vs_cost.png").read_bytes()[:8] == PNG_MAGIC
     assert "](digits/accuracy_vs_cost.png)" in (tree / "tables.md").read_text()
