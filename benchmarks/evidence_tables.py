@@ -634,6 +634,25 @@ def _gain_cell(frontier: dict, budget: float) -> tuple[str, float | None]:
     return f"{budget:g}: {'+' if gain >= 0 else '-'}{_pct(abs(gain))}", gain
 
 
+def _capped_by_one_exit(frontier: dict, budget: float, goal: float) -> str | None:
+    """Where the recommended policy at `budget` reads no more than the best single exit within the budget
+    and max-softmax + `goal` is above that exit, that fact as text (the gain would need a routing that beats
+    every exit within the budget); else None."""
+    row = _frontier_row(frontier, budget)
+    rec, conf = row.get("recommended"), row.get("confidence")
+    exits = zip(frontier.get("test_exit_accuracy", []), frontier.get("exit_costs", []))
+    fits = [a for a, c in exits if c <= budget + 1e-9]
+    if not rec or not conf or not fits:
+        return None
+    best = max(fits)
+    if rec["test_accuracy"] > best + 1e-9 or conf["test_accuracy"] + goal <= best:
+        return None
+    return (
+        f"at {budget:g} the recommended policy reads no more than the best exit within the budget "
+        f"({_pct(best)} %), below max-softmax + {100 * goal:g} ({_pct(conf['test_accuracy'] + goal)} %)"
+    )
+
+
 def _hard_exit(run: Run, base: list[float]) -> tuple[str, str]:
     """A timed run's recommended policy against the hard-exit target, as (measured, verdict)."""
     t = run.timing
@@ -716,7 +735,10 @@ def targets(rows: dict[tuple[str, str, str], Row]) -> str:
                 gains = [g for _, g in cells]
                 ok = all(g is not None and g >= goal - 1e-12 for g in gains)
                 measured = "; ".join(c for c, _ in cells) + " points"
-                out.append(f"| {what} | {run.name} | {measured} | {'met' if ok else 'missed'} |")
+                short = [b for b, g in zip(budgets, gains) if g is None or g < goal - 1e-12]
+                causes = [c for b in short if (c := _capped_by_one_exit(run.frontier, b, goal))]
+                verdict = "met" if ok else "missed" + (": " + "; ".join(causes) if causes else "")
+                out.append(f"| {what} | {run.name} | {measured} | {verdict} |")
     for (dataset, backbone, variant), row in rows.items():
         if _plain(variant) or not row.runs:
             continue

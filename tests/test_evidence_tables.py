@@ -9,6 +9,7 @@ so that the spread over seeds is exercised. The tables script then reads that tr
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import shutil
@@ -384,8 +385,13 @@ def test_targets_judge_each_target_on_the_committed_figures():
                 "confidence": entry(0.605),
                 "entropy": entry(0.62, (-0.02, -0.01)),
             },
-        ]
+        ],
+        "exit_costs": [0.3, 0.65, 1.0],
+        "test_exit_accuracy": [0.5, 0.61, 0.62],
     }
+    # the same, but at 0.7 the recommended policy beats every exit within the budget (61.2 against 61.0 %)
+    routed = copy.deepcopy(frontier)
+    routed["table"][1]["recommended"] = entry(0.612)
     timing = {"test": {"accuracy": 0.866, "expected_cost": 0.31}, "timing": {"speedup": 2.5}}
     slow = {"test": {"accuracy": 0.87, "expected_cost": 0.45}, "timing": {"speedup": 1.5}}
     rows = dict(
@@ -402,6 +408,7 @@ def test_targets_judge_each_target_on_the_committed_figures():
             row("cifar10", "soft_l0.1", _fake_run("s0", 0, 0.88, 0.8795), _fake_run("s1", 1, 0.88, 0.8805)),
             row("cifar10", "soft_l0.5", _fake_run("h0", 0, 0.87, 0.869)),
             row("cifar100", "soft_l0.1", _fake_run("c0", 0, 0.62, 0.63, frontier=frontier)),
+            row("cifar100", "soft_l0.5", _fake_run("c1", 0, 0.62, 0.63, frontier=routed)),
         ]
     )
     text = evidence_tables.targets(rows)
@@ -422,8 +429,13 @@ def test_targets_judge_each_target_on_the_committed_figures():
     assert order[3] == "missed on one seed" and "-0.10 points, spread not measured" in order[2]
     assert _row(text, "CIFAR-100 ResNet-18: plain network >= 60.50 %")[3] == "not trained yet"
     assert _row(text, "CIFAR-100 ResNet-18: soft, lambda 0.1: soft ensemble >= 62.50 %")[3] == "met"
-    gain = _row(text, "CIFAR-100 ResNet-18: recommended policy >= max-softmax + 1 point at 0.6 and 0.7 of the cost")
-    assert gain[1:] == ["c0", "0.6: +1.50; 0.7: +0.50 points", "missed"]
+    what = "CIFAR-100 ResNet-18: recommended policy >= max-softmax + 1 point at 0.6 and 0.7 of the cost"
+    assert _row(text, what, "c0")[2:] == [
+        "0.6: +1.50; 0.7: +0.50 points",
+        "missed: at 0.7 the recommended policy reads no more than the best exit within the budget (61.00 %), "
+        "below max-softmax + 1 (61.50 %)",
+    ]
+    assert _row(text, what, "c1")[2:] == ["0.6: +1.50; 0.7: +0.70 points", "missed"]
     noise = _row(
         text, "CIFAR-100 ResNet-18: recommended policy not below max-softmax, entropy or static beyond the noise"
     )
