@@ -216,7 +216,21 @@ def _next(queue: list[str], running: dict, summary: dict, args: argparse.Namespa
     return None
 
 
-def main() -> None:
+def _check_set(names: Sequence[str], sets: Sequence[str]) -> None:
+    """Refuse a `--set` key that a selected entry sets itself: given last, it would silently train that
+    entry on another setting than its name and the grid say (e.g. the joint lr of an attached run)."""
+    keys = {item.split("=", 1)[0].strip() for item in sets}
+    clashes = [
+        f"{name} sets {key}={GRID[name][1][key]}" for name in names for key in sorted(keys) if key in GRID[name][1]
+    ]
+    if clashes:
+        raise SystemExit(
+            "--set overrides a key that an entry sets itself: " + "; ".join(clashes) + ". Leave the key out of "
+            "--set, or select the other entries with --only."
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="folder of the run folders")
@@ -229,9 +243,10 @@ def main() -> None:
     )
     p.add_argument("--timing-repeats", type=int, default=7, help="timed passes of the timing step (median)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides shared by every run")
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = p.parse_args(argv)
     names = args.only or list(GRID)
+    _check_set(names, args.set)
+    args.out.mkdir(parents=True, exist_ok=True)
     queue, running, summary = list(names), {}, {}
     start = time.monotonic()
     while queue or running:

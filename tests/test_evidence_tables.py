@@ -518,6 +518,21 @@ def test_driver_starts_a_run_only_after_the_run_it_starts_from(tmp_path):
     assert not any(c.startswith("timing_images=") for c in cmd)
 
 
+def test_driver_refuses_a_shared_override_of_a_key_an_entry_sets_itself(tmp_path):
+    import run_evidence
+
+    attached = next(n for n in run_evidence.GRID if "_attached_lr" in n)
+    joint_lr = run_evidence.GRID[attached][1]["lr"]
+    assert joint_lr == pytest.approx(run_evidence.RESNET18_LR / 10) and f"_lr{joint_lr:g}_" in attached
+    argv = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "runs"), "--set", "threads=1", "lr=0.05"]
+    with pytest.raises(SystemExit, match=rf"{attached} sets lr={joint_lr}.*Leave the key out of --set"):
+        run_evidence.main([*argv, "--only", "cifar10/resnet18_baseline_s0", attached])
+    with pytest.raises(SystemExit, match="sets seed=0"):
+        run_evidence.main([*argv[:-2], "seed=3", "--only", "cifar10/resnet18_baseline_s0"])
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    run_evidence._check_set(["cifar10/resnet18_baseline_s0"], ["threads=1", "lr=0.05"])  # keys no entry sets
+
+
 def test_driver_keeps_timing_away_from_other_training(tmp_path):
     """Runs trained side by side skip their report's timing (a --set still wins); the timing step pauses
     the other training processes and lets them go on after, even when it fails."""
