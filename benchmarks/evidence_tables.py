@@ -168,8 +168,8 @@ def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) 
         )
 
 
-# Recipe keys that make up the training budget. Every from-scratch run of one backbone (each method,
-# seed and data set) must share them: the grid compares methods on one budget.
+# Recipe keys that make up the training budget. Every from-scratch run of one backbone on one data set
+# (each method and seed) must share them: the grid compares methods on one budget.
 BUDGET_KEYS = (
     "epochs",
     "batch_size",
@@ -196,40 +196,53 @@ def budget(report: dict) -> dict:
 
 
 def _check_budgets(found: dict[tuple[str, str, str], list[Run]]) -> None:
-    """Refuse a from-scratch run whose budget differs from that of its backbone's other from-scratch runs."""
-    first: dict[str, tuple[str, dict]] = {}
+    """Refuse a from-scratch run whose budget differs from that of the other from-scratch runs of its backbone
+    on its data set."""
+    first: dict[tuple[str, str], tuple[str, dict]] = {}
     for (dataset, backbone, variant), runs in sorted(found.items()):
         if _scratch_variant(variant) is not None:  # exits attached to a trained network: a budget of their own
             continue
         for run in runs:
-            ref_name, ref = first.setdefault(backbone, (f"{dataset}/{run.name}", budget(run.report)))
+            ref_name, ref = first.setdefault((dataset, backbone), (f"{dataset}/{run.name}", budget(run.report)))
             differs = {k: v for k, v in budget(run.report).items() if v != ref[k]}
             if differs:
                 theirs = ", ".join(f"{k} {ref[k]}" for k in differs)
                 ours = ", ".join(f"{k} {v}" for k, v in differs.items())
                 raise SystemExit(
                     f"{dataset}/{run.name} was trained with {ours}, {ref_name} with {theirs}: the grid compares "
-                    "methods on one budget; train every run of the backbone on it, or keep this run out of "
-                    "the results tree"
+                    "methods on one budget; train every run of the backbone on this data set on it, or keep "
+                    "this run out of the results tree"
                 )
 
 
 def budget_lines(rows: dict[tuple[str, str, str], Row]) -> str:
-    """One line per backbone with runs: the budget its from-scratch runs share."""
-    seen: dict[str, dict] = {}
-    for (_, backbone, variant), row in rows.items():
-        if row.runs and _scratch_variant(variant) is None:
-            seen.setdefault(backbone, budget(row.runs[0].report))
-    out = ["Shared by every from-scratch run of a backbone (`evidence_tables.py` refuses a run that differs).", ""]
-    for backbone, b in seen.items():
-        opt = OPTIMIZERS.get(b["opt"], b["opt"])
-        out.append(
-            f"- {BACKBONES.get(backbone, backbone)}: {b['epochs']} epochs at batch {b['batch_size']}, {opt} "
-            f"(momentum {b['momentum']:g}, weight decay {b['weight_decay']:g}), peak lr {b['lr']:g} on a "
-            f"{b['sched']} schedule with {b['warmup_epochs']:g} warm-up epochs, {b['augment']} augmentation "
-            f"(padding {b['crop_padding']}, flip {b['hflip']:g}), label smoothing {b['label_smoothing']:g}, "
-            f"{b['img_size']} px"
-        )
+    """One line per backbone and budget: the budget its from-scratch runs share and the data sets they are on."""
+    seen: dict[str, list[tuple[dict, list[str]]]] = {}
+    for (dataset, backbone, variant), row in rows.items():
+        if not row.runs or _scratch_variant(variant) is not None:
+            continue
+        b, label = budget(row.runs[0].report), DATASETS.get(dataset, dataset)
+        groups = seen.setdefault(backbone, [])
+        match = next((g for g in groups if g[0] == b), None)
+        if match is None:
+            groups.append((b, [label]))
+        elif label not in match[1]:
+            match[1].append(label)
+    out = [
+        "Shared by every from-scratch run of a backbone on a data set (`evidence_tables.py` refuses a run that "
+        "differs).",
+        "",
+    ]
+    for backbone, groups in seen.items():
+        for b, datasets in groups:
+            opt = OPTIMIZERS.get(b["opt"], b["opt"])
+            out.append(
+                f"- {BACKBONES.get(backbone, backbone)} ({', '.join(datasets)}): {b['epochs']} epochs at batch "
+                f"{b['batch_size']}, {opt} (momentum {b['momentum']:g}, weight decay {b['weight_decay']:g}), peak "
+                f"lr {b['lr']:g} on a {b['sched']} schedule with {b['warmup_epochs']:g} warm-up epochs, "
+                f"{b['augment']} augmentation (padding {b['crop_padding']}, flip {b['hflip']:g}), label smoothing "
+                f"{b['label_smoothing']:g}, {b['img_size']} px"
+            )
     return "\n".join(out)
 
 

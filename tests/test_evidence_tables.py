@@ -315,8 +315,26 @@ def test_a_run_trained_on_another_budget_is_refused_and_the_budget_is_stated(tre
 
 def _budget_line(text: str, backbone: str) -> str:
     section = text[text.index("## Budget") : text.index("## Table 1 form")]
-    (line,) = [x for x in section.splitlines() if x.startswith(f"- {backbone}: ")]
+    (line,) = [x for x in section.splitlines() if x.startswith(f"- {backbone} (")]
     return line
+
+
+def test_one_backbone_may_train_on_another_budget_on_another_data_set(tree, tmp_path):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    other = results / "digits2" / "test_resnet_baseline_s0"
+    shutil.copytree(results / "digits" / "test_resnet_baseline_s0", other)
+    report = json.loads((other / "report.json").read_text())
+    batch = report["recipe"]["batch_size"]
+    report["dataset"] = "digits2"
+    report["recipe"]["batch_size"] = 2 * batch
+    (other / "report.json").write_text(json.dumps(report))
+    section = evidence_tables.tables_md(evidence_tables.load_rows(results))
+    section = section[section.index("## Budget") : section.index("## Table 1 form")]
+    lines = [x for x in section.splitlines() if x.startswith("- test_resnet (")]
+    assert len(lines) == 2
+    assert lines[0].startswith("- test_resnet (digits): ") and f"at batch {batch}," in lines[0]
+    assert lines[1].startswith("- test_resnet (digits2): ") and f"at batch {2 * batch}," in lines[1]
 
 
 def test_the_plain_network_on_the_whole_training_split_has_its_own_row(tree, tmp_path):
