@@ -319,16 +319,29 @@ def _budget_line(text: str, backbone: str) -> str:
     return line
 
 
-def test_one_backbone_may_train_on_another_budget_on_another_data_set(tree, tmp_path):
+def _tree_with_a_copy(tree: Path, tmp_path: Path, dest: str, edit) -> Path:
+    """A copy of the results tree with its baseline run copied to DEST (``<data set>/<run>``), its report
+    changed in place by EDIT."""
     results = tmp_path / "evidence"
     shutil.copytree(tree, results)
-    other = results / "digits2" / "test_resnet_baseline_s0"
-    shutil.copytree(results / "digits" / "test_resnet_baseline_s0", other)
-    report = json.loads((other / "report.json").read_text())
-    batch = report["recipe"]["batch_size"]
-    report["dataset"] = "digits2"
-    report["recipe"]["batch_size"] = 2 * batch
-    (other / "report.json").write_text(json.dumps(report))
+    copy = results / dest
+    shutil.copytree(results / "digits" / "test_resnet_baseline_s0", copy)
+    report = json.loads((copy / "report.json").read_text())
+    edit(report)
+    (copy / "report.json").write_text(json.dumps(report))
+    return results
+
+
+def test_one_backbone_may_train_on_another_budget_on_another_data_set(tree, tmp_path):
+    batch = json.loads((tree / "digits" / "test_resnet_baseline_s0" / "report.json").read_text())["recipe"][
+        "batch_size"
+    ]
+
+    def other_data_set_and_batch(report: dict) -> None:
+        report["dataset"] = "digits2"
+        report["recipe"]["batch_size"] = 2 * batch
+
+    results = _tree_with_a_copy(tree, tmp_path, "digits2/test_resnet_baseline_s0", other_data_set_and_batch)
     section = evidence_tables.tables_md(evidence_tables.load_rows(results))
     section = section[section.index("## Budget") : section.index("## Table 1 form")]
     lines = [x for x in section.splitlines() if x.startswith("- test_resnet (")]
@@ -338,14 +351,12 @@ def test_one_backbone_may_train_on_another_budget_on_another_data_set(tree, tmp_
 
 
 def test_the_plain_network_on_the_whole_training_split_has_its_own_row(tree, tmp_path):
-    results = tmp_path / "evidence"
-    shutil.copytree(tree, results)
+    def whole_split_at_half(report: dict) -> None:
+        report["recipe"]["val_split"] = evidence_tables.ALLTRAIN_VAL_SPLIT
+        report["test"]["final_accuracy"] = 0.5
+
+    results = _tree_with_a_copy(tree, tmp_path, "digits/test_resnet_baseline_alltrain_s0", whole_split_at_half)
     whole = results / "digits" / "test_resnet_baseline_alltrain_s0"
-    shutil.copytree(results / "digits" / "test_resnet_baseline_s0", whole)
-    report = json.loads((whole / "report.json").read_text())
-    report["recipe"]["val_split"] = evidence_tables.ALLTRAIN_VAL_SPLIT
-    report["test"]["final_accuracy"] = 0.5
-    (whole / "report.json").write_text(json.dumps(report))
     rows = evidence_tables.load_rows(results)
     assert [r.name for r in rows[("digits", "test_resnet", "baseline_alltrain")].runs] == [whole.name]
     assert [r.name for r in rows[("digits", "test_resnet", "baseline")].runs] == ["test_resnet_baseline_s0"]
