@@ -217,32 +217,28 @@ def _check_budgets(found: dict[tuple[str, str, str], list[Run]]) -> None:
 
 def budget_lines(rows: dict[tuple[str, str, str], Row]) -> str:
     """One line per backbone and budget: the budget its from-scratch runs share and the data sets they are on."""
-    seen: dict[str, list[tuple[dict, list[str]]]] = {}
+    datasets: dict[tuple[str, tuple], list[str]] = {}  # (backbone, budget items) -> data sets, in row order
     for (dataset, backbone, variant), row in rows.items():
-        if not row.runs or _scratch_variant(variant) is not None:
-            continue
-        b, label = budget(row.runs[0].report), DATASETS.get(dataset, dataset)
-        groups = seen.setdefault(backbone, [])
-        match = next((g for g in groups if g[0] == b), None)
-        if match is None:
-            groups.append((b, [label]))
-        elif label not in match[1]:
-            match[1].append(label)
+        if row.runs and _scratch_variant(variant) is None:
+            label = DATASETS.get(dataset, dataset)
+            shared = datasets.setdefault((backbone, tuple(budget(row.runs[0].report).items())), [])
+            if label not in shared:
+                shared.append(label)
     out = [
         "Shared by every from-scratch run of a backbone on a data set (`evidence_tables.py` refuses a run that "
         "differs).",
         "",
     ]
-    for backbone, groups in seen.items():
-        for b, datasets in groups:
-            opt = OPTIMIZERS.get(b["opt"], b["opt"])
-            out.append(
-                f"- {BACKBONES.get(backbone, backbone)} ({', '.join(datasets)}): {b['epochs']} epochs at batch "
-                f"{b['batch_size']}, {opt} (momentum {b['momentum']:g}, weight decay {b['weight_decay']:g}), peak "
-                f"lr {b['lr']:g} on a {b['sched']} schedule with {b['warmup_epochs']:g} warm-up epochs, "
-                f"{b['augment']} augmentation (padding {b['crop_padding']}, flip {b['hflip']:g}), label smoothing "
-                f"{b['label_smoothing']:g}, {b['img_size']} px"
-            )
+    for (backbone, items), names in sorted(datasets.items(), key=lambda kv: kv[0][0]):
+        b = dict(items)
+        opt = OPTIMIZERS.get(b["opt"], b["opt"])
+        out.append(
+            f"- {BACKBONES.get(backbone, backbone)} ({', '.join(names)}): {b['epochs']} epochs at batch "
+            f"{b['batch_size']}, {opt} (momentum {b['momentum']:g}, weight decay {b['weight_decay']:g}), peak "
+            f"lr {b['lr']:g} on a {b['sched']} schedule with {b['warmup_epochs']:g} warm-up epochs, "
+            f"{b['augment']} augmentation (padding {b['crop_padding']}, flip {b['hflip']:g}), label smoothing "
+            f"{b['label_smoothing']:g}, {b['img_size']} px"
+        )
     return "\n".join(out)
 
 
