@@ -421,6 +421,9 @@ def test_targets_judge_each_target_on_the_committed_figures():
     # the same, but at 0.7 the recommended policy beats every exit within the budget (61.2 against 61.0 %)
     routed = copy.deepcopy(frontier)
     routed["table"][1]["recommended"] = entry(0.612)
+    # routed, but max-softmax + 1 at 0.7 (61.5 %) is above every exit (best 61.2 %)
+    beyond = copy.deepcopy(routed)
+    beyond["test_exit_accuracy"] = [0.5, 0.61, 0.612]
     timing = {"test": {"accuracy": 0.866, "expected_cost": 0.31}, "timing": {"speedup": 2.5}}
     slow = {"test": {"accuracy": 0.87, "expected_cost": 0.45}, "timing": {"speedup": 1.5}}
     rows = dict(
@@ -437,7 +440,12 @@ def test_targets_judge_each_target_on_the_committed_figures():
             row("cifar10", "soft_l0.1", _fake_run("s0", 0, 0.88, 0.8795), _fake_run("s1", 1, 0.88, 0.8805)),
             row("cifar10", "soft_l0.5", _fake_run("h0", 0, 0.87, 0.869)),
             row("cifar100", "soft_l0.1", _fake_run("c0", 0, 0.62, 0.63, frontier=frontier)),
-            row("cifar100", "soft_l0.5", _fake_run("c1", 0, 0.62, 0.63, frontier=routed)),
+            row(
+                "cifar100",
+                "soft_l0.5",
+                _fake_run("c1", 0, 0.62, 0.63, frontier=routed),
+                _fake_run("c2", 1, 0.612, 0.63, frontier=beyond),
+            ),
         ]
     )
     text = evidence_tables.targets(rows)
@@ -465,6 +473,9 @@ def test_targets_judge_each_target_on_the_committed_figures():
         "below max-softmax + 1 (61.50 %)",
     ]
     assert _row(text, what, "c1")[2:] == ["0.6: +1.50; 0.7: +0.70 points", "missed"]
+    assert _row(text, what, "c2")[3] == (
+        "missed: at 0.7 max-softmax + 1 (61.50 %) is above every exit of the network (best 61.20 %)"
+    )
     noise = _row(
         text, "CIFAR-100 ResNet-18: recommended policy not below max-softmax, entropy or static beyond the noise"
     )
