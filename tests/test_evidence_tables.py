@@ -313,9 +313,13 @@ def test_a_run_trained_on_another_budget_is_refused_and_the_budget_is_stated(tre
     assert f"batch_size {2 * rec['batch_size']}" in message and f"batch_size {rec['batch_size']}" in message
 
 
-def _budget_line(text: str, backbone: str) -> str:
+def _budget_lines(text: str, backbone: str) -> list[str]:
     section = text[text.index("## Budget") : text.index("## Table 1 form")]
-    (line,) = [x for x in section.splitlines() if x.startswith(f"- {backbone} (")]
+    return [x for x in section.splitlines() if x.startswith(f"- {backbone} (")]
+
+
+def _budget_line(text: str, backbone: str) -> str:
+    (line,) = _budget_lines(text, backbone)
     return line
 
 
@@ -342,9 +346,7 @@ def test_one_backbone_may_train_on_another_budget_on_another_data_set(tree, tmp_
         report["recipe"]["batch_size"] = 2 * batch
 
     results = _tree_with_a_copy(tree, tmp_path, "digits2/test_resnet_baseline_s0", other_data_set_and_batch)
-    section = evidence_tables.tables_md(evidence_tables.load_rows(results))
-    section = section[section.index("## Budget") : section.index("## Table 1 form")]
-    lines = [x for x in section.splitlines() if x.startswith("- test_resnet (")]
+    lines = _budget_lines(evidence_tables.tables_md(evidence_tables.load_rows(results)), "test_resnet")
     assert len(lines) == 2
     assert lines[0].startswith("- test_resnet (digits): ") and f"at batch {batch}," in lines[0]
     assert lines[1].startswith("- test_resnet (digits2): ") and f"at batch {2 * batch}," in lines[1]
