@@ -26,200 +26,68 @@ trained run, its accuracy and its recommended policy).
     python benchmarks/evidence_tables.py --check    # exit 1, with a diff, if any of them is stale
 
 ``--check`` compares text only (tables.md and the docs blocks) and that each PNG exists: PNG bytes
-depend on the matplotlib version.
+depend on the matplotlib version. The results tree is read by ``_evidence_runs.py``, the targets are
+judged by ``_evidence_targets.py`` and the plot is drawn by ``_evidence_plot.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import itertools
-import json
 import re
 import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from run_evidence import ALLTRAIN_VAL_SPLIT, GRID, LAMBDA_A, LAMBDA_B
+from _evidence_plot import plot
+from _evidence_runs import (
+    BACKBONES,
+    DATASETS,
+    PAPER_T1,
+    POLICY_BUDGETS,
+    POLICY_NAMES,
+    POLICY_ROWS,
+    Row,
+    Run,
+    budget,
+    by_dataset,
+    epoch_minutes,
+    frontier_row,
+    is_plain,
+    load_rows,
+    mean_sd,
+    method_label,
+    pct,
+    scratch_variant,
+    shortfalls,
+    variant_key,
+)
+from _evidence_targets import targets
+from run_evidence import GRID
 
 ROOT = Path(__file__).resolve().parents[1]
+
 RESULTS = ROOT / "results" / "evidence"
+
 DOCS = (ROOT / "docs" / "evidence.md", ROOT / "README.md")
-POLICY_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-RUN_NAME = re.compile(
-    r"^(?P<backbone>.+?)_(?P<variant>baseline(?:_alltrain)?|branchynet|(?:attached_(?:lr[0-9.e+-]+_)?)?soft_l[0-9.e+-]+)"
-    r"_s(?P<seed>\d+)$"
-)
-# variant of exits attached to the trained baseline (frozen, then joint epochs), optionally naming the
-# joint stage's learning rate: attached_[lr<lr>_]<the variant trained from scratch>
-ATTACHED = re.compile(r"^attached_(?:lr(?P<lr>[0-9.e+-]+)_)?(?P<scratch>.+)$")
+
 BLOCK = re.compile(r"(<!-- evidence tables: (\w+) -->\n)(.*?)(<!-- end evidence tables: \2 -->)", re.DOTALL)
 
-DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-BACKBONES = {"resnet18": "ResNet-18", "vgg13": "VGG-13", "alexnet": "AlexNet-style"}
-# Table 1 of the paper: test accuracy of baseline / B-Net / the soft-conditional method
-PAPER_T1 = {
-    ("cifar10", "resnet18"): (81.61, 83.94, 85.78),
-    ("cifar10", "vgg13"): (75.44, 82.88, 87.11),
-    ("cifar10", "alexnet"): (73.21, 80.59, 82.54),
-    ("cifar100", "resnet18"): (51.13, 54.78, 58.54),
-    ("cifar100", "vgg13"): (47.18, 51.97, 57.31),
-}
 # Table 2 of the paper (CIFAR-10, hard early exit): accuracy, time per image, speed-up
 PAPER_T2 = {
     ("cifar10", "resnet18"): "84.92 %, 2.18 ms, 58 % speed-up",
     ("cifar10", "vgg13"): "86.70 %, 1.59 ms, 44 % speed-up",
     ("cifar10", "alexnet"): "79.96 %, 2.74 ms, 12 % speed-up",
 }
-POLICY_ROWS = {"recommended": "recommended", "confidence": "max-softmax", "entropy": "entropy", "static": "static"}
-POLICY_NAMES = {
-    "gate_fitted_no_gain": "fitted gates",
-    "confidence": "max-softmax",
-    "entropy": "entropy",
-    "static": "static",
-    "gate_joint": "joint gates",
-    "recommended": "recommended",
-}
-
-
-@dataclass
-class Run:
-    """One run folder's files."""
-
-    name: str
-    seed: int
-    report: dict
-    frontier: dict | None = None
-    timing: dict | None = None
-    epochs: list[dict] = field(default_factory=list)  # metrics.jsonl: one record per training epoch
-
-
-@dataclass
-class Row:
-    """The runs of one (data set, backbone, method variant), one per seed."""
-
-    dataset: str
-    backbone: str
-    variant: str
-    runs: list[Run] = field(default_factory=list)
-
-
-def _variants() -> list[str]:
-    """The methods every backbone has a row for."""
-    return ["baseline", "branchynet", f"soft_l{LAMBDA_A:g}", f"soft_l{LAMBDA_B:g}"]
-
-
-def _plain(variant: str) -> bool:
-    """Whether the variant is the plain network (no exits): the baseline, on the grid's or the whole
-    training split."""
-    return variant in ("baseline", "baseline_alltrain")
-
-
-def _scratch_variant(variant: str) -> str | None:
-    """The from-scratch variant that an attached variant is compared with; None for a from-scratch one."""
-    m = ATTACHED.match(variant)
-    return m["scratch"] if m else None
-
-
-def _variant_key(variant: str) -> tuple[int, float, float]:
-    """Row order (and index into the paper's triple): baseline, B-Net, soft by lambda, attached exits
-    (by lambda, then joint learning rate)."""
-    m = ATTACHED.match(variant)
-    if m:
-        return 3, _variant_key(m["scratch"])[1], float(m["lr"] or 0)
-    if variant.startswith("soft_l"):
-        return 2, float(variant[len("soft_l") :]), 0.0
-    if variant == "baseline_alltrain":
-        return 0, 1.0, 0.0
-    return (0 if variant == "baseline" else 1), 0.0, 0.0
-
-
-def _read(path: Path) -> dict | None:
-    """A JSON file's content, None where it does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _read_lines(path: Path) -> list[dict]:
-    """The records of a JSON-lines file (none if it is absent)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) -> None:
-    """Refuse a run whose folder name disagrees with its report (a mislabelled copy)."""
-    rec = report["recipe"]
-    attached = ATTACHED.match(variant)
-    plain = attached["scratch"] if attached else variant
-    method = "baseline" if _plain(plain) else plain.split("_l")[0]
-    matches = (
-        report["dataset"] == dataset
-        and (plain == "baseline_alltrain") == (float(rec["val_split"]) == ALLTRAIN_VAL_SPLIT)
-        and report["method"] == method
-        and int(rec["seed"]) == seed
-        and (method != "soft" or f"soft_l{rec['cost_weight']:g}" == plain)
-        and (attached is None) == (rec.get("weights") is None)  # attached runs, and only they, start from weights
-        and (attached is None or attached["lr"] is None or float(attached["lr"]) == float(rec["lr"]))
-    )
-    if not matches:
-        raise SystemExit(
-            f"{dataset}/{name}: the report says dataset {report['dataset']}, method {report['method']}, "
-            f"seed {rec['seed']}, cost_weight {rec['cost_weight']}, weights {rec.get('weights')}, lr {rec['lr']}, "
-            f"val_split {rec['val_split']}"
-        )
-
-
-# Recipe keys that make up the training budget. Every from-scratch run of one backbone on one data set
-# (each method and seed) must share them: the grid compares methods on one budget.
-BUDGET_KEYS = (
-    "epochs",
-    "batch_size",
-    "opt",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "sched",
-    "warmup_epochs",
-    "augment",
-    "crop_padding",
-    "hflip",
-    "label_smoothing",
-    "img_size",
-)
-
 
 OPTIMIZERS = {"sgd": "Nesterov SGD"}  # timm's "sgd" is Nesterov SGD
-
-
-def budget(report: dict) -> dict:
-    """The budget keys of a run's recipe."""
-    return {key: report["recipe"].get(key) for key in BUDGET_KEYS}
-
-
-def _check_budgets(found: dict[tuple[str, str, str], list[Run]]) -> None:
-    """Refuse a from-scratch run whose budget differs from that of the other from-scratch runs of its backbone
-    on its data set."""
-    first: dict[tuple[str, str], tuple[str, dict]] = {}
-    for (dataset, backbone, variant), runs in sorted(found.items()):
-        if _scratch_variant(variant) is not None:  # exits attached to a trained network: a budget of their own
-            continue
-        for run in runs:
-            ref_name, ref = first.setdefault((dataset, backbone), (f"{dataset}/{run.name}", budget(run.report)))
-            differs = {k: v for k, v in budget(run.report).items() if v != ref[k]}
-            if differs:
-                theirs = ", ".join(f"{k} {ref[k]}" for k in differs)
-                ours = ", ".join(f"{k} {v}" for k, v in differs.items())
-                raise SystemExit(
-                    f"{dataset}/{run.name} was trained with {ours}, {ref_name} with {theirs}: the grid compares "
-                    "methods on one budget; train every run of the backbone on this data set on it, or keep "
-                    "this run out of the results tree"
-                )
 
 
 def budget_lines(rows: dict[tuple[str, str, str], Row]) -> str:
     """One line per backbone and budget: the budget its from-scratch runs share and the data sets they are on."""
     datasets: dict[tuple[str, tuple], list[str]] = {}  # (backbone, budget items) -> data sets, in row order
     for (dataset, backbone, variant), row in rows.items():
-        if row.runs and _scratch_variant(variant) is None:
+        if row.runs and scratch_variant(variant) is None:
             label = DATASETS.get(dataset, dataset)
             shared = datasets.setdefault((backbone, tuple(budget(row.runs[0].report).items())), [])
             if label not in shared:
@@ -242,88 +110,13 @@ def budget_lines(rows: dict[tuple[str, str, str], Row]) -> str:
     return "\n".join(out)
 
 
-CIFAR_TRAIN_IMAGES = 45_000  # CIFAR train split less the 5,000 images the grid recipes hold out (val_split)
-
-
-def epoch_minutes(results: Path) -> dict[str, float]:
-    """Measured minutes per CIFAR training epoch of a backbone, for its rows not trained yet, from the
-    ``throughput_<backbone>.json`` files that ``data_throughput.py`` printed (recipe loop images/s)."""
-    out = {}
-    for path in sorted(results.glob("throughput_*.json")):
-        rate = json.loads(path.read_text())["images_per_s"]["recipe_loop"]
-        out[path.stem[len("throughput_") :]] = CIFAR_TRAIN_IMAGES / rate / 60
-    return out
-
-
-def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
-    """Every row, keyed (data set, backbone, variant), sorted: each method of every backbone in the grid,
-    the paper or the results tree, with the runs found for it (none: not trained yet)."""
-    found: dict[tuple[str, str, str], list[Run]] = {}
-    for path in sorted(results.glob("*/*/report.json")):
-        dataset, name = path.parent.parent.name, path.parent.name
-        m = RUN_NAME.match(name)
-        if not m:
-            raise SystemExit(f"{path.parent}: not a run name of the form <backbone>_<method>[_l<lambda>]_s<seed>")
-        seed, report = int(m["seed"]), json.loads(path.read_text())
-        _check_name(dataset, name, m["variant"], seed, report)
-        run = Run(
-            name,
-            seed,
-            report,
-            _read(path.parent / "frontier.json"),
-            _read(path.parent / "timing.json"),
-            _read_lines(path.parent / "metrics.jsonl"),
-        )
-        found.setdefault((dataset, m["backbone"], m["variant"]), []).append(run)
-    _check_budgets(found)
-    grid = [(n.split("/", 1)[0], RUN_NAME.match(n.split("/", 1)[1])["backbone"]) for n in GRID]
-    backbones = set(grid) | set(PAPER_T1) | {(d, b) for d, b, _ in found}
-    in_grid = {
-        (n.split("/", 1)[0], m["backbone"], m["variant"]) for n in GRID if (m := RUN_NAME.match(n.split("/")[1]))
-    }
-    keys = {(d, b, v) for d, b in backbones for v in _variants()} | in_grid | set(found)
-    rows = {key: Row(*key, sorted(found.get(key, []), key=lambda r: r.seed)) for key in keys}
-    return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], _variant_key(kv[0][2]))))
-
-
-def _label(variant: str) -> str:
-    """The method as the tables name it."""
-    m = ATTACHED.match(variant)
-    if m:
-        lr = f", joint lr {m['lr']}" if m["lr"] else ""
-        return f"{_label(m['scratch'])}, exits attached to the trained baseline{lr}"
-    if variant.startswith("soft_l"):
-        return f"soft, lambda {variant[len('soft_l') :]}"
-    whole = f"baseline, whole training split ({ALLTRAIN_VAL_SPLIT} images held out)"
-    return {"baseline": "baseline", "baseline_alltrain": whole, "branchynet": "B-Net"}[variant]
-
-
-def _pct(x: float) -> str:
-    """A fraction as a percentage with two decimals (no sign)."""
-    return f"{100 * x:.2f}"
-
-
-def mean_sd(values: list[float]) -> str:
-    """'mean ± sample standard deviation %' of fractions (mean alone for one value)."""
-    mean = _pct(statistics.fmean(values))
-    return f"{mean} %" if len(values) < 2 else f"{mean} ± {_pct(statistics.stdev(values))} %"
-
-
 def _paper_t1(row: Row) -> str:
     """The paper's Table 1 figure for this row, '-' where the paper has none."""
     paper = PAPER_T1.get((row.dataset, row.backbone))
-    index = _variant_key(row.variant)[0]
+    index = variant_key(row.variant)[0]
     if paper is None or row.variant == "baseline_alltrain" or index >= len(paper):
         return "-"
     return f"{paper[index]:.2f} %"
-
-
-def _by_dataset(rows: dict[tuple[str, str, str], Row]) -> dict[str, list[Row]]:
-    """The rows grouped by data set, in their order."""
-    out: dict[str, list[Row]] = {}
-    for row in rows.values():
-        out.setdefault(row.dataset, []).append(row)
-    return out
 
 
 def table1(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | None = None) -> str:
@@ -335,14 +128,14 @@ def table1(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | No
         "Soft ensemble: the soft-conditional output of soft runs. Paper: its baseline, B-Net and proposed "
         "figure (one figure for every lambda).",
     ]
-    for dataset, group in _by_dataset(rows).items():
+    for dataset, group in by_dataset(rows).items():
         out += [
             f"\n**{DATASETS.get(dataset, dataset)}**\n",
             "| backbone | method | seeds | final exit | soft ensemble | paper |",
             "|---|---|---|---|---|---|",
         ]
         for row in group:
-            head = f"| {BACKBONES.get(row.backbone, row.backbone)} | {_label(row.variant)} |"
+            head = f"| {BACKBONES.get(row.backbone, row.backbone)} | {method_label(row.variant)} |"
             if not row.runs:
                 measured = minutes.get(row.backbone)
                 per_epoch = f"{measured:.1f} min per epoch measured here" if measured else ""
@@ -403,14 +196,14 @@ def table2(rows: dict[tuple[str, str, str], Row]) -> str:
         "plain backbone and policy interleaved in the same process (medians).",
     ]
     machines: dict[str, list[str]] = {}
-    for dataset, group in _by_dataset(rows).items():
+    for dataset, group in by_dataset(rows).items():
         out += [
             f"\n**{DATASETS.get(dataset, dataset)}**\n",
             "| run | budget | policy | test accuracy | expected cost | plain ms | policy ms | speed-up "
             "| exit distribution | paper |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in (r for r in group if not _plain(r.variant)):
+        for row in (r for r in group if not is_plain(r.variant)):
             paper = PAPER_T2.get((row.dataset, row.backbone), "-")
             for run in row.runs:
                 t = run.timing
@@ -419,7 +212,7 @@ def table2(rows: dict[tuple[str, str, str], Row]) -> str:
                     continue
                 tm, test = t["timing"], t["test"]
                 out.append(
-                    f"| {run.name} | {t['budget']:g} | {_policy_label(t['policy'])} | {_pct(test['accuracy'])} % | "
+                    f"| {run.name} | {t['budget']:g} | {_policy_label(t['policy'])} | {pct(test['accuracy'])} % | "
                     f"{test['expected_cost']:.3f} | {tm['plain_ms_per_image']:.3f} | {tm['policy_ms_per_image']:.3f} | "
                     f"{tm['speedup']:.2f}x | {distribution(test['exit_distribution'])} | {paper} |"
                 )
@@ -445,29 +238,11 @@ def _cell(entry: dict | None, recommended: bool) -> str:
     if not entry:
         return "-"
     lo, hi = entry["test_accuracy_ci95"]
-    cell = f"{_pct(entry['test_accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
+    cell = f"{pct(entry['test_accuracy'])} [{pct(lo)}, {pct(hi)}]"
     if recommended:
         return f"{cell} {POLICY_NAMES[entry['policy']]}"
     d = entry.get("recommended_minus_this_ci95")
-    return cell if d is None else f"{cell}, Δ [{_pct(d[0])}, {_pct(d[1])}]"
-
-
-def _frontier_row(frontier: dict, budget: float) -> dict:
-    """The frontier's row at `budget` ({} where it has none)."""
-    return next((r for r in frontier["table"] if abs(r["budget"] - budget) < 1e-9), {})
-
-
-def shortfalls(frontier: dict) -> list[str]:
-    """Where the recommended policy is below another beyond the test noise: the budget and policy whose
-    paired interval of the difference lies wholly below zero, as 'entropy at 0.6 (Δ [-0.29, -0.03])'."""
-    out = []
-    for b in POLICY_BUDGETS:
-        row = _frontier_row(frontier, b)
-        for key, label in POLICY_ROWS.items():
-            d = (row.get(key) or {}).get("recommended_minus_this_ci95")
-            if key != "recommended" and d is not None and d[1] < 0:
-                out.append(f"{label} at {b:g} (Δ [{_pct(d[0])}, {_pct(d[1])}])")
-    return out
+    return cell if d is None else f"{cell}, Δ [{pct(d[0])}, {pct(d[1])}]"
 
 
 def policy_table(rows: dict[tuple[str, str, str], Row]) -> str:
@@ -478,7 +253,7 @@ def policy_table(rows: dict[tuple[str, str, str], Row]) -> str:
         "recommended policy's accuracy minus this one's (paired, points); the recommended cell names the "
         "policy it chose; -: no threshold of that policy fits the budget.",
     ]
-    for dataset, group in _by_dataset(rows).items():
+    for dataset, group in by_dataset(rows).items():
         runs = [run for row in group for run in row.runs if run.frontier]
         if not runs:
             continue
@@ -489,7 +264,7 @@ def policy_table(rows: dict[tuple[str, str, str], Row]) -> str:
         ]
         for run in runs:
             for key, label in POLICY_ROWS.items():
-                cells = [_cell(_frontier_row(run.frontier, b).get(key), key == "recommended") for b in POLICY_BUDGETS]
+                cells = [_cell(frontier_row(run.frontier, b).get(key), key == "recommended") for b in POLICY_BUDGETS]
                 out.append(f"| {run.name} | {label} | " + " | ".join(cells) + " |")
         out.append("\nBudgets where the recommended policy is below another, the whole interval of Δ below 0:\n")
         for run in runs:
@@ -527,14 +302,14 @@ def attached_table(rows: dict[tuple[str, str, str], Row]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for (dataset, backbone, variant), row in rows.items():
-        scratch_variant = _scratch_variant(variant)
-        if scratch_variant is None:
+        from_scratch = scratch_variant(variant)
+        if from_scratch is None:
             continue
         label = DATASETS.get(dataset, dataset)
         if not row.runs:
             out.append(f"| {label} | {backbone}_{variant} | - | - | not trained yet | | | | |")
             continue
-        scratch = _by_seed(rows, (dataset, backbone, scratch_variant))
+        scratch = _by_seed(rows, (dataset, backbone, from_scratch))
         base = _by_seed(rows, (dataset, backbone, "baseline"))
         for run in row.runs:
             rec, test = run.report["recipe"], run.report["test"]
@@ -543,11 +318,11 @@ def attached_table(rows: dict[tuple[str, str, str], Row]) -> str:
             ref_text = "not trained yet"
             if ref is not None:
                 t = ref.report["test"]
-                ref_text = f"{_pct(t['final_accuracy'])} % / {_pct(t['soft_accuracy'])} % / {_minutes(ref):.1f}"
+                ref_text = f"{pct(t['final_accuracy'])} % / {pct(t['soft_accuracy'])} % / {_minutes(ref):.1f}"
             out.append(
                 f"| {label} | {run.name} | {rec['frozen_epochs']} + {rec['epochs']} "
-                f"| {rec.get('frozen_lr') or rec['lr']:g} / {rec['lr']:g} | {_pct(test['final_accuracy'])} % "
-                f"| {_pct(test['soft_accuracy'])} % | {_minutes(run):.1f} | {total} | {ref_text} |"
+                f"| {rec.get('frozen_lr') or rec['lr']:g} / {rec['lr']:g} | {pct(test['final_accuracy'])} % "
+                f"| {pct(test['soft_accuracy'])} % | {_minutes(run):.1f} | {total} | {ref_text} |"
             )
     return "\n".join(out)
 
@@ -596,187 +371,6 @@ def runs_table(rows: dict[tuple[str, str, str], Row]) -> str:
     return "\n".join(out)
 
 
-# The grid's targets for ResNet-18: test accuracy of the plain network (the budget) and of the soft ensemble
-ACCURACY_TARGETS = {"cifar10": (0.865, 0.875), "cifar100": (0.605, 0.625)}
-TARGET_BACKBONE = "resnet18"
-ORDERING_DATASETS = ("cifar10",)  # soft >= B-Net >= baseline beyond the seed spread
-POLICY_GAIN = {"cifar100": ((0.6, 0.7), 0.01)}  # recommended >= max-softmax + 1 point at these budgets
-HARD_EXIT = (0.5, 1.9)  # keeps the baseline's accuracy at <= this share of its FLOPs, >= this speed-up
-
-
-def _missed(value: float, goal: float) -> str:
-    """'met', or 'missed by x points' for a fraction below its goal."""
-    return "met" if value >= goal - 1e-12 else f"missed by {_pct(goal - value)} points"
-
-
-def _accuracies(row: Row, key: str) -> list[float]:
-    """One test accuracy per seed of a row (`key`: final_accuracy or soft_accuracy)."""
-    return [r.report["test"][key] for r in row.runs]
-
-
-def _ordered(upper: list[float], lower: list[float]) -> tuple[str, float, bool | None]:
-    """How far the mean of `upper` is above that of `lower`, against the seed spread (the sum of the two
-    sample standard deviations): the text, the gap, and whether it is beyond the spread (None for one seed)."""
-    gap = statistics.fmean(upper) - statistics.fmean(lower)
-    text = f"{'+' if gap >= 0 else '-'}{_pct(abs(gap))} points"
-    if min(len(upper), len(lower)) < 2:
-        return f"{text}, spread not measured (one seed)", gap, None
-    spread = statistics.stdev(upper) + statistics.stdev(lower)
-    beyond = gap > spread
-    return f"{text}, {'beyond' if beyond else 'within'} the spread ({_pct(spread)})", gap, beyond
-
-
-def _ordering_verdict(gaps: list[tuple[str, float, bool | None]]) -> str:
-    """'met' when every gap of an ordering is positive and beyond the spread."""
-    if any(beyond is None for _, _, beyond in gaps):
-        return "not decided: one seed" if all(gap >= 0 for _, gap, _ in gaps) else "missed on one seed"
-    return "met" if all(beyond for _, _, beyond in gaps) else "missed"
-
-
-def _gain_cell(frontier: dict, budget: float) -> tuple[str, float | None]:
-    """The recommended policy's test accuracy minus max-softmax's at `budget`, as text and as a fraction."""
-    row = _frontier_row(frontier, budget)
-    rec, conf = row.get("recommended"), row.get("confidence")
-    if not rec or not conf:
-        return f"{budget:g}: {'max-softmax' if rec else 'recommended'} has no threshold in the budget", None
-    gain = rec["test_accuracy"] - conf["test_accuracy"]
-    return f"{budget:g}: {'+' if gain >= 0 else '-'}{_pct(abs(gain))}", gain
-
-
-def _gain_out_of_reach(frontier: dict, budget: float, goal: float) -> str | None:
-    """Why max-softmax + `goal` at `budget` asks more than a single exit gives, as text; else None. Either the
-    recommended policy reads no more than the best exit within the budget and the goal is above that exit (the
-    gain needs a routing that beats every exit within the budget), or the goal is above every exit of the
-    network at any cost."""
-    row = _frontier_row(frontier, budget)
-    rec, conf = row.get("recommended"), row.get("confidence")
-    exits = list(zip(frontier.get("test_exit_accuracy", []), frontier.get("exit_costs", [])))
-    fits = [a for a, c in exits if c <= budget + 1e-9]
-    if not rec or not conf or not fits:
-        return None
-    target = conf["test_accuracy"] + goal
-    best, best_any = max(fits), max(a for a, _ in exits)
-    if rec["test_accuracy"] <= best + 1e-9 and target > best:
-        return (
-            f"at {budget:g} the recommended policy reads no more than the best exit within the budget "
-            f"({_pct(best)} %), below max-softmax + {100 * goal:g} ({_pct(target)} %)"
-        )
-    if target > best_any:
-        return (
-            f"at {budget:g} max-softmax + {100 * goal:g} ({_pct(target)} %) is above every exit of the network "
-            f"(best {_pct(best_any)} %)"
-        )
-    return None
-
-
-def _hard_exit(run: Run, base: list[float]) -> tuple[str, str]:
-    """A timed run's recommended policy against the hard-exit target, as (measured, verdict)."""
-    t = run.timing
-    acc, cost, speedup = t["test"]["accuracy"], t["test"]["expected_cost"], t["timing"]["speedup"]
-    measured = f"{_pct(acc)} % at {cost:.3f} of the FLOPs, {speedup:.2f}x"
-    if not base:
-        return measured, "no baseline trained"
-    mean = statistics.fmean(base)
-    measured += f"; baseline {_pct(mean)} %"
-    misses = []
-    if acc < mean:
-        misses.append(f"accuracy {_pct(mean - acc)} points below")
-    if cost > HARD_EXIT[0]:
-        misses.append(f"cost above {HARD_EXIT[0]:g}")
-    if speedup < HARD_EXIT[1]:
-        misses.append(f"speed-up below {HARD_EXIT[1]:g}x")
-    return measured, "met" if not misses else "missed: " + ", ".join(misses)
-
-
-def targets(rows: dict[tuple[str, str, str], Row]) -> str:
-    """Each of the grid's targets with the committed figure it is judged on and whether it is met."""
-    out = [
-        "Each target of the grid against the committed runs (test split; means over the seeds trained). "
-        "Beyond the seed spread: the gap between two methods' means is larger than the sum of their sample "
-        f"standard deviations. Hard exit: the recommended policy at batch 1 keeps the baseline's mean accuracy "
-        f"at <= {HARD_EXIT[0]:g} of its FLOPs and >= {HARD_EXIT[1]:g}x its speed.",
-        "",
-        "| target | runs | measured | verdict |",
-        "|---|---|---|---|",
-    ]
-    name = BACKBONES.get(TARGET_BACKBONE, TARGET_BACKBONE)
-    soft_variants = [v for v in _variants() if v.startswith("soft_l")]
-    for dataset, (plain_goal, soft_goal) in ACCURACY_TARGETS.items():
-        label = f"{DATASETS.get(dataset, dataset)} {name}"
-        row_of = {v: rows.get((dataset, TARGET_BACKBONE, v)) or Row(dataset, TARGET_BACKBONE, v) for v in _variants()}
-        checks = [("baseline", "final_accuracy", f"plain network >= {_pct(plain_goal)} %", plain_goal)]
-        alltrain = rows.get((dataset, TARGET_BACKBONE, "baseline_alltrain"))
-        if alltrain is not None:
-            row_of["baseline_alltrain"] = alltrain
-            whole = f"plain network on the whole training split >= {_pct(plain_goal)} %"
-            checks.append(("baseline_alltrain", "final_accuracy", whole, plain_goal))
-        checks += [
-            (v, "soft_accuracy", f"{_label(v)}: soft ensemble >= {_pct(soft_goal)} %", soft_goal) for v in soft_variants
-        ]
-        for variant, key, what, goal in checks:
-            row = row_of[variant]
-            if not row.runs:
-                out.append(f"| {label}: {what} | - | - | not trained yet |")
-                continue
-            values = _accuracies(row, key)
-            seeds = ", ".join(r.name for r in row.runs)
-            out.append(f"| {label}: {what} | {seeds} | {mean_sd(values)} | {_missed(statistics.fmean(values), goal)} |")
-        if dataset in ORDERING_DATASETS:
-            base, bnet = row_of["baseline"], row_of["branchynet"]
-            for variant in soft_variants:
-                soft = row_of[variant]
-                what = f"{label}: {_label(variant)} >= B-Net >= baseline beyond the seed spread"
-                if not (soft.runs and bnet.runs and base.runs):
-                    out.append(f"| {what} | - | - | not trained yet |")
-                    continue
-                gaps = [
-                    _ordered(_accuracies(soft, "soft_accuracy"), _accuracies(bnet, "final_accuracy")),
-                    _ordered(_accuracies(bnet, "final_accuracy"), _accuracies(base, "final_accuracy")),
-                ]
-                counts = f"{len(soft.runs)} / {len(bnet.runs)} / {len(base.runs)} seeds"
-                measured = f"soft - B-Net {gaps[0][0]}; B-Net - baseline {gaps[1][0]}"
-                out.append(f"| {what} | {counts} | {measured} | {_ordering_verdict(gaps)} |")
-        if dataset in POLICY_GAIN:
-            budgets, goal = POLICY_GAIN[dataset]
-            at = " and ".join(f"{b:g}" for b in budgets)
-            what = f"{label}: recommended policy >= max-softmax + {100 * goal:g} point at {at} of the cost"
-            runs = [r for v in ("branchynet", *soft_variants) for r in row_of[v].runs]
-            if not runs:
-                out.append(f"| {what} | - | - | not trained yet |")
-            for run in runs:
-                if run.frontier is None:
-                    out.append(f"| {what} | {run.name} | - | no frontier.json yet |")
-                    continue
-                cells = [_gain_cell(run.frontier, b) for b in budgets]
-                gains = [g for _, g in cells]
-                ok = all(g is not None and g >= goal - 1e-12 for g in gains)
-                measured = "; ".join(c for c, _ in cells) + " points"
-                short = [b for b, g in zip(budgets, gains) if g is None or g < goal - 1e-12]
-                causes = [c for b in short if (c := _gain_out_of_reach(run.frontier, b, goal))]
-                verdict = "met" if ok else "missed" + (": " + "; ".join(causes) if causes else "")
-                out.append(f"| {what} | {run.name} | {measured} | {verdict} |")
-    for (dataset, backbone, variant), row in rows.items():
-        if _plain(variant) or not row.runs:
-            continue
-        base = _accuracies(
-            rows.get((dataset, backbone, "baseline")) or Row(dataset, backbone, "baseline"), "final_accuracy"
-        )
-        label = f"{DATASETS.get(dataset, dataset)} {BACKBONES.get(backbone, backbone)}"
-        for run in row.runs:
-            what = f"{label}: hard exit keeps the baseline's accuracy at <= {HARD_EXIT[0]:g} of the FLOPs"
-            if run.frontier is not None:
-                misses = shortfalls(run.frontier)
-                verdict = "met" if not misses else "missed: " + "; ".join(misses)
-                policy_what = f"{label}: recommended policy not below max-softmax, entropy or static beyond the noise"
-                out.append(f"| {policy_what} | {run.name} | budgets 0.4 to 0.9 | {verdict} |")
-            if run.timing is None:
-                out.append(f"| {what} | {run.name} | - | not timed yet |")
-                continue
-            measured, verdict = _hard_exit(run, base)
-            out.append(f"| {what} | {run.name} | {measured} | {verdict} |")
-    return "\n".join(out)
-
-
 def tables_md(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | None = None) -> str:
     """The whole of tables.md."""
     parts = [
@@ -798,7 +392,7 @@ def tables_md(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] |
         "## Training time per run",
         runs_table(rows),
     ]
-    plots = [d for d, group in _by_dataset(rows).items() if _plotted(group)]
+    plots = [d for d, group in by_dataset(rows).items() if _plotted(group)]
     if plots:
         parts.append("## Accuracy against cost")
         parts += [
@@ -807,118 +401,27 @@ def tables_md(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] |
     return "\n\n".join(parts) + "\n"
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or a clear error naming what to install."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit(
-            "the plots need matplotlib, a dependency of timm-exits: pip install 'matplotlib>=3.7' "
-            "(or reinstall the package: pip install -e .)"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _mean_curve(runs: list[Run], policy: str) -> list[tuple[float, float]]:
-    """(cost, accuracy %) per budget, averaged over the runs (budgets where every run has a point)."""
-    points = set()
-    for budget in sorted({r["budget"] for r in runs[0].frontier["table"]}):
-        entries = [_frontier_row(run.frontier, budget).get(policy) for run in runs]
-        if all(entries):
-            cost = statistics.fmean(e["test_cost"] for e in entries)
-            points.add((round(cost, 6), round(100 * statistics.fmean(e["test_accuracy"] for e in entries), 6)))
-    return sorted(points)
-
-
-def plot(dataset: str, group: list[Row], path: Path) -> list[str]:
-    """Every policy (colour) of every method (line style) and backbone (marker) on one set of axes;
-    baseline networks as black stars at cost 1.0.
-
-    Returns:
-        The legend's labels: the policies, B-Net and the grid's two soft methods, any other method
-        with a frontier, and each backbone with runs.
-    """
-    plt = _pyplot()
-    from matplotlib.lines import Line2D
-
-    colours = dict(zip(POLICY_NAMES, ("C0", "C1", "C2", "C7", "C4", "k")))
-    styles: dict[str, object] = {"branchynet": "--", f"soft_l{LAMBDA_A:g}": "-", f"soft_l{LAMBDA_B:g}": ":"}
-    others = sorted({r.variant for r in group if r.variant not in styles and any(run.frontier for run in r.runs)})
-    dashes = itertools.cycle(("-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))))
-    styles.update({v: next(dashes) for v in others})
-    backbones = sorted({row.backbone for row in group if row.runs})
-    markers = dict(zip(backbones, "os^Dv<>p"))
-    fig, ax = plt.subplots(figsize=(10.0, 5.5), dpi=120)
-    for row in group:
-        runs = [run for run in row.runs if run.frontier]
-        if row.variant == "baseline" and row.runs:
-            acc = 100 * statistics.fmean(r.report["test"]["final_accuracy"] for r in row.runs)
-            ax.plot([1.0], [acc], marker="*", color="k", markersize=12, linestyle="none")
-            ax.annotate(
-                row.backbone,
-                (1.0, acc),
-                xytext=(-8, 0),
-                textcoords="offset points",
-                fontsize=7,
-                va="center",
-                ha="right",
-            )
-        for policy, colour in colours.items():
-            pts = _mean_curve(runs, policy) if runs else []
-            if pts:
-                xs, ys = zip(*pts)
-                recommended = policy == "recommended"
-                ax.plot(
-                    xs,
-                    ys,
-                    linestyle=styles[row.variant],
-                    marker=markers[row.backbone],
-                    markersize=3,
-                    color=colour,
-                    linewidth=4.0 if recommended else 1.0,
-                    alpha=0.3 if recommended else 1.0,
-                    zorder=1 if recommended else 2,
-                )
-    handles = [Line2D([], [], color=c, label=POLICY_NAMES[p]) for p, c in colours.items() if p != "recommended"]
-    handles.append(Line2D([], [], color="k", linewidth=4.0, alpha=0.3, label="recommended (under its choice)"))
-    handles += [Line2D([], [], color="gray", linestyle=s, label=_label(v)) for v, s in styles.items()]
-    handles += [Line2D([], [], color="gray", marker=markers[b], linestyle="none", label=b) for b in backbones]
-    handles.append(Line2D([], [], color="k", marker="*", linestyle="none", label="baseline network"))
-    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_xlabel("expected cost (share of the backbone's FLOPs)")
-    ax.set_ylabel(f"{DATASETS.get(dataset, dataset)} test accuracy (%), mean over seeds")
-    ax.set_title("Thresholds chosen on the held-out split within each budget", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return [h.get_label() for h in handles]
-
-
 def summary(rows: dict[tuple[str, str, str], Row]) -> str:
     """One line per trained run: final-exit and soft-ensemble accuracy, and its recommended policy at batch 1."""
     out = [
         "| data set | backbone | method | seed | final exit | soft ensemble | recommended policy at batch 1 |",
         "|---|---|---|---|---|---|---|",
     ]
-    for dataset, group in _by_dataset(rows).items():
+    for dataset, group in by_dataset(rows).items():
         for row in group:
             for run in row.runs:
                 test, t = run.report["test"], run.timing
-                soft = f"{_pct(test['soft_accuracy'])} %" if "soft" in row.variant else "-"
+                soft = f"{pct(test['soft_accuracy'])} %" if "soft" in row.variant else "-"
                 if t is not None:
                     policy = (
-                        f"{_pct(t['test']['accuracy'])} % at {t['test']['expected_cost']:.3f} of the FLOPs, "
+                        f"{pct(t['test']['accuracy'])} % at {t['test']['expected_cost']:.3f} of the FLOPs, "
                         f"{t['timing']['speedup']:.2f}x faster than the plain network"
                     )
                 else:
-                    policy = "-" if _plain(row.variant) else "not timed yet"
+                    policy = "-" if is_plain(row.variant) else "not timed yet"
                 out.append(
                     f"| {DATASETS.get(dataset, dataset)} | {BACKBONES.get(row.backbone, row.backbone)} | "
-                    f"{_label(row.variant)} | {run.seed} | {_pct(test['final_accuracy'])} % | {soft} | {policy} |"
+                    f"{method_label(row.variant)} | {run.seed} | {pct(test['final_accuracy'])} % | {soft} | {policy} |"
                 )
     return "\n".join(out)
 
@@ -965,7 +468,7 @@ def check(results: Path, docs: list[Path]) -> int:
         if old != text:
             stale += 1
             sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), text.splitlines(True), str(path), "now"))
-    for dataset, group in _by_dataset(load_rows(results)).items():
+    for dataset, group in by_dataset(load_rows(results)).items():
         png = results / dataset / "accuracy_vs_cost.png"
         if _plotted(group) and not png.is_file():
             stale += 1
@@ -982,7 +485,7 @@ def write(results: Path, docs: list[Path]) -> None:
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
             print(f"wrote {path}")
-    for dataset, group in _by_dataset(load_rows(results)).items():
+    for dataset, group in by_dataset(load_rows(results)).items():
         if _plotted(group):
             plot(dataset, group, results / dataset / "accuracy_vs_cost.png")
             print(f"wrote {results / dataset / 'accuracy_vs_cost.png'}")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(BENCH))
 
 import evidence_tables  # noqa: E402
 import policy_frontier  # noqa: E402
+import run_evidence  # noqa: E402
 import time_recommended  # noqa: E402
 
 SMALL = ("report.json", "report.md", "metrics.jsonl", "recipe.yaml", "train.log", "frontier.json", "timing.json")
@@ -354,7 +355,7 @@ def test_one_backbone_may_train_on_another_budget_on_another_data_set(tree, tmp_
 
 def test_the_plain_network_on_the_whole_training_split_has_its_own_row(tree, tmp_path):
     def whole_split_at_half(report: dict) -> None:
-        report["recipe"]["val_split"] = evidence_tables.ALLTRAIN_VAL_SPLIT
+        report["recipe"]["val_split"] = run_evidence.ALLTRAIN_VAL_SPLIT
         report["test"]["final_accuracy"] = 0.5
 
     results = _tree_with_a_copy(tree, tmp_path, "digits/test_resnet_baseline_alltrain_s0", whole_split_at_half)
@@ -362,7 +363,7 @@ def test_the_plain_network_on_the_whole_training_split_has_its_own_row(tree, tmp
     rows = evidence_tables.load_rows(results)
     assert [r.name for r in rows[("digits", "test_resnet", "baseline_alltrain")].runs] == [whole.name]
     assert [r.name for r in rows[("digits", "test_resnet", "baseline")].runs] == ["test_resnet_baseline_s0"]
-    label = f"baseline, whole training split ({evidence_tables.ALLTRAIN_VAL_SPLIT} images held out)"
+    label = f"baseline, whole training split ({run_evidence.ALLTRAIN_VAL_SPLIT} images held out)"
     assert _row(evidence_tables.table1(rows), "test_resnet", label)[2:] == ["1 (0)", "50.00 %", "-", "-"]
     assert whole.name not in evidence_tables.table2(rows)  # a plain network has no exit policy to time
     assert _row(evidence_tables.summary(rows), "digits", "test_resnet", label)[-1] == "-"
@@ -537,8 +538,6 @@ def test_exits_attached_to_the_trained_baseline_are_compared_with_scratch(tree, 
 def test_driver_starts_a_run_only_after_the_run_it_starts_from(tmp_path):
     import argparse
 
-    import run_evidence
-
     args = argparse.Namespace(out=tmp_path)
     attached, base = (
         "cifar10/resnet18_attached_soft_l0.1_s0",
@@ -561,7 +560,6 @@ def test_driver_starts_a_run_only_after_the_run_it_starts_from(tmp_path):
 
 
 def test_driver_refuses_a_shared_override_of_a_key_an_entry_sets_itself(tmp_path):
-    import run_evidence
 
     attached = next(n for n in run_evidence.GRID if "_attached_lr" in n)
     joint_lr = run_evidence.GRID[attached][1]["lr"]
@@ -581,8 +579,6 @@ def test_driver_keeps_timing_away_from_other_training(tmp_path):
     import argparse
     import subprocess
     import time
-
-    import run_evidence
 
     name = "cifar10/resnet18_soft_l0.1_s0"
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, set=[], parallel=2)
