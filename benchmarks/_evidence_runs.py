@@ -54,7 +54,6 @@ RUN_NAME = re.compile(
 ATTACHED = re.compile(r"^attached_(?:lr(?P<lr>[0-9.e+-]+)_)?(?P<scratch>.+)$")
 
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-
 BACKBONES = {"resnet18": "ResNet-18", "vgg13": "VGG-13", "alexnet": "AlexNet-style"}
 
 # Table 1 of the paper: test accuracy of baseline / B-Net / the soft-conditional method

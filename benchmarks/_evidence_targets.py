@@ -29,13 +29,9 @@ __all__ = ["ACCURACY_TARGETS", "HARD_EXIT", "POLICY_GAIN", "targets"]
 
 # The grid's targets for ResNet-18: test accuracy of the plain network (the budget) and of the soft ensemble
 ACCURACY_TARGETS = {"cifar10": (0.865, 0.875), "cifar100": (0.605, 0.625)}
-
 TARGET_BACKBONE = "resnet18"
-
 ORDERING_DATASETS = ("cifar10",)  # soft >= B-Net >= baseline beyond the seed spread
-
 POLICY_GAIN = {"cifar100": ((0.6, 0.7), 0.01)}  # recommended >= max-softmax + 1 point at these budgets
-
 HARD_EXIT = (0.5, 1.9)  # keeps the baseline's accuracy at <= this share of its FLOPs, >= this speed-up
 
 
