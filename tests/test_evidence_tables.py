@@ -560,7 +560,6 @@ def test_driver_starts_a_run_only_after_the_run_it_starts_from(tmp_path):
 
 
 def test_driver_refuses_a_shared_override_of_a_key_an_entry_sets_itself(tmp_path):
-
     attached = next(n for n in run_evidence.GRID if "_attached_lr" in n)
     joint_lr = run_evidence.GRID[attached][1]["lr"]
     assert joint_lr == pytest.approx(run_evidence.RESNET18_LR / 10) and f"_lr{joint_lr:g}_" in attached
