@@ -47,13 +47,14 @@ def _accuracies(row: Row, key: str) -> list[float]:
 
 def _ordered(upper: list[float], lower: list[float]) -> tuple[str, float, bool | None]:
     """How far the mean of `upper` is above that of `lower`, against the seed spread (the sum of the two
-    sample standard deviations): the text, the gap, and whether it is beyond the spread (None for one seed)."""
+    sample standard deviations): the text, the gap, and whether the gap, either way, is beyond the spread
+    (None for one seed)."""
     gap = statistics.fmean(upper) - statistics.fmean(lower)
     text = f"{'+' if gap >= 0 else '-'}{pct(abs(gap))} points"
     if min(len(upper), len(lower)) < 2:
         return f"{text}, spread not measured (one seed)", gap, None
     spread = statistics.stdev(upper) + statistics.stdev(lower)
-    beyond = gap > spread
+    beyond = abs(gap) > spread
     return f"{text}, {'beyond' if beyond else 'within'} the spread ({pct(spread)})", gap, beyond
 
 
@@ -61,7 +62,7 @@ def _ordering_verdict(gaps: list[tuple[str, float, bool | None]]) -> str:
     """'met' when every gap of an ordering is positive and beyond the spread."""
     if any(beyond is None for _, _, beyond in gaps):
         return "not decided: one seed" if all(gap >= 0 for _, gap, _ in gaps) else "missed on one seed"
-    return "met" if all(beyond for _, _, beyond in gaps) else "missed"
+    return "met" if all(beyond and gap > 0 for _, gap, beyond in gaps) else "missed"
 
 
 def _gain_cell(frontier: dict, budget: float) -> tuple[str, float | None]:

@@ -26,6 +26,7 @@ from timm_exits.training.train import train
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import _evidence_targets  # noqa: E402
 import evidence_tables  # noqa: E402
 import policy_frontier  # noqa: E402
 import run_evidence  # noqa: E402
@@ -614,3 +615,14 @@ def test_committed_tables_match_the_committed_runs():
     """results/evidence/tables.md, docs/evidence.md and README.md hold what the script makes of results/."""
     code, out = _quiet(evidence_tables.main, ["--check"])
     assert code == 0, out
+
+
+def test_ordering_gap_below_beyond_the_spread_is_named_beyond_and_missed():
+    # means 86.00 and 86.90, sample sds 0.14 and 0.07: the gap (-0.90) exceeds the spread (0.21) the wrong way
+    gap = _evidence_targets._ordered([0.859, 0.861], [0.8685, 0.8695])
+    assert gap[0] == "-0.90 points, beyond the spread (0.21)"
+    assert gap[1] == pytest.approx(-0.009) and gap[2] is True
+    above = _evidence_targets._ordered([0.8685, 0.8695], [0.859, 0.861])
+    assert above[0] == "+0.90 points, beyond the spread (0.21)"
+    assert _evidence_targets._ordering_verdict([above, above]) == "met"
+    assert _evidence_targets._ordering_verdict([above, gap]) == "missed"
