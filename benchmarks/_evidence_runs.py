@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from run_evidence import ALLTRAIN_VAL_SPLIT, GRID, LAMBDA_A, LAMBDA_B
+from run_evidence import ALLTRAIN_VAL_SPLIT, GRID, LAMBDA_A, LAMBDA_B, TARGET_TIMING
 
 __all__ = [
     "BACKBONES",
@@ -85,8 +85,9 @@ class Run:
     seed: int
     report: dict
     frontier: dict | None = None
-    timing: dict | None = None
+    timing: dict | None = None  # timing.json: at the budget the rule picks on the held-out split
     epochs: list[dict] = field(default_factory=list)  # metrics.jsonl: one record per training epoch
+    target_timing: dict | None = None  # the same at the hard-exit target's own budget
 
 
 @dataclass
@@ -237,6 +238,7 @@ def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
             _read(path.parent / "frontier.json"),
             _read(path.parent / "timing.json"),
             _read_lines(path.parent / "metrics.jsonl"),
+            _read(path.parent / TARGET_TIMING),
         )
         found.setdefault((dataset, m["backbone"], m["variant"]), []).append(run)
     _check_budgets(found)

@@ -9,8 +9,9 @@
   final-exit and soft-ensemble test accuracy, mean and sample standard deviation over the seeds
   trained, beside the paper's figure;
 - Table 2 form: the recommended hard-exit policy of each run at batch 1 (``timing.json`` of
-  ``time_recommended.py``): accuracy, expected cost, measured speed-up against the plain backbone
-  timed in the same process, exit distribution;
+  ``time_recommended.py``, and ``timing_budget0.5.json`` at the hard-exit target's own budget where a
+  run has one): accuracy, expected cost, measured speed-up against the plain backbone timed in the same
+  process, exit distribution;
 - the policy table: at budgets 0.4 to 0.9, the recommended policy against max-softmax, entropy and
   static truncation, with bootstrap 95 % intervals (``frontier.json`` of ``policy_frontier.py``);
 
@@ -63,7 +64,7 @@ from _evidence_runs import (
     variant_key,
 )
 from _evidence_targets import targets
-from run_evidence import GRID
+from run_evidence import GRID, TARGET_BUDGET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,14 +187,25 @@ def _expected_runs(row: Row) -> list[str]:
     return sorted(n.split("/", 1)[1] for n in GRID if n.startswith(prefix) and n.split("/", 1)[1] not in have)
 
 
+def _table2_row(name: str, t: dict, paper: str) -> str:
+    """One timed policy (a ``timing.json``) as a Table 2 row."""
+    tm, test = t["timing"], t["test"]
+    return (
+        f"| {name} | {t['budget']:g} | {_policy_label(t['policy'])} | {pct(test['accuracy'])} % | "
+        f"{test['expected_cost']:.3f} | {tm['plain_ms_per_image']:.3f} | {tm['policy_ms_per_image']:.3f} | "
+        f"{tm['speedup']:.2f}x | {distribution(test['exit_distribution'])} | {paper} |"
+    )
+
+
 def table2(rows: dict[tuple[str, str, str], Row]) -> str:
     """Table 2 form: each run's recommended hard-exit policy, timed at batch 1 against the plain backbone."""
     out = [
         "The recommended policy of each run (`time_recommended.py`: the lowest frontier budget whose "
-        "recommended policy is within 1 point of the final exit on the held-out split, unless a budget was "
-        "given), through the real early-exit path: accuracy, expected cost (share of the backbone's FLOPs) "
-        "and exit distribution on the whole test split; ms per image at batch 1 on the first test images, "
-        "plain backbone and policy interleaved in the same process (medians).",
+        "recommended policy is within 1 point of the final exit on the held-out split; where a run has a "
+        f"second row, also at the hard-exit target's own budget, {TARGET_BUDGET:g}), through the real "
+        "early-exit path: accuracy, expected cost (share of the backbone's FLOPs) and exit distribution "
+        "on the whole test split; ms per image at batch 1 on the first test images, plain backbone and "
+        "policy interleaved in the same process (medians).",
     ]
     machines: dict[str, list[str]] = {}
     for dataset, group in by_dataset(rows).items():
@@ -206,17 +218,12 @@ def table2(rows: dict[tuple[str, str, str], Row]) -> str:
         for row in (r for r in group if not is_plain(r.variant)):
             paper = PAPER_T2.get((row.dataset, row.backbone), "-")
             for run in row.runs:
-                t = run.timing
-                if t is None:
+                if run.timing is None:
                     out.append(f"| {run.name} | not timed yet (no timing.json) | | | | | | | | {paper} |")
                     continue
-                tm, test = t["timing"], t["test"]
-                out.append(
-                    f"| {run.name} | {t['budget']:g} | {_policy_label(t['policy'])} | {pct(test['accuracy'])} % | "
-                    f"{test['expected_cost']:.3f} | {tm['plain_ms_per_image']:.3f} | {tm['policy_ms_per_image']:.3f} | "
-                    f"{tm['speedup']:.2f}x | {distribution(test['exit_distribution'])} | {paper} |"
-                )
-                m = t["machine"]
+                for t in filter(None, (run.timing, run.target_timing)):
+                    out.append(_table2_row(run.name, t, paper))
+                tm, m = run.timing["timing"], run.timing["machine"]
                 setting = (
                     f"{m['cpu']} ({m['cores']} cores), torch {m['torch']}, {tm['threads']} torch thread(s), "
                     f"batch {tm['batch_size']}, {tm['images']} images, median of {tm['repeats']} passes"

@@ -4,13 +4,15 @@ Runs the entries of `GRID` one after another (or several at a time), each as its
 `timm-exits train` process with checkpoints: a stopped driver started again resumes every run from
 its last checkpoint and skips finished ones. Each finished soft / B-Net run gets its policy frontier
 (`policy_frontier.py`) right away and, with ``--timing-images N``, the batch-1 timing of its recommended
-policy against the plain backbone (`time_recommended.py`, ``timing.json``); then the small files of
-the run (report, metrics, recipe, log, frontier, timing; never checkpoints or weights) are copied to
+policy against the plain backbone (`time_recommended.py`): at the budget its rule picks on the held-out
+split (``timing.json``) and at the hard-exit target's own cost bound, 0.5 of the FLOPs
+(``timing_budget0.5.json``); then the small files of
+the run (report, metrics, recipe, log, frontier, timings; never checkpoints or weights) are copied to
 ``RESULTS/<data set>/<name>``. Timing wants an otherwise idle machine, so the driver pauses every other
 training process (SIGSTOP, then SIGCONT) while it times a run, and with ``--parallel`` above 1 the
 training processes leave out their report's own timing (``timing_images=0``), which would run beside
 another training. Started again after the grid has finished, with ``--timing-images N``, the driver
-times every finished run that has no ``timing.json`` yet and copies the files again.
+times every finished run that lacks a timing and copies the files again.
 
 On a CPU, two runs at a time with one thread each (``--parallel 2 --set threads=1``) train more
 images per second in all than one run with two threads; each run takes longer.
@@ -113,6 +115,8 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
 FRONTIER_BUDGETS = [round(0.2 + 0.025 * i, 3) for i in range(33)]  # 0.2 .. 1.0
+TARGET_BUDGET = 0.5  # the hard-exit target's cost bound; the recommended policy is timed at it too
+TARGET_TIMING = f"timing_budget{TARGET_BUDGET:g}.json"
 SMALL_FILES = (
     "report.json",
     "report.md",
@@ -121,6 +125,7 @@ SMALL_FILES = (
     "train.log",
     "frontier.json",
     "timing.json",
+    TARGET_TIMING,
 )
 
 
@@ -151,12 +156,14 @@ def _frontier(name: str, args: argparse.Namespace) -> int:
     return code
 
 
-def _timing(name: str, args: argparse.Namespace) -> int:
+def _timing(name: str, args: argparse.Namespace, file: str = "timing.json", budget: float | None = None) -> int:
+    """Time the run's recommended policy into `file`: at `budget`, or at the budget its rule picks."""
     run = _run_dir(args.out, name)
     cmd = [sys.executable, str(HERE / "time_recommended.py"), "--run", str(run), "--data-dir", str(args.data_dir)]
     cmd += ["--threads", str(args.threads), "--images", str(args.timing_images)]
-    cmd += ["--repeats", str(args.timing_repeats), "--out", str(run / "timing.json")]
-    with open(args.out / f"{name}.timing.out", "w") as out:
+    cmd += ["--repeats", str(args.timing_repeats), "--out", str(run / file)]
+    cmd += ["--budget", str(budget)] if budget is not None else []
+    with open(args.out / f"{name}.{Path(file).stem}.out", "w") as out:
         return subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
 
 
@@ -185,9 +192,13 @@ def _finish(name: str, args: argparse.Namespace, others: Sequence[subprocess.Pop
     method = json.loads((run / "report.json").read_text())["method"]
     if method != "baseline" and not (run / "frontier.json").exists():
         info["frontier_returncode"] = _frontier(name, args)
-    if args.timing_images and (run / "frontier.json").exists() and not (run / "timing.json").exists():
-        with _paused(others):
-            info["timing_returncode"] = _timing(name, args)
+    if args.timing_images and (run / "frontier.json").exists():
+        if not (run / "timing.json").exists():
+            with _paused(others):
+                info["timing_returncode"] = _timing(name, args)
+        if not (run / TARGET_TIMING).exists():
+            with _paused(others):
+                info["target_timing_returncode"] = _timing(name, args, TARGET_TIMING, TARGET_BUDGET)
     if args.results:
         dest = args.results / name
         dest.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ import run_evidence  # noqa: E402
 import time_recommended  # noqa: E402
 
 SMALL = ("report.json", "report.md", "metrics.jsonl", "recipe.yaml", "train.log", "frontier.json", "timing.json")
+SMALL += (run_evidence.TARGET_TIMING,)
 DOC = "# Doc\n\n<!-- evidence tables: table1 -->\nold\n<!-- end evidence tables: table1 -->\n\nafter\n"
 
 
@@ -60,12 +61,15 @@ def tree(tmp_path_factory) -> Path:
     (soft / "frontier.json").write_text(frontier)
     argv = ["--run", str(soft), "--threads", "1", "--images", "4", "--repeats", "2", "--warmup", "1"]
     _quiet(time_recommended.main, [*argv, "--out", str(soft / "timing.json")])
+    budget = str(run_evidence.TARGET_BUDGET)
+    _quiet(time_recommended.main, [*argv, "--budget", budget, "--out", str(soft / run_evidence.TARGET_TIMING)])
     results = root / "results" / "evidence"
     digits = results / "digits"
     _copy(soft, digits / "test_resnet_soft_l0.1_s0")
     _copy(base, digits / "test_resnet_baseline_s0")
     s1 = _copy(soft, digits / "test_resnet_soft_l0.1_s1")
     (s1 / "timing.json").unlink()
+    (s1 / run_evidence.TARGET_TIMING).unlink()
     report = json.loads((s1 / "report.json").read_text())
     report["recipe"]["seed"] = 1
     report["test"]["final_accuracy"] += 0.125
@@ -124,6 +128,16 @@ def test_table2_reads_timing_json_and_says_which_runs_have_none(tree):
     assert row[8] == evidence_tables.distribution(t["test"]["exit_distribution"])
     assert _row(text, "test_resnet_soft_l0.1_s1")[1] == "not timed yet (no timing.json)"
     assert _row(text, "resnet18_soft_l0.1_s0")[1:2] == ["not trained yet"]
+    # the second row: the same run timed at the hard-exit target's own budget
+    target = _json(tree, "test_resnet_soft_l0.1_s0", run_evidence.TARGET_TIMING)
+    assert target["budget"] == run_evidence.TARGET_BUDGET
+    table2 = text.split("## Table 2 form", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table2.splitlines() if line.startswith("| test_resnet_soft_l0.1_s0 |")]
+    assert len(rows) == 2
+    row = [c.strip() for c in rows[1].strip().strip("|").split("|")]
+    assert row[1] == f"{run_evidence.TARGET_BUDGET:g}"
+    assert row[3:5] == [f"{100 * target['test']['accuracy']:.2f} %", f"{target['test']['expected_cost']:.3f}"]
+    assert target["test"]["expected_cost"] <= run_evidence.TARGET_BUDGET + 1e-6
 
 
 def test_runs_table_says_where_each_run_trained_and_how_fast(tree, tmp_path):
@@ -430,6 +444,7 @@ def test_targets_judge_each_target_on_the_committed_figures():
     beyond["test_exit_accuracy"] = [0.5, 0.61, 0.612]
     timing = {"test": {"accuracy": 0.866, "expected_cost": 0.31}, "timing": {"speedup": 2.5}}
     slow = {"test": {"accuracy": 0.87, "expected_cost": 0.45}, "timing": {"speedup": 1.5}}
+    over = {"test": {"accuracy": 0.855, "expected_cost": 0.52}, "timing": {"speedup": 2.0}}
     rows = dict(
         [
             # CIFAR-10, two seeds each: baseline 0.860 ± 0.0028, B-Net 0.870 ± 0.0028, soft ensemble 0.880 ± 0.0007
@@ -439,7 +454,7 @@ def test_targets_judge_each_target_on_the_committed_figures():
                 "cifar10",
                 "branchynet",
                 _fake_run("n0", 0, 0.868, timing=timing),
-                _fake_run("n1", 1, 0.872, timing=slow),
+                _fake_run("n1", 1, 0.872, timing=slow, target_timing=over),
             ),
             row("cifar10", "soft_l0.1", _fake_run("s0", 0, 0.88, 0.8795), _fake_run("s1", 1, 0.88, 0.8805)),
             row("cifar10", "soft_l0.5", _fake_run("h0", 0, 0.87, 0.869)),
@@ -488,6 +503,12 @@ def test_targets_judge_each_target_on_the_committed_figures():
     assert _row(text, hard, "n0")[2:] == ["86.60 % at 0.310 of the FLOPs, 2.50x; baseline 86.00 %", "met"]
     assert _row(text, hard, "n1")[3] == "missed: speed-up below 1.9x"
     assert _row(text, hard, "s0")[2:] == ["-", "not timed yet"]
+    # a second timing, at the target's own budget, gets its own row; only n1 has one
+    assert _row(text, f"{hard}, at budget 0.5", "n1")[2:] == [
+        "85.50 % at 0.520 of the FLOPs, 2.00x; baseline 86.00 %",
+        "missed: accuracy 0.50 points below, cost above 0.5",
+    ]
+    assert [line for line in text.splitlines() if f"{hard}, at budget 0.5 |" in line and "| n0 |" in line] == []
 
 
 def test_exits_attached_to_the_trained_baseline_are_compared_with_scratch(tree, tmp_path):
@@ -626,3 +647,25 @@ def test_ordering_gap_below_beyond_the_spread_is_named_beyond_and_missed():
     assert above[0] == "+0.90 points, beyond the spread (0.21)"
     assert _evidence_targets._ordering_verdict([above, above]) == "met"
     assert _evidence_targets._ordering_verdict([above, gap]) == "missed"
+
+
+def test_driver_times_a_finished_run_at_its_rule_and_at_the_target_budget(tree, tmp_path):
+    import argparse
+
+    out, name = tmp_path / "runs", "digits/test_resnet_soft_l0.1_s0"
+    run = out / name
+    shutil.copytree(tree.parent.parent / "runs" / "soft", run)
+    for f in ("timing.json", run_evidence.TARGET_TIMING):
+        (run / f).unlink()
+    args = argparse.Namespace(
+        out=out, data_dir=tmp_path, threads=1, timing_images=4, timing_repeats=2, results=tmp_path / "results"
+    )
+    info = run_evidence._finish(name, args)
+    assert info == {"timing_returncode": 0, "target_timing_returncode": 0}
+    rule = json.loads((run / "timing.json").read_text())
+    target = json.loads((run / run_evidence.TARGET_TIMING).read_text())
+    assert "given" not in rule["budget_rule"] and target["budget_rule"] == "budget 0.5 (given)"
+    assert target["budget"] == run_evidence.TARGET_BUDGET and target["timing"]["images"] == 4
+    copied = tmp_path / "results" / name
+    assert json.loads((copied / run_evidence.TARGET_TIMING).read_text()) == target
+    assert not any(copied.glob("*.safetensors"))
