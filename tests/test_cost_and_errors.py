@@ -269,7 +269,11 @@ def test_point_whose_tensor_passes_through_the_last_stage_is_kept():
     model = wrap(m, "auto", input_size=(3, 64, 64)).eval()
     assert [e.name for e in model.exits] == [f"serial_blocks{i}.0" for i in (1, 2, 3, 4)]
     x = images(3, 64)
-    pred = predict(model, x, "gate", 0.0)  # everything leaves at the exit: the parallel blocks never run
+    # CoaT's later scales read earlier, full-batch tensors: the one-off check finds the batch cannot
+    # shrink mid-network and says so
+    with pytest.warns(UserWarning, match="CoaT cannot drop exited samples mid-network.*falls back to masking"):
+        pred = predict(model, x, "gate", 0.0)  # everything leaves at the exit: the parallel blocks never run
+    assert model._batch_shrink_safe is False
     with torch.no_grad():
         full = model(x)
     assert pred.exit_index.tolist() == [0, 0, 0]
