@@ -93,7 +93,7 @@ def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
 # exits attached to it first (the path most users take), then seed 0 of every CIFAR-10 method, so a partial
 # grid already compares the methods, then CIFAR-100 (where the recommended policy meets data it was not
 # chosen on), then the plain network on the whole training split (the budget's own check), before the second
-# CIFAR-10 seed, the AlexNet-style network, VGG-13 and the CIFAR-100 check's second seed.
+# CIFAR-10 seed, the AlexNet-style network, VGG-13 and each budget check's second seed.
 _CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B))
 _BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
@@ -109,8 +109,9 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     **_methods("cifar10_resnet18", "cifar10/resnet18", (1,), (LAMBDA_A, LAMBDA_B)),
     **_methods("cifar10_alexnet", "cifar10/alexnet", (0,), (LAMBDA_A,)),
     **_methods("cifar10_vgg13", "cifar10/vgg13", (0,), (LAMBDA_A,)),
-    # a second seed of the CIFAR-100 budget check, so its verdict reads a mean and a spread
+    # a second seed of each budget check, so its verdict reads a mean and a spread
     **_alltrain("cifar100", (1,)),
+    **_alltrain("cifar10", (1,)),
 }
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
