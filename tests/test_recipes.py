@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
+import timm
 import torch
 import yaml
 from PIL import Image
@@ -280,6 +281,44 @@ def test_alexnet_cifar_builds_with_auto_exits_and_saves_as_a_timm_model(tmp_path
     assert len(out.logits) == 4 and out.final.shape == (2, 10)
     back = hub.from_pretrained(hub.save_pretrained(model, tmp_path / "alexnet"))
     torch.testing.assert_close(back(x).log_probs, out.log_probs)
+
+
+@pytest.mark.parametrize("name", ["alexnet_cifar", "vgg13_cifar"])
+def test_cifar_networks_answer_timms_intermediate_feature_api(name):
+    """forward_intermediates, features_only and prune_intermediate_layers give the stage outputs that
+    forward hooks on the feature_info modules see."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    hooks = [
+        model.get_submodule(f["module"]).register_forward_hook(lambda m, i, o: seen.append(o))
+        for f in model.feature_info
+    ]
+    logits = model(x)
+    for h in hooks:
+        h.remove()
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 5 and all(torch.equal(a, b) for a, b in zip(inter, seen))
+    torch.testing.assert_close(model.forward_head(final), logits)
+    early = model.forward_intermediates(x, indices=[1, 2], stop_early=True, intermediates_only=True)
+    assert [t.shape[1] for t in early] == [model.feature_info[i]["num_chs"] for i in (1, 2)]
+    assert torch.equal(early[1], seen[2])
+    feats = timm.create_model(name, features_only=True, out_indices=(1, 2))
+    feats.load_state_dict(
+        {
+            k.replace(".", "_", 1): v
+            for k, v in model.state_dict().items()
+            if k[:9] in ("stages.0.", "stages.1.", "stages.2.")
+        }
+    )
+    assert all(torch.equal(a, b) for a, b in zip(feats.eval()(x), early))
+    assert feats.feature_info.channels() == [model.feature_info[i]["num_chs"] for i in (1, 2)]
+    assert model.prune_intermediate_layers([2]) == [2]
+    assert len(model.stages) == 3 and model.num_features == seen[2].shape[1]
+    torch.testing.assert_close(model(x), seen[2].mean((2, 3)))
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
 
 
 # -------------------------------------------------------------------------------------- data

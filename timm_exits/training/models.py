@@ -7,7 +7,8 @@ CIFAR-sized AlexNet-style network, so `alexnet_cifar` is registered here as an o
 3x3 convolutions of AlexNet's widths (64, 192, 384, 256, 256) with BatchNorm, max-pools after the
 first, second and fifth, and AlexNet's dropout + two-layer classifier (sized down) on a 2x2 pooled
 map. Being a timm model, it has ``feature_info`` (so ``exits="auto"`` works), ``pretrained_cfg``,
-``reset_classifier`` and saves / loads through timm's Hub format.
+``reset_classifier``, timm's intermediate-feature API (``forward_intermediates``,
+``prune_intermediate_layers``, ``features_only=True``) and saves / loads through timm's Hub format.
 
 `vgg13_cifar` is the CIFAR form of VGG-13 with BatchNorm that the paper's VGG-13 column uses:
 timm's ``vgg13_bn`` keeps ImageNet's 7x7 4096-channel pre-logits convolution, which dominates its
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 __all__ = ["AlexNetCifar", "VggCifar", "alexnet_cifar", "vgg13_cifar"]
@@ -58,6 +60,65 @@ class _SmallNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's intermediate-feature API: the output of each stage (one per ``feature_info`` entry).
+
+        Args:
+            x: Input images.
+            indices: Last n stages if an int, every stage if None, else the stage indices to return.
+            norm: Unused (no final norm), kept for timm's signature.
+            stop_early: Run only the stages up to the last one asked for.
+            output_fmt: Only "NCHW".
+            intermediates_only: Return the intermediates alone.
+
+        Returns:
+            The intermediates, or (the last stage's output, the intermediates).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"{type(self).__name__} returns NCHW features only, got output_fmt={output_fmt!r}")
+        take, last = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[: last + 1] if stop_early else self.stages
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last intermediate kept, and the classifier.
+
+        Args:
+            indices: As in ``forward_intermediates``.
+            prune_norm: Unused (no final norm), kept for timm's signature.
+            prune_head: Drop the classifier; it goes anyway when stages go (it reads the last stage).
+
+        Returns:
+            The indices of the intermediates kept.
+        """
+        take, last = feature_take_indices(len(self.stages), indices)
+        if last < len(self.stages) - 1:
+            self.stages = self.stages[: last + 1]
+            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
+            self._pool_only()
+            self.reset_classifier(0)
+        elif prune_head:
+            self.reset_classifier(0)
+        return take
+
+    def _pool_only(self) -> None:
+        """Make ``forward_head`` a global average pool of the (shortened) stages."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -115,6 +176,10 @@ class AlexNetCifar(_SmallNet):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pre_logits(self.pool(x))
         return x if pre_logits else self.head(self.head_drop(x))
+
+    def _pool_only(self) -> None:
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pre_logits = nn.Flatten(1)
 
 
 class VggCifar(_SmallNet):
@@ -180,6 +245,9 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
+# ``features_only=True``: timm's FeatureListNet lifts the stages out of ``stages`` to find them by name.
+_FEATURES = {"flatten_sequential": True}
+
 default_cfgs = generate_default_cfgs(
     {"alexnet_cifar.untrained": _cfg(), "vgg13_cifar.untrained": _cfg(first_conv="stages.0.0")}
 )
@@ -188,10 +256,10 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def alexnet_cifar(pretrained: bool = False, **kwargs: Any) -> AlexNetCifar:
     """AlexNet-style network for 32x32 images (no pretrained weights)."""
-    return build_model_with_cfg(AlexNetCifar, "alexnet_cifar", pretrained, **kwargs)
+    return build_model_with_cfg(AlexNetCifar, "alexnet_cifar", pretrained, feature_cfg=_FEATURES, **kwargs)
 
 
 @register_model
 def vgg13_cifar(pretrained: bool = False, **kwargs: Any) -> VggCifar:
     """VGG-13 with BatchNorm for 32x32 images (no pretrained weights)."""
-    return build_model_with_cfg(VggCifar, "vgg13_cifar", pretrained, **kwargs)
+    return build_model_with_cfg(VggCifar, "vgg13_cifar", pretrained, feature_cfg=_FEATURES, **kwargs)
