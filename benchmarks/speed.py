@@ -1,6 +1,7 @@
 """Hard early exit on the wall clock: measured vs FLOP-predicted speed-up.
 
-For resnet18 at 224x224 and 32x32 and vit_tiny at 224x224 (CPU, fixed threads), batch 1 and 64,
+For resnet18 at 224x224 and 32x32 and vit_tiny at 224x224 (and, when `--models` names them, the
+evidence grid's `alexnet_cifar` and `vgg13_cifar` at 32x32) (CPU, fixed threads), batch 1 and 64,
 measures in one process: the plain timm forward (`backbone(x)`, hooks inactive); the wrapped model
 with no exit taken; and hard early exit with controlled exit mixes, every sample at exit k for each
 k, and a mixed distribution. Exits are assigned with `timm_exits.inference.policies.run_assigned`, the same
@@ -27,6 +28,8 @@ compiled copy (0 would mean the compiled column ran eager).
     python benchmarks/speed.py --threads 2 > benchmarks/results/speed.json
     python benchmarks/speed.py --threads 2 --models resnet18 --channels-last \
         > benchmarks/results/speed_channels_last.json
+    python benchmarks/speed.py --threads 2 --batches 1 --models alexnet_cifar vgg13_cifar \
+        > benchmarks/results/speed_cifar_networks.json
     python benchmarks/speed.py --device cuda --repeats 31 --out benchmarks/results/gpu/speed.json
 """
 
@@ -45,6 +48,8 @@ from timm_exits import wrap
 from timm_exits.inference.policies import run_assigned
 
 CASES = [("resnet18", 224), ("resnet18", 32), ("vit_tiny_patch16_224", 224)]
+# The evidence grid's 32-px CIFAR networks (registered with timm by timm_exits), run only when --models names them.
+NAMED_ONLY = [("alexnet_cifar", 32), ("vgg13_cifar", 32)]
 MIX = (0.4, 0.3, 0.2, 0.1)  # share of samples per exit (first exits first), the final head last
 
 
@@ -174,7 +179,7 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--models", nargs="+", default=None, help="subset of the cases' model names")
+    p.add_argument("--models", nargs="+", default=None, help="the cases' model names (default: all but NAMED_ONLY)")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
     p.add_argument("--out", default=None, help="write the JSON here (after every case) instead of printing it")
     args = p.parse_args()
@@ -191,8 +196,8 @@ def main() -> None:
         },
         "results": [],
     }
-    for name, size in CASES:
-        if args.models and name not in args.models:
+    for name, size in CASES + NAMED_ONLY:
+        if name not in (args.models or [n for n, _ in CASES]):
             continue
         for batch in args.batches:
             reps = args.repeats if batch == 1 or size <= 64 else max(5, args.repeats // 3)
