@@ -7,7 +7,8 @@ right away and, with ``--timing-images N``, the batch-1 timing of its recommende
 plain backbone (`time_recommended.py`): at the budget its rule picks on the held-out split
 (``timing.json``) and at the hard-exit target's own cost bound, 0.5 of the FLOPs
 (``timing_budget0.5.json``); then the small files of the run (report, metrics, recipe, log, frontier,
-timings; never checkpoints or weights) are copied to ``RESULTS/<data set>/<name>``. Timing wants an
+timings; never checkpoints, weights or plots: the copied report.md says where its plots stay) are copied
+to ``RESULTS/<data set>/<name>``. Timing wants an
 otherwise idle machine, so the driver pauses every other training process (SIGSTOP, then SIGCONT) while
 it times a run, and with ``--parallel`` above 1 the training processes leave out their report's own
 timing (``timing_images=0``), which would run beside another training. Started again after the grid has
@@ -129,6 +130,11 @@ SMALL_FILES = (
     TARGET_TIMING,
 )
 
+PLOTS_NOTE = (
+    "The gate histograms, accuracy-versus-cost and exit-distribution plots stay in the run folder's "
+    "`plots/` and are not kept with these results; `timm-exits eval RUN` writes them again."
+)
+
 
 def _run_dir(out: Path, name: str) -> Path:
     return out / name
@@ -201,12 +207,28 @@ def _finish(name: str, args: argparse.Namespace, others: Sequence[subprocess.Pop
             with _paused(others):
                 info["target_timing_returncode"] = _timing(name, args, TARGET_TIMING, TARGET_BUDGET)
     if args.results:
-        dest = args.results / name
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in SMALL_FILES:
-            if (run / f).exists():
-                shutil.copy2(run / f, dest / f)
+        copy_small_files(run, args.results / name)
     return info
+
+
+def copy_small_files(run: Path, dest: Path) -> None:
+    """Copy a run's `SMALL_FILES` to `dest`; its report.md without the links to the plots left behind."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in SMALL_FILES:
+        if not (run / f).exists():
+            continue
+        if f == "report.md":
+            (dest / f).write_text(report_without_plots((run / f).read_text()))
+        else:
+            shutil.copy2(run / f, dest / f)
+
+
+def report_without_plots(markdown: str) -> str:
+    """A run's report.md with its plots section (images in the run folder's `plots/`) replaced by a note."""
+    head, found, _ = markdown.partition("\n## Plots\n")
+    if not found:
+        return markdown
+    return head + "\n## Plots\n\n" + PLOTS_NOTE + "\n"
 
 
 def _procs(running: dict) -> list[subprocess.Popen]:

@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+# the committed results and benchmark outputs, run reports included
+RESULT_PAGES = sorted([*(ROOT / "results").rglob("*.md"), *(ROOT / "benchmarks").rglob("*.md")])
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 TABLE_BY = re.compile(r"Table by `python (benchmarks/\w+\.py[^`]*)`")
 
@@ -62,6 +64,12 @@ def _tables_by_command(page: Path) -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_relative_link_leads_to_a_file_and_heading_of_the_repository(page):
     assert _broken_links(page) == []
+
+
+def test_committed_results_link_only_to_committed_files():
+    assert len(RESULT_PAGES) > 40  # every committed run's report.md among them
+    broken = {str(p.relative_to(ROOT)): b for p in RESULT_PAGES if (b := _broken_links(p))}
+    assert broken == {}
 
 
 def test_the_link_check_catches_a_missing_file_a_missing_heading_and_an_outside_link(tmp_path, monkeypatch):

@@ -32,7 +32,6 @@ import policy_frontier  # noqa: E402
 import run_evidence  # noqa: E402
 import time_recommended  # noqa: E402
 
-SMALL = run_evidence.SMALL_FILES
 DOC = "# Doc\n\n<!-- evidence tables: table1 -->\nold\n<!-- end evidence tables: table1 -->\n\nafter\n"
 
 
@@ -43,11 +42,17 @@ def _quiet(fn, *args):
 
 
 def _copy(run: Path, dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in SMALL:
-        if (run / name).is_file():
-            shutil.copy2(run / name, dest / name)
+    run_evidence.copy_small_files(run, dest)
     return dest
+
+
+def test_results_copy_of_a_report_drops_the_plots_it_does_not_copy(tree):
+    run = tree.parent.parent / "runs" / "soft"
+    written = (run / "report.md").read_text()
+    copied = (tree / "digits" / "test_resnet_soft_l0.1_s0" / "report.md").read_text()
+    assert "](plots/" in written and "](plots/" not in copied and run_evidence.PLOTS_NOTE in copied
+    assert copied.split("\n## Plots\n")[0] == written.split("\n## Plots\n")[0]
+    assert run_evidence.report_without_plots(copied) == copied
 
 
 @pytest.fixture(scope="module")
