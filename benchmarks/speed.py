@@ -1,7 +1,7 @@
 """Hard early exit on the wall clock: measured vs FLOP-predicted speed-up.
 
-For resnet18 at 224x224 and 32x32 and vit_tiny at 224x224 (and, when `--models` names them, the
-evidence grid's `alexnet_cifar` and `vgg13_cifar` at 32x32) (CPU, fixed threads), batch 1 and 64,
+For resnet18 at 224x224 and 32x32 and vit_tiny at 224x224, and the evidence grid's `alexnet_cifar`
+and `vgg13_cifar` at 32x32 when `--models` names them (CPU, fixed threads), batch 1 and 64,
 measures in one process: the plain timm forward (`backbone(x)`, hooks inactive); the wrapped model
 with no exit taken; and hard early exit with controlled exit mixes, every sample at exit k for each
 k, and a mixed distribution. Exits are assigned with `timm_exits.inference.policies.run_assigned`, the same
@@ -28,8 +28,8 @@ compiled copy (0 would mean the compiled column ran eager).
     python benchmarks/speed.py --threads 2 > benchmarks/results/speed.json
     python benchmarks/speed.py --threads 2 --models resnet18 --channels-last \
         > benchmarks/results/speed_channels_last.json
-    python benchmarks/speed.py --threads 2 --batches 1 --models alexnet_cifar vgg13_cifar \
-        > benchmarks/results/speed_cifar_networks.json
+    python benchmarks/speed.py --threads 2 --batches 1 --repeats 61 --warmup 5 \
+        --models alexnet_cifar vgg13_cifar --out benchmarks/results/speed_cifar_networks.json
     python benchmarks/speed.py --device cuda --repeats 31 --out benchmarks/results/gpu/speed.json
 """
 
