@@ -40,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from timm_exits.training.recipe import load_recipe
+from timm_exits.training.report import PLOTS_HEADING
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -225,10 +226,10 @@ def copy_small_files(run: Path, dest: Path) -> None:
 
 def report_without_plots(markdown: str) -> str:
     """A run's report.md with its plots section (images in the run folder's `plots/`) replaced by a note."""
-    head, found, _ = markdown.partition("\n## Plots\n")
+    head, found, _ = markdown.partition(f"\n{PLOTS_HEADING}\n")
     if not found:
         return markdown
-    return head + "\n## Plots\n\n" + PLOTS_NOTE + "\n"
+    return f"{head}\n{PLOTS_HEADING}\n\n{PLOTS_NOTE}\n"
 
 
 def _procs(running: dict) -> list[subprocess.Popen]:

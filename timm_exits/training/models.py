@@ -108,12 +108,12 @@ class _SmallNet(nn.Module):
             The indices of the intermediates kept.
         """
         take, last = feature_take_indices(len(self.stages), indices)
-        if last < len(self.stages) - 1:
+        shortened = last < len(self.stages) - 1
+        if shortened:
             self.stages = self.stages[: last + 1]
             self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
             self._pool_only()
-            self.reset_classifier(0)
-        elif prune_head:
+        if shortened or prune_head:
             self.reset_classifier(0)
         return take
 

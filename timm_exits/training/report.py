@@ -56,6 +56,7 @@ from .timing import _time_model, _timing_inputs, machine_name
 
 __all__ = [
     "HARD_POLICIES",
+    "PLOTS_HEADING",
     "CalibrationError",
     "evaluate",
     "format_distribution",
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 HARD_POLICIES = ("gate", "confidence", "entropy")
+PLOTS_HEADING = "## Plots"  # report.md's last section: the images under the run folder's plots/
 
 
 class CalibrationError(ValueError):
@@ -455,7 +457,7 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_di
     else:
         lines.append("Timing was not measured.")
     if plots:
-        lines += ["", "## Plots", ""]
+        lines += ["", PLOTS_HEADING, ""]
         titles = {
             "accuracy_vs_cost": "Accuracy vs expected cost",
             "gate_histograms": "Gate values per exit",
