@@ -5,8 +5,8 @@ process with checkpoints: a stopped driver started again resumes every run from 
 skips finished ones. Each finished soft / B-Net run gets its policy frontier (`policy_frontier.py`)
 right away and, with ``--timing-images N``, the batch-1 timing of its recommended policy against the
 plain backbone (`time_recommended.py`): at the budget its rule picks on the held-out split
-(``timing.json``) and at the hard-exit target's own cost bound, 0.5 of the FLOPs
-(``timing_budget0.5.json``); then the small files of the run (report, metrics, recipe, log, frontier,
+(``timing.json``) and, where the rule picks another budget, at the hard-exit target's own cost bound,
+0.5 of the FLOPs (``timing_budget0.5.json``); then the small files of the run (report, metrics, recipe, log, frontier,
 timings; never checkpoints, weights or plots: the copied report.md says where its plots stay) are copied
 to ``RESULTS/<data set>/<name>``. Timing wants an otherwise idle machine, so the driver pauses every
 other training process (SIGSTOP, then SIGCONT) while it times a run, and with ``--parallel`` above 1
@@ -203,12 +203,17 @@ def _finish(name: str, args: argparse.Namespace, others: Sequence[subprocess.Pop
         if not (run / "timing.json").exists():
             with _paused(others):
                 info["timing_returncode"] = _timing(name, args)
-        if not (run / TARGET_TIMING).exists():
+        if not (run / TARGET_TIMING).exists() and _timed_budget(run / "timing.json") != TARGET_BUDGET:
             with _paused(others):
                 info["target_timing_returncode"] = _timing(name, args, TARGET_TIMING, TARGET_BUDGET)
     if args.results:
         copy_small_files(run, args.results / name)
     return info
+
+
+def _timed_budget(timing: Path) -> float | None:
+    """The budget a run's timing file was measured at; None without the file."""
+    return json.loads(timing.read_text())["budget"] if timing.exists() else None
 
 
 def copy_small_files(run: Path, dest: Path) -> None:

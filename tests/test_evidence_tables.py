@@ -510,6 +510,24 @@ def test_targets_judge_each_target_on_the_committed_figures():
     assert [line for line in text.splitlines() if f"{hard}, at budget 0.5 |" in line and "| n0 |" in line] == []
 
 
+def test_a_rule_budget_equal_to_the_target_budget_is_judged_as_the_target_row():
+    timing = {"budget": 0.5, "test": {"accuracy": 0.87, "expected_cost": 0.49}, "timing": {"speedup": 1.95}}
+    rows = {
+        ("cifar10", "resnet18", v): evidence_tables.Row("cifar10", "resnet18", v, runs)
+        for v, runs in (
+            ("baseline", [_fake_run("b0", 0, 0.86)]),
+            ("branchynet", [_fake_run("n0", 0, 0.87, timing=timing)]),
+        )
+    }
+    text = evidence_tables.targets(rows)
+    hard = "CIFAR-10 ResNet-18: hard exit keeps the baseline's accuracy at <= 0.5 of the FLOPs"
+    assert _row(text, f"{hard}, at budget 0.5 (the rule's own)", "n0")[2:] == [
+        "87.00 % at 0.490 of the FLOPs, 1.95x; baseline 86.00 %",
+        "met",
+    ]
+    assert sum(f"| {hard}" in line for line in text.splitlines()) == 1
+
+
 def test_exits_attached_to_the_trained_baseline_are_compared_with_scratch(tree, tmp_path):
     results = tmp_path / "evidence"
     shutil.copytree(tree, results)
@@ -674,11 +692,23 @@ def test_driver_times_a_finished_run_at_its_rule_and_at_the_target_budget(tree, 
         out=out, data_dir=tmp_path, threads=1, timing_images=4, timing_repeats=2, results=tmp_path / "results"
     )
     info = run_evidence._finish(name, args)
-    assert info == {"timing_returncode": 0, "target_timing_returncode": 0}
     rule = json.loads((run / "timing.json").read_text())
+    assert "given" not in rule["budget_rule"] and rule["timing"]["images"] == 4
+    # the target's own budget is timed apart only where the rule picked another one
+    assert info == {"timing_returncode": 0} | (
+        {} if rule["budget"] == run_evidence.TARGET_BUDGET else {"target_timing_returncode": 0}
+    )
+    (run / "timing.json").write_text(json.dumps({**rule, "budget": 0.3}))
+    (run / run_evidence.TARGET_TIMING).unlink(missing_ok=True)
+    assert run_evidence._finish(name, args) == {"target_timing_returncode": 0}
     target = json.loads((run / run_evidence.TARGET_TIMING).read_text())
-    assert "given" not in rule["budget_rule"] and target["budget_rule"] == "budget 0.5 (given)"
+    assert target["budget_rule"] == "budget 0.5 (given)"
     assert target["budget"] == run_evidence.TARGET_BUDGET and target["timing"]["images"] == 4
     copied = tmp_path / "results" / name
     assert json.loads((copied / run_evidence.TARGET_TIMING).read_text()) == target
     assert not any(copied.glob("*.safetensors"))
+    # a rule that picks the target's budget itself leaves nothing to time again
+    (run / run_evidence.TARGET_TIMING).unlink()
+    (run / "timing.json").write_text(json.dumps({**rule, "budget": run_evidence.TARGET_BUDGET}))
+    assert run_evidence._finish(name, args) == {}
+    assert not (run / run_evidence.TARGET_TIMING).exists()
