@@ -6,9 +6,9 @@ skips finished ones. Each finished soft / B-Net run gets its policy frontier (`p
 right away and, with ``--timing-images N``, the batch-1 timing of its recommended policy against the
 plain backbone (`time_recommended.py`): at the budget its rule picks on the held-out split
 (``timing.json``) and, where the rule picks another budget, at the hard-exit target's own cost bound,
-0.5 of the FLOPs (``timing_budget0.5.json``); then the small files of the run (report, metrics, recipe, log, frontier,
-timings; never checkpoints, weights or plots: the copied report.md says where its plots stay) are copied
-to ``RESULTS/<data set>/<name>``. Timing wants an otherwise idle machine, so the driver pauses every
+0.5 of the FLOPs (``timing_budget0.5.json``); then the small files of the run (report, metrics, recipe,
+log, frontier, timings; never checkpoints, weights or plots: the copied report.md says where its plots
+stay) are copied to ``RESULTS/<data set>/<name>``. Timing wants an otherwise idle machine, so the driver pauses every
 other training process (SIGSTOP, then SIGCONT) while it times a run, and with ``--parallel`` above 1
 the training processes leave out their report's own timing (``timing_images=0``), which would run
 beside another training. Started again after the grid has finished, with ``--timing-images N``, the
