@@ -8,11 +8,12 @@ plain backbone (`time_recommended.py`): at the budget its rule picks on the held
 (``timing.json``) and, where the rule picks another budget, at the hard-exit target's own cost bound,
 0.5 of the FLOPs (``timing_budget0.5.json``); then the small files of the run (report, metrics, recipe,
 log, frontier, timings; never checkpoints, weights or plots: the copied report.md says where its plots
-stay) are copied to ``RESULTS/<data set>/<name>``. Timing wants an otherwise idle machine, so the driver pauses every
-other training process (SIGSTOP, then SIGCONT) while it times a run, and with ``--parallel`` above 1
-the training processes leave out their report's own timing (``timing_images=0``), which would run
-beside another training. Started again after the grid has finished, with ``--timing-images N``, the
-driver times every finished run that lacks a timing and copies the files again.
+stay) are copied to ``RESULTS/<data set>/<name>``. Timing wants an otherwise idle machine, so the driver
+pauses every other training process (SIGSTOP, then SIGCONT) while it times a run, and with
+``--parallel`` above 1 the training processes leave out their report's own timing (``timing_images=0``),
+which would run beside another training. Started again after the grid has finished, with
+``--timing-images N``, the driver times every finished run that lacks a timing and copies the files
+again.
 
 On a CPU, two runs at a time with one thread each (``--parallel 2 --set threads=1``) train more
 images per second in all than one run with two threads; each run takes longer.
