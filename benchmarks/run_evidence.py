@@ -52,13 +52,20 @@ RESNET18_LR = load_recipe("cifar10_resnet18").optim.lr  # the peak rate of ResNe
 ALLTRAIN_VAL_SPLIT = 100
 
 
+def _soft(recipe: str, prefix: str, seeds: tuple[int, ...], soft_lambdas: tuple[float, ...]) -> dict:
+    return {
+        f"{prefix}_soft_l{lam:g}_s{seed}": (recipe, {"method": "soft", "cost_weight": lam, "seed": seed})
+        for seed in seeds
+        for lam in soft_lambdas
+    }
+
+
 def _methods(recipe: str, prefix: str, seeds: tuple[int, ...], soft_lambdas: tuple[float, ...]) -> dict:
     grid = {}
     for seed in seeds:
         grid[f"{prefix}_baseline_s{seed}"] = (recipe, {"method": "baseline", "seed": seed})
         grid[f"{prefix}_branchynet_s{seed}"] = (recipe, {"method": "branchynet", "seed": seed})
-        for lam in soft_lambdas:
-            grid[f"{prefix}_soft_l{lam:g}_s{seed}"] = (recipe, {"method": "soft", "cost_weight": lam, "seed": seed})
+        grid.update(_soft(recipe, prefix, (seed,), soft_lambdas))
     return grid
 
 
@@ -95,8 +102,8 @@ def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
 # exits attached to it first (the path most users take), then seed 0 of every CIFAR-10 method, so a partial
 # grid already compares the methods, then CIFAR-100 (where the recommended policy meets data it was not
 # chosen on), then the plain network on the whole training split (the budget's own check), before the second
-# CIFAR-10 seed, the AlexNet-style network, VGG-13, each budget check's second seed, VGG-13 on CIFAR-100
-# and the AlexNet-style network's second seed.
+# CIFAR-10 seed, the AlexNet-style network, VGG-13, each budget check's second seed, VGG-13 on CIFAR-100,
+# the AlexNet-style network's second seed and its soft run at the second cost weight.
 _CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B))
 _BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
@@ -119,6 +126,8 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     **_methods("cifar100_vgg13", "cifar100/vgg13", (0,), (LAMBDA_A,)),
     # a second seed of the AlexNet-style network, the cheapest to train: its methods compared beyond the spread
     **_methods("cifar10_alexnet", "cifar10/alexnet", (1,), (LAMBDA_A,)),
+    # the soft method's second cost weight on the AlexNet-style network, as on ResNet-18
+    **_soft("cifar10_alexnet", "cifar10/alexnet", (0,), (LAMBDA_B,)),
 }
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
