@@ -126,8 +126,8 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     **_methods("cifar100_vgg13", "cifar100/vgg13", (0,), (LAMBDA_A,)),
     # a second seed of the AlexNet-style network, the cheapest to train: its methods compared beyond the spread
     **_methods("cifar10_alexnet", "cifar10/alexnet", (1,), (LAMBDA_A,)),
-    # the soft method's second cost weight on the AlexNet-style network, as on ResNet-18
-    **_soft("cifar10_alexnet", "cifar10/alexnet", (0,), (LAMBDA_B,)),
+    # the soft method's second cost weight on the AlexNet-style network, as on ResNet-18 (two seeds)
+    **_soft("cifar10_alexnet", "cifar10/alexnet", (0, 1), (LAMBDA_B,)),
 }
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
