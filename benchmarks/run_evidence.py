@@ -103,7 +103,7 @@ def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
 # grid already compares the methods, then CIFAR-100 (where the recommended policy meets data it was not
 # chosen on), then the plain network on the whole training split (the budget's own check), before the second
 # CIFAR-10 seed, the AlexNet-style network, VGG-13, each budget check's second seed, VGG-13 on CIFAR-100,
-# the AlexNet-style network's second seed and its soft run at the second cost weight.
+# the AlexNet-style network's second seed and its soft runs at the second cost weight.
 _CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B))
 _BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
