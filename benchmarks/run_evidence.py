@@ -103,7 +103,7 @@ def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
 # grid already compares the methods, then CIFAR-100 (where the recommended policy meets data it was not
 # chosen on), then the plain network on the whole training split (the budget's own check), before the second
 # CIFAR-10 seed, the AlexNet-style network, VGG-13, each budget check's second seed, VGG-13 on CIFAR-100,
-# the AlexNet-style network's second seed and its soft runs at the second cost weight.
+# the AlexNet-style network's second seed and the soft runs at the second cost weight (AlexNet-style, VGG-13).
 _CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B))
 _BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
@@ -128,6 +128,8 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     **_methods("cifar10_alexnet", "cifar10/alexnet", (1,), (LAMBDA_A,)),
     # the soft method's second cost weight on the AlexNet-style network, as on ResNet-18 (two seeds)
     **_soft("cifar10_alexnet", "cifar10/alexnet", (0, 1), (LAMBDA_B,)),
+    # and on VGG-13 (one seed), so every CIFAR-10 backbone has the soft method at both cost weights
+    **_soft("cifar10_vgg13", "cifar10/vgg13", (0,), (LAMBDA_B,)),
 }
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
