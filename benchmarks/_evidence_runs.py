@@ -25,6 +25,7 @@ __all__ = [
     "POLICY_BUDGETS",
     "POLICY_NAMES",
     "POLICY_ROWS",
+    "WHOLE_SPLIT",
     "Row",
     "Run",
     "budget",
@@ -36,6 +37,7 @@ __all__ = [
     "mean_sd",
     "method_label",
     "method_variants",
+    "on_whole_split",
     "pct",
     "scratch_variant",
     "shortfalls",
@@ -45,9 +47,11 @@ __all__ = [
 POLICY_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 RUN_NAME = re.compile(
-    r"^(?P<backbone>.+?)_(?P<variant>baseline(?:_alltrain)?|branchynet|(?:attached_(?:lr[0-9.e+-]+_)?)?soft_l[0-9.e+-]+)"
-    r"_s(?P<seed>\d+)$"
+    r"^(?P<backbone>.+?)_(?P<variant>(?:baseline|soft_l[0-9.e+-]+)(?:_alltrain)?|branchynet"
+    r"|attached_(?:lr[0-9.e+-]+_)?soft_l[0-9.e+-]+)_s(?P<seed>\d+)$"
 )
+
+WHOLE_SPLIT = "_alltrain"  # variant suffix of a run on the whole training split (no held-out split)
 
 # variant of exits attached to the trained baseline (frozen, then joint epochs), optionally naming the
 # joint stage's learning rate: attached_[lr<lr>_]<the variant trained from scratch>
@@ -108,7 +112,13 @@ def method_variants() -> list[str]:
 def is_plain(variant: str) -> bool:
     """Whether the variant is the plain network (no exits): the baseline, on the grid's or the whole
     training split."""
-    return variant in ("baseline", "baseline_alltrain")
+    return variant.removesuffix(WHOLE_SPLIT) == "baseline"
+
+
+def on_whole_split(variant: str) -> bool:
+    """Whether the variant trained on the whole training split: it has no held-out split, so no policy chosen
+    on one (no frontier, no timing); only its accuracy counts, against the budget and ensemble targets."""
+    return variant.endswith(WHOLE_SPLIT)
 
 
 def scratch_variant(variant: str) -> str | None:
@@ -123,10 +133,11 @@ def variant_key(variant: str) -> tuple[int, float, float]:
     m = ATTACHED.match(variant)
     if m:
         return 3, variant_key(m["scratch"])[1], float(m["lr"] or 0)
+    if on_whole_split(variant):  # right after the same method on the grid's split
+        first, second, _ = variant_key(variant.removesuffix(WHOLE_SPLIT))
+        return first, second, 1.0
     if variant.startswith("soft_l"):
         return 2, float(variant[len("soft_l") :]), 0.0
-    if variant == "baseline_alltrain":
-        return 0, 1.0, 0.0
     return (0 if variant == "baseline" else 1), 0.0, 0.0
 
 
@@ -144,11 +155,12 @@ def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) 
     """Refuse a run whose folder name disagrees with its report (a mislabelled copy)."""
     rec = report["recipe"]
     attached = ATTACHED.match(variant)
-    plain = attached["scratch"] if attached else variant
+    scratch = attached["scratch"] if attached else variant
+    plain = scratch.removesuffix(WHOLE_SPLIT)
     method = "baseline" if is_plain(plain) else plain.split("_l")[0]
     matches = (
         report["dataset"] == dataset
-        and (plain == "baseline_alltrain") == (float(rec["val_split"]) == ALLTRAIN_VAL_SPLIT)
+        and on_whole_split(scratch) == (float(rec["val_split"]) == ALLTRAIN_VAL_SPLIT)
         and report["method"] == method
         and int(rec["seed"]) == seed
         and (method != "soft" or f"soft_l{rec['cost_weight']:g}" == plain)
@@ -231,14 +243,15 @@ def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
             raise SystemExit(f"{path.parent}: not a run name of the form <backbone>_<method>[_l<lambda>]_s<seed>")
         seed, report = int(m["seed"]), json.loads(path.read_text())
         _check_name(dataset, name, m["variant"], seed, report)
+        policy = not on_whole_split(m["variant"])  # no held-out split: no policy files are read, even if present
         run = Run(
             name,
             seed,
             report,
-            _read(path.parent / "frontier.json"),
-            _read(path.parent / "timing.json"),
+            _read(path.parent / "frontier.json") if policy else None,
+            _read(path.parent / "timing.json") if policy else None,
             _read_lines(path.parent / "metrics.jsonl"),
-            _read(path.parent / TARGET_TIMING),
+            _read(path.parent / TARGET_TIMING) if policy else None,
         )
         found.setdefault((dataset, m["backbone"], m["variant"]), []).append(run)
     _check_budgets(found)
@@ -258,10 +271,12 @@ def method_label(variant: str) -> str:
     if m:
         lr = f", joint lr {m['lr']}" if m["lr"] else ""
         return f"{method_label(m['scratch'])}, exits attached to the trained baseline{lr}"
+    if on_whole_split(variant):
+        held_out = f"whole training split ({ALLTRAIN_VAL_SPLIT} images held out)"
+        return f"{method_label(variant.removesuffix(WHOLE_SPLIT))}, {held_out}"
     if variant.startswith("soft_l"):
         return f"soft, lambda {variant[len('soft_l') :]}"
-    whole = f"baseline, whole training split ({ALLTRAIN_VAL_SPLIT} images held out)"
-    return {"baseline": "baseline", "baseline_alltrain": whole, "branchynet": "B-Net"}[variant]
+    return {"baseline": "baseline", "branchynet": "B-Net"}[variant]
 
 
 def pct(x: float) -> str:

@@ -58,6 +58,7 @@ from _evidence_runs import (
     load_rows,
     mean_sd,
     method_label,
+    on_whole_split,
     pct,
     scratch_variant,
     shortfalls,
@@ -115,7 +116,7 @@ def _paper_t1(row: Row) -> str:
     """The paper's Table 1 figure for this row, '-' where the paper has none."""
     paper = PAPER_T1.get((row.dataset, row.backbone))
     index = variant_key(row.variant)[0]
-    if paper is None or row.variant == "baseline_alltrain" or index >= len(paper):
+    if paper is None or on_whole_split(row.variant) or index >= len(paper):
         return "-"
     return f"{paper[index]:.2f} %"
 
@@ -215,7 +216,7 @@ def table2(rows: dict[tuple[str, str, str], Row]) -> str:
             "| exit distribution | paper |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in (r for r in group if not is_plain(r.variant)):
+        for row in (r for r in group if not is_plain(r.variant) and not on_whole_split(r.variant)):
             paper = PAPER_T2.get((row.dataset, row.backbone), "-")
             for run in row.runs:
                 if run.timing is None:
@@ -425,7 +426,7 @@ def summary(rows: dict[tuple[str, str, str], Row]) -> str:
                         f"{t['timing']['speedup']:.2f}x faster than the plain network"
                     )
                 else:
-                    policy = "-" if is_plain(row.variant) else "not timed yet"
+                    policy = "-" if is_plain(row.variant) or on_whole_split(row.variant) else "not timed yet"
                 out.append(
                     f"| {DATASETS.get(dataset, dataset)} | {BACKBONES.get(row.backbone, row.backbone)} | "
                     f"{method_label(row.variant)} | {run.seed} | {pct(test['final_accuracy'])} % | {soft} | {policy} |"

@@ -384,6 +384,43 @@ def test_the_plain_network_on_the_whole_training_split_has_its_own_row(tree, tmp
     assert _row(evidence_tables.summary(rows), "digits", "test_resnet", label)[-1] == "-"
 
 
+def test_the_soft_method_on_the_whole_training_split_reports_accuracy_and_no_policy(tree, tmp_path):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    soft = results / "digits" / "test_resnet_soft_l0.1_s0"
+    whole = shutil.copytree(soft, results / "digits" / "test_resnet_soft_l0.1_alltrain_s0")
+    report = json.loads((whole / "report.json").read_text())
+    with pytest.raises(SystemExit, match="val_split 0.1"):  # named for the whole split, trained holding out more
+        evidence_tables.load_rows(results)
+    report["recipe"]["val_split"] = run_evidence.ALLTRAIN_VAL_SPLIT
+    report["test"].update(final_accuracy=0.5, soft_accuracy=0.625)
+    (whole / "report.json").write_text(json.dumps(report))
+    rows = evidence_tables.load_rows(results)
+    variants = [v for d, b, v in rows if (d, b) == ("digits", "test_resnet")]
+    assert variants.index("soft_l0.1_alltrain") == variants.index("soft_l0.1") + 1  # right after its grid row
+    label = f"soft, lambda 0.1, whole training split ({run_evidence.ALLTRAIN_VAL_SPLIT} images held out)"
+    assert _row(evidence_tables.table1(rows), "test_resnet", label)[2:] == ["1 (0)", "50.00 %", "62.50 %", "-"]
+    # no held-out split, so no policy: its frontier and timings (copied along) are not read as one
+    assert whole.name not in evidence_tables.table2(rows)
+    assert whole.name not in evidence_tables.targets(rows)
+    assert _row(evidence_tables.summary(rows), "digits", "test_resnet", label)[-1] == "-"
+
+
+def test_driver_leaves_a_whole_split_run_without_frontier_and_timing(tree, tmp_path):
+    import argparse
+
+    out, name = tmp_path / "runs", "digits/test_resnet_soft_l0.1_alltrain_s0"
+    run = shutil.copytree(tree.parent.parent / "runs" / "soft", out / name)
+    for f in ("frontier.json", "timing.json", run_evidence.TARGET_TIMING):
+        (run / f).unlink(missing_ok=True)
+    args = argparse.Namespace(
+        out=out, data_dir=tmp_path, threads=1, timing_images=4, timing_repeats=2, results=tmp_path / "results"
+    )
+    assert run_evidence._finish(name, args) == {}
+    assert not (run / "frontier.json").exists() and not (run / "timing.json").exists()
+    assert (tmp_path / "results" / name / "report.json").read_bytes() == (run / "report.json").read_bytes()
+
+
 def test_rows_not_trained_show_the_measured_minutes_per_epoch(tmp_path, monkeypatch):
     # the paper's CIFAR-100 VGG-13 rows, taken out of the grid
     grid = {n: v for n, v in run_evidence.GRID.items() if not n.startswith("cifar100/vgg13_")}
@@ -470,6 +507,7 @@ def test_targets_judge_each_target_on_the_committed_figures():
                 _fake_run("n1", 1, 0.872, timing=slow, target_timing=over),
             ),
             row("cifar10", "soft_l0.1", _fake_run("s0", 0, 0.88, 0.8795), _fake_run("s1", 1, 0.88, 0.8805)),
+            row("cifar10", "soft_l0.1_alltrain", _fake_run("a0", 0, 0.878, 0.877, frontier=frontier, timing=timing)),
             row("cifar10", "soft_l0.5", _fake_run("h0", 0, 0.87, 0.869)),
             row("cifar100", "soft_l0.1", _fake_run("c0", 0, 0.62, 0.63, frontier=frontier)),
             row(
@@ -486,6 +524,14 @@ def test_targets_judge_each_target_on_the_committed_figures():
     whole = _row(text, "CIFAR-10 ResNet-18: plain network on the whole training split >= 86.50 %")
     assert whole[1:] == ["w0", "86.70 %", "met"]
     assert _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.1: soft ensemble >= 87.50 %")[3] == "met"
+    soft_whole = "CIFAR-10 ResNet-18: soft, lambda 0.1: soft ensemble on the whole training split >= 87.50 %"
+    assert _row(text, soft_whole)[1:] == ["a0", "87.70 %", "met"]
+    lines = [line.split(" | ")[0] for line in text.splitlines()]
+    assert (
+        lines.index(f"| {soft_whole}")
+        == lines.index("| CIFAR-10 ResNet-18: soft, lambda 0.1: soft ensemble >= 87.50 %") + 1
+    )
+    assert [line for line in text.splitlines() if "| a0 |" in line] == [f"| {soft_whole} | a0 | 87.70 % | met |"]
     assert _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.5: soft ensemble >= 87.50 %")[3] == "missed by 0.60 points"
     # soft - B-Net = 1.00 points against a spread of 0.28 + 0.07; B-Net - baseline = 1.00 against 0.28 + 0.28
     order = _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.1 >= B-Net >= baseline beyond the seed spread")
