@@ -2,7 +2,7 @@
 
 Runs the entries of `GRID` one after another (or several at a time), each as its own `timm-exits train`
 process with checkpoints: a stopped driver started again resumes every run from its last checkpoint and
-skips finished ones. Each finished soft / B-Net run gets its policy frontier (`policy_frontier.py`)
+skips finished ones. Each finished soft / B-Net run on the grid's split gets its policy frontier (`policy_frontier.py`)
 right away and, with ``--timing-images N``, the batch-1 timing of its recommended policy against the
 plain backbone (`time_recommended.py`): at the budget its rule picks on the held-out split
 (``timing.json``) and, where the rule picks another budget, at the hard-exit target's own cost bound,
@@ -47,8 +47,9 @@ ROOT = HERE.parent
 
 LAMBDA_A, LAMBDA_B = 0.1, 0.5
 RESNET18_LR = load_recipe("cifar10_resnet18").optim.lr  # the peak rate of ResNet-18's budget
-# the plain network needs no calibration split: trained once on the whole training split but these images,
-# held out only for the per-epoch validation, it checks the budget itself against its accuracy target
+# the accuracy targets need no calibration split: trained on the whole training split but these images, held
+# out only for the per-epoch validation, the plain network checks the budget itself and the soft method its
+# ensemble target (such a run gets no policy frontier or timing: there is no held-out split to choose on)
 ALLTRAIN_VAL_SPLIT = 100
 
 
