@@ -109,7 +109,7 @@ def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
 # chosen on), then the plain network on the whole training split (the budget's own check), before the second
 # CIFAR-10 seed, the AlexNet-style network, VGG-13, each budget check's second seed, VGG-13 on CIFAR-100,
 # the AlexNet-style network's second seed, the soft runs at the second cost weight (AlexNet-style, VGG-13) and
-# the soft method on the whole training split (CIFAR-10, then CIFAR-100).
+# the soft method on the whole training split (CIFAR-10, then CIFAR-100, then their second seeds).
 _CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B))
 _BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
@@ -140,6 +140,9 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     # read without the held-out images
     **_alltrain("cifar10", (0,), soft_lambda=LAMBDA_A),
     **_alltrain("cifar100", (0,), soft_lambda=LAMBDA_A),
+    # and their second seeds, so each such verdict reads a mean and a spread
+    **_alltrain("cifar100", (1,), soft_lambda=LAMBDA_A),
+    **_alltrain("cifar10", (1,), soft_lambda=LAMBDA_A),
 }
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
