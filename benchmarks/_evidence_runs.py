@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from run_evidence import ALLTRAIN_VAL_SPLIT, GRID, LAMBDA_A, LAMBDA_B, TARGET_TIMING
+from run_evidence import ALLTRAIN_VAL_SPLIT, GRID, LAMBDA_A, LAMBDA_B, TARGET_TIMING, WHOLE_SPLIT
 
 __all__ = [
     "BACKBONES",
@@ -47,11 +47,9 @@ __all__ = [
 POLICY_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 RUN_NAME = re.compile(
-    r"^(?P<backbone>.+?)_(?P<variant>(?:baseline|soft_l[0-9.e+-]+)(?:_alltrain)?|branchynet"
+    rf"^(?P<backbone>.+?)_(?P<variant>(?:baseline|soft_l[0-9.e+-]+)(?:{WHOLE_SPLIT})?|branchynet"
     r"|attached_(?:lr[0-9.e+-]+_)?soft_l[0-9.e+-]+)_s(?P<seed>\d+)$"
 )
-
-WHOLE_SPLIT = "_alltrain"  # variant suffix of a run on the whole training split (no held-out split)
 
 # variant of exits attached to the trained baseline (frozen, then joint epochs), optionally naming the
 # joint stage's learning rate: attached_[lr<lr>_]<the variant trained from scratch>

@@ -51,6 +51,7 @@ RESNET18_LR = load_recipe("cifar10_resnet18").optim.lr  # the peak rate of ResNe
 # out only for the per-epoch validation, the plain network checks the budget itself and the soft method its
 # ensemble target (such a run gets no policy frontier or timing: there is no held-out split to choose on)
 ALLTRAIN_VAL_SPLIT = 100
+WHOLE_SPLIT = "_alltrain"  # method-variant suffix of such a run's name
 
 
 def _soft(recipe: str, prefix: str, seeds: tuple[int, ...], soft_lambdas: tuple[float, ...]) -> dict:
@@ -77,7 +78,7 @@ def _alltrain(dataset: str, seeds: tuple[int, ...], soft_lambda: float | None = 
     method = {"method": "baseline"} if soft_lambda is None else {"method": "soft", "cost_weight": soft_lambda}
     variant = "baseline" if soft_lambda is None else f"soft_l{soft_lambda:g}"
     return {
-        f"{dataset}/resnet18_{variant}_alltrain_s{seed}": (
+        f"{dataset}/resnet18_{variant}{WHOLE_SPLIT}_s{seed}": (
             f"{dataset}_resnet18",
             {**method, "seed": seed, "val_split": ALLTRAIN_VAL_SPLIT},
         )
@@ -228,7 +229,7 @@ def _finish(name: str, args: argparse.Namespace, others: Sequence[subprocess.Pop
     info: dict = {}
     method = json.loads((run / "report.json").read_text())["method"]
     # a run on the whole training split has no held-out split to choose a policy on: no frontier, no timing
-    if method != "baseline" and "_alltrain_" not in name and not (run / "frontier.json").exists():
+    if method != "baseline" and f"{WHOLE_SPLIT}_s" not in name and not (run / "frontier.json").exists():
         info["frontier_returncode"] = _frontier(name, args)
     if args.timing_images and (run / "frontier.json").exists():
         if not (run / "timing.json").exists():
