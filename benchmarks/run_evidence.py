@@ -110,7 +110,8 @@ def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
 # chosen on), then the plain network on the whole training split (the budget's own check), before the second
 # CIFAR-10 seed, the AlexNet-style network, VGG-13, each budget check's second seed, VGG-13 on CIFAR-100,
 # the AlexNet-style network's second seed, the soft runs at the second cost weight (AlexNet-style, VGG-13) and
-# the soft method on the whole training split (CIFAR-10, then CIFAR-100, then their second seeds).
+# the soft method on the whole training split (CIFAR-10, then CIFAR-100, then their second seeds), then
+# VGG-13's second cost weight on CIFAR-100.
 _CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B))
 _BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
@@ -144,6 +145,8 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     # and their second seeds, so each such verdict reads a mean and a spread
     **_alltrain("cifar100", (1,), soft_lambda=LAMBDA_A),
     **_alltrain("cifar10", (1,), soft_lambda=LAMBDA_A),
+    # the soft method's second cost weight on VGG-13 x CIFAR-100, so every backbone and data set has both
+    **_soft("cifar100_vgg13", "cifar100/vgg13", (0,), (LAMBDA_B,)),
 }
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}
