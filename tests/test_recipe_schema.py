@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from timm_exits.core.config import GATE_TYPES, HEAD_TYPES
+from timm_exits.core.losses import EXIT_REDUCTIONS
 from timm_exits.inference.gate_fitting import GATE_OBJECTIVES
 from timm_exits.inference.policies import POLICIES
 from timm_exits.training import recipe_schema as schema
@@ -129,7 +130,7 @@ def test_fingerprint_with_overrides_is_unchanged(source, overrides, expected):
 
 def test_runtime_keys_are_declared_in_the_sections_and_match_the_old_table():
     assert RUNTIME_KEYS == FLAT_DICT_RUNTIME_KEYS
-    assert schema.LATER_KEYS == {"weights": None}
+    assert schema.LATER_KEYS == {"weights": None, "exit_reduction": "sum"}
     for name, section in SECTIONS.items():
         for f in dataclasses.fields(section):
             assert (f.name in RUNTIME_KEYS) == bool(section.RUNTIME or f.metadata.get(schema._RUNTIME)), (name, f.name)
@@ -213,6 +214,7 @@ def test_literal_choices_equal_the_registries():
     assert get_args(schema.PolicyName) == POLICIES
     assert get_args(schema.HeadKind) == HEAD_TYPES and get_args(schema.GateKind) == GATE_TYPES
     assert get_args(schema.MethodName) == schema.METHODS == ("baseline", "branchynet", "soft")
+    assert get_args(schema.ExitReduction) == EXIT_REDUCTIONS
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -265,6 +267,10 @@ def test_parts_build_from_their_own_section():
     assert make_mixup(DataSection(), 10) is None and make_mixup(DataSection(mixup=0.2), 10, 0.1) is not None
     loss = _make_loss(MethodSection(method="branchynet", branchynet_weights=[1, 2, 3]), mixup=False)
     assert type(loss).__name__ == "BranchyNetLoss"
+    soft = _make_loss(MethodSection(exit_weight=0.5, exit_reduction="mean", label_smoothing=0.1), mixup=False)
+    assert (soft.exit_weight, soft.exit_reduction, soft.label_smoothing) == (0.5, "mean", 0.1)
+    with pytest.raises(RecipeError, match="exit_reduction"):
+        MethodSection(exit_reduction="max")
     stages = _stages(OptimSection(frozen_epochs=1, frozen_lr=0.5, epochs=2, frozen_train_classifier=False))
     assert [(s.name, s.epochs, s.lr, s.train_classifier) for s in stages] == [
         ("frozen", 1, 0.5, False),

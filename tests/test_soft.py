@@ -86,6 +86,11 @@ def test_losses_hard_and_soft_targets():
     deep = SoftConditionalLoss(cost_weight=0.5, exit_weight=1.0)
     ce = torch.stack([torch.nn.functional.cross_entropy(f, y) for f in out.logits]).sum()
     torch.testing.assert_close(deep(out, y), ref + ce)
+    mean = SoftConditionalLoss(cost_weight=0.5, exit_weight=2.0, exit_reduction="mean")
+    torch.testing.assert_close(mean(out, y), ref + 2.0 * ce / len(out.logits))
+    torch.testing.assert_close(mean.last["exit_ce"], ce / len(out.logits))
+    with pytest.raises(ValueError, match="exit_reduction must be one of sum, mean"):
+        SoftConditionalLoss(exit_reduction="max")
     bnet = BranchyNetLoss([1.0, 0.5, 0.25])
     ref_b = sum(w * torch.nn.functional.cross_entropy(f, y) for w, f in zip([1.0, 0.5, 0.25], out.logits))
     torch.testing.assert_close(bnet(out, y), ref_b)

@@ -21,7 +21,9 @@ from torch import nn
 
 from .model import ExitOutput
 
-__all__ = ["cross_entropy", "SoftConditionalLoss", "BranchyNetLoss", "FinalExitLoss"]
+__all__ = ["cross_entropy", "SoftConditionalLoss", "BranchyNetLoss", "FinalExitLoss", "EXIT_REDUCTIONS"]
+
+EXIT_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 
 
 def _nll(log_probs: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -52,16 +54,27 @@ class SoftConditionalLoss(nn.Module):
     Args:
         cost_weight: lambda, the weight of the expected cost. Training recipes warm it up from 0;
             set the attribute to change it during training.
-        exit_weight: Weight of the deep supervision term, the sum of every exit's CE (final exit
-            included), so each exit gets B-Net's gradient. 0 gives the paper's loss taken literally,
-            which collapses onto the first exit.
+        exit_weight: Weight of the deep supervision term, every exit's CE (final exit included), so
+            each exit gets B-Net's gradient. 0 gives the paper's loss taken literally, which collapses
+            onto the first exit.
+        exit_reduction: How the exits' CEs are combined: "sum" (B-Net's signal, the default) or "mean"
+            (the sum divided by the number of exits, so the term's weight does not grow with the exits).
         label_smoothing: Label smoothing for hard labels.
     """
 
-    def __init__(self, cost_weight: float = 0.1, exit_weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        cost_weight: float = 0.1,
+        exit_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        exit_reduction: str = "sum",
+    ) -> None:
         super().__init__()
+        if exit_reduction not in EXIT_REDUCTIONS:
+            raise ValueError(f"exit_reduction must be one of {', '.join(EXIT_REDUCTIONS)}, got {exit_reduction!r}.")
         self.cost_weight = float(cost_weight)
         self.exit_weight = float(exit_weight)
+        self.exit_reduction = exit_reduction
         self.label_smoothing = float(label_smoothing)
         self.last: dict[str, torch.Tensor] = {}
 
@@ -71,7 +84,8 @@ class SoftConditionalLoss(nn.Module):
         loss = soft + self.cost_weight * cost
         parts = {"soft_ce": soft.detach(), "expected_cost": cost.detach()}
         if self.exit_weight:
-            exits = torch.stack([cross_entropy(f, target, self.label_smoothing) for f in out.logits]).sum()
+            per_exit = torch.stack([cross_entropy(f, target, self.label_smoothing) for f in out.logits])
+            exits = per_exit.sum() if self.exit_reduction == "sum" else per_exit.mean()
             loss = loss + self.exit_weight * exits
             parts["exit_ce"] = exits.detach()
         self.last = parts

@@ -57,6 +57,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------- types
 MethodName = Literal["baseline", "branchynet", "soft"]
+ExitReduction = Literal["sum", "mean"]  # == losses.EXIT_REDUCTIONS
 DatasetName = Literal["digits", "cifar10", "cifar100", "cinic10", "imagefolder"]  # == data.DATASETS
 AugmentName = Literal["auto", "crop_flip", "rrc", "timm"]  # == augment.AUGMENTS
 AmpMode = Literal[None, "bf16", "fp16"]
@@ -131,7 +132,8 @@ class MethodSection(_Section):
     method: MethodName = "soft"  # baseline | branchynet | soft
     cost_weight: float = 0.1  # soft: lambda, weight of the expected cost
     cost_warmup: float = 0.2  # soft: fraction of all steps over which lambda rises linearly from 0
-    exit_weight: float = 1.0  # soft: weight of the deep supervision (sum of every exit's CE, as B-Net); 0 = literal
+    exit_weight: float = 1.0  # soft: weight of the deep supervision (every exit's CE, as B-Net); 0 = literal
+    exit_reduction: ExitReduction = later("sum")  # soft: sum | mean of the exits' CEs in the deep supervision
     branchynet_weights: list[float] | None = None  # branchynet: one weight per exit (default: all 1)
     label_smoothing: float = 0.0  # of every cross-entropy (with mixup: folded into the mixed targets)
 

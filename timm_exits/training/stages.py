@@ -27,7 +27,12 @@ def _make_loss(method: MethodSection, mixup: bool) -> nn.Module:
         return FinalExitLoss(label_smoothing=smoothing)
     if method.method == "branchynet":
         return BranchyNetLoss(weights=method.branchynet_weights, label_smoothing=smoothing)
-    return SoftConditionalLoss(cost_weight=0.0, exit_weight=method.exit_weight, label_smoothing=smoothing)
+    return SoftConditionalLoss(
+        cost_weight=0.0,
+        exit_weight=method.exit_weight,
+        exit_reduction=method.exit_reduction,
+        label_smoothing=smoothing,
+    )
 
 
 @dataclass
