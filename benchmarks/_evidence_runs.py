@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from run_evidence import ALLTRAIN_VAL_SPLIT, GRID, LAMBDA_A, LAMBDA_B, TARGET_TIMING, WHOLE_SPLIT
+from run_evidence import ALLTRAIN_VAL_SPLIT, EXIT_MEAN, GRID, LAMBDA_A, LAMBDA_B, TARGET_TIMING, WHOLE_SPLIT
 
 __all__ = [
     "BACKBONES",
@@ -31,6 +31,7 @@ __all__ = [
     "budget",
     "by_dataset",
     "epoch_minutes",
+    "exit_mean",
     "frontier_row",
     "is_plain",
     "load_rows",
@@ -47,7 +48,7 @@ __all__ = [
 POLICY_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 RUN_NAME = re.compile(
-    rf"^(?P<backbone>.+?)_(?P<variant>(?:baseline|soft_l[0-9.e+-]+)(?:{WHOLE_SPLIT})?|branchynet"
+    rf"^(?P<backbone>.+?)_(?P<variant>(?:baseline|soft_l[0-9.e+-]+(?:{EXIT_MEAN})?)(?:{WHOLE_SPLIT})?|branchynet"
     r"|attached_(?:lr[0-9.e+-]+_)?soft_l[0-9.e+-]+)_s(?P<seed>\d+)$"
 )
 
@@ -113,6 +114,11 @@ def is_plain(variant: str) -> bool:
     return variant.removesuffix(WHOLE_SPLIT) == "baseline"
 
 
+def exit_mean(variant: str) -> bool:
+    """Whether the variant is the soft method with the exits' mean cross-entropy as deep supervision."""
+    return variant.removesuffix(WHOLE_SPLIT).endswith(EXIT_MEAN)
+
+
 def on_whole_split(variant: str) -> bool:
     """Whether the variant trained on the whole training split: it has no held-out split, so no policy chosen
     on one (no frontier, no timing); only its accuracy counts, against the budget and ensemble targets."""
@@ -132,10 +138,10 @@ def variant_key(variant: str) -> tuple[int, float, float]:
     if m:
         return 3, variant_key(m["scratch"])[1], float(m["lr"] or 0)
     if on_whole_split(variant):  # right after the same method on the grid's split
-        first, second, _ = variant_key(variant.removesuffix(WHOLE_SPLIT))
-        return first, second, 1.0
-    if variant.startswith("soft_l"):
-        return 2, float(variant[len("soft_l") :]), 0.0
+        first, second, third = variant_key(variant.removesuffix(WHOLE_SPLIT))
+        return first, second, third + 0.5
+    if variant.startswith("soft_l"):  # by lambda, the exits' sum before their mean
+        return 2, float(variant.removesuffix(EXIT_MEAN)[len("soft_l") :]), float(exit_mean(variant))
     return (0 if variant == "baseline" else 1), 0.0, 0.0
 
 
@@ -161,7 +167,8 @@ def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) 
         and on_whole_split(scratch) == (float(rec["val_split"]) == ALLTRAIN_VAL_SPLIT)
         and report["method"] == method
         and int(rec["seed"]) == seed
-        and (method != "soft" or f"soft_l{rec['cost_weight']:g}" == plain)
+        and (method != "soft" or f"soft_l{rec['cost_weight']:g}" == plain.removesuffix(EXIT_MEAN))
+        and (rec.get("exit_reduction", "sum") == "mean") == exit_mean(plain)
         and (attached is None) == (rec.get("weights") is None)  # attached runs, and only they, start from weights
         and (attached is None or attached["lr"] is None or float(attached["lr"]) == float(rec["lr"]))
     )
@@ -169,7 +176,7 @@ def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) 
         raise SystemExit(
             f"{dataset}/{name}: the report says dataset {report['dataset']}, method {report['method']}, "
             f"seed {rec['seed']}, cost_weight {rec['cost_weight']}, weights {rec.get('weights')}, lr {rec['lr']}, "
-            f"val_split {rec['val_split']}"
+            f"val_split {rec['val_split']}, exit_reduction {rec.get('exit_reduction', 'sum')}"
         )
 
 
@@ -272,6 +279,8 @@ def method_label(variant: str) -> str:
     if on_whole_split(variant):
         held_out = f"whole training split ({ALLTRAIN_VAL_SPLIT} images held out)"
         return f"{method_label(variant.removesuffix(WHOLE_SPLIT))}, {held_out}"
+    if exit_mean(variant):
+        return f"{method_label(variant.removesuffix(EXIT_MEAN))}, exits' mean CE"
     if variant.startswith("soft_l"):
         return f"soft, lambda {variant[len('soft_l') :]}"
     return {"baseline": "baseline", "branchynet": "B-Net"}[variant]

@@ -52,11 +52,17 @@ RESNET18_LR = load_recipe("cifar10_resnet18").optim.lr  # the peak rate of ResNe
 # ensemble target (such a run gets no policy frontier or timing: there is no held-out split to choose on)
 ALLTRAIN_VAL_SPLIT = 100
 WHOLE_SPLIT = "_alltrain"  # method-variant suffix of such a run's name
+# method-variant suffix of a soft run whose deep supervision is the exits' mean cross-entropy
+# (`exit_reduction: mean`) instead of the recipes' sum
+EXIT_MEAN = "_exitmean"
 
 
-def _soft(recipe: str, prefix: str, seeds: tuple[int, ...], soft_lambdas: tuple[float, ...]) -> dict:
+def _soft(
+    recipe: str, prefix: str, seeds: tuple[int, ...], soft_lambdas: tuple[float, ...], exit_mean: bool = False
+) -> dict:
+    suffix, loss = (EXIT_MEAN, {"exit_reduction": "mean"}) if exit_mean else ("", {})
     return {
-        f"{prefix}_soft_l{lam:g}_s{seed}": (recipe, {"method": "soft", "cost_weight": lam, "seed": seed})
+        f"{prefix}_soft_l{lam:g}{suffix}_s{seed}": (recipe, {"method": "soft", "cost_weight": lam, "seed": seed} | loss)
         for seed in seeds
         for lam in soft_lambdas
     }
@@ -111,7 +117,7 @@ def _attached(joint_lr: float | None = None) -> tuple[str, dict[str, object]]:
 # CIFAR-10 seed, the AlexNet-style network, VGG-13, each budget check's second seed, VGG-13 on CIFAR-100,
 # the AlexNet-style network's second seed, the soft runs at the second cost weight (AlexNet-style, VGG-13) and
 # the soft method on the whole training split (CIFAR-10, then CIFAR-100, then their second seeds), then
-# VGG-13's second cost weight on CIFAR-100.
+# VGG-13's second cost weight on CIFAR-100, then ResNet-18's soft method with the exits' mean cross-entropy.
 _CIFAR10_S0 = _methods("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A, LAMBDA_B))
 _BASELINE_S0 = "cifar10/resnet18_baseline_s0"
 GRID: dict[str, tuple[str, dict[str, object]]] = {
@@ -147,6 +153,11 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     **_alltrain("cifar10", (1,), soft_lambda=LAMBDA_A),
     # the soft method's second cost weight on VGG-13 x CIFAR-100, so every backbone and data set has both
     **_soft("cifar100_vgg13", "cifar100/vgg13", (0,), (LAMBDA_B,)),
+    # ResNet-18's soft method with the exits' mean cross-entropy instead of their sum as deep supervision
+    # (a quarter of the weight on the exits with three of them, an eighth with the recipes' seven)
+    **_soft("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A,), exit_mean=True),
+    **_soft("cifar100_resnet18", "cifar100/resnet18", (0,), (LAMBDA_A,), exit_mean=True),
+    **_soft("cifar10_resnet18", "cifar10/resnet18", (1,), (LAMBDA_A,), exit_mean=True),
 }
 # runs that start from another run's model: trained once that run has finished
 REQUIRES = {name: _BASELINE_S0 for name in GRID if "_attached_" in name}

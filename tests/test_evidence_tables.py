@@ -406,6 +406,54 @@ def test_the_soft_method_on_the_whole_training_split_reports_accuracy_and_no_pol
     assert _row(evidence_tables.summary(rows), "digits", "test_resnet", label)[-1] == "-"
 
 
+def test_the_soft_method_with_the_exits_mean_ce_has_its_own_row_after_the_sum(tree, tmp_path):
+    results = tmp_path / "evidence"
+    shutil.copytree(tree, results)
+    soft = results / "digits" / "test_resnet_soft_l0.1_s0"
+    mean = shutil.copytree(soft, results / "digits" / "test_resnet_soft_l0.1_exitmean_s0")
+    with pytest.raises(SystemExit, match="exit_reduction sum"):  # named for the mean, trained with the sum
+        evidence_tables.load_rows(results)
+    report = json.loads((mean / "report.json").read_text())
+    report["recipe"]["exit_reduction"] = "mean"
+    report["test"].update(final_accuracy=0.5, soft_accuracy=0.625)
+    (mean / "report.json").write_text(json.dumps(report))
+    rows = evidence_tables.load_rows(results)
+    variants = [v for d, b, v in rows if (d, b) == ("digits", "test_resnet")]
+    assert variants.index("soft_l0.1_exitmean") == variants.index("soft_l0.1") + 1
+    assert _row(evidence_tables.table1(rows), "test_resnet", "soft, lambda 0.1, exits' mean CE")[2:5] == [
+        "1 (0)",
+        "50.00 %",
+        "62.50 %",
+    ]
+    shutil.rmtree(mean)  # and a run trained with the mean but named for the sum is refused too
+    report = json.loads((soft / "report.json").read_text())
+    report["recipe"]["exit_reduction"] = "mean"
+    (soft / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="exit_reduction mean"):
+        evidence_tables.load_rows(results)
+
+
+def test_the_exits_mean_ce_is_judged_on_the_soft_ensemble_target_beside_the_sum():
+    def row(variant, *runs):
+        return ("cifar10", "resnet18", variant), evidence_tables.Row("cifar10", "resnet18", variant, list(runs))
+
+    rows = dict(
+        [
+            row("baseline", _fake_run("b0", 0, 0.858), _fake_run("b1", 1, 0.862)),
+            row("branchynet", _fake_run("n0", 0, 0.868), _fake_run("n1", 1, 0.872)),
+            row("soft_l0.1", _fake_run("s0", 0, 0.87, 0.870)),
+            row("soft_l0.1_exitmean", _fake_run("m0", 0, 0.878, 0.8775), _fake_run("m1", 1, 0.88, 0.8785)),
+        ]
+    )
+    text = evidence_tables.targets(rows)
+    assert _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.1: soft ensemble >= 87.50 %")[3] == "missed by 0.50 points"
+    mean = _row(text, "CIFAR-10 ResNet-18: soft, lambda 0.1, exits' mean CE: soft ensemble >= 87.50 %")
+    assert mean[1:] == ["m0, m1", _pm([0.8775, 0.8785]), "met"]
+    ordering = "CIFAR-10 ResNet-18: soft, lambda 0.1, exits' mean CE >= B-Net >= baseline beyond the seed spread"
+    order = _row(text, ordering)
+    assert order[1] == "2 / 2 / 2 seeds" and "soft - B-Net +0.80 points" in order[2]
+
+
 def test_driver_leaves_a_whole_split_run_without_frontier_and_timing(tree, tmp_path):
     import argparse
 
