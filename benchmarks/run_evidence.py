@@ -154,7 +154,7 @@ GRID: dict[str, tuple[str, dict[str, object]]] = {
     # the soft method's second cost weight on VGG-13 x CIFAR-100, so every backbone and data set has both
     **_soft("cifar100_vgg13", "cifar100/vgg13", (0,), (LAMBDA_B,)),
     # ResNet-18's soft method with the exits' mean cross-entropy instead of their sum as deep supervision
-    # (a quarter of the weight on the exits with three of them, an eighth with the recipes' seven)
+    # (a quarter of the sum's weight with three early exits and the head, an eighth with the recipes' seven)
     **_soft("cifar10_resnet18", "cifar10/resnet18", (0,), (LAMBDA_A,), exit_mean=True),
     **_soft("cifar100_resnet18", "cifar100/resnet18", (0,), (LAMBDA_A,), exit_mean=True),
     **_soft("cifar10_resnet18", "cifar10/resnet18", (1,), (LAMBDA_A,), exit_mean=True),
