@@ -49,7 +49,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
 
 
 class SoftConditionalLoss(nn.Module):
-    """CE(y_1, target) + cost_weight * mean(C_1) + exit_weight * sum_b CE(f_b, target).
+    """CE(y_1, target) + cost_weight * mean(C_1) + exit_weight * sum_b CE(f_b, target) (or mean_b).
 
     Args:
         cost_weight: lambda, the weight of the expected cost. Training recipes warm it up from 0;
