@@ -76,6 +76,8 @@ def test_soft_objective_and_errors():
     assert fit.loss_after < fit.loss_before and fit.cost_after < fit.cost_before
     with pytest.raises(ValueError, match="objective"):
         fit_gates(model, data, objective="accuracy")
+    with pytest.raises(TypeError, match="positional"):  # an objective passed by position cannot become the cost weight
+        fit_gates(model, data, "correct")
     m, size = make_backbone("resnet18", num_classes=5)
     feats = wrap(m, ["layer2"], gate="features", input_size=(3, size, size))
     with pytest.raises(ValueError, match="gate='stats'"):

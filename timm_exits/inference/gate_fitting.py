@@ -72,6 +72,7 @@ def _objective(
 def fit_gates(
     model: EarlyExitModel,
     data: Collected,
+    *,
     cost_weight: float = 0.1,
     steps: int = 500,
     lr: float = 1e-2,
