@@ -158,3 +158,17 @@ def test_one_cycle_rises_then_anneals_as_a_function_of_the_step():
     assert all(a < b for a, b in zip(lrs[:15], lrs[1:16])) and all(a >= b for a, b in zip(lrs[15:], lrs[16:]))
     sched.step_update(40)
     assert opt.param_groups[0]["lr"] == lrs[40]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"test_split": 0}, r"\(test_split=0\.0 of 1797 samples\); raise test_split"),
+        ({"val_split": 0}, r"\(val_split=0\.0 of \d+ samples\); raise val_split"),
+        ({"test_split": 5000}, r"\(test_split=5000\); lower test_split"),
+    ],
+)
+def test_an_empty_or_oversized_held_out_split_names_the_key_that_set_it(overrides, message):
+    cfg = load_recipe(None, {"dataset": "digits", **overrides}).data
+    with pytest.raises(ValueError, match=message):
+        load_splits(cfg)

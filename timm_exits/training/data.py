@@ -111,16 +111,17 @@ def _targets(ds: Dataset) -> list[int]:
     return [int(v) for v in t]
 
 
-def _holdout(labels: Sequence[int], size: float | int, seed: int) -> tuple[list[int], list[int]]:
-    """Split range(len(labels)) into (kept, held out), stratified by label, with a fixed seed."""
+def _holdout(labels: Sequence[int], size: float | int, seed: int, key: str) -> tuple[list[int], list[int]]:
+    """Split range(len(labels)) into (kept, held out), stratified by label, with a fixed seed; `key` names
+    the recipe key that set `size`, for the errors."""
     from sklearn.model_selection import train_test_split
 
     n = len(labels)
     count = int(size) if size >= 1 else int(round(float(size) * n))
     if count <= 0:
-        raise ValueError(f"the held-out split would be empty (size={size} of {n} samples); raise val_split.")
+        raise ValueError(f"the held-out split would be empty ({key}={size} of {n} samples); raise {key}.")
     if count >= n:
-        raise ValueError(f"cannot hold out {count} of {n} samples; lower val_split / test_split.")
+        raise ValueError(f"cannot hold out {count} of {n} samples ({key}={size}); lower {key}.")
     idx = np.arange(n)
     counts = np.bincount(np.asarray(labels))
     stratify = labels if counts[counts > 0].min() >= 2 and count >= len(counts[counts > 0]) else None
@@ -135,8 +136,8 @@ def _digits(spec: DataSection) -> _Raw:
     images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     base = _ArrayImages(images, d.target)
     labels = base.targets
-    pool, test = _holdout(labels, spec.test_split, spec.split_seed)
-    keep, val = _holdout([labels[i] for i in pool], spec.val_split, spec.split_seed + 1)
+    pool, test = _holdout(labels, spec.test_split, spec.split_seed, "test_split")
+    keep, val = _holdout([labels[i] for i in pool], spec.val_split, spec.split_seed + 1, "val_split")
     train = [pool[i] for i in keep]
     val = [pool[i] for i in val]
     return _Raw((base, train), (base, val), (base, test), [str(c) for c in d.target_names])
@@ -181,7 +182,7 @@ def _cifar(spec: DataSection, name: str) -> _Raw:
         return _Raw(*((decoded[id(ds)], idx) for ds, idx in (raw.train, raw.val, raw.test)), raw.classes)
     else:
         raise _missing(name, root, [root / tv_dir, npz, folder], _RESTORE_HINT)
-    keep, val = _holdout(_targets(train), spec.val_split, spec.split_seed)
+    keep, val = _holdout(_targets(train), spec.val_split, spec.split_seed, "val_split")
     return _Raw((train, keep), (train, val), (test, list(range(len(test)))), classes)
 
 
@@ -225,7 +226,7 @@ def _folder_tree(spec: DataSection, root: Path, what: str) -> _Raw:
                 raise ValueError(f"{folder} has classes {ds.classes[:5]}... but train/ has {train.classes[:5]}...")
             parts[split] = (ds, list(range(len(ds))))
         else:
-            keep, held = _holdout([labels[i] for i in pool], size, spec.split_seed + salt)
+            keep, held = _holdout([labels[i] for i in pool], size, spec.split_seed + salt, f"{split}_split")
             parts[split] = (train, [pool[i] for i in held])
             pool = [pool[i] for i in keep]
     return _Raw((train, pool), parts["val"], parts["test"], list(train.classes))
