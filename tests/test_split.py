@@ -82,6 +82,19 @@ def test_composition_reproduces_model_at_every_exit(models, name):
         torch.testing.assert_close(c.gates[:, -1], torch.ones(3))
 
 
+def test_a_bf16_model_splits_with_the_default_check_in_its_own_dtype():
+    torch.manual_seed(0)
+    model = wrap(timm.create_model("resnet18", num_classes=10), input_size=(3, 32, 32)).to(torch.bfloat16).eval()
+    edge, cloud = split(model, at=1)  # check=True: the parts are compared with the model on a bf16 batch
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        e = edge(x)
+        c = cloud(e.features, e.stats)
+    assert e.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat([e.logits, c.logits], 1), torch.stack(ref.logits, dim=1))
+
+
 def test_split_shares_modules_and_leaves_model_unchanged(models):
     model = models["resnet18"]
     model.train()
