@@ -24,6 +24,7 @@ from timm_exits.training.checkpoint import CheckpointError, load_checkpoint
 from timm_exits.training.cli import main as cli_main
 from timm_exits.training.data import build_datasets, load_splits
 from timm_exits.training.recipe import RECIPE_DIR, Recipe, RecipeError, load_recipe
+from timm_exits.training.report import evaluate
 from timm_exits.training.run_folder import RunFolderError
 from timm_exits.training.sampling import ShardSampler
 from timm_exits.training.timing import machine_name
@@ -205,6 +206,19 @@ def test_resume_after_a_kill_mid_epoch_ends_like_an_uninterrupted_run(tmp_path):
         assert ra["val"]["exit_accuracy"] == pytest.approx(rb["val"]["exit_accuracy"])
         assert ra["train"]["loss"] == pytest.approx(rb["train"]["loss"], rel=1e-5)
     assert b[1]["position"]["done"]
+
+
+def test_a_user_threshold_applies_to_the_refit_gates_and_leaves_the_joint_gates_calibrated(runs, tmp_path):
+    plain, forced = tmp_path / "plain", tmp_path / "forced"
+    for run in (plain, forced):
+        shutil.copytree(runs["soft"], run)
+    evaluate(plain, policy="gate", timing=False, save_model=False, log=lambda m: None)
+    evaluate(forced, policy="gate", threshold=0.123, timing=False, save_model=False, log=lambda m: None)
+    a, b = (json.loads((r / "report.json").read_text())["policies"] for r in (plain, forced))
+    assert b["gate"]["threshold"] == pytest.approx(0.123) and b["gate"]["calibration"]["overridden_by_user"]
+    assert "overridden_by_user" not in b["gate_joint"]["calibration"]
+    assert b["gate_joint"]["threshold"] == a["gate_joint"]["threshold"]
+    assert b["gate_joint"]["accuracy"] == a["gate_joint"]["accuracy"]
 
 
 # --------------------------------------------------------------------------------------- CLI

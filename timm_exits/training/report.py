@@ -201,7 +201,7 @@ def evaluate(
             entries[k]["speedup"] = base / v if v > 0 else None
         return base
 
-    def calibrated(p: str, val: Collected, test: Collected) -> dict[str, Any]:
+    def calibrated(p: str, val: Collected, test: Collected, user_threshold: bool = True) -> dict[str, Any]:
         entry: dict[str, Any] = {"calibration": {"split": "val", "target_cost": target_cost}}
         entry["calibration"]["max_accuracy_drop"] = max_accuracy_drop
         try:
@@ -213,7 +213,7 @@ def evaluate(
             raise CalibrationError(f"calibration of policy {p!r} failed ({e}); nothing was written.") from e
         thr = cal.threshold
         entry["calibration"].update({"val_accuracy": cal.accuracy, "val_expected_cost": cal.cost})
-        if p == policy and threshold is not None:
+        if user_threshold and p == policy and threshold is not None:
             thr = float(threshold)
             entry["calibration"]["overridden_by_user"] = True
         entry.update(_hard(model, test_loader, p, thr, device))
@@ -227,7 +227,7 @@ def evaluate(
     objective = ev.fit_gates
     if objective != "none" and model.config.gate == "stats" and len(model.branches):
         # The jointly trained gates, kept for comparison, then gates re-fitted on the val split.
-        policies["gate_joint"] = calibrated("gate", val, test)
+        policies["gate_joint"] = calibrated("gate", val, test, user_threshold=False)  # the threshold is for the re-fit
         policies["gate_0.5"] = _hard(model, test_loader, "gate", 0.5, device)
         curves["gate_joint"] = curves.pop("gate")
         timed_joint = {k: policies[k] for k in ("gate_joint", "gate_0.5")}
