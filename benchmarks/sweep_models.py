@@ -49,7 +49,6 @@ from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "results" / "sweep_models.json"
-STAGES = ("create", "wrap", "forward", "backward")
 RESTART_RSS_KB = 3 * 2**20  # restart a worker that keeps more than 3 GiB after a model
 MIN_AVAILABLE_KB = 2 * 2**20  # kill the worker before the machine itself runs out of memory
 MEMORY_ERRORS = ("MemoryError", "OutOfMemory", "MemoryKill")

@@ -19,7 +19,7 @@ from .hub import ExitCheckpointError, from_pretrained, load_exits, push_to_hub, 
 from .inference.calibration import Calibration, Collected, calibrate, collect, simulate, sweep
 from .inference.gate_fitting import GateFit, fit_gates
 from .inference.policies import POLICIES, Prediction, PredictionStats, predict
-from .training import models as _models  # noqa: F401  (registers alexnet_cifar with timm)
+from .training import models as _models  # noqa: F401  (registers alexnet_cifar and vgg13_cifar with timm)
 
 __all__ = [
     "POLICIES",

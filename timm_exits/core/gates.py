@@ -62,7 +62,8 @@ class ExitGate(nn.Module):
         kind: "stats", "features" or "both".
         position: 0-based index of the exit; "stats" gates read the statistics of exits 0..position.
         feature_dim: Width of the pooled features (used by "features" and "both").
-        hidden: Hidden width; 0 makes the gate a single linear layer.
+        hidden: Hidden width; 0 makes the gate a single linear layer. A "features" gate is always a single
+            linear layer (the pooled features are already wide), whatever `hidden` says.
         bias: Initial bias of the output logit (negative: the gate starts closed).
         detach: Stop gradients from the gate into the exit head and the backbone.
     """

@@ -146,7 +146,7 @@ class MethodSection(_Section):
 class ModelSection(_Section):
     """The timm backbone, the weights it starts from, and the exits attached to it."""
 
-    model: str = "resnet18"  # any timm model name (timm_exits.training.models registers alexnet_cifar)
+    model: str = "resnet18"  # any timm model name (timm_exits.training.models registers alexnet_cifar, vgg13_cifar)
     pretrained: bool = False  # ImageNet weights from timm / the HF Hub (needs network or a filled cache)
     weights: str | None = later(None)  # start the backbone from a timm checkpoint: local-dir:DIR, hf-hub:ORG/NAME, file
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # further timm.create_model arguments (drop_rate, ...)
