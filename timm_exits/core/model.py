@@ -15,23 +15,25 @@ is left. `EarlyExitModel.compile_exits()` runs every exit's inference computatio
 
 Layering rule: `predict`, `save_pretrained` and `push_to_hub` import `timm_exits.inference.policies` and
 `timm_exits.hub.save` when called, so those modules must never import this one at run time (annotations only,
-under `typing.TYPE_CHECKING`; the model is recognised by its attributes).
+under `typing.TYPE_CHECKING`, as this module imports `Prediction` for its annotations; the model is
+recognised by its attributes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._utils import evaluating, feature_tensor
+from .compiled_exit import CompiledExit, compile_options
 from .config import ExitConfig, GateKind, HeadKind, PolicyName
 from .cost import module_flops
 from .gates import ExitGate, append_stats
@@ -39,6 +41,9 @@ from .heads import ExitHead, FinalHead
 from .layout import TokenPool, channels_of, detect_layout
 from .placement import ExitPoint, ExitRequest, resolve_exits
 from .soft import exit_log_probs, expected_cost, gates_with_final, soft_log_output
+
+if TYPE_CHECKING:
+    from ..inference.policies import Prediction
 
 __all__ = ["ExitOutput", "ExitBranch", "EarlyExitModel", "wrap"]
 
@@ -105,7 +110,7 @@ class ExitBranch(nn.Module):
             detach=config.detach_gate_inputs,
         )
         self._run: Any = None
-        self._compiled: _CompiledExit | None = None
+        self._compiled: CompiledExit | None = None
 
     def forward(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (logits, gate logit, statistics of exits 0..position) for a branch-point tensor."""
@@ -131,36 +136,6 @@ class ExitBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"at={self.name!r}"
-
-
-class _CompiledExit:
-    """`torch.compile` options of one exit and the compiled `ExitBranch.forward`, built at first use.
-
-    Copies and pickles of the branch keep the options and compile their own function: the compiled
-    function is bound to the branch it was built from.
-    """
-
-    __slots__ = ("options", "fn")
-
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
-        self.fn: Any = None
-
-    def __deepcopy__(self, memo: dict) -> _CompiledExit:
-        return _CompiledExit(dict(self.options))
-
-    def __reduce__(self) -> tuple:
-        return (_CompiledExit, (dict(self.options),))
-
-
-def _compile_options(mode: str | None, dynamic: bool | None, fullgraph: bool, backend: str) -> dict[str, Any]:
-    """Keyword arguments of `torch.compile` for one exit. Every exit compiles the same function
-    (`ExitBranch.forward`); where torch can, each exit keeps its own recompile count
-    (`isolate_recompiles`), so that many exits do not exhaust one shared recompile limit."""
-    options: dict[str, Any] = {"mode": mode, "dynamic": dynamic, "fullgraph": fullgraph, "backend": backend}
-    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
-        options["isolate_recompiles"] = True
-    return options
 
 
 class _FullRun:
@@ -275,9 +250,9 @@ class EarlyExitModel(nn.Module):
         Returns:
             This model.
         """
-        options = _compile_options(mode, dynamic, fullgraph, backend) if enable else None
+        options = compile_options(mode, dynamic, fullgraph, backend) if enable else None
         for b in self.branches:
-            b._compiled = None if options is None else _CompiledExit(dict(options))
+            b._compiled = None if options is None else CompiledExit(dict(options))
         return self
 
     # ----------------------------------------------------------------------------- properties
@@ -312,22 +287,27 @@ class EarlyExitModel(nn.Module):
 
     @property
     def in_chans(self) -> int:
+        """Input channels (timm's attribute), from the configured input size."""
         return int(self.config.input_size[0]) if self.config.input_size else 3
 
     @property
     def num_classes(self) -> int:
+        """Classes of every exit."""
         return self.config.num_classes
 
     @property
     def num_features(self) -> int | None:
+        """The backbone's `num_features` (timm's attribute), or None."""
         return getattr(self.backbone, "num_features", None)
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
+        """The backbone's `pretrained_cfg` (input size, mean and std, ...), so timm's data config works."""
         return getattr(self.backbone, "pretrained_cfg", {}) or {}
 
     @property
     def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of `pretrained_cfg`."""
         return self.pretrained_cfg
 
     # -------------------------------------------------------------------- timm conventions
@@ -338,6 +318,7 @@ class EarlyExitModel(nn.Module):
         return {f"backbone.{n}" for n in names}
 
     def get_classifier(self) -> nn.Module:
+        """The final exit's classifier (the added final head, else the backbone's)."""
         return self.final_head if self.final_head is not None else self.backbone.get_classifier()
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
@@ -351,6 +332,7 @@ class EarlyExitModel(nn.Module):
         self.config.num_classes = num_classes
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing of the backbone, where timm supports it."""
         self.backbone.set_grad_checkpointing(enable)
 
     def exit_parameters(self) -> Iterator[nn.Parameter]:
@@ -408,20 +390,22 @@ class EarlyExitModel(nn.Module):
             gate_logits = x.new_zeros(x.shape[0], 0)
         return self.assemble(logits, gate_logits)
 
-    def predict(self, x: torch.Tensor, policy: PolicyName | None = None, threshold: Any = None, **kwargs: Any):
+    def predict(
+        self, x: torch.Tensor, policy: PolicyName | None = None, threshold: Any = None, **kwargs: Any
+    ) -> Prediction:
         """Hard early-exit inference; see `timm_exits.inference.policies.predict`."""
         from ..inference.policies import predict
 
         return predict(self, x, policy=policy, threshold=threshold, **kwargs)
 
-    def save_pretrained(self, save_directory: str, report: dict | None = None, **kwargs: Any):
+    def save_pretrained(self, save_directory: str, report: dict | None = None, **kwargs: Any) -> Path:
         """Write a folder that is both a timm model repo and this multi-exit model; see `timm_exits.hub`."""
         from ..hub.save import save_pretrained
 
         return save_pretrained(self, save_directory, report, **kwargs)
 
-    def push_to_hub(self, repo_id: str, report: dict | None = None, **kwargs: Any):
-        """Upload to the Hugging Face Hub in one commit; see `timm_exits.hub.push_to_hub`."""
+    def push_to_hub(self, repo_id: str, report: dict | None = None, **kwargs: Any) -> Any:
+        """Upload to the Hugging Face Hub in one commit; see `timm_exits.hub.push_to_hub` (returns the commit info)."""
         from ..hub.save import push_to_hub
 
         return push_to_hub(self, repo_id, report, **kwargs)

@@ -36,6 +36,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..core._utils import evaluating
+from ..core.gates import NUM_STATS
 from ..core.model import EarlyExitModel
 from ..core.soft import gates_with_final
 
@@ -108,7 +109,7 @@ class _Part(nn.Module):
         self.input_size = tuple(model.config.input_size or ())
         self.feature_layout = model.exits[index].layout
         self.feature_shape: tuple[int, ...] = ()
-        self.stats_dim = 3 * (index + 1)
+        self.stats_dim = NUM_STATS * (index + 1)
         self.config = copy.deepcopy(model.config)
 
     @property

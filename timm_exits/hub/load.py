@@ -344,7 +344,7 @@ def load_exits(
         An `EarlyExitModel` wrapping `model`.
     """
     src = _parse_source(source, revision, cache_dir, token, local_files_only)
-    cfg_path, cfg_label, exit_cfg, hashes, architecture = _saved_config(src)
+    _, cfg_label, exit_cfg, hashes, architecture = _saved_config(src)
     exits_path, exits_label = src.fetch(EXITS_NAME)
     mine = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if check_architecture and mine and mine != architecture:

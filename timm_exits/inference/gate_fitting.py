@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.gates import ExitGate, logit_stats
+from ..core.gates import NUM_STATS, ExitGate, logit_stats
 from ..core.model import EarlyExitModel
 from ..core.soft import exit_log_probs
 from .calibration import _FIX_COLLECTED, Collected, _first, _require_finite
@@ -60,7 +60,7 @@ def _objective(
     lam: float,
     objective: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    gate_logits = torch.stack([g(None, stats[:, : 3 * (b + 1)]) for b, g in enumerate(gates)], dim=1).float()
+    gate_logits = torch.stack([g(None, stats[:, : NUM_STATS * (b + 1)]) for b, g in enumerate(gates)], dim=1).float()
     log_pi = exit_log_probs(gate_logits)
     cost = (log_pi.exp() * costs).sum(1).mean()
     if objective != "soft":

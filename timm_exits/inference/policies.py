@@ -262,7 +262,7 @@ def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
     if model._batch_shrink_safe is not None:
         return model._batch_shrink_safe
     pair = x[:2]
-    never: Decide = lambda pos, logits, gate, rows: torch.zeros_like(rows, dtype=torch.bool)  # noqa: E731
+    never: Decide = lambda pos, stats, gate, rows: torch.zeros_like(rows, dtype=torch.bool)  # noqa: E731
     reason = ""
     # The property is structural, so it is checked in float32: under bf16 autocast, kernels picked per
     # batch size round differently and would hide it behind noise.
