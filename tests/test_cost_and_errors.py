@@ -141,8 +141,14 @@ def test_tuple_output_exit_reads_first_tensor_and_shrinks_batch():
     index = torch.tensor([0, 1, 2, 2, 1, 0])
     expected = torch.stack([out.logits[int(index[i])][i] for i in range(6)])
     torch.testing.assert_close(run_assigned(model, x, index), expected)
-    predict(model, x, "confidence", 0.5)
+    pred = predict(model, x, "confidence", 0.5)
     assert model._batch_shrink_safe is True
+    # the shrinking hard path returns, for each sample, the logits of the exit it took in the full forward
+    torch.testing.assert_close(pred.logits, torch.stack([out.logits[int(e)][n] for n, e in enumerate(pred.exit_index)]))
+    fires = torch.stack(
+        [torch.softmax(lg, -1).amax(-1) >= 0.5 for lg in out.logits[:-1]] + [torch.ones(6, dtype=torch.bool)]
+    )
+    assert pred.exit_index.tolist() == fires.int().argmax(0).tolist()  # each sample's first exit whose rule fires
 
 
 class _PixelsFirst(nn.Module):

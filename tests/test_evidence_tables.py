@@ -117,6 +117,11 @@ def test_table1_gives_mean_and_spread_over_seeds_and_marks_missing_rows(tree):
     assert _row(text, "VGG-13", "baseline")[5] == "75.44 %"
 
 
+def test_exit_distribution_cells_give_each_taken_exit_and_leave_out_the_others():
+    assert evidence_tables.distribution([0.984, 0.0, 0.0, 0.016]) == "#1 98.4 %, #4 1.6 %"
+    assert evidence_tables.distribution([0.0004, 0.5, 0.4996]) == "#2 50.0 %, #3 50.0 %"
+
+
 def test_table2_reads_timing_json_and_says_which_runs_have_none(tree):
     text = (tree / "tables.md").read_text()
     t = _json(tree, "test_resnet_soft_l0.1_s0", "timing.json")

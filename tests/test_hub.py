@@ -645,7 +645,7 @@ def test_costs_must_agree(saved, tmp_path):
 def test_exits_that_do_not_fit_the_backbone(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     _edit_config(folder, lambda c: c["timm_exits"].update(exits=["layer1", "no_such_module"]))
-    with pytest.raises(ExitCheckpointError) as e:
+    with pytest.raises(ExitCheckpointError, match="no_such_module") as e:
         from_pretrained(folder)
     assert e.value.file.endswith("config.json") and e.value.key == "timm_exits.exits"
 

@@ -149,6 +149,9 @@ def test_inference_mode_and_bf16_autocast():
     assert b.stats.batch_shrink, "the one-off batch-shrink check must not be fooled by bf16 rounding"
     assert a.logits.dtype == b.logits.dtype == torch.float32
     assert torch.isfinite(b.logits).all() and torch.isfinite(out.log_probs).all()
+    index, logits, _ = _reference(model, x, "confidence", [0.101] * (model.num_exits - 1))
+    assert torch.equal(a.exit_index, index)  # inference mode changes nothing in fp32
+    torch.testing.assert_close(a.logits, logits)
 
 
 def test_bad_inputs():
@@ -212,7 +215,10 @@ def test_calibration_meets_targets_and_matches_hard_path():
     assert torch.equal(pred.exit_index, simulate(data, "confidence", cal.threshold))
     assert pred.stats.expected_cost == pytest.approx(cal.cost, abs=1e-6)
     drop = calibrate(model, data, policy="entropy", max_accuracy_drop=0.0, apply=False)
-    assert drop.accuracy == 1.0 and drop.cost <= float(model.costs[-1]) + 1e-5
+    chosen = simulate(data, "entropy", drop.threshold)
+    assert drop.accuracy == 1.0 and drop.cost == pytest.approx(float(model.costs[chosen].mean()), abs=1e-6)
+    # the lowest cost on the sweep that keeps the final exit's accuracy
+    assert drop.cost == pytest.approx(min(c["cost"] for c in drop.curve if c["accuracy"] >= 1.0), abs=1e-6)
     again = calibrate(model, _loader(x, y), policy="entropy", max_accuracy_drop=0.0, apply=False)
     assert again.threshold == drop.threshold and again.curve == drop.curve
     with pytest.raises(ValueError, match="lowest expected cost"):

@@ -28,7 +28,7 @@ def batch():
 def test_link_model():
     link = LinkModel(uplink_mbps=8, downlink_mbps=80, rtt_ms=20)
     assert math.isclose(link.transfer_ms(1000, 1000), 20 + 1.0 + 0.1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs positive bandwidths"):
         LinkModel(uplink_mbps=0)
 
 
@@ -56,7 +56,7 @@ def test_plan_split(model, batch, tmp_path):
     assert "| layer2 |" in md.replace("**", "") and f"Recommended: **{plan.best['split']}**" in md
     png = plan.plot(tmp_path / "plan.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    json.loads(plan.to_json())
+    assert json.loads(plan.to_json())["rows"] == plan.rows
 
     # same compute numbers, other links: too slow to send anything -> nothing offloaded; a device far
     # too slow -> everything is
@@ -69,7 +69,7 @@ def test_plan_split(model, batch, tmp_path):
     assert weak.best["split"] == "cloud"
     with pytest.raises(ValueError, match="min_accuracy"):
         plan_split(model, loader, threshold=thresholds, min_accuracy=1.01, timings=measured)
-    with pytest.raises(ValueError, match="timings"):
+    with pytest.raises(ValueError, match=r"timings give 1 edge / 1 cloud times for 3 split points"):
         plan_split(model, loader, threshold=thresholds, timings={"edge": [1.0], "cloud": [1.0], "full_forward": 2})
 
 

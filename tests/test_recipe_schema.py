@@ -264,7 +264,9 @@ def test_parts_build_from_their_own_section():
     assert model.num_exits == 3 and model.config.head == "mlp"
     data = build_datasets(DataSection(max_train_samples=40, max_eval_samples=20, img_size=16), seed=1)
     assert (len(data.train), len(data.val), len(data.test)) == (40, 20, 20) and data.train[0][0].shape == (3, 16, 16)
-    assert make_mixup(DataSection(), 10) is None and make_mixup(DataSection(mixup=0.2), 10, 0.1) is not None
+    assert make_mixup(DataSection(), 10) is None
+    mix = make_mixup(DataSection(mixup=0.2), 10, 0.1)
+    assert (mix.mixup_alpha, mix.label_smoothing, mix.num_classes) == (0.2, 0.1, 10)
     loss = _make_loss(MethodSection(method="branchynet", branchynet_weights=[1, 2, 3]), mixup=False)
     assert type(loss).__name__ == "BranchyNetLoss"
     soft = _make_loss(MethodSection(exit_weight=0.5, exit_reduction="mean", label_smoothing=0.1), mixup=False)

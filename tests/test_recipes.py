@@ -156,11 +156,14 @@ def test_frozen_stage_keeps_backbone_and_batchnorm_fixed(tmp_path):
     assert not torch.equal(saved["backbone.fc.weight"], fresh["backbone.fc.weight"])
 
 
-def test_soft_cost_weight_is_warmed_up(runs):
+def test_soft_cost_weight_is_warmed_up(runs, tmp_path):
     rec = history(runs["soft"])[-1]
     # one epoch of 4 steps with cost_warmup 0.2 of 4 steps: lambda reaches cost_weight
     assert rec["train"]["cost_weight"] == pytest.approx(Recipe().method.cost_weight)
     assert "soft_ce" in rec["train"] and "exit_ce" in rec["train"]
+    # warmed up over the whole run (2 epochs of 4 steps): lambda = cost_weight * step / 8 at each epoch's last step
+    slow = train(tiny(method="soft", epochs=2, cost_warmup=1.0, cost_weight=0.4, report=False), tmp_path / "warm")
+    assert [h["train"]["cost_weight"] for h in history(slow)] == pytest.approx([0.4 * 3 / 8, 0.4 * 7 / 8])
 
 
 @pytest.mark.slow  # compiles each stage's forward and backward: minutes on 2 cores

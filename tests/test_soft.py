@@ -63,6 +63,7 @@ def test_low_precision_inputs(dtype):
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and torch.isfinite(cost).all()
     y, c = _slow([f.float() for f in logits], gates.float(), torch.tensor([0.3, 0.6, 1.0]))
     torch.testing.assert_close(out.exp().double(), y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cost.double(), c, rtol=1e-4, atol=1e-5)
 
 
 def _output(num_exits=3, batch=6, classes=5, seed=0):
@@ -105,8 +106,15 @@ def test_losses_hard_and_soft_targets():
 
 def test_cost_term_pushes_gates_open():
     out, _ = _output()
-    loss = SoftConditionalLoss(cost_weight=1.0, exit_weight=0.0)
-    out.expected_cost.mean().backward()
-    # raising a gate sends mass to a cheaper exit, so the cost's gradient on every gate logit is negative
-    assert (out.gate_logits.grad < 0).all()
-    assert loss.cost_weight == 1.0
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+
+    def grad(cost_weight: float) -> torch.Tensor:
+        loss = SoftConditionalLoss(cost_weight=cost_weight, exit_weight=0.0)(out, y)
+        return torch.autograd.grad(loss, out.gate_logits, retain_graph=True)[0]
+
+    # raising a gate sends mass to a cheaper exit, so the cost term's gradient on every gate logit is negative
+    cost_grad = torch.autograd.grad(out.expected_cost.mean(), out.gate_logits, retain_graph=True)[0]
+    assert (cost_grad < 0).all()
+    # and the loss adds exactly cost_weight times it to the gradient of its cross-entropy
+    torch.testing.assert_close(grad(1.0) - grad(0.0), cost_grad)
+    torch.testing.assert_close(grad(2.5) - grad(0.0), 2.5 * cost_grad)

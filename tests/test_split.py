@@ -119,10 +119,21 @@ def test_split_shares_modules_and_leaves_model_unchanged(models):
     torch.testing.assert_close(out.final, plain)
 
 
-@pytest.mark.parametrize("at", [3, -1, 7, "layer4", "layer9", True, 1.5])
-def test_split_point_that_does_not_exist(models, at):
+@pytest.mark.parametrize(
+    ("at", "message"),
+    [
+        (3, r"at=3 is out of range: the model has 3 early exits \(0='layer1', 1='layer2', 2='layer3'\)"),
+        (-1, r"at=-1 is out of range"),
+        (7, r"at=7 is out of range"),
+        ("layer4", r"'layer4' is not an early exit of this model; split at one of: 0='layer1'"),
+        ("layer9", r"'layer9' is not an early exit of this model"),
+        (True, r"at=True must be an early-exit index \(int\) or an exit's module name \(str\)"),
+        (1.5, r"at=1.5 must be an early-exit index"),
+    ],
+)
+def test_split_point_that_does_not_exist(models, at, message):
     model = models["resnet18"]
-    with pytest.raises(SplitError, match="early exit|out of range|index"):
+    with pytest.raises(SplitError, match=message):
         split(model, at=at)
 
 

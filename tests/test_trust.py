@@ -128,7 +128,7 @@ def test_failing_train_with_overwrite_keeps_the_old_run(run, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(run, folder)
     before = snapshot(folder)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"cifar10 not found under data_dir=.*nope"):
         train(tiny(dataset="cifar10", data_dir=str(tmp_path / "nope")), folder, overwrite=True)
     with pytest.raises(RecipeError, match="calibrate_target_cost=0.01 is below .* >= 0"):
         train(tiny(calibrate_target_cost=0.01), folder, overwrite=True)

@@ -122,6 +122,7 @@ class SplitPlan:
         return {"best": self.best["split"], "best_split": best_split, "rows": self.rows, "params": self.params}
 
     def to_json(self, **kwargs: Any) -> str:
+        """The plan as JSON: `to_dict()`, `kwargs` passed to `json.dumps`."""
         return json.dumps(self.to_dict(), **kwargs)
 
     def plot(self, path: str | Path) -> Path:
