@@ -196,11 +196,14 @@ def test_torch_export_both_parts_dynamic_batch(models, tmp_path):
         got = r.program.module()(x)
         e = edge(x)
     assert len(got) == 4  # (logits, gate_logits, stats, features)
-    torch.testing.assert_close(got[3], e.features)
+    for name, value in zip(("logits", "gate_logits", "stats", "features"), got):
+        torch.testing.assert_close(value, getattr(e, name), msg=name)
     rc = export(cloud, format="torch")
     assert rc.output_names == ["logits", "gate_logits"]
     with torch.no_grad():
-        torch.testing.assert_close(rc.program.module()(e.features, e.stats)[0], cloud(e.features, e.stats).logits)
+        cloud_got, cloud_want = rc.program.module()(e.features, e.stats), cloud(e.features, e.stats)
+    torch.testing.assert_close(cloud_got[0], cloud_want.logits)
+    torch.testing.assert_close(cloud_got[1], cloud_want.gate_logits)
     loaded = torch.export.load(tmp_path / "edge.pt2")
     with torch.no_grad():
         torch.testing.assert_close(loaded.module()(x)[0], e.logits)
@@ -221,9 +224,11 @@ def test_onnx_export_matches_onnxruntime(models, tmp_path):
     logits, gates, stats, features = run_onnx(tmp_path / "edge.onnx", [x])
     torch.testing.assert_close(features, e.features, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, e.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gates, e.gate_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats, e.stats, rtol=1e-4, atol=1e-4)
     cl, cg = run_onnx(rc.program, [e.features, e.stats])
     torch.testing.assert_close(cl, c.logits, rtol=1e-4, atol=1e-4)
-    assert cg.shape == c.gate_logits.shape
+    torch.testing.assert_close(cg, c.gate_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_onnx_check_without_onnxruntime(models, monkeypatch):
