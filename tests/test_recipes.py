@@ -18,11 +18,11 @@ import torch
 import yaml
 from PIL import Image
 
-from timm_exits import hub
+from timm_exits import collect, hub, predict
 from timm_exits.training.build import build_model
-from timm_exits.training.checkpoint import CheckpointError, load_checkpoint
+from timm_exits.training.checkpoint import CheckpointError, load_checkpoint, load_run
 from timm_exits.training.cli import main as cli_main
-from timm_exits.training.data import build_datasets, load_splits
+from timm_exits.training.data import build_datasets, load_splits, make_loader
 from timm_exits.training.recipe import RECIPE_DIR, Recipe, RecipeError, load_recipe
 from timm_exits.training.report import evaluate
 from timm_exits.training.run_folder import RunFolderError
@@ -109,6 +109,18 @@ def test_method_trains_one_epoch_and_writes_a_valid_report(runs, method):
     assert fit["objective"] == "no_gain" and fit["split"] == "val" and fit["loss_after"] < fit["loss_before"]
     joint = report["policies"]["gate_joint"]
     assert joint["ms_per_image"] > 0 and len(joint["exit_distribution"]) == len(exits)
+    # the report's figures, recomputed from the saved model on the recipe's test split
+    saved = hub.from_pretrained(run / "model").eval()
+    recipe = load_run(run).recipe
+    data = build_datasets(recipe.data, saved, load_splits(recipe.data), seed=recipe.seed)
+    test_images = make_loader(data.test, 64, train=False)
+    assert test["exit_accuracy"] == pytest.approx(collect(saved, test_images).exit_accuracy, abs=1e-6)
+    images, labels = map(torch.cat, zip(*test_images))
+    stored = predict(saved, images, labels=labels)  # the policy and thresholds stored with the model
+    assert report["policies"][report["recommended_policy"]]["accuracy"] == pytest.approx(stored.stats.accuracy)
+    assert report["policies"][report["recommended_policy"]]["expected_cost"] == pytest.approx(
+        stored.stats.expected_cost, abs=1e-6
+    )
     timing = report["timing"]
     assert timing["batch_size"] == 1 and timing["threads"] == 1 and timing["baseline_ms_per_image"] > 0
     assert isinstance(timing["machine"], str) and timing["repeats"] == 1
