@@ -82,5 +82,7 @@ def test_plan_split_with_compression(model, batch):
     for a, b in zip(plain.rows[1:-1], packed.rows[1:-1]):
         assert b["payload_bytes"] < a["payload_bytes"] / 3
         assert 0.0 <= b["agreement"] <= 1.0
+        # predictions that agree with the uncompressed ones are equally right: accuracy moves by at most the rest
+        assert abs(b["accuracy"] - a["accuracy"]) <= 1.0 - b["agreement"] + 1e-6
     with pytest.raises(ValueError, match="policy"):
         plan_split(model, loader, policy="soft")
