@@ -305,7 +305,7 @@ def test_replica_killed_under_load(port, model, parts, batch, thresholds):
     assert not any(t.is_alive() for t in threads)  # no request hung
     assert not wrong  # no request got a wrong answer
     assert any(o == "ok" and at > killed_at for at, o in outcomes)  # the other replica kept serving
-    assert all(o == "ok" or o.startswith("error:") for _, o in outcomes)
+    assert all(o == "ok" for at, o in outcomes if at < killed_at)  # errors only once a replica was killed
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # Serve replaces the dead replica
         seen = {handle.describe.remote().result(timeout_s=30)["pid"] for _ in range(8)}
