@@ -298,8 +298,8 @@ def test_replica_killed_under_load(port, model, parts, batch, thresholds):
     while sum(o == "ok" for _, o in outcomes) < 8 and time.monotonic() < stop:
         time.sleep(0.05)
     victim = min(pids)
+    killed_at = time.monotonic()  # taken before the kill: an error that races the kill still counts as after it
     os.kill(victim, signal.SIGKILL)  # a replica process this test's Ray instance started
-    killed_at = time.monotonic()
     for t in threads:
         t.join(timeout=150)
     assert not any(t.is_alive() for t in threads)  # no request hung
