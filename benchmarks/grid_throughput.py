@@ -76,6 +76,28 @@ def _parse_layout(layout: str) -> tuple[int, int, list[str]]:
     return procs, threads, sets
 
 
+def _resolve_layouts(recipe: str, overrides: list[str], layouts: list[str]) -> dict[str, dict]:
+    """Each layout's own overrides as the recipe resolves them, checked before any process starts.
+
+    Args:
+        recipe: Shipped recipe name or YAML path.
+        overrides: KEY=VALUE overrides shared by every layout.
+        layouts: Layout strings, e.g. '2x1+channels_last=true'.
+
+    Returns:
+        {layout: {override key: resolved value}}; a bad key or value exits naming its layout.
+    """
+    resolved: dict[str, dict] = {}
+    for layout in layouts:
+        _, _, sets = _parse_layout(layout)
+        try:
+            flat = load_recipe(recipe, [*overrides, *sets]).flat()
+        except RecipeError as e:
+            raise SystemExit(f"--layouts {layout}: {e}") from None
+        resolved[layout] = {k: _resolved(flat, k) for k in parse_overrides(sets)}
+    return resolved
+
+
 def _layout(procs: int, threads: int, sets: list[str], args: argparse.Namespace) -> float:
     """Images/s of `procs` processes with `threads` threads each and recipe overrides `sets`, timed over
     the same window."""
@@ -120,13 +142,7 @@ def main() -> None:
     if args.worker:
         return _worker(args)
     layouts = [_parse_layout(layout) for layout in args.layouts]
-    resolved: dict[str, dict] = {}
-    for name, (_, _, sets) in zip(args.layouts, layouts):
-        try:
-            flat = load_recipe(args.recipe, [f"data_dir={args.data_dir}", *args.set, *sets]).flat()
-        except RecipeError as e:
-            raise SystemExit(f"--layouts {name}: {e}") from None
-        resolved[name] = {k: _resolved(flat, k) for k in parse_overrides(sets)}
+    resolved = _resolve_layouts(args.recipe, [f"data_dir={args.data_dir}", *args.set], args.layouts)
     samples: dict[str, list[float]] = {layout: [] for layout in args.layouts}
     for _ in range(args.repeats):
         for name, (procs, threads, sets) in zip(args.layouts, layouts):

@@ -85,6 +85,19 @@ def test_grid_throughput_gives_a_layout_its_own_recipe_overrides(recipe, tmp_pat
     assert set(out["rounds_images_per_s"]) == set(layouts)
 
 
+def test_grid_throughput_resolves_each_layouts_overrides_before_starting_a_process(recipe, tmp_path):
+    layouts = ["2x1", "1x2+optim.channels_last=true+model_kwargs.drop_rate=0.25", "2x1+lr=0.5"]
+    resolved = grid_throughput._resolve_layouts(recipe, [f"data_dir={tmp_path}", "lr=0.2"], layouts)
+    assert resolved == {
+        "2x1": {},
+        layouts[1]: {"optim.channels_last": True, "model_kwargs.drop_rate": 0.25},
+        "2x1+lr=0.5": {"lr": 0.5},  # a layout's own value wins over the shared override
+    }
+    assert grid_throughput._parse_layout(layouts[1]) == (1, 2, layouts[1].split("+")[1:])
+    with pytest.raises(SystemExit, match=r"--layouts 2x1\+lr=fast: "):
+        grid_throughput._resolve_layouts(recipe, [f"data_dir={tmp_path}"], ["2x1+lr=fast"])
+
+
 def test_grid_throughput_refuses_a_malformed_layout(recipe, tmp_path):
     with pytest.raises(SystemExit, match="PROCESSESxTHREADS"):
         _run(grid_throughput.main, ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", "2by1"])
