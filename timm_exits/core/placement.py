@@ -32,12 +32,23 @@ from ._utils import evaluating, feature_tensor
 from .cost import cumulative_flops
 from .layout import channels_of, detect_layout
 
-__all__ = ["ExitPoint", "Probe", "ExitRequest", "feature_points", "block_points", "probe", "resolve_exits"]
+__all__ = [
+    "AUTO_MAX_EXITS",
+    "AUTO_MIN_COST",
+    "AUTO_TARGETS",
+    "ExitPoint",
+    "ExitRequest",
+    "Probe",
+    "block_points",
+    "feature_points",
+    "probe",
+    "resolve_exits",
+]
 
 ExitRequest = str | Sequence[str] | Sequence[int] | Sequence[float]
 
-AUTO_MIN_COST = 0.15
-AUTO_MAX_EXITS = 4
+AUTO_MIN_COST = 0.15  # "auto" and "blocks" skip points reached before this share of the FLOPs
+AUTO_MAX_EXITS = 4  # beyond this many points, "auto" keeps those closest to AUTO_TARGETS
 AUTO_TARGETS = (0.25, 0.5, 0.75)
 
 
