@@ -132,6 +132,8 @@ def test_failing_train_with_overwrite_keeps_the_old_run(run, tmp_path):
         train(tiny(dataset="cifar10", data_dir=str(tmp_path / "nope")), folder, overwrite=True)
     with pytest.raises(RecipeError, match="calibrate_target_cost=0.01 is below .* >= 0"):
         train(tiny(calibrate_target_cost=0.01), folder, overwrite=True)
+    with pytest.raises(RecipeError, match=r"batch_size 256 is larger than the train split \(128 samples\)"):
+        train(tiny(batch_size=256), folder, overwrite=True)  # found only once the loaders exist
     assert snapshot(folder) == before
 
 

@@ -273,24 +273,6 @@ class _Trainer:
                 f"calibrate_target_cost={target} is below the cheapest expected cost this model can reach, "
                 f"{cheapest:.4f} (every image at exit #1); set calibrate_target_cost >= {cheapest:.4f}."
             )
-        kept: list[str] = []
-        if d.main:  # everything above could still fail: only now is the old run's output deleted
-            if clear:
-                _, kept = _clear_run(run_dir)
-            _write_run_files(run_dir, recipe, self.data.classes, d.world)
-        self.model.to(d.device)
-        if optim.sync_bn and d.world > 1:  # replaces BatchNorm children in place; names and hooks stay
-            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if optim.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.ema = None
-        if optim.ema:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.model, decay=optim.ema_decay)
-            if "ema" in self.ckpt:
-                _load_state(self.ema.module, self.ckpt["ema"], str(self.ckpt_path))
-
         self.train_loader = make_loader(
             self.data.train,
             self.per_rank,
@@ -314,6 +296,24 @@ class _Trainer:
         self.total_steps = self.total_epochs * self.steps_per_epoch
         self.mixup = make_mixup(data, self.data.num_classes, recipe.method.label_smoothing)
         self.loss_fn = _make_loss(recipe.method, self.mixup is not None)
+        kept: list[str] = []
+        if d.main:  # everything above could still fail: only now is the old run's output deleted
+            if clear:
+                _, kept = _clear_run(run_dir)
+            _write_run_files(run_dir, recipe, self.data.classes, d.world)
+        self.model.to(d.device)
+        if optim.sync_bn and d.world > 1:  # replaces BatchNorm children in place; names and hooks stay
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if optim.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = None
+        if optim.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=optim.ema_decay)
+            if "ema" in self.ckpt:
+                _load_state(self.ema.module, self.ckpt["ema"], str(self.ckpt_path))
+
         self.scaler = torch.amp.GradScaler("cuda") if optim.amp == "fp16" else None
         self.pos = _Position(**meta.get("position", {}))
         self.history: list[dict[str, Any]] = list(meta.get("history", []))
