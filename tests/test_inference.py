@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import images, make_backbone
 from timm_exits import Collected, calibrate, collect, predict, simulate, sweep, wrap
 from timm_exits.core.gates import logit_stats
 from timm_exits.core.layout import to_nchw
-from timm_exits.inference.policies import _run_hard, exit_mask, run_assigned
+from timm_exits.inference.policies import _batch_shrink_safe, _run_hard, exit_mask, run_assigned
 
 
 def _wrapped(name: str, exits="auto"):
@@ -96,6 +97,19 @@ def test_batch_shrinks_after_each_exit():
     assert seen == {"layer2": [remaining[0]], "layer3": [remaining[1]], "layer4": [remaining[2]]}
     for h in handles:
         h.remove()
+
+
+def test_the_batch_shrink_check_judges_the_structure_in_eval_mode_and_leaves_the_model_as_it_was():
+    model, size = _wrapped("resnet18")
+    model.train()  # batch statistics would make any sample's result depend on the others
+    x = images(4, size, seed=6)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot drop exited samples" fallback for a resnet
+        assert _batch_shrink_safe(model, x) is True
+    assert model.training and all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in buffers.items())  # BatchNorm running stats untouched
 
 
 def test_unsafe_backbone_falls_back_to_masking():

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
-from ..core._utils import feature_tensor, take_rows
+from ..core._utils import evaluating, feature_tensor, take_rows
 from ..core.config import PolicyName
 from ..core.gates import NUM_STATS, logit_stats
 
@@ -258,7 +258,11 @@ def _run_hard(model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bo
 
 
 def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
-    """Check once whether dropping a sample at each exit leaves the other samples' results unchanged."""
+    """Check once whether dropping a sample at each exit leaves the other samples' results unchanged.
+
+    The check runs in eval mode (train-mode BatchNorm mixes the samples by design, and would update its
+    running statistics); every module's own mode is restored afterwards.
+    """
     if model._batch_shrink_safe is not None:
         return model._batch_shrink_safe
     pair = x[:2]
@@ -271,14 +275,14 @@ def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
     # (a later stage reading the full batch) moves results far more than this
     tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
     try:
-        with no_autocast:
+        with no_autocast, evaluating(model):
             ref = _run_hard(model, pair, never, shrink=False).logits
         for b in range(len(model.branches)):
 
             def first_leaves(pos: int, stats: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor, b: int = b):
                 return (rows == 0) & (pos == b)
 
-            with no_autocast:
+            with no_autocast, evaluating(model):
                 got = _run_hard(model, pair, first_leaves, shrink=True).logits
             if not torch.allclose(got[1], ref[1], rtol=tol, atol=tol / 10):
                 reason = f"results change when a sample leaves at exit {b} ({model.branches[b].name!r})"
