@@ -127,7 +127,8 @@ def test_array_data_sets_stay_in_memory_and_folder_trees_do_not(tmp_path):
     assert not isinstance(build_datasets(load_recipe(None, tree).data, seed=0).train, ArraySplit)
 
 
-def test_cifar_image_tree_is_decoded_into_memory(tmp_path):
+def test_cifar_image_tree_is_decoded_into_memory(tmp_path, monkeypatch):
+    import torchvision.datasets.folder as tv_folder
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -141,7 +142,11 @@ def test_cifar_image_tree_is_decoded_into_memory(tmp_path):
                 Image.fromarray(arr).save(d / f"{i:05d}.png")
                 pixels[(split, c, i)] = arr
     cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path), "val_split": 10}).data
+    opened: list[str] = []
+    pil_loader = tv_folder.pil_loader
+    monkeypatch.setattr(tv_folder, "pil_loader", lambda path: opened.append(path) or pil_loader(path))
     data = build_datasets(cfg, raw=load_splits(cfg), seed=0)
+    assert len(opened) == len(set(opened)) == 30  # each file read once, though train/ feeds two splits
     assert isinstance(data.test, ArraySplit) and (len(data.train), len(data.val), len(data.test)) == (10, 10, 10)
     first = data.test.images[data.test.indices[0]].permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(first, pixels[("test", 0, 0)])

@@ -178,7 +178,8 @@ def _cifar(spec: DataSection, name: str) -> _Raw:
             classes = [str(c) for c in z[key]] if key in z else [str(i) for i in range(int(z["y"].max()) + 1)]
     elif folder.is_dir():
         raw = _folder_tree(spec, root / name, what=name)
-        decoded = {id(ds): _decoded(ds) for ds, _ in (raw.train, raw.val, raw.test)}
+        bases = {id(ds): ds for ds, _ in (raw.train, raw.val, raw.test)}  # train/ may back several splits
+        decoded = {key: _decoded(ds) for key, ds in bases.items()}
         return _Raw(*((decoded[id(ds)], idx) for ds, idx in (raw.train, raw.val, raw.test)), raw.classes)
     else:
         raise _missing(name, root, [root / tv_dir, npz, folder], _RESTORE_HINT)
