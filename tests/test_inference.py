@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import images, make_backbone
@@ -12,7 +13,7 @@ from conftest import images, make_backbone
 from timm_exits import Collected, calibrate, collect, predict, simulate, sweep, wrap
 from timm_exits.core.gates import logit_stats
 from timm_exits.core.layout import to_nchw
-from timm_exits.inference.policies import _batch_shrink_safe, _run_hard, exit_mask, run_assigned
+from timm_exits.inference.policies import _batch_shrink_safe, _run_hard, exit_mask, resolve_thresholds, run_assigned
 
 
 def _wrapped(name: str, exits="auto"):
@@ -183,6 +184,18 @@ def test_bad_inputs():
         predict(model, images(2, size, channels=1), "gate")
     with pytest.raises(ValueError, match="unsqueeze"):
         model(x[0])
+    with pytest.raises(ValueError, match="'soft' takes no thresholds"):
+        resolve_thresholds(model, "soft", None)
+
+
+def test_numpy_and_tensor_thresholds_act_as_the_same_floats():
+    model, size = _wrapped("resnet18")
+    x = images(6, size, seed=8)
+    ref = predict(model, x, "confidence", [0.3, 0.5, 0.7])
+    for given in (np.float32(0.5), np.array(0.5), torch.tensor(0.5)):
+        assert resolve_thresholds(model, "confidence", given) == [0.5, 0.5, 0.5]
+    for given in (np.array([0.3, 0.5, 0.7], dtype=np.float64), torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)):
+        assert torch.equal(predict(model, x, "confidence", given).exit_index, ref.exit_index)
 
 
 def _loader(x, y, batch=8):

@@ -18,7 +18,7 @@ backbone, but the forward still stops when every sample has exited.
 
 from __future__ import annotations
 
-import math
+import numbers
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -123,21 +123,39 @@ def _check_policy(policy: str) -> None:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
 
 
-def resolve_thresholds(model: EarlyExitModel, policy: PolicyName, threshold: Any) -> list[float]:
-    """One threshold per early exit from a scalar, a sequence, or the model's stored calibration."""
+def resolve_thresholds(
+    model: EarlyExitModel, policy: PolicyName, threshold: float | Sequence[float] | None
+) -> list[float]:
+    """One threshold per early exit.
+
+    Args:
+        model: The wrapped model (its number of early exits and stored calibration are read).
+        policy: "gate", "confidence" or "entropy".
+        threshold: One number for every early exit, one per early exit (a sequence, tensor or array), or
+            None: the model's calibrated thresholds when stored for this policy, else `DEFAULT_THRESHOLDS`.
+
+    Returns:
+        One float in [0, 1] per early exit; a wrong count or value raises a ValueError that says so.
+    """
+    if policy not in DEFAULT_THRESHOLDS:
+        raise ValueError(
+            f"policy {policy!r} takes no thresholds"
+            + (" (it averages every exit)" if policy == "soft" else "")
+            + f"; thresholds belong to {tuple(DEFAULT_THRESHOLDS)}."
+        )
     n = len(model.branches)
     if threshold is None:
         stored = model.config.thresholds
         threshold = stored if stored is not None and model.config.policy == policy else DEFAULT_THRESHOLDS[policy]
-    if isinstance(threshold, torch.Tensor):
+    if hasattr(threshold, "tolist"):  # torch tensors, numpy arrays and numpy scalars, 0-d included
         threshold = threshold.tolist()
-    values = [float(threshold)] * n if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
+    values = [float(threshold)] * n if isinstance(threshold, numbers.Real) else [float(t) for t in threshold]
     if len(values) != n:
         raise ValueError(
             f"got {len(values)} thresholds for {n} early exits; give one number for all or one per early exit "
             "(the final exit takes every remaining sample and has none)."
         )
-    bad = [t for t in values if not 0.0 <= t <= 1.0 or math.isnan(t)]
+    bad = [t for t in values if not 0.0 <= t <= 1.0]  # NaN fails the comparison too
     if bad:
         what = {"gate": "gate values", "confidence": "max-softmax values", "entropy": "normalised entropies"}[policy]
         raise ValueError(f"thresholds {bad} are outside [0, 1]; {policy!r} compares {what}, which lie in [0, 1].")
