@@ -20,14 +20,15 @@ Runs: ``train()`` writes a run folder (``run.json``, ``recipe.yaml``, ``checkpoi
 Checkpoints are safetensors files (model, EMA and optimizer tensors; everything else as JSON in
 the header), written to a temporary file and moved into place, at the end of every epoch and every
 ``checkpoint_every_steps`` steps. ``resume=True`` continues from the last one and ends with the same
-weights as an uninterrupted run: data order, augmentation, mixup and dropout are seeded from
-(seed, epoch, sample) and (seed, step), and learning rates and the cost weight are functions of the
+weights as an uninterrupted run: data order and augmentation are seeded from (seed, epoch, sample),
+mixup and dropout from (seed, step, rank), and learning rates and the cost weight are functions of the
 step. A folder holding another run, or any run without ``resume`` / ``overwrite``, is an error.
 
 Many processes: start with ``torchrun --nproc_per_node N -m timm_exits.training.cli train -c recipe.yaml``.
 DistributedDataParallel (nccl on GPUs, gloo on CPUs); ``batch_size`` is the global batch, split
-evenly over the processes, so N processes train the same model as one (exactly so for backbones
-without BatchNorm, in a frozen stage, or with ``sync_bn: true`` on GPUs); validation metrics are
+evenly over the processes, so N processes train the same model as one (exactly so without mixup,
+cutmix or dropout, whose draws differ per process, and for backbones without BatchNorm, in a frozen
+stage, or with ``sync_bn: true`` on GPUs); validation metrics are
 summed over ranks; only rank 0 writes, and resuming needs the run folder on a shared file system.
 """
 
