@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from timm_exits.training.augment import ArrayLoader, ArraySplit, BatchAugment
-from timm_exits.training.data import build_datasets, load_splits, make_loader
+from timm_exits.training.data import _holdout, build_datasets, load_splits, make_loader
 from timm_exits.training.recipe import load_recipe
 from timm_exits.training.stages import OneCycle
 
@@ -177,3 +177,13 @@ def test_an_empty_or_oversized_held_out_split_names_the_key_that_set_it(override
     cfg = load_recipe(None, {"dataset": "digits", **overrides}).data
     with pytest.raises(ValueError, match=message):
         load_splits(cfg)
+
+
+@pytest.mark.parametrize("held", [3, 95])  # fewer samples than classes on one side: no stratification possible
+def test_a_held_out_split_too_small_to_stratify_on_either_side_is_still_made(held):
+    labels = [i % 10 for i in range(100)]
+    kept, out = _holdout(labels, held, seed=0, key="val_split")
+    assert len(out) == held and sorted(kept + out) == list(range(100))
+    assert _holdout(labels, held, seed=0, key="val_split") == (kept, out)  # seeded
+    kept, out = _holdout(labels, 50, seed=0, key="val_split")  # stratified where both sides can be
+    assert sorted(labels[i] for i in out) == sorted(labels[i] for i in kept)

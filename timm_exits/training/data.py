@@ -124,7 +124,8 @@ def _holdout(labels: Sequence[int], size: float | int, seed: int, key: str) -> t
         raise ValueError(f"cannot hold out {count} of {n} samples ({key}={size}); lower {key}.")
     idx = np.arange(n)
     counts = np.bincount(np.asarray(labels))
-    stratify = labels if counts[counts > 0].min() >= 2 and count >= len(counts[counts > 0]) else None
+    classes = len(counts[counts > 0])  # stratifying needs two of each class and a class on each side
+    stratify = labels if counts[counts > 0].min() >= 2 and min(count, n - count) >= classes else None
     kept, held = train_test_split(idx, test_size=count, random_state=seed, stratify=stratify)
     return sorted(int(i) for i in kept), sorted(int(i) for i in held)
 
