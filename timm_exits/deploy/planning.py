@@ -40,7 +40,7 @@ import torch
 from ..core._utils import evaluating
 from ..core.model import EarlyExitModel
 from ..inference.calibration import collect, simulate
-from ..inference.policies import POLICIES, resolve_thresholds
+from ..inference.policies import EXIT_RULES, resolve_thresholds
 from .serve.client import EdgeClient
 from .serve.codec import COMPRESSIONS, encode_tensors
 from .split import Split, split
@@ -270,8 +270,8 @@ def plan_split(
     Returns:
         A `SplitPlan` with the table, the recommended row, `to_markdown()` and `plot()`.
     """
-    if policy not in POLICIES[1:]:
-        raise ValueError(f"policy {policy!r} has no early exit to plan for; use one of {POLICIES[1:]}.")
+    if policy not in EXIT_RULES:
+        raise ValueError(f"policy {policy!r} has no early exit to plan for; use one of {EXIT_RULES}.")
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}; use one of {COMPRESSIONS}.")
     if device_speed <= 0 or server_speed <= 0:

@@ -22,7 +22,7 @@ from ..core._utils import evaluating
 from ..core.config import PolicyName
 from ..core.gates import logit_stats
 from ..core.model import EarlyExitModel
-from .policies import POLICIES, exit_mask
+from .policies import EXIT_RULES, exit_mask
 
 __all__ = ["Collected", "Calibration", "collect", "simulate", "sweep", "calibrate"]
 
@@ -196,8 +196,8 @@ def _candidates(data: Collected, policy: str, stats: list[torch.Tensor | None], 
 
 def sweep(data: Collected, policy: PolicyName, num: int = 201) -> list[dict[str, float]]:
     """Cost and accuracy of `policy` over thresholds at `num` quantiles of its scores (plus 0 and 1)."""
-    if policy not in POLICIES[1:]:
-        raise ValueError(f"cannot sweep policy {policy!r}; use one of {POLICIES[1:]}.")
+    if policy not in EXIT_RULES:
+        raise ValueError(f"cannot sweep policy {policy!r}; use one of {EXIT_RULES}.")
     _require_finite(data, "sweep", _FIX_COLLECTED)
     stats = _exit_stats(data, policy)  # once: only the comparison depends on the threshold
     correct = data.logits.argmax(-1) == data.labels[:, None]

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # annotations only: model.predict imports this module
 
 __all__ = [
     "POLICIES",
+    "EXIT_RULES",
     "DEFAULT_THRESHOLDS",
     "Prediction",
     "PredictionStats",
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 POLICIES: tuple[str, ...] = get_args(PolicyName)
+EXIT_RULES: tuple[str, ...] = ("gate", "confidence", "entropy")  # the policies that exit early, by threshold
 DEFAULT_THRESHOLDS = {"gate": 0.5, "confidence": 0.9, "entropy": 0.2}
 
 
@@ -113,7 +115,7 @@ def exit_mask(
     if policy == "gate":
         return torch.sigmoid(gate_logit.float()) >= threshold
     if policy not in ("confidence", "entropy"):
-        raise ValueError(f"policy {policy!r} has no exit rule; use one of {POLICIES[1:]}")
+        raise ValueError(f"policy {policy!r} has no exit rule; use one of {EXIT_RULES}")
     stats = logit_stats(logits) if stats is None else stats
     return stats[:, 0] >= threshold if policy == "confidence" else stats[:, 1] <= threshold
 
@@ -244,10 +246,18 @@ class _HardRun:
             self._write(self.alive[rest], final_logits[rest])
 
 
-def run_assigned(model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tensor, batch_shrink: bool = True):
+def run_assigned(
+    model: EarlyExitModel, x: torch.Tensor, exit_index: torch.Tensor, batch_shrink: bool = True
+) -> torch.Tensor:
     """Hard early exit with each sample's exit fixed in advance (benchmarks and tests of the mechanism).
 
     Runs exactly the code path of `predict`, with the policy's decision replaced by `exit_index`.
+
+    Args:
+        model: A wrapped model, in the mode it should run in.
+        x: (B, C, H, W) batch.
+        exit_index: (B,) exit of each sample, 0 to `model.num_exits - 1`.
+        batch_shrink: Remove exited samples from the batch mid-network (as `predict`).
 
     Returns:
         (B, K) logits of the assigned exits.

@@ -11,7 +11,8 @@ Data sets (`dataset:` in a recipe):
 * ``cinic10``: the CINIC-10 folder tree (``train/``, ``valid/``, ``test/``); ``valid`` is the
   calibration split.
 * ``imagefolder``: any ``data_dir/{train,val|valid|validation,test}/<class>/<image>`` tree; splits
-  that are missing are held out of ``train`` with a fixed seed.
+  that are missing are held out of ``train`` with a fixed seed. With ``val/`` but no ``test/`` (the
+  ImageNet layout), ``val/`` is the test split and the calibration split is held out of ``train``.
 
 Every data set yields three splits: ``train``, ``val`` (held out for threshold calibration and the
 per-epoch logs, never trained on) and ``test``.
@@ -51,6 +52,7 @@ from .sampling import ShardSampler, seed_for
 __all__ = [
     "DATASETS",
     "DataSplits",
+    "RawSplits",
     "SplitDataset",
     "resolve_augment",
     "load_splits",
@@ -95,7 +97,7 @@ class _ArrayImages(Dataset):
 
 
 @dataclass
-class _Raw:
+class RawSplits:
     """Untransformed splits: a base data set plus index lists into it for each split."""
 
     train: tuple[Dataset, list[int]]
@@ -130,7 +132,7 @@ def _holdout(labels: Sequence[int], size: float | int, seed: int, key: str) -> t
     return sorted(int(i) for i in kept), sorted(int(i) for i in held)
 
 
-def _digits(spec: DataSection) -> _Raw:
+def _digits(spec: DataSection) -> RawSplits:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -141,7 +143,7 @@ def _digits(spec: DataSection) -> _Raw:
     keep, val = _holdout([labels[i] for i in pool], spec.val_split, spec.split_seed + 1, "val_split")
     train = [pool[i] for i in keep]
     val = [pool[i] for i in val]
-    return _Raw((base, train), (base, val), (base, test), [str(c) for c in d.target_names])
+    return RawSplits((base, train), (base, val), (base, test), [str(c) for c in d.target_names])
 
 
 def _missing(what: str, root: Path, looked: Sequence[Path], hint: str) -> FileNotFoundError:
@@ -154,7 +156,7 @@ def _npz_split(path: Path) -> _ArrayImages:
         return _ArrayImages(z["x"], z["y"])
 
 
-def _cifar(spec: DataSection, name: str) -> _Raw:
+def _cifar(spec: DataSection, name: str) -> RawSplits:
     import torchvision
 
     root = Path(spec.data_dir or "data").expanduser()
@@ -181,11 +183,11 @@ def _cifar(spec: DataSection, name: str) -> _Raw:
         raw = _folder_tree(spec, root / name, what=name)
         bases = {id(ds): ds for ds, _ in (raw.train, raw.val, raw.test)}  # train/ may back several splits
         decoded = {key: _decoded(ds) for key, ds in bases.items()}
-        return _Raw(*((decoded[id(ds)], idx) for ds, idx in (raw.train, raw.val, raw.test)), raw.classes)
+        return RawSplits(*((decoded[id(ds)], idx) for ds, idx in (raw.train, raw.val, raw.test)), raw.classes)
     else:
         raise _missing(name, root, [root / tv_dir, npz, folder], _RESTORE_HINT)
     keep, val = _holdout(_targets(train), spec.val_split, spec.split_seed, "val_split")
-    return _Raw((train, keep), (train, val), (test, list(range(len(test)))), classes)
+    return RawSplits((train, keep), (train, val), (test, list(range(len(test)))), classes)
 
 
 def _decoded(folder: Dataset) -> _ArrayImages:
@@ -203,7 +205,7 @@ def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def _folder_tree(spec: DataSection, root: Path, what: str) -> _Raw:
+def _folder_tree(spec: DataSection, root: Path, what: str) -> RawSplits:
     """train/ [val|valid|validation/] [test/] ImageFolder tree; missing splits are held out of train."""
     from torchvision.datasets import ImageFolder
 
@@ -231,10 +233,10 @@ def _folder_tree(spec: DataSection, root: Path, what: str) -> _Raw:
             keep, held = _holdout([labels[i] for i in pool], size, spec.split_seed + salt, f"{split}_split")
             parts[split] = (train, [pool[i] for i in held])
             pool = [pool[i] for i in keep]
-    return _Raw((train, pool), parts["val"], parts["test"], list(train.classes))
+    return RawSplits((train, pool), parts["val"], parts["test"], list(train.classes))
 
 
-def load_splits(spec: DataSection) -> _Raw:
+def load_splits(spec: DataSection) -> RawSplits:
     """Load the untransformed train / val / test splits a recipe asks for.
 
     Args:
@@ -366,11 +368,18 @@ class DataSplits:
         return len(self.classes)
 
 
-def resolve_augment(spec: DataSection, raw: _Raw) -> str:
+def resolve_augment(spec: DataSection, raw: RawSplits) -> str:
     """The augmentation a recipe gets on its data: ``crop_flip`` / ``rrc`` (in memory) or ``timm`` (per image).
 
     ``auto`` picks ``rrc`` for array data sets (digits, CIFAR in any of its layouts) and ``timm`` when
     the data is a folder tree or the recipe asks for augmentations only timm's transforms have.
+
+    Args:
+        spec: The recipe's data section.
+        raw: The loaded splits (`load_splits`).
+
+    Returns:
+        "crop_flip", "rrc" or "timm"; a combination that cannot work raises a ValueError that says why.
     """
     in_memory = all(isinstance(ds, _ArrayImages) for ds, _ in (raw.train, raw.val, raw.test))
     per_image = [k for k in ("auto_augment", "color_jitter", "re_prob") if getattr(spec, k)]
@@ -394,7 +403,7 @@ def resolve_augment(spec: DataSection, raw: _Raw) -> str:
 
 
 def build_datasets(
-    spec: DataSection, model: torch.nn.Module | None = None, raw: _Raw | None = None, *, seed: int
+    spec: DataSection, model: torch.nn.Module | None = None, raw: RawSplits | None = None, *, seed: int
 ) -> DataSplits:
     """Load a recipe's data set and wrap its splits for training (augmented) and evaluation.
 

@@ -18,8 +18,9 @@ BatchNorm statistics stay as they are; ``epochs`` of joint training follow.
 Runs: ``train()`` writes a run folder (``run.json``, ``recipe.yaml``, ``checkpoint.safetensors``,
 ``train.log``, ``metrics.jsonl``, then ``report.json`` / ``report.md`` / ``plots/`` and ``model/``).
 Checkpoints are safetensors files (model, EMA and optimizer tensors; everything else as JSON in
-the header), written to a temporary file and moved into place, at the end of every epoch and every
-``checkpoint_every_steps`` steps. ``resume=True`` continues from the last one and ends with the same
+the header, all of it but the optimizer state also readable in ``checkpoint.json``), written to a
+temporary file and moved into place, at the end of every epoch and every ``checkpoint_every_steps``
+steps. ``resume=True`` continues from the last one and ends with the same
 weights as an uninterrupted run: data order and augmentation are seeded from (seed, epoch, sample),
 mixup and dropout from (seed, step, rank), and learning rates and the cost weight are functions of the
 step. A folder holding another run, or any run without ``resume`` / ``overwrite``, is an error.

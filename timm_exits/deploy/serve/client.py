@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from ...inference.policies import POLICIES, exit_mask, resolve_thresholds
+from ...inference.policies import EXIT_RULES, exit_mask, resolve_thresholds
 from ..split import CloudPart, EdgePart
 from .codec import COMPRESSIONS, PayloadError, TensorSpec, decode_tensors, encode_tensors
 from .parts import Served, run_batch, served_cloud
@@ -257,8 +257,8 @@ class EdgeClient:
     ) -> None:
         if not isinstance(edge, EdgePart):
             raise TypeError(f"edge must be an EdgePart from timm_exits.deploy.split, got {type(edge).__name__}.")
-        if policy not in POLICIES[1:]:
-            raise ValueError(f"policy {policy!r} has no exit rule; use one of {POLICIES[1:]}.")
+        if policy not in EXIT_RULES:
+            raise ValueError(f"policy {policy!r} has no exit rule; use one of {EXIT_RULES}.")
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression={compression!r}; use one of {COMPRESSIONS}.")
         if fallback not in ("raise", "local"):

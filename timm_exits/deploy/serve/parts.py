@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...core.model import EarlyExitModel
-from ...inference.policies import POLICIES, predict, resolve_thresholds
+from ...inference.policies import EXIT_RULES, predict, resolve_thresholds
 from ..split import CloudPart
 from .codec import TensorSpec, describe_specs
 
@@ -161,8 +161,8 @@ def served_model(
     policy_name, thresholds = None, None
     if isinstance(model, EarlyExitModel):
         policy_name = policy or model.config.policy
-        if policy_name not in POLICIES[1:]:
-            raise ValueError(f"policy {policy_name!r} has no hard early exit; use one of {POLICIES[1:]}.")
+        if policy_name not in EXIT_RULES:
+            raise ValueError(f"policy {policy_name!r} has no hard early exit; use one of {EXIT_RULES}.")
         thresholds = resolve_thresholds(model, policy_name, threshold)
         k = model.num_classes
         info: dict[str, Any] = {"num_exits": model.num_exits, "num_classes": k, "input_size": list(size)}
