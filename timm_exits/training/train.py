@@ -42,7 +42,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from .build import build_model
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, _load_optimizer, _load_state, load_checkpoint, save_checkpoint
 from .data import build_datasets, load_splits, make_loader, make_mixup
 from .distributed import _agree, _all_sum, _Dist, _setup_distributed
+from .progress import RunLog, epoch_line, progress_enabled
 from .recipe import Recipe, RecipeError, _diff, _fingerprint, _identity, load_recipe
 from .recipe_schema import OptimSection
 from .report import evaluate
@@ -76,45 +77,6 @@ __all__ = [
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C (SIGINT) at a step boundary, after writing a checkpoint to resume from."""
-
-
-# ---------------------------------------------------------------------------------------- logging
-class _Log:
-    def __init__(self, path: Path | None, bars: bool) -> None:
-        self.path = path
-        self.bars = bars
-
-    def __call__(self, msg: str) -> None:
-        if self.bars:
-            from tqdm import tqdm
-
-            tqdm.write(msg)
-        else:
-            print(msg, flush=True)
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
-
-
-def _distribution_text(dist_: Sequence[float]) -> str:
-    return ", ".join(f"#{i + 1}: {100 * p:.1f} %" for i, p in enumerate(dist_))
-
-
-def _epoch_line(rec: dict[str, Any]) -> str:
-    tr, va = rec["train"], rec["val"]
-    parts = [f"loss {tr['loss']:.4f}"]
-    for k in ("soft_ce", "exit_ce", "final_ce", "expected_cost"):
-        if k in tr:
-            parts.append(f"{k} {tr[k]:.4f}")
-    if "cost_weight" in tr:
-        parts.append(f"lambda {tr['cost_weight']:.3g}")
-    accs = "/".join(f"{100 * a:.1f}" for a in va["exit_accuracy"])
-    g = va["gate"]
-    return (
-        f"epoch {rec['epoch']}/{rec['epochs']} [{rec['stage']}] {' '.join(parts)} | lr {rec['lr']:.3g} | "
-        f"val exits {accs} % | soft {100 * va['soft_accuracy']:.1f} % | gate@0.5 {100 * g['accuracy']:.1f} % "
-        f"at cost {g['expected_cost']:.3f}, exits {_distribution_text(g['exit_distribution'])} | {rec['seconds']:.1f} s"
-    )
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -169,12 +131,6 @@ def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, optim: OptimSe
     }
 
 
-def _progress_enabled(progress: str | bool, d: _Dist) -> bool:
-    if not d.main:
-        return False
-    return sys.stderr.isatty() if progress == "auto" else bool(progress)
-
-
 @dataclass
 class _Position:
     stage: int = 0
@@ -219,24 +175,41 @@ _LOSS_PARTS = ("loss", "soft_ce", "exit_ce", "final_ce", "expected_cost", "steps
 _LOGGED_PARTS = {"soft": ("soft_ce", "exit_ce", "expected_cost"), "branchynet": (), "baseline": ("final_ce",)}
 
 
+def _batch_per_rank(recipe: Recipe, d: _Dist) -> int:
+    """Each process's share of the global batch, after the checks that depend on the processes and device."""
+    data, optim = recipe.data, recipe.optim
+    if data.batch_size % d.world:
+        raise RecipeError(f"batch_size {data.batch_size} (global) does not split over {d.world} processes.")
+    per_rank = data.batch_size // d.world
+    if (data.mixup or data.cutmix) and per_rank % 2:
+        raise RecipeError(f"mixup needs an even batch per process; batch_size / processes = {per_rank}.")
+    if optim.amp == "fp16" and d.device.type != "cuda":
+        raise RecipeError("amp: fp16 needs a CUDA device; use amp: bf16 on CPUs.")
+    if optim.sync_bn and d.world > 1 and d.device.type != "cuda":
+        raise RecipeError(
+            "sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); on CPUs freeze BatchNorm with "
+            "frozen_epochs or use a backbone without BatchNorm."
+        )
+    return per_rank
+
+
+def _check_target_cost(recipe: Recipe, model: EarlyExitModel) -> None:
+    """A calibration target below the cheapest exit's cost can never be met: fail before training."""
+    target = recipe.eval.calibrate_target_cost
+    cheapest = float(model.exit_costs.min())
+    if recipe.eval.report and target is not None and target < cheapest - 1e-9:
+        raise RecipeError(
+            f"calibrate_target_cost={target} is below the cheapest expected cost this model can reach, "
+            f"{cheapest:.4f} (every image at exit #1); set calibrate_target_cost >= {cheapest:.4f}."
+        )
+
+
 class _Trainer:
     """One rank's side of a training run: set-up, stages, epochs, steps and checkpoints (see `train`)."""
 
     def __init__(self, recipe: Recipe, d: _Dist, run_dir: Path, resume: bool, overwrite: bool) -> None:
         self.recipe, self.d, self.run_dir = recipe, d, run_dir
-        data, optim = recipe.data, recipe.optim
-        if data.batch_size % d.world:
-            raise RecipeError(f"batch_size {data.batch_size} (global) does not split over {d.world} processes.")
-        self.per_rank = data.batch_size // d.world
-        if (data.mixup or data.cutmix) and self.per_rank % 2:
-            raise RecipeError(f"mixup needs an even batch per process; batch_size / processes = {self.per_rank}.")
-        if optim.amp == "fp16" and d.device.type != "cuda":
-            raise RecipeError("amp: fp16 needs a CUDA device; use amp: bf16 on CPUs.")
-        if optim.sync_bn and d.world > 1 and d.device.type != "cuda":
-            raise RecipeError(
-                "sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); on CPUs freeze BatchNorm with "
-                "frozen_epochs or use a backbone without BatchNorm."
-            )
+        self.per_rank = _batch_per_rank(recipe, d)
         if recipe.runtime.threads:
             torch.set_num_threads(recipe.runtime.threads)
 
@@ -244,44 +217,62 @@ class _Trainer:
         self.resuming, clear = self._on_rank0_first(
             lambda: _prepare_run_dir(run_dir, recipe, resume, overwrite), (False, False)
         )
-        raw = self._on_rank0_first(lambda: load_splits(data), None)
+        raw = self._on_rank0_first(lambda: load_splits(recipe.data), None)
         if raw is None:
-            raw = load_splits(data)
+            raw = load_splits(recipe.data)
         torch.manual_seed(recipe.seed)
         pretrained = False if self.resuming else None  # a resumed run's weights come from its checkpoint
-        self.model = build_model(recipe.model, len(raw.classes), data.img_size, pretrained=pretrained)
-        self.data = build_datasets(data, self.model, raw, seed=recipe.seed)
+        self.model = build_model(recipe.model, len(raw.classes), recipe.data.img_size, pretrained=pretrained)
+        self.data = build_datasets(recipe.data, self.model, raw, seed=recipe.seed)
         self.ckpt_path = run_dir / CHECKPOINT_NAME
-        self.ckpt: dict[str, dict[str, torch.Tensor]] = {}
-        meta: dict[str, Any] = {}
-        if self.resuming:
-            self.ckpt, meta = load_checkpoint(self.ckpt_path)
-            _load_state(self.model, self.ckpt.get("model", {}), str(self.ckpt_path))
-            if meta.get("fingerprint") != _fingerprint(recipe):
-                changes = _diff(_identity(meta.get("recipe", {})), _identity(recipe))
-                raise CheckpointError(
-                    f"{self.ckpt_path} was written by another recipe than this run's"
-                    + (f" ({'; '.join(changes)})" if changes else "")
-                    + "; resume with the recipe it was written by, or train into a new --output folder."
-                )
-        elif recipe.model.init_checkpoint:
-            groups, _ = load_checkpoint(recipe.model.init_checkpoint)
-            _load_state(self.model, groups.get("model", {}), str(recipe.model.init_checkpoint))
-        self.ckpt_meta = meta
-        target = recipe.eval.calibrate_target_cost
-        cheapest = float(self.model.exit_costs.min())
-        if recipe.eval.report and target is not None and target < cheapest - 1e-9:
-            raise RecipeError(
-                f"calibrate_target_cost={target} is below the cheapest expected cost this model can reach, "
-                f"{cheapest:.4f} (every image at exit #1); set calibrate_target_cost >= {cheapest:.4f}."
+        self.ckpt, self.ckpt_meta = self._restore_weights()
+        _check_target_cost(recipe, self.model)
+        self._build_loop()
+        kept: list[str] = []
+        if d.main:  # everything above could still fail: only now is the old run's output deleted
+            if clear:
+                _, kept = _clear_run(run_dir)
+            _write_run_files(run_dir, recipe, self.data.classes, d.world)
+        self._place_model()
+
+        self.pos = _Position(**self.ckpt_meta.get("position", {}))
+        self.history: list[dict[str, Any]] = list(self.ckpt_meta.get("history", []))
+        self.bars = progress_enabled(recipe.runtime.progress, d)
+        self.log = RunLog(run_dir / "train.log" if d.main else None, self.bars)
+        if kept:
+            self.log(f"--overwrite: deleted the earlier run's files; left {len(kept)} other file(s) in place: {kept}")
+        self._interrupted = False
+
+    def _restore_weights(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Load the checkpoint of a resumed run (checking it was written by this recipe), or the recipe's
+        `init_checkpoint`; returns the resumed checkpoint's tensor groups and metadata (empty otherwise)."""
+        recipe = self.recipe
+        if not self.resuming:
+            if recipe.model.init_checkpoint:
+                groups, _ = load_checkpoint(recipe.model.init_checkpoint)
+                _load_state(self.model, groups.get("model", {}), str(recipe.model.init_checkpoint))
+            return {}, {}
+        groups, meta = load_checkpoint(self.ckpt_path)
+        _load_state(self.model, groups.get("model", {}), str(self.ckpt_path))
+        if meta.get("fingerprint") != _fingerprint(recipe):
+            changes = _diff(_identity(meta.get("recipe", {})), _identity(recipe))
+            raise CheckpointError(
+                f"{self.ckpt_path} was written by another recipe than this run's"
+                + (f" ({'; '.join(changes)})" if changes else "")
+                + "; resume with the recipe it was written by, or train into a new --output folder."
             )
+        return groups, meta
+
+    def _build_loop(self) -> None:
+        """The loaders, stages, mixup and loss of the run (every check that needs them included)."""
+        d, data = self.d, self.recipe.data
         self.train_loader = make_loader(
             self.data.train,
             self.per_rank,
             train=True,
             num_replicas=d.world,
             rank=d.rank,
-            seed=recipe.seed,
+            seed=self.recipe.seed,
             num_workers=data.num_workers,
             pin_memory=d.device.type == "cuda",
         )
@@ -293,16 +284,15 @@ class _Trainer:
             raise RecipeError(
                 f"batch_size {data.batch_size} is larger than the train split ({len(self.data.train)} samples)."
             )
-        self.stages = _stages(optim)
+        self.stages = _stages(self.recipe.optim)
         self.total_epochs = sum(s.epochs for s in self.stages)
         self.total_steps = self.total_epochs * self.steps_per_epoch
-        self.mixup = make_mixup(data, self.data.num_classes, recipe.method.label_smoothing)
-        self.loss_fn = _make_loss(recipe.method, self.mixup is not None)
-        kept: list[str] = []
-        if d.main:  # everything above could still fail: only now is the old run's output deleted
-            if clear:
-                _, kept = _clear_run(run_dir)
-            _write_run_files(run_dir, recipe, self.data.classes, d.world)
+        self.mixup = make_mixup(data, self.data.num_classes, self.recipe.method.label_smoothing)
+        self.loss_fn = _make_loss(self.recipe.method, self.mixup is not None)
+
+    def _place_model(self) -> None:
+        """Move the model to its device and memory format, and set up the EMA and the fp16 scaler."""
+        optim, d = self.recipe.optim, self.d
         self.model.to(d.device)
         if optim.sync_bn and d.world > 1:  # replaces BatchNorm children in place; names and hooks stay
             nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -315,15 +305,7 @@ class _Trainer:
             self.ema = ModelEmaV3(self.model, decay=optim.ema_decay)
             if "ema" in self.ckpt:
                 _load_state(self.ema.module, self.ckpt["ema"], str(self.ckpt_path))
-
         self.scaler = torch.amp.GradScaler("cuda") if optim.amp == "fp16" else None
-        self.pos = _Position(**meta.get("position", {}))
-        self.history: list[dict[str, Any]] = list(meta.get("history", []))
-        self.bars = _progress_enabled(recipe.runtime.progress, d)
-        self.log = _Log(run_dir / "train.log" if d.main else None, self.bars)
-        if kept:
-            self.log(f"--overwrite: deleted the earlier run's files; left {len(kept)} other file(s) in place: {kept}")
-        self._interrupted = False
 
     def _on_rank0_first(self, fn: Any, default: Any) -> Any:
         """Run `fn` on rank 0 and share its result (a bool or tuple) or its error with every rank."""
@@ -498,7 +480,7 @@ class _Trainer:
             pos.done = pos.stage == len(self.stages)
         self._checkpoint(opt, None)
         if d.main:
-            self.log(_epoch_line(rec))
+            self.log(epoch_line(rec))
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
         if self.epoch_bar is not None:
             self.epoch_bar.update(1)
