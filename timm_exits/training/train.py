@@ -42,7 +42,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,11 +215,9 @@ class _Trainer:
 
         # rank 0 checks the output folder and loads the data first (it may download); the others follow
         self.resuming, clear = self._on_rank0_first(
-            lambda: _prepare_run_dir(run_dir, recipe, resume, overwrite), (False, False)
+            lambda: _prepare_run_dir(run_dir, recipe, resume, overwrite), share=True
         )
-        raw = self._on_rank0_first(lambda: load_splits(recipe.data), None)
-        if raw is None:
-            raw = load_splits(recipe.data)
+        raw = self._on_rank0_first(lambda: load_splits(recipe.data), share=False)
         torch.manual_seed(recipe.seed)
         pretrained = False if self.resuming else None  # a resumed run's weights come from its checkpoint
         self.model = build_model(recipe.model, len(raw.classes), recipe.data.img_size, pretrained=pretrained)
@@ -307,19 +305,22 @@ class _Trainer:
                 _load_state(self.ema.module, self.ckpt["ema"], str(self.ckpt_path))
         self.scaler = torch.amp.GradScaler("cuda") if optim.amp == "fp16" else None
 
-    def _on_rank0_first(self, fn: Any, default: Any) -> Any:
-        """Run `fn` on rank 0 and share its result (a bool or tuple) or its error with every rank."""
-        result, error = default, None
+    def _on_rank0_first(self, fn: Callable[[], Any], *, share: bool) -> Any:
+        """Run `fn` on rank 0 first; its error, if any, is raised on every rank. Then the other ranks either
+        receive rank 0's result (`share`, for small picklable values) or run `fn` themselves."""
+        result, error = None, None
         if self.d.main:
             try:
                 result = fn()
             except Exception as e:
                 error = e
         _agree(self.d, error)
-        if self.d.world > 1 and isinstance(default, (bool, tuple)):
+        if self.d.world > 1 and share:
             box = [result]
             dist.broadcast_object_list(box, src=0)
             result = box[0]
+        elif not self.d.main:
+            result = fn()
         return result
 
     # ---------------------------------------------------------------------------------------- run
