@@ -93,7 +93,10 @@ def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, optim: OptimSe
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     e = model.num_exits
-    sums = torch.zeros(3 * e + 3, dtype=torch.float64)  # exit correct | gate counts | gate correct per exit | ...
+    # one float64 vector, so that a single all-reduce sums every count over the ranks
+    exit_hits, gate_counts, gate_hits = slice(0, e), slice(e, 2 * e), slice(2 * e, 3 * e)
+    soft_hits, cost_sum, seen = 3 * e, 3 * e + 1, 3 * e + 2
+    sums = torch.zeros(3 * e + 3, dtype=torch.float64)
     costs = model.exit_costs.detach().float().cpu()
     try:
         for x, y in loader:
@@ -107,26 +110,26 @@ def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, optim: OptimSe
             correct = logits.argmax(-1) == y[:, None]
             index = simulate(Collected(logits, gates, y, costs), "gate", 0.5)
             hit = correct[torch.arange(len(y)), index]
-            sums[:e] += correct.sum(0)
-            sums[e : 2 * e] += torch.bincount(index, minlength=e)
-            sums[2 * e : 3 * e] += torch.bincount(index[hit], minlength=e)
-            sums[3 * e] += (out.log_probs.float().argmax(-1).cpu() == y).sum()
-            sums[3 * e + 1] += costs[index].double().sum()
-            sums[3 * e + 2] += len(y)
+            sums[exit_hits] += correct.sum(0)
+            sums[gate_counts] += torch.bincount(index, minlength=e)
+            sums[gate_hits] += torch.bincount(index[hit], minlength=e)
+            sums[soft_hits] += (out.log_probs.float().argmax(-1).cpu() == y).sum()
+            sums[cost_sum] += costs[index].double().sum()
+            sums[seen] += len(y)
     finally:
         for m, flag in was:
             m.training = flag
     sums = _all_sum(sums.to(d.device), d).cpu()
-    n = max(float(sums[-1]), 1.0)
+    n = max(float(sums[seen]), 1.0)
     return {
-        "num_samples": int(sums[-1]),
-        "exit_accuracy": (sums[:e] / n).tolist(),
-        "soft_accuracy": float(sums[3 * e] / n),
+        "num_samples": int(sums[seen]),
+        "exit_accuracy": (sums[exit_hits] / n).tolist(),
+        "soft_accuracy": float(sums[soft_hits] / n),
         "gate": {
             "threshold": 0.5,
-            "accuracy": float(sums[2 * e : 3 * e].sum() / n),
-            "expected_cost": float(sums[3 * e + 1] / n),
-            "exit_distribution": (sums[e : 2 * e] / n).tolist(),
+            "accuracy": float(sums[gate_hits].sum() / n),
+            "expected_cost": float(sums[cost_sum] / n),
+            "exit_distribution": (sums[gate_counts] / n).tolist(),
         },
     }
 
@@ -170,6 +173,8 @@ def train(
             dist.destroy_process_group()
 
 
+# An epoch's running sums, in this order (saved in mid-epoch checkpoints): the loss, its parts as the loss
+# function reports them (`loss_fn.last`), and the number of steps summed.
 _LOSS_PARTS = ("loss", "soft_ce", "exit_ce", "final_ce", "expected_cost", "steps")
 
 _LOGGED_PARTS = {"soft": ("soft_ce", "exit_ce", "expected_cost"), "branchynet": (), "baseline": ("final_ce",)}
@@ -433,9 +438,8 @@ class _Trainer:
             for x, y in self.train_loader:
                 loss = self._step(net, opt, sched, x, y, stage_first_step)
                 parts = self.loss_fn.last
-                accum += torch.tensor(
-                    [loss] + [float(parts.get(k, 0.0)) for k in _LOSS_PARTS[1:-1]] + [1.0], dtype=torch.float64
-                )
+                row = [loss, *(float(parts.get(k, 0.0)) for k in _LOSS_PARTS[1:-1]), 1.0]
+                accum += torch.tensor(row, dtype=torch.float64)
                 pos.step += 1
                 pos.batch += 1
                 if bar is not None:
