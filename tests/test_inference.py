@@ -13,7 +13,7 @@ from conftest import images, make_backbone
 from timm_exits import Collected, calibrate, collect, predict, simulate, sweep, wrap
 from timm_exits.core.gates import logit_stats
 from timm_exits.core.layout import to_nchw
-from timm_exits.inference.policies import _batch_shrink_safe, _run_hard, exit_mask, resolve_thresholds, run_assigned
+from timm_exits.inference.policies import _check_batch_shrink, _run_hard, exit_mask, resolve_thresholds, run_assigned
 
 
 def _wrapped(name: str, exits="auto"):
@@ -107,7 +107,7 @@ def test_the_batch_shrink_check_judges_the_structure_in_eval_mode_and_leaves_the
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "cannot drop exited samples" fallback for a resnet
-        assert _batch_shrink_safe(model, x) is True
+        assert _check_batch_shrink(model, x) is True
     assert model.training and all(m.training for m in model.modules())
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in buffers.items())  # BatchNorm running stats untouched

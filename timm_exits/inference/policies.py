@@ -285,7 +285,7 @@ def _run_hard(model: EarlyExitModel, x: torch.Tensor, decide: Decide, shrink: bo
     return run
 
 
-def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
+def _check_batch_shrink(model: EarlyExitModel, x: torch.Tensor) -> bool:
     """Check once whether dropping a sample at each exit leaves the other samples' results unchanged.
 
     The check runs in eval mode (train-mode BatchNorm mixes the samples by design, and would update its
@@ -328,7 +328,9 @@ def _batch_shrink_safe(model: EarlyExitModel, x: torch.Tensor) -> bool:
     return safe
 
 
-def _summarise(model: EarlyExitModel, exit_index: torch.Tensor, logits: torch.Tensor, labels, shrink: bool):
+def _summarise(
+    model: EarlyExitModel, exit_index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None, shrink: bool
+) -> PredictionStats:
     # one device-to-host copy; counting in Python avoids two more kernels on the small batches that
     # dominate latency-bound inference
     taken = Counter(exit_index.tolist())
@@ -385,7 +387,7 @@ def predict(
             return Prediction(logits, exit_index, _summarise(model, exit_index, logits, labels, False))
         thresholds = resolve_thresholds(model, policy, threshold)
         if batch_shrink is None:
-            batch_shrink = x.shape[0] == 1 or _batch_shrink_safe(model, x)
+            batch_shrink = x.shape[0] == 1 or _check_batch_shrink(model, x)
 
         def decide(pos: int, stats: torch.Tensor, gate_logit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             return exit_mask(policy, None, gate_logit, thresholds[pos], stats=stats)

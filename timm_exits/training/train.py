@@ -163,6 +163,11 @@ def train(
 
     Returns:
         The run folder.
+
+    Raises:
+        RecipeError, RunFolderError, CheckpointError: a recipe, output folder or checkpoint that cannot
+            work, before anything of an earlier run is changed.
+        TrainingInterrupted: Ctrl-C, after a checkpoint to resume from was written.
     """
     recipe = load_recipe(config, overrides)
     d = _setup_distributed(recipe.runtime.device)
