@@ -4,7 +4,7 @@ For resnet18 at 224x224 and 32x32 and vit_tiny at 224x224, and the evidence grid
 and `vgg13_cifar` at 32x32 when `--models` names them (CPU, fixed threads), batch 1 and 64,
 measures in one process: the plain timm forward (`backbone(x)`, hooks inactive); the wrapped model
 with no exit taken; and hard early exit with controlled exit mixes, every sample at exit k for each
-k, and a mixed distribution. Exits are assigned with `timm_exits.inference.policies.run_assigned`, the same
+k, and a mixed distribution. Exits are assigned with `timm_exits.inference.hard_exit.run_assigned`, the same
 code path as `predict` with the policy's decision fixed in advance, so the mix is exactly known.
 Every case runs twice, side by side: with eager exits and on a copy whose exits are compiled
 (`compile_exits()`; compiled during the warm-up rounds, which are not timed).
@@ -45,7 +45,7 @@ from _timing import machine, resolve_device, time_interleaved, write_json
 from torch._dynamo.utils import counters
 
 from timm_exits import wrap
-from timm_exits.inference.policies import run_assigned
+from timm_exits.inference.hard_exit import run_assigned
 
 CASES = [("resnet18", 224), ("resnet18", 32), ("vit_tiny_patch16_224", 224)]
 # The evidence grid's 32-px CIFAR networks (registered with timm by timm_exits), run only when --models names them.

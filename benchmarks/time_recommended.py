@@ -35,7 +35,7 @@ from _timing import machine, write_json
 
 from timm_exits import collect, fit_gates
 from timm_exits.core.model import EarlyExitModel
-from timm_exits.inference.policies import run_assigned
+from timm_exits.inference.hard_exit import run_assigned
 from timm_exits.training.checkpoint import load_run
 from timm_exits.training.data import build_datasets, make_loader
 from timm_exits.training.timing import time_per_image

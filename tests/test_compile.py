@@ -11,7 +11,7 @@ from conftest import images, spread_thresholds
 from torch._dynamo.utils import counters
 
 from timm_exits import predict, wrap
-from timm_exits.inference.policies import run_assigned
+from timm_exits.inference.hard_exit import run_assigned
 
 CASES = [("test_resnet", ["layer1", "layer2"]), ("test_vit", ["blocks.0", "blocks.2"])]
 

@@ -131,7 +131,7 @@ def test_placement_errors_toy(exits, match):
 
 def test_tuple_output_exit_reads_first_tensor_and_shrinks_batch():
     from timm_exits import predict
-    from timm_exits.inference.policies import run_assigned
+    from timm_exits.inference.hard_exit import run_assigned
 
     model = wrap(_Toy(), ["a", "pair"], num_classes=4, input_size=(3, 16, 16)).eval()
     assert model.exits[1].channels == 8 and model.exits[1].layout == "NCHW"

@@ -13,7 +13,8 @@ from conftest import images, make_backbone
 from timm_exits import Collected, calibrate, collect, predict, simulate, sweep, wrap
 from timm_exits.core.gates import logit_stats
 from timm_exits.core.layout import to_nchw
-from timm_exits.inference.policies import _check_batch_shrink, _run_hard, exit_mask, resolve_thresholds, run_assigned
+from timm_exits.inference.hard_exit import _check_batch_shrink, _run_hard, run_assigned
+from timm_exits.inference.policies import exit_mask, resolve_thresholds
 
 
 def _wrapped(name: str, exits="auto"):
@@ -341,7 +342,7 @@ def test_predict_with_nonfinite_inputs():
 
 
 def test_finite_check_of_predict_agrees_with_an_elementwise_check():
-    from timm_exits.inference.policies import _all_finite
+    from timm_exits.inference.hard_exit import _all_finite
 
     x = images(4, 32, seed=5)
     cases = {"finite": x.clone(), "huge but finite (the sum overflows)": torch.full_like(x, 3e38)}

@@ -18,7 +18,8 @@ from .deploy.split import CloudPart, EdgePart, Split, SplitError, split
 from .hub import ExitCheckpointError, from_pretrained, load_exits, push_to_hub, save_pretrained
 from .inference.calibration import Calibration, Collected, calibrate, collect, simulate, sweep
 from .inference.gate_fitting import GateFit, fit_gates
-from .inference.policies import POLICIES, Prediction, PredictionStats, predict
+from .inference.hard_exit import Prediction, PredictionStats, predict
+from .inference.policies import POLICIES
 from .training import models as _models  # noqa: F401  (registers alexnet_cifar and vgg13_cifar with timm)
 
 __all__ = [

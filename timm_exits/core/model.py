@@ -8,12 +8,12 @@ the wrapper, so `copy.deepcopy` (timm's EMA) re-binds them, and their handles, t
 
 The hooks do nothing unless a forward of the wrapper is running: calling `model.backbone(x)`
 directly gives exactly the plain model's output. During `EarlyExitModel.forward` every exit is
-computed (training and soft inference); `EarlyExitModel.predict` (see `timm_exits.inference.policies`) runs
+computed (training and soft inference); `EarlyExitModel.predict` (see `timm_exits.inference.hard_exit`) runs
 the hard early-exit path in which exited samples leave the batch and the backbone stops when none
 is left. `EarlyExitModel.compile_exits()` runs every exit's inference computation through
 `torch.compile`.
 
-Layering rule: `predict`, `save_pretrained` and `push_to_hub` import `timm_exits.inference.policies` and
+Layering rule: `predict`, `save_pretrained` and `push_to_hub` import `timm_exits.inference.hard_exit` and
 `timm_exits.hub.save` when called, so those modules must never import this one at run time (annotations only,
 under `typing.TYPE_CHECKING`, as this module imports `Prediction` for its annotations; the model is
 recognised by its attributes).
@@ -43,7 +43,7 @@ from .placement import ExitPoint, ExitRequest, resolve_exits
 from .soft import exit_log_probs, expected_cost, gates_with_final, soft_log_output
 
 if TYPE_CHECKING:
-    from ..inference.policies import Prediction
+    from ..inference.hard_exit import Prediction
 
 __all__ = ["ExitOutput", "ExitBranch", "EarlyExitModel", "wrap"]
 
@@ -393,8 +393,8 @@ class EarlyExitModel(nn.Module):
     def predict(
         self, x: torch.Tensor, policy: PolicyName | None = None, threshold: Any = None, **kwargs: Any
     ) -> Prediction:
-        """Hard early-exit inference; see `timm_exits.inference.policies.predict`."""
-        from ..inference.policies import predict
+        """Hard early-exit inference; see `timm_exits.inference.hard_exit.predict`."""
+        from ..inference.hard_exit import predict
 
         return predict(self, x, policy=policy, threshold=threshold, **kwargs)
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ...core.model import EarlyExitModel
-from ...inference.policies import EXIT_RULES, predict, resolve_thresholds
+from ...inference.hard_exit import predict
+from ...inference.policies import EXIT_RULES, resolve_thresholds
 from ..split import CloudPart
 from .codec import TensorSpec, describe_specs
 
