@@ -124,6 +124,47 @@ def test_overwrite_refuses_a_user_file_at_a_path_the_run_writes(tmp_path):
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("run_json", ['{"experiment": "another tool"}', "{not json", "[1, 2]"])
+def test_a_run_json_timm_exits_did_not_write_is_never_taken_for_a_run(tmp_path, run_json):
+    folder = tmp_path / "theirs"
+    for rel, data in {"run.json": run_json, "report.json": "{}", "train.log": "their log",
+                      "model/model.safetensors": "their weights", "notes.txt": "keep me"}.items():  # fmt: skip
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(data)
+    before = snapshot(folder)
+    with pytest.raises(RunFolderError, match="holds no timm-exits run"):
+        train(tiny(), folder)
+    with pytest.raises(RunFolderError, match=r"did not write at paths a run writes: \['model/model.safetensors', "):
+        train(tiny(), folder, overwrite=True)
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        train(tiny(), folder, resume=True)
+    assert snapshot(folder) == before
+
+
+def test_a_manifest_that_lists_paths_outside_its_folder_deletes_nothing(run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the tool's")
+    manifest = folder / MANIFEST_NAME
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({"files": [*data["files"], "../victim.txt"]}))
+    before = snapshot(folder)
+    with pytest.raises(RunFolderError, match=r"lists paths outside its folder \(\['../victim.txt'\]\)"):
+        train(tiny(timing_images=0), folder, overwrite=True)
+    assert victim.read_text() == "not the tool's" and snapshot(folder) == before
+
+
+def test_overwrite_keeps_a_subfolder_the_user_made_a_symlink(run, tmp_path):
+    folder, elsewhere = tmp_path / "run", tmp_path / "plots-elsewhere"
+    shutil.copytree(run, folder)
+    shutil.move(folder / "plots", elsewhere)
+    (folder / "plots").symlink_to(elsewhere, target_is_directory=True)  # holding only the tool's plots
+    train(tiny(timing_images=0), folder, overwrite=True)
+    assert (folder / "plots").is_symlink()
+    assert (elsewhere / "accuracy_vs_cost.png").is_file()  # the new run's plot, written through the link
+
+
 def test_failing_train_with_overwrite_keeps_the_old_run(run, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(run, folder)

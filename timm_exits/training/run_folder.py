@@ -49,6 +49,20 @@ _OWN_FILES = (
 _TRAIN_FILES = _OWN_FILES[:6]
 
 
+def _run_info(run_dir: Path) -> dict | None:
+    """The `run.json` of a timm-exits run in `run_dir`; None when there is none, or when the file there is
+    not one (not JSON, or without the recipe's fingerprint and identity), so that it is never taken for
+    a run."""
+    info = run_dir / "run.json"
+    if not info.is_file():
+        return None
+    try:
+        data = json.loads(info.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and "fingerprint" in data and "identity" in data else None
+
+
 def _own_files(run_dir: Path) -> list[str]:
     """Relative paths timm-exits wrote in `run_dir`: its manifest, else the fixed names of an older run."""
     try:
@@ -57,13 +71,12 @@ def _own_files(run_dir: Path) -> list[str]:
         raise RunFolderError(str(e)) from e
     if listed is not None:
         return listed
-    return list(_OWN_FILES) if (run_dir / "run.json").is_file() else []
+    return list(_OWN_FILES) if _run_info(run_dir) is not None else []
 
 
 def _clear_run(run_dir: Path) -> tuple[list[str], list[str]]:
     """Delete the files timm-exits wrote in `run_dir`; return (deleted, files of others left in place)."""
-    fallback = list(_OWN_FILES) if (run_dir / "run.json").is_file() else []
-    return remove_recorded(run_dir, fallback)
+    return remove_recorded(run_dir, _own_files(run_dir))
 
 
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> tuple[bool, bool]:
@@ -74,28 +87,28 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: boo
     """
     if resume and overwrite:
         raise RunFolderError("pass either resume or overwrite, not both.")
-    info = run_dir / "run.json"
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"output {run_dir} exists and is not a folder.")
     entries = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
-    if resume and not info.is_file():
+    old = _run_info(run_dir)
+    if resume and old is None:
         raise RunFolderError(
-            f"--resume: {run_dir} holds no timm-exits run (no run.json), so there is nothing to resume; nothing was "
-            "written. Give the --output of the run to continue, or leave out --resume to start a new run."
+            f"--resume: {run_dir} holds no timm-exits run (no run.json written by timm-exits), so there is nothing "
+            "to resume; nothing was written. Give the --output of the run to continue, or leave out --resume to "
+            "start a new run."
         )
     if not entries:
         return False, False
     own = set(_own_files(run_dir)) | {MANIFEST_NAME}
     others = [e for e in entries if e not in own]
-    if not info.is_file():
+    if old is None:
         if not overwrite:
             raise RunFolderError(
-                f"output folder {run_dir} is not empty and holds no timm-exits run (no run.json); nothing was "
-                f"written. Choose a new --output, or pass --overwrite to write the run there next to its "
-                f"{len(others)} file(s), which are left in place."
+                f"output folder {run_dir} is not empty and holds no timm-exits run (no run.json written by "
+                f"timm-exits); nothing was written. Choose a new --output, or pass --overwrite to write the run "
+                f"there next to its {len(others)} file(s), which are left in place."
             )
     else:
-        old = json.loads(info.read_text(encoding="utf-8"))
         changes = _diff(old.get("identity", {}), _identity(recipe))
         if not overwrite:
             if changes:

@@ -63,7 +63,18 @@ def read_manifest(run_dir: Path) -> list[str] | None:
             f"{path} is not a timm-exits manifest (expected {{'files': [relative paths]}}); it was left as it is. "
             "Remove it by hand if it is not needed."
         ) from e
+    outside = [f for f in files if not _inside(f)]
+    if outside:
+        raise ValueError(
+            f"{path} lists paths outside its folder ({outside[:3]}), which timm-exits never writes; nothing was "
+            "deleted. Remove the manifest, or those entries, by hand."
+        )
     return sorted(files)
+
+
+def _inside(rel: str) -> bool:
+    p = Path(rel)
+    return bool(p.parts) and not p.is_absolute() and ".." not in p.parts
 
 
 def _relative(run_dir: Path, path: str | os.PathLike) -> str:
@@ -111,7 +122,7 @@ def remove_recorded(run_dir: Path, fallback: Iterable[str] = ()) -> tuple[list[s
     (run_dir / MANIFEST_NAME).unlink(missing_ok=True)
     parents = sorted({(run_dir / rel).parent for rel in own}, key=lambda p: len(p.parts), reverse=True)
     for folder in parents:
-        while folder != run_dir and folder.is_dir() and not any(folder.iterdir()):
+        while folder != run_dir and folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
             folder = folder.parent
     kept = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
