@@ -295,6 +295,34 @@ def test_interrupted_save_leaves_the_earlier_files(models, saved, tmp_path, monk
     assert from_pretrained(folder).config == from_pretrained(saved).config
 
 
+def test_save_refuses_a_folder_holding_other_files_at_its_names(models, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "README.md").write_text("my notes")
+    (theirs / "report.json").write_text("{}")
+    plain = tmp_path / "plain"
+    save_for_hf(models["resnet"].backbone, plain, safe_serialization=True)  # a plain timm model, not a save of ours
+    for folder, names in ((theirs, "README.md, report.json"), (plain, "config.json, model.safetensors")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(FileExistsError, match=f"holds {names}, which no earlier timm-exits save wrote"):
+            save_pretrained(models["resnet"], folder)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (beside / "notes.txt").write_text("keep me")
+    save_pretrained(models["resnet"], beside)  # other names are left alone
+    assert (beside / "notes.txt").read_text() == "keep me" and (beside / "config.json").is_file()
+
+
+def test_a_home_relative_folder_is_expanded_when_saving_and_loading(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    folder = save_pretrained(models["resnet"], "~/m")
+    assert folder == tmp_path / "home" / "m" and not (tmp_path / "~").exists()
+    for source in ("~/m", "local-dir:~/m"):
+        assert from_pretrained(source).config == from_pretrained(folder).config
+
+
 # ----------------------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_local_folder(case, models, tmp_path, monkeypatch):

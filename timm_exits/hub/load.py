@@ -120,7 +120,7 @@ def _parse_source(
             token=token,
             local_files_only=local_files_only,
         )
-    folder = Path(rest) if sep and prefix.lower() == "local-dir" else Path(source)
+    folder = (Path(rest) if sep and prefix.lower() == "local-dir" else Path(source)).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{source!r} is not an existing folder; use 'hf-hub:org/name' to load from the Hugging Face Hub."

@@ -56,7 +56,9 @@ def save_pretrained(
 
     Args:
         model: The `EarlyExitModel` to save (its backbone must be a timm model).
-        save_directory: Folder to write; created if needed. Files of an earlier save are overwritten.
+        save_directory: Folder to write (``~`` expanded); created if needed. Files of an earlier save are
+            overwritten; a folder holding other files at the names a save writes (config.json,
+            model.safetensors, exits.safetensors, README.md, report.json) is refused, nothing written.
         report: Training report (dict or path of a report.json) the card's numbers come from; None gives a card
             without numbers.
         repo_id: Hub repo the folder is meant for, used in the card's usage snippets.
@@ -82,12 +84,14 @@ def save_pretrained(
     except (TypeError, ValueError) as e:
         raise ValueError(f"the exit configuration cannot be written as JSON: {e}") from e
 
-    folder = Path(save_directory)
+    folder = Path(save_directory).expanduser()
+    _check_target(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # Everything is written to a private folder beside the target first, then moved in file by file
-    # (config.json last): an interrupted save leaves the earlier files, or files whose hashes config.json
-    # does not match, which loading refuses; never a half-written file.
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.saving-") as tmp:
+    # Everything is written to a private folder inside the target first (the same file system, so each
+    # move is atomic), then moved in file by file (config.json last): an interrupted save leaves the
+    # earlier files, or files whose hashes config.json does not match, which loading refuses; never a
+    # half-written file.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
         stage = Path(tmp)
         save_for_hf(
             model.backbone, stage, model_config={CONFIG_KEY: cfg}, safe_serialization=True, data_config=data_config
@@ -116,6 +120,29 @@ def save_pretrained(
     if report_dict is None and (folder / REPORT_NAME).exists():
         (folder / REPORT_NAME).unlink()  # a stale report would contradict the card
     return folder
+
+
+def _check_target(folder: Path) -> None:
+    """Refuse a folder holding files at the names a save writes that no earlier save wrote."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"save_directory {folder} exists and is not a folder; nothing was written.")
+    names = (CONFIG_NAME, WEIGHTS_NAME, EXITS_NAME, CARD_NAME, REPORT_NAME)
+    present = [n for n in names if (folder / n).exists()]
+    if not present or _saved_here(folder):
+        return
+    raise FileExistsError(
+        f"save_directory {folder} holds {', '.join(present)}, which no earlier timm-exits save wrote (its "
+        f"{CONFIG_NAME} has no {CONFIG_KEY!r} entry); nothing was written. Save into a new folder, or move those "
+        "files away."
+    )
+
+
+def _saved_here(folder: Path) -> bool:
+    try:
+        cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get(CONFIG_KEY), dict)
 
 
 def _is_exit_model(model: Any) -> bool:

@@ -91,7 +91,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Read a checkpoint written by `save_checkpoint`: ({"model"|"ema"|"optim": tensors}, metadata)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
@@ -172,7 +172,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", **o
     Returns:
         A `LoadedRun`.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     if not (run_dir / "run.json").is_file() or not (run_dir / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a timm-exits run folder (run.json / recipe.yaml missing).")
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
