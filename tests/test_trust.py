@@ -195,6 +195,16 @@ def test_unreachable_target_cost_fails_and_rewrites_nothing(run, tmp_path, capsy
     assert "error" not in gate
 
 
+def test_a_threshold_for_the_soft_policy_is_a_one_line_error(run, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    before = snapshot(folder)
+    assert cli_main(["eval", str(folder), "--policy", "soft", "--threshold", "0.5", "--no-timing"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'soft' averages every exit and has none" in err
+    assert snapshot(folder) == before
+
+
 def test_eval_that_fails_midway_changes_nothing(run, tmp_path, monkeypatch):
     folder = tmp_path / "run"
     shutil.copytree(run, folder)

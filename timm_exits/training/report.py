@@ -50,12 +50,13 @@ from ..core.model import EarlyExitModel
 from ..core.soft import exit_log_probs, soft_log_output
 from ..inference.calibration import Collected, calibrate, collect, sweep
 from ..inference.gate_fitting import fit_gates
+from ..inference.policies import EXIT_RULES, POLICIES
 from .plots import write_plots
+from .recipe_types import RecipeError
 from .runfiles import Staging
 from .timing import _time_model, _timing_inputs, machine_name
 
 __all__ = [
-    "HARD_POLICIES",
     "PLOTS_HEADING",
     "CalibrationError",
     "evaluate",
@@ -63,7 +64,6 @@ __all__ = [
     "render_markdown",
 ]
 
-HARD_POLICIES = ("gate", "confidence", "entropy")
 PLOTS_HEADING = "## Plots"  # report.md's last section: the images under the run folder's plots/
 
 
@@ -144,7 +144,6 @@ def evaluate(
     Returns:
         The report dict (also written to ``run_dir/report.json``).
     """
-    from ..inference.policies import POLICIES
     from .checkpoint import load_run
     from .data import build_datasets, load_splits, make_loader
 
@@ -167,9 +166,12 @@ def evaluate(
         raise CalibrationError(_unreachable(asked, cheapest, run_dir))
     policy = policy or ev.policy
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
+        raise RecipeError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
     if threshold is not None and policy == "soft":
-        raise ValueError("the soft policy has no threshold.")
+        raise RecipeError(
+            f"a threshold applies to the {', '.join(EXIT_RULES)} policies; 'soft' averages every exit and has "
+            "none. Pass one of those policies with the threshold, or leave the threshold out."
+        )
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     if target_cost is None and max_accuracy_drop is None:
@@ -235,7 +237,7 @@ def evaluate(
         gate_fit = {"objective": objective, "split": "val", **fit_gates(model, val, objective=objective).__dict__}
         val = collect(model, val_loader, device=device)
         test = collect(model, test_loader, device=device)
-    for p in HARD_POLICIES:
+    for p in EXIT_RULES:
         policies[p] = calibrated(p, val, test)
     if "gate_0.5" not in policies:
         policies["gate_0.5"] = _hard(model, test_loader, "gate", 0.5, device)
