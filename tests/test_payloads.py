@@ -81,6 +81,25 @@ def test_codec_round_trips():
         encode_tensors({"features": feats}, "int4")
 
 
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_codec_payload_does_not_depend_on_memory_layout_and_takes_empty_tensors(compression):
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(3, 8, 4, 4, generator=g)
+    for layout in (feats.to(memory_format=torch.channels_last), feats.transpose(2, 3).contiguous().transpose(2, 3)):
+        assert not layout.is_contiguous()
+        got, ref = (decode_tensors(encode_tensors({"f": t}, compression))["f"] for t in (layout, feats))
+        assert torch.equal(got, ref)
+    empty = decode_tensors(encode_tensors({"f": feats[:0]}, compression))["f"]
+    assert empty.shape == (0, 8, 4, 4) and empty.dtype == torch.float32
+
+
+def test_codec_refuses_a_channel_axis_outside_the_tensor():
+    with pytest.raises(ValueError, match=r"channel_axis=4 is out of range for 'f' of shape \(2, 3\); .*\[-2, 1\]"):
+        encode_tensors({"f": torch.ones(2, 3)}, "int8-channel", channel_axis=4)
+    per_last = decode_tensors(encode_tensors({"f": torch.ones(2, 3)}, "int8-channel", channel_axis=-1))["f"]
+    assert torch.equal(per_last, torch.ones(2, 3))
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [
@@ -88,6 +107,12 @@ def test_codec_round_trips():
         (b"not a payload at all", "does not fit"),
         ((10**9).to_bytes(8, "little") + b"{}", "does not fit"),
         ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
+        pytest.param((60000).to_bytes(8, "little") + b"[" * 60000, "not JSON: RecursionError", id="deep-header"),
+        pytest.param(
+            st_save({"x": torch.zeros(2)}, metadata={"timm_exits.codec": "[" * 60000}),
+            "RecursionError",
+            id="deep-codec",
+        ),
         (st_save({"x": torch.zeros(2)})[:-3], "byte range"),
         (st_save({"x": torch.zeros(2)}, metadata={"timm_exits.codec": json.dumps({"x": {"mode": "zip"}})}), "zip"),
         (_raw({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}), "shape"),

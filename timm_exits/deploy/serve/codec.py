@@ -93,8 +93,8 @@ def _quantise(t: torch.Tensor, axis: int | None) -> dict[str, torch.Tensor]:
         hi = x.amax(dim=dims, keepdim=True) if dims else x
     scale = (hi - lo) / 255.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = ((x - lo) / scale).round_().clamp_(0, 255).to(torch.uint8)
-    return {"q": q, "scale": scale.contiguous(), "offset": lo.contiguous()}
+    q = ((x - lo) / scale).round_().clamp_(0, 255).to(torch.uint8)  # keeps the input's memory layout
+    return {"q": q.contiguous(), "scale": scale.contiguous(), "offset": lo.contiguous()}
 
 
 def encode_tensors(
@@ -126,8 +126,15 @@ def encode_tensors(
             raise ValueError(f"tensor name {name!r} contains '/', which the codec reserves.")
         t = t.detach().cpu()
         mode = compression if (t.is_floating_point() and (only is None or name in only)) else "none"
+        if t.numel() == 0:
+            mode = "none"  # nothing to compress, and no range to quantise over
         if mode == "int8-channel" and t.ndim == 0:
             mode = "int8"
+        if mode == "int8-channel" and not -t.ndim <= channel_axis < t.ndim:
+            raise ValueError(
+                f"channel_axis={channel_axis} is out of range for {name!r} of shape {tuple(t.shape)}; give an "
+                f"axis in [{-t.ndim}, {t.ndim - 1}]."
+            )
         codec[name] = {"mode": mode, "dtype": str(t.dtype).removeprefix("torch.")}
         if mode == "none":
             out[name] = t.contiguous()
@@ -163,8 +170,8 @@ def _header(data: bytes) -> tuple[dict[str, _Entry], dict[str, str]]:
         raise PayloadError(f"payload header length {n} does not fit the {len(data)}-byte payload; not safetensors.")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PayloadError(f"payload header is not JSON: {e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nesting too deep to parse
+        raise PayloadError(f"payload header is not JSON: {type(e).__name__}: {e}") from e
     if not isinstance(header, dict):
         raise PayloadError("payload header is not a JSON object; not safetensors.")
     meta = header.pop("__metadata__", None) or {}
@@ -215,8 +222,8 @@ def _plan(entries: Mapping[str, _Entry], meta: Mapping[str, str]) -> dict[str, _
         return {k: _Planned("none", e.dtype, e.shape) for k, e in entries.items()}
     try:
         codec = json.loads(meta[_META_KEY])
-    except json.JSONDecodeError as e:
-        raise PayloadError(f"payload codec metadata is not JSON: {e}") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise PayloadError(f"payload codec metadata is not JSON: {type(e).__name__}: {e}") from e
     if not isinstance(codec, dict):
         raise PayloadError("payload codec metadata is not a JSON object.")
     planned: dict[str, _Planned] = {}
