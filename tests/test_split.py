@@ -237,10 +237,19 @@ def test_onnx_check_without_onnxruntime(models, monkeypatch):
         run_onnx(b"", [torch.zeros(1)])
 
 
-def test_export_rejects_unknown_format(models):
+def test_export_rejects_unknown_format_train_mode_and_a_batch_of_one(models):
     edge, _ = split(models["resnet18"], at=0)
     with pytest.raises(ValueError, match="format"):
         export(edge, format="tflite")
+    with pytest.raises(ValueError, match=r"batch >= 2 .*dynamic_batch=False"):
+        export(edge, edge.example_inputs(1), format="torch")
+    model = _wrapped("resnet18", seed=3).train()
+    edge, _ = split(model, at=0, check=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"train mode \(.*BatchNorm2d.*Call \.eval\(\)"):
+        export(edge, format="torch")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running statistics unmoved
+    assert model.training
 
 
 @pytest.mark.slow

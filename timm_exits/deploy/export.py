@@ -118,7 +118,7 @@ def export(
     """Export a split part (or any module) with `torch.export` or to ONNX and check the result.
 
     Args:
-        part: An `EdgePart`, a `CloudPart` or another module; put it in eval mode first.
+        part: An `EdgePart`, a `CloudPart` or another module, in eval mode (a module in train mode is refused).
         example: Example inputs (one tensor or a tuple); default: `part.example_inputs()` (batch 2).
         path: Save the result there (.pt2 for "torch", .onnx for "onnx"); None keeps it in memory.
         format: "torch" or "onnx".
@@ -138,6 +138,18 @@ def export(
             raise ValueError("give example inputs for a module that is not a split part.")
         example = part.example_inputs()
     args = (example,) if torch.is_tensor(example) else tuple(example)
+    training = sorted({type(m).__name__ for m in part.modules() if m.training})
+    if training:
+        raise ValueError(
+            f"the part has modules in train mode ({', '.join(training[:4])}); exporting would record the training "
+            "graph (batch statistics, dropout) and move BatchNorm's running statistics. Call .eval() on the model "
+            "or the part first."
+        )
+    if dynamic_batch and any(a.shape[0] < 2 for a in args):
+        raise ValueError(
+            "an example batch of 1 makes torch.export fix the batch size; give examples with batch >= 2 "
+            "(part.example_inputs() gives 2), or pass dynamic_batch=False for a batch-1 program."
+        )
     input_names, output_names = _names(part, len(args))
     dynamic = None
     if dynamic_batch:
