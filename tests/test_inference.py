@@ -224,6 +224,11 @@ def test_sweep_equals_each_threshold_recomputed_from_the_exit_rule():
             assert point["cost"] == pytest.approx(float(data.costs[index].mean()), abs=1e-7)
     with pytest.raises(ValueError, match="got 2 thresholds for 4 early exits"):
         simulate(data, "gate", [0.5, 0.5])
+    for given in (np.float32(0.25), torch.tensor(0.25), np.full(4, 0.25)):  # numpy and torch numbers act as floats
+        assert torch.equal(simulate(data, "gate", given), simulate(data, "gate", 0.25))
+    for bad in (-100, classes):
+        with pytest.raises(ValueError, match=rf"class indices in \[0, 6\) for the model's 6 classes; got \[{bad}\]"):
+            Collected(logits, gate_logits, torch.where(labels == 0, bad, labels), data.costs)
 
 
 def test_calibration_meets_targets_and_matches_hard_path():

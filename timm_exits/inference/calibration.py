@@ -13,7 +13,7 @@ collected data, each naming how many samples are affected, at which exit, and th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,7 @@ from ..core._utils import evaluating
 from ..core.config import PolicyName
 from ..core.gates import logit_stats
 from ..core.model import EarlyExitModel
-from .policies import EXIT_RULES, exit_mask
+from .policies import EXIT_RULES, exit_mask, per_exit
 
 __all__ = ["Collected", "Calibration", "collect", "simulate", "sweep", "calibrate"]
 
@@ -35,6 +35,15 @@ class Collected:
     gate_logits: torch.Tensor
     labels: torch.Tensor
     costs: torch.Tensor
+
+    def __post_init__(self) -> None:
+        k = self.logits.shape[-1]
+        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= k):
+            bad = self.labels[(self.labels < 0) | (self.labels >= k)].unique()[:5].tolist()
+            raise ValueError(
+                f"labels must be class indices in [0, {k}) for the model's {k} classes; got {bad}. Drop or remap "
+                "those samples (e.g. an ignore index such as -100) before collecting."
+            )
 
     @property
     def exit_accuracy(self) -> list[float]:
@@ -149,12 +158,9 @@ def collect(
     return data
 
 
-def simulate(data: Collected, policy: PolicyName, threshold: float | list[float]) -> torch.Tensor:
+def simulate(data: Collected, policy: PolicyName, threshold: float | Sequence[float]) -> torch.Tensor:
     """Exit index each sample would take under `policy` (the same rule as the hard path)."""
-    n_early = data.gate_logits.shape[1]
-    thresholds = [float(threshold)] * n_early if isinstance(threshold, (int, float)) else list(threshold)
-    if len(thresholds) != n_early:
-        raise ValueError(f"got {len(thresholds)} thresholds for {n_early} early exits; give one or one per exit.")
+    thresholds = per_exit(threshold, data.gate_logits.shape[1])
     return _first_exit(data, policy, thresholds, _exit_stats(data, policy))
 
 

@@ -23,7 +23,7 @@ from ..core.gates import logit_stats
 if TYPE_CHECKING:
     from ..core.model import EarlyExitModel
 
-__all__ = ["POLICIES", "EXIT_RULES", "DEFAULT_THRESHOLDS", "exit_mask", "resolve_thresholds"]
+__all__ = ["POLICIES", "EXIT_RULES", "DEFAULT_THRESHOLDS", "exit_mask", "per_exit", "resolve_thresholds"]
 
 POLICIES: tuple[str, ...] = get_args(PolicyName)
 EXIT_RULES: tuple[str, ...] = ("gate", "confidence", "entropy")  # the policies that exit early, by threshold
@@ -59,6 +59,28 @@ def _check_policy(policy: str) -> None:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
 
 
+def per_exit(threshold: float | Sequence[float], n_early: int) -> list[float]:
+    """`threshold` as one float per early exit.
+
+    Args:
+        threshold: One number for every early exit (Python, numpy or 0-d torch), or one per early exit (a
+            sequence, tensor or array).
+        n_early: The number of early exits.
+
+    Returns:
+        `n_early` floats; a wrong count raises a ValueError that says so.
+    """
+    if hasattr(threshold, "tolist"):  # torch tensors, numpy arrays and numpy scalars, 0-d included
+        threshold = threshold.tolist()
+    values = [float(threshold)] * n_early if isinstance(threshold, numbers.Real) else [float(t) for t in threshold]
+    if len(values) != n_early:
+        raise ValueError(
+            f"got {len(values)} thresholds for {n_early} early exits; give one number for all or one per early "
+            "exit (the final exit takes every remaining sample and has none)."
+        )
+    return values
+
+
 def resolve_thresholds(
     model: EarlyExitModel, policy: PolicyName, threshold: float | Sequence[float] | None
 ) -> list[float]:
@@ -73,24 +95,17 @@ def resolve_thresholds(
     Returns:
         One float in [0, 1] per early exit; a wrong count or value raises a ValueError that says so.
     """
-    if policy not in DEFAULT_THRESHOLDS:
+    if policy not in EXIT_RULES:
         raise ValueError(
             f"policy {policy!r} takes no thresholds"
             + (" (it averages every exit)" if policy == "soft" else "")
-            + f"; thresholds belong to {tuple(DEFAULT_THRESHOLDS)}."
+            + f"; thresholds belong to {EXIT_RULES}."
         )
     n = len(model.branches)
     if threshold is None:
         stored = model.config.thresholds
         threshold = stored if stored is not None and model.config.policy == policy else DEFAULT_THRESHOLDS[policy]
-    if hasattr(threshold, "tolist"):  # torch tensors, numpy arrays and numpy scalars, 0-d included
-        threshold = threshold.tolist()
-    values = [float(threshold)] * n if isinstance(threshold, numbers.Real) else [float(t) for t in threshold]
-    if len(values) != n:
-        raise ValueError(
-            f"got {len(values)} thresholds for {n} early exits; give one number for all or one per early exit "
-            "(the final exit takes every remaining sample and has none)."
-        )
+    values = per_exit(threshold, n)
     bad = [t for t in values if not 0.0 <= t <= 1.0]  # NaN fails the comparison too
     if bad:
         what = {"gate": "gate values", "confidence": "max-softmax values", "entropy": "normalised entropies"}[policy]
