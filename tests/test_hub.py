@@ -518,6 +518,19 @@ def test_push_run_to_a_branch(models, hub_server, tmp_path):
     assert json.loads(hub_server.commits[0]["files"]["report.json"]) == report
 
 
+def test_push_run_describes_the_model_with_the_report_saved_beside_it(models, hub_server, tmp_path):
+    run = tmp_path / "run"
+    saved = _report(models["resnet"])
+    save_pretrained(models["resnet"], run / "model", saved)
+    newer = json.loads(json.dumps(saved))
+    newer["test"]["soft_accuracy"] = 0.5555  # as `eval --no-save` leaves it: a report the saved model is not
+    (run / "report.json").write_text(json.dumps(newer))
+    push_run(run, "org/run-exits", endpoint=hub_server.url, token="hf_test")
+    files = hub_server.commits[0]["files"]
+    assert json.loads(files["report.json"]) == saved
+    assert "87.12 %" in files["README.md"].decode() and "55.55" not in files["README.md"].decode()
+
+
 def test_cli_push_uploads_a_run_to_the_endpoint(models, hub_server, tmp_path, capsys):
     run = tmp_path / "run"
     report = _report(models["resnet"])

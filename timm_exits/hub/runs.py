@@ -26,10 +26,11 @@ def push_run(
     token: str | None = None,
     endpoint: str | None = None,
 ) -> Any:
-    """Push a training run folder: `run_dir/model/` (from save_pretrained) with `run_dir/report.json`.
+    """Push a training run folder: `run_dir/model/` (from save_pretrained) with its report.
 
     The model is loaded back strictly (so what is pushed is what loads) and its card is regenerated from the
-    run's report.json; without one the card has no numbers.
+    report saved with it (`model/report.json`), else the run's `report.json` (a folder saved before models kept
+    their report); without either the card has no numbers.
 
     Args:
         run_dir: The run folder.
@@ -47,12 +48,13 @@ def push_run(
     model_dir = run / "model"
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no such folder; a run folder holds model/ (from save_pretrained).")
-    report_path = run / REPORT_NAME
+    # the report saved with the model describes it; the run's own can be newer (`eval --no-save`)
+    report_path = next((p for p in (model_dir / REPORT_NAME, run / REPORT_NAME) if p.is_file()), None)
     report = None
-    if report_path.is_file():
+    if report_path is not None:
         report = _read_json(report_path, str(report_path))
     else:
-        warnings.warn(f"{report_path} not found: the model card will state no results.", stacklevel=2)
+        warnings.warn(f"{run / REPORT_NAME} not found: the model card will state no results.", stacklevel=2)
     model = from_pretrained(model_dir)
     return push_to_hub(
         model,
