@@ -231,6 +231,16 @@ def test_sweep_equals_each_threshold_recomputed_from_the_exit_rule():
             Collected(logits, gate_logits, torch.where(labels == 0, bad, labels), data.costs)
 
 
+@pytest.mark.parametrize("k", [2, 7, 10, 1000])
+def test_threshold_one_lets_every_uniform_output_exit(k):
+    logits = torch.zeros(4, 3, k)  # every exit uniform: entropy 1, max softmax 1 / k
+    data = Collected(logits, torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), torch.tensor([0.3, 0.6, 1.0]))
+    stats = logit_stats(logits[:, 0])
+    assert bool((stats >= 0).all() & (stats <= 1).all())  # rounding must not leave [0, 1]
+    torch.testing.assert_close(stats[:, 1], torch.ones(4))
+    assert simulate(data, "entropy", 1.0).tolist() == [0, 0, 0, 0]
+
+
 def test_calibration_meets_targets_and_matches_hard_path():
     model, size = _wrapped("resnet18")
     torch.manual_seed(0)

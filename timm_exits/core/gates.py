@@ -49,7 +49,8 @@ def append_stats(prev: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return torch.cat([prev, one, one.new_zeros(one.shape), one], dim=-1)
     logp = F.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
-    entropy = (p * logp).sum(-1, keepdim=True).mul_(-1.0 / math.log(k))
+    # rounding can put a uniform output's entropy a hair above 1 (K = 7 gives 1.0000001); the column is in [0, 1]
+    entropy = (p * logp).sum(-1, keepdim=True).mul_(-1.0 / math.log(k)).clamp_(0.0, 1.0)
     top2 = p.topk(2, dim=-1).values
     pmax = top2[:, :1]
     return torch.cat([prev, pmax, entropy, pmax - top2[:, 1:]], dim=-1)
