@@ -299,6 +299,8 @@ def test_client_rejects_bad_options(parts):
         EdgeClient(edge, "ftp://x")
     with pytest.raises(TypeError, match="URL or a handle"):
         EdgeClient(edge, 42)
+    with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 3, 32, 32\)\)"):
+        EdgeClient(edge, cloud).run(torch.zeros(0, 3, 32, 32))
 
 
 def test_plain_model_is_served_by_its_forward():

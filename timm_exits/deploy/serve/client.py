@@ -235,7 +235,8 @@ class EdgeClient:
         cloud: The cloud application's URL (http://host:port/route), a Ray Serve `DeploymentHandle` to
             it, or, to run in-process through the same codec, the `CloudPart`.
         policy: "gate", "confidence" or "entropy".
-        threshold: One value or one per early exit; default: the model's stored calibration, else
+        threshold: One value or one per early exit; default: the calibration the model held when it was
+            split (the edge part keeps a copy of its config; split again after calibrating), else
             `DEFAULT_THRESHOLDS[policy]` (as `timm_exits.predict`).
         compression: How `features` travel: "none", "fp16", "int8" or "int8-channel".
         fallback: "raise" (default) or "local": when the cloud fails, answer the samples it should
@@ -330,6 +331,8 @@ class EdgeClient:
         Raises:
             CloudError: The cloud failed and `fallback="raise"`.
         """
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(f"empty batch (shape {tuple(x.shape)}): EdgeClient.run needs at least one image.")
         e = self.edge
         start = time.perf_counter()
         with torch.inference_mode():
