@@ -175,6 +175,37 @@ def test_cut_that_later_layers_bypass_is_refused():
         split(model, at="b")
 
 
+class _PairStage(nn.Module):
+    """Returns (map, token), as PiT's stages do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        return y, y.mean((2, 3))
+
+
+class _PairNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = _PairStage()
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, token = self.pair(x)
+        return self.head(torch.cat([self.b(y).mean((2, 3)), token], 1))
+
+
+def test_an_exit_whose_module_returns_a_tuple_cannot_be_a_cut():
+    torch.manual_seed(0)
+    model = wrap(_PairNet(), exits=["pair", "b"], input_size=(3, 16, 16)).eval()
+    with pytest.raises(SplitError, match=r"\{'pair': 'tuple'\} return a tuple, not one tensor"):
+        split(model, at="pair")
+
+
 def test_untraceable_backbone_is_reported():
     model = wrap(_DataDependent(), exits=["a", "b"], input_size=(3, 16, 16)).eval()
     with pytest.raises(SplitError, match="torch.fx could not trace _DataDependent"):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -164,6 +165,33 @@ class Split(NamedTuple):
 
     edge: EdgePart
     cloud: CloudPart
+
+
+def _check_tensor_outputs(model: EarlyExitModel, x: torch.Tensor) -> None:
+    """Refuse exits whose module returns more than one tensor: the parts pass one tensor between them."""
+    modules = dict(model.backbone.named_modules())
+    kinds: dict[str, str] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            kinds.setdefault(name, "" if torch.is_tensor(output) else type(output).__name__)
+
+        return hook
+
+    handles = [modules[b.name].register_forward_hook(record(b.name)) for b in model.branches]
+    try:
+        with evaluating(model), torch.no_grad():
+            model.backbone(x)
+    finally:
+        for h in handles:
+            h.remove()
+    other = {n: k for n, k in kinds.items() if k}
+    if other:
+        raise SplitError(
+            f"exit module(s) {other} return a {next(iter(other.values()))}, not one tensor; split() cuts the "
+            "network where one tensor passes from the edge to the cloud. Wrap the model with exits at modules "
+            "that return a tensor to split it."
+        )
 
 
 # ------------------------------------------------------------------------------------ tracing
@@ -475,6 +503,7 @@ def split(
         for m in part.modules():
             if id(m) not in shared:
                 m.training = model.training
+    _check_tensor_outputs(model, example if example is not None else edge.example_inputs(1)[0])
     if check:
         _check_split(model, parts, example, rtol, atol)
     else:
