@@ -445,6 +445,9 @@ def test_checkpoint_from_another_architecture_is_refused(runs, tmp_path):
     vit = tiny(model="test_vit", model_kwargs={"img_size": 32}, init_checkpoint=str(runs["soft"]))
     with pytest.raises(CheckpointError, match="different architecture"):
         train(vit, tmp_path / "vit")
+    saved_model = runs["soft"] / "model" / "model.safetensors"  # a saved model's weights, not a checkpoint
+    with pytest.raises(CheckpointError, match=r"not a timm-exits training checkpoint .*from_pretrained.*`weights`"):
+        train(tiny(init_checkpoint=str(saved_model)), tmp_path / "init")
     # a checkpoint swapped into a run folder is refused on resume, and left as it is
     stop = {"stop_after_steps": 2, "checkpoint_every_steps": 1}
     other = train(tiny(model="test_vit", model_kwargs={"img_size": 32}, **stop), tmp_path / "o")

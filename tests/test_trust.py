@@ -205,6 +205,18 @@ def test_a_threshold_for_the_soft_policy_is_a_one_line_error(run, tmp_path, caps
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("run_json", ["{truncated", '{"experiment": "another tool"}'])
+def test_eval_of_a_folder_with_a_damaged_or_foreign_run_json_is_a_one_line_error(run, tmp_path, capsys, run_json):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    (folder / "run.json").write_text(run_json)
+    before = snapshot(folder)
+    assert cli_main(["eval", str(folder), "--no-timing"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("cannot be read" in err or "not written by timm-exits" in err)
+    assert snapshot(folder) == before
+
+
 def test_eval_that_fails_midway_changes_nothing(run, tmp_path, monkeypatch):
     folder = tmp_path / "run"
     shutil.copytree(run, folder)

@@ -96,17 +96,22 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found.")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            groups: dict[str, dict[str, torch.Tensor]] = {}
-            for k in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
-                prefix, rest = k.split("/", 1)
-                groups.setdefault(prefix, {})[rest] = f.get_tensor(k)
+            if _CKPT_META in header:  # else another safetensors file, refused below
+                for k in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
+                    prefix, rest = k.split("/", 1)
+                    groups.setdefault(prefix, {})[rest] = f.get_tensor(k)
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({e}).") from e
     if _CKPT_META not in header:
-        raise CheckpointError(f"{path} is not a timm-exits training checkpoint (no {_CKPT_META!r} metadata).")
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a timm-exits training checkpoint (no {_CKPT_META!r} metadata). "
+            "A saved model folder loads with timm_exits.from_pretrained; backbone weights go in the recipe's "
+            "`weights` key; init_checkpoint and --resume take a run folder or its checkpoint.safetensors."
+        )
     meta = json.loads(header[_CKPT_META])
     if meta.get("format_version", 0) > _CKPT_VERSION:
         raise CheckpointError(f"{path} was written by a newer timm-exits (format {meta['format_version']}).")
@@ -175,8 +180,13 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", **o
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "run.json").is_file() or not (run_dir / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a timm-exits run folder (run.json / recipe.yaml missing).")
-    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{run_dir}: run.json or recipe.yaml cannot be read ({e}); the folder is damaged.") from e
+    if not isinstance(info, dict) or not {"fingerprint", "num_classes", "classes"} <= set(info):
+        raise CheckpointError(f"{run_dir / 'run.json'} was not written by timm-exits (fingerprint, classes missing).")
     bad = sorted(k for k in overrides if k not in RUNTIME_KEYS)
     if bad:
         raise RecipeError(
