@@ -388,6 +388,11 @@ def test_load_exits_refuses_another_architecture(saved):
     with pytest.raises(ExitCheckpointError, match="test_resnet") as e:
         load_exits(other, saved)
     assert e.value.key == "architecture" and e.value.file.endswith("config.json")
+    for classes, said in ((0, r"has 0 \(created with num_classes=0\)"), (7, "has 7")):
+        headless = timm.create_model("test_resnet", pretrained=False, num_classes=classes)
+        with pytest.raises(ExitCheckpointError, match=said + r"; create it with .*num_classes=10\)") as e:
+            load_exits(headless, saved)
+        assert e.value.key == "num_classes"
 
 
 _OFFLINE_SCRIPT = r"""

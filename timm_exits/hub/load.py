@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 from torch import nn
 
@@ -314,6 +315,25 @@ def from_pretrained(
     return model.to(device).eval()
 
 
+def _check_classifier(model: nn.Module, num_classes: int, exits_path: Path, cfg_label: str) -> None:
+    """Refuse a backbone whose classifier cannot be the saved model's final exit, saying how to create it."""
+    own = getattr(model, "num_classes", None)
+    if not isinstance(own, int) or own == num_classes:
+        return
+    if own == 0:  # fine when the saved model added its own final head on a headless backbone
+        with safetensors.safe_open(str(exits_path), framework="pt") as f:
+            if any(k.startswith("final_head.") for k in f.keys()):  # noqa: SIM118  (a safetensors handle)
+                return
+    raise ExitCheckpointError(
+        cfg_label,
+        "num_classes",
+        f"the saved model's final exit is the backbone's own classifier with {num_classes} classes, but this "
+        f"backbone's has {own}"
+        + (" (created with num_classes=0)" if own == 0 else "")
+        + f"; create it with timm.create_model(name, num_classes={num_classes}).",
+    )
+
+
 def load_exits(
     model: nn.Module,
     source: str | os.PathLike,
@@ -354,6 +374,7 @@ def load_exits(
             f"the exits were saved for {architecture!r} but the backbone is {mine!r} "
             "(pass check_architecture=False to attach them anyway).",
         )
+    _check_classifier(model, exit_cfg.num_classes, exits_path, cfg_label)
     wrapped = _attach(model, exit_cfg, cfg_label)
     _load_exit_file(wrapped, exits_path, exits_label, architecture, cfg_label, hashes, f"{src.name}/{WEIGHTS_NAME}")
     wrapped.training = model.training
