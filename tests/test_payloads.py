@@ -93,6 +93,11 @@ def test_codec_payload_does_not_depend_on_memory_layout_and_takes_empty_tensors(
     assert empty.shape == (0, 8, 4, 4) and empty.dtype == torch.float32
 
 
+def test_codec_refuses_at_encoding_a_dtype_it_cannot_decode():
+    with pytest.raises(TypeError, match=r"'f' has dtype torch.complex64, which payloads do not carry"):
+        encode_tensors({"f": torch.zeros(2, dtype=torch.complex64)})
+
+
 def test_codec_refuses_a_channel_axis_outside_the_tensor():
     with pytest.raises(ValueError, match=r"channel_axis=4 is out of range for 'f' of shape \(2, 3\); .*\[-2, 1\]"):
         encode_tensors({"f": torch.ones(2, 3)}, "int8-channel", channel_axis=4)

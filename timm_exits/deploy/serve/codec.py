@@ -125,6 +125,11 @@ def encode_tensors(
         if "/" in name:
             raise ValueError(f"tensor name {name!r} contains '/', which the codec reserves.")
         t = t.detach().cpu()
+        if t.dtype not in _BY_NAME.values():
+            raise TypeError(
+                f"{name!r} has dtype {t.dtype}, which payloads do not carry; convert it to one of "
+                f"{sorted(_BY_NAME)} first."
+            )
         mode = compression if (t.is_floating_point() and (only is None or name in only)) else "none"
         if t.numel() == 0:
             mode = "none"  # nothing to compress, and no range to quantise over
