@@ -101,6 +101,29 @@ def test_unwrap_gives_original_model_bit_for_bit():
     assert _same_state(before, _snapshot(backbone))
 
 
+@pytest.mark.parametrize("costs", [[0.1], [-1.0, 0.5, 0.7, 1.0]])
+def test_a_failed_wrap_leaves_the_backbone_without_hooks(costs):
+    backbone, size = make_backbone("resnet18")
+    before, hooks = _snapshot(backbone), _hook_count(backbone)
+    with pytest.raises(ValueError, match="costs"):
+        wrap(backbone, costs=costs, input_size=(3, size, size))
+    assert _hook_count(backbone) == hooks and _same_state(before, _snapshot(backbone))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_exits_take_the_backbones_mode_and_leave_its_modules_alone(train):
+    backbone, size = make_backbone("resnet18")
+    backbone.train(train)
+    backbone.layer2.train(not train)  # a mixed mode wrap must keep
+    model = wrap(backbone, input_size=(3, size, size), drop_rate=0.5)
+    assert model.training == train and all(m.training == train for m in model.branches.modules())
+    assert backbone.training == train and backbone.layer2.training == (not train)
+    if not train:  # no exit dropout in eval: two forwards agree
+        x = images(2, size)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits[0], model(x).logits[0], rtol=0, atol=0)
+
+
 def test_unwrap_removes_only_its_own_hooks_and_copies_keep_theirs():
     backbone, size = make_backbone("resnet18")
     seen = []

@@ -501,15 +501,24 @@ def wrap(
     cfg.input_size = size
 
     wrapped = EarlyExitModel(model, cfg, points, final_head=final_head)
-    wrapped.to(device)
-    for m in (wrapped.branches, wrapped.final_head):  # exits compute in the backbone's dtype
+    try:
+        wrapped.to(device)
+        for m in (wrapped.branches, wrapped.final_head):  # exits compute in the backbone's dtype
+            if m is not None:
+                m.to(dtype)
+        if costs is not None:
+            wrapped.set_costs(costs)
+        else:
+            wrapped.set_costs(_measure_costs(wrapped, pr, total))
+            cfg.costs = None  # measured, not user-given: re-measured when rebuilt
+    except BaseException:
+        wrapped.unwrap()  # the backbone leaves a failed wrap() without hooks, as it came
+        raise
+    # the exits take the backbone's mode (the wrapper's own flag too), leaving its per-module modes alone
+    wrapped.training = model.training
+    for m in (wrapped.branches, wrapped.final_head):
         if m is not None:
-            m.to(dtype)
-    if costs is not None:
-        wrapped.set_costs(costs)
-    else:
-        wrapped.set_costs(_measure_costs(wrapped, pr, total))
-        cfg.costs = None  # measured, not user-given: re-measured when rebuilt
+            m.train(model.training)
     return wrapped
 
 
