@@ -102,6 +102,11 @@ def test_losses_hard_and_soft_targets():
         BranchyNetLoss([1.0, 1.0])(out, y)
     with pytest.raises(ValueError, match="do not match"):
         FinalExitLoss()(out, y[:3])
+    for bad in (y[:, None], y[:, None].float(), onehot[:, :4]):  # (B, 1) labels were read as soft targets
+        with pytest.raises(ValueError, match=r"do not match outputs \(6, 5\)"):
+            literal(out, bad)
+    with pytest.raises(ValueError, match=r"target.squeeze\(1\)"):
+        FinalExitLoss()(out, y[:, None])
 
 
 def test_cost_term_pushes_gates_open():

@@ -29,6 +29,12 @@ EXIT_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 def _nll(log_probs: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     log_probs = log_probs.float()
     if target.ndim == log_probs.ndim:
+        if target.shape != log_probs.shape or not target.is_floating_point():
+            raise ValueError(
+                f"targets of shape {tuple(target.shape)} ({target.dtype}) do not match outputs "
+                f"{tuple(log_probs.shape)}; give class indices (B,) or float soft targets (B, K)"
+                + (" (for (B, 1) labels: target.squeeze(1))." if target.shape[-1] == 1 else ".")
+            )
         return -(target.to(log_probs) * log_probs).sum(-1).mean()
     if target.ndim != 1 or target.shape[0] != log_probs.shape[0]:
         raise ValueError(
