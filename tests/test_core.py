@@ -346,6 +346,10 @@ def test_timm_conventions_pass_through():
     model.reset_classifier(5)
     out = model(images(2, size))
     assert all(f.shape == (2, 5) for f in out.logits) and model.config.num_classes == 5
+    with pytest.raises(NotImplementedError, match="without their forward hooks"):
+        model.set_grad_checkpointing()
+    assert not m.grad_checkpointing  # refused before anything was switched on
+    model.set_grad_checkpointing(False)
 
 
 def test_costs_measured_and_overridable():

@@ -332,8 +332,18 @@ class EarlyExitModel(nn.Module):
         self.config.num_classes = num_classes
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Gradient checkpointing of the backbone, where timm supports it."""
-        self.backbone.set_grad_checkpointing(enable)
+        """timm's gradient checkpointing, which exits cannot use: refused when `enable` is True.
+
+        timm's checkpointed stages call their blocks directly (no forward hooks run, so exits after a
+        block never fire) or recompute them without the hooks (the exits' saved tensors then disagree).
+        """
+        if enable:
+            raise NotImplementedError(
+                "gradient checkpointing recomputes the backbone's blocks without their forward hooks, so the "
+                "exits would not run; it cannot be used with exits. Lower the batch size or train with "
+                "amp: bf16 to save memory."
+            )
+        self.backbone.set_grad_checkpointing(False)
 
     def exit_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the exit heads and gates (and the added final head), not the backbone's."""
