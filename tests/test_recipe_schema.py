@@ -258,6 +258,32 @@ def test_wrong_types_name_key_value_and_type_and_choices_are_listed():
         Recipe.from_json("[1, 2]")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lr=-1"], r"'lr' must lie in \(0, inf\], got -1"),
+        (["ema_decay=2"], r"'ema_decay' must lie in \[0, 1\), got 2"),
+        (["momentum=1"], r"'momentum' must lie in \[0, 1\)"),
+        (["label_smoothing=1.5"], r"'label_smoothing' must lie in \[0, 1\)"),
+        (["hflip=2"], r"'hflip' must lie in \[0, 1\]"),
+        (["mixup_prob=5"], r"'mixup_prob' must lie in \[0, 1\]"),
+        (["crop_pct=0"], r"'crop_pct' must lie in \(0, 1\]"),
+        (["crop_pct=2"], r"'crop_pct' must lie in \(0, 1\]"),
+        (["crop_scale=[-1, 1]"], r"crop_scale must be \[low, high\] with 0 < low <= high <= 1"),
+        (["crop_ratio=[0, 1]"], r"crop_ratio must be \[low, high\] with 0 < low <= high"),
+        (["max_train_samples=-5"], r"'max_train_samples' must be >= 1 \(or null"),
+        (["sched=cosin"], r"sched 'cosin' is not one of \('none', 'const'"),
+        (["sched=plateau"], r"sched 'plateau' is not one of"),
+        (["opt=adamww"], r"opt 'adamww' is not a timm optimizer; did you mean \['adamw'"),
+        (["branchynet_weights=[1, -1]"], r"branchynet_weights must be >= 0"),
+        (["interpolation=none"], r"interpolation 'none' is not one of \(None, 'nearest'"),
+    ],
+)
+def test_values_out_of_range_are_refused_when_the_recipe_loads(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("digits_quick", overrides)
+
+
 # ------------------------------------------------------------------------------ sections given to parts
 def test_parts_build_from_their_own_section():
     model = build_model(ModelSection(model="test_resnet", exits=[1, 2], head="mlp", head_hidden=16), 7, 32)
@@ -286,3 +312,11 @@ def test_cli_prints_the_recipe_flat_sectioned_or_as_json(capsys):
     assert sectioned["optim"]["lr"] == 0.2 and sectioned["name"] == "digits_quick"
     assert cli_main(["recipe", "-c", "digits_quick", "lr=0.2", "--json"]) == 0
     assert Recipe.from_json(capsys.readouterr().out) == Recipe.from_dict(sectioned)
+
+
+def test_model_kwargs_the_model_does_not_take_are_a_recipe_error():
+    from timm_exits.training.build import build_model
+
+    spec = load_recipe(None, ["model=test_resnet", "model_kwargs.foo=1"]).model
+    with pytest.raises(RecipeError, match=r"model_kwargs \{'foo': 1\} are not all arguments of 'test_resnet'"):
+        build_model(spec, 10, 32)

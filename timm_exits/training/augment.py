@@ -91,6 +91,8 @@ def _resize(x: torch.Tensor, size: int, crop_pct: float = 1.0, mode: str = "bili
     if x.shape[-2:] != (scaled, scaled):
         mode = mode if mode in ("bilinear", "bicubic", "nearest") else "bilinear"
         x = F.interpolate(x, size=(scaled, scaled), mode=mode, antialias=mode != "nearest", align_corners=None)
+        if mode == "bicubic":
+            x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL's resize (the per-image path) clips the same way
     if scaled != size:
         top = (scaled - size) // 2
         x = x[..., top : top + size, top : top + size]

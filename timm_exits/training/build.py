@@ -22,6 +22,8 @@ def _create_backbone(spec: ModelSection, num_classes: int, load: bool) -> nn.Mod
     import timm
 
     name, weights = spec.model, spec.weights
+    if weights and weights.startswith("local-dir:"):
+        weights = "local-dir:" + str(Path(weights.removeprefix("local-dir:")).expanduser())
     kwargs = dict(spec.model_kwargs or {})
     try:
         if load and weights and weights.startswith(("local-dir:", "hf-hub:")):
@@ -43,6 +45,10 @@ def _create_backbone(spec: ModelSection, num_classes: int, load: bool) -> nn.Mod
         if not load:
             raise
         raise RuntimeError(_weights_hint(name, weights, e)) from e
+    except TypeError as e:
+        if kwargs and "unexpected keyword argument" in str(e):
+            raise RecipeError(f"model_kwargs {kwargs} are not all arguments of {name!r} ({e}).") from e
+        raise
     except (RecipeError, FileNotFoundError):
         raise
     except Exception as e:

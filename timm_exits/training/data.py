@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import AUGMENTS, ArrayLoader, ArraySplit, BatchAugment
 from .recipe_schema import DataSection
+from .recipe_types import RecipeError
 from .sampling import ShardSampler, seed_for
 
 __all__ = [
@@ -121,9 +122,9 @@ def _holdout(labels: Sequence[int], size: float | int, seed: int, key: str) -> t
     n = len(labels)
     count = int(size) if size >= 1 else int(round(float(size) * n))
     if count <= 0:
-        raise ValueError(f"the held-out split would be empty ({key}={size} of {n} samples); raise {key}.")
+        raise RecipeError(f"the held-out split would be empty ({key}={size} of {n} samples); raise {key}.")
     if count >= n:
-        raise ValueError(f"cannot hold out {count} of {n} samples ({key}={size}); lower {key}.")
+        raise RecipeError(f"cannot hold out {count} of {n} samples ({key}={size}); lower {key}.")
     idx = np.arange(n)
     counts = np.bincount(np.asarray(labels))
     classes = len(counts[counts > 0])  # stratifying needs two of each class and a class on each side

@@ -110,6 +110,26 @@ def _floats(*values: float) -> Any:
     return field(default_factory=lambda: list(values))
 
 
+def _in_range(
+    section: Any, key: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Raise a `RecipeError` naming `key` unless its value lies in the interval (None passes)."""
+    value = getattr(section, key)
+    if value is None:
+        return
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above or value != value:  # NaN compares false both ways
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise RecipeError(f"recipe key {key!r} must lie in {interval}, got {value}.")
+
+
+_INF = float("inf")
+INTERPOLATIONS = (None, "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+# learning-rate schedules: ours, then the timm schedulers that step every update
+SCHEDULES = ("none", "const", "constant", "onecycle", "cosine", "tanh", "step", "multistep", "poly", "rsqrt")
+
+
 # ------------------------------------------------------------------------------------------ sections
 class _Section:
     """Base of the sections: on construction every field is converted to its annotation, then `check` runs."""
@@ -140,6 +160,11 @@ class MethodSection(_Section):
     def check(self) -> None:
         if not 0 <= self.cost_warmup <= 1:
             raise RecipeError(f"cost_warmup must be a fraction in [0, 1], got {self.cost_warmup}.")
+        _in_range(self, "cost_weight", 0, _INF)
+        _in_range(self, "exit_weight", 0, _INF)
+        _in_range(self, "label_smoothing", 0, 1, high_open=True)
+        if self.branchynet_weights is not None and any(w < 0 for w in self.branchynet_weights):
+            raise RecipeError(f"branchynet_weights must be >= 0, got {self.branchynet_weights}.")
 
 
 @dataclass
@@ -200,6 +225,24 @@ class DataSection(_Section):
             raise RecipeError("crop_scale and crop_ratio take two numbers [low, high].")
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             raise RecipeError("mixup / cutmix need an even batch_size.")
+        for key in ("hflip", "mixup_prob", "re_prob"):
+            _in_range(self, key, 0, 1)
+        for key in ("mixup", "cutmix", "color_jitter", "crop_padding"):
+            _in_range(self, key, 0, _INF)
+        _in_range(self, "crop_pct", 0, 1, low_open=True)
+        if self.interpolation not in INTERPOLATIONS:
+            raise RecipeError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}.")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise RecipeError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}.")
+        low, high = self.crop_ratio
+        if not 0 < low <= high:
+            raise RecipeError(f"crop_ratio must be [low, high] with 0 < low <= high, got {self.crop_ratio}.")
+        for key in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise RecipeError(
+                    f"recipe key {key!r} must be >= 1 (or null for every sample), got {getattr(self, key)}."
+                )
 
 
 @dataclass
@@ -228,6 +271,26 @@ class OptimSection(_Section):
     def check(self) -> None:
         if self.epochs < 0 or self.frozen_epochs < 0 or self.epochs + self.frozen_epochs == 0:
             raise RecipeError("epochs and frozen_epochs must be >= 0 and not both 0.")
+        _in_range(self, "lr", 0, _INF, low_open=True)
+        _in_range(self, "frozen_lr", 0, _INF, low_open=True)
+        _in_range(self, "momentum", 0, 1, high_open=True)
+        _in_range(self, "ema_decay", 0, 1, high_open=True)
+        _in_range(self, "clip_grad", 0, _INF, low_open=True)
+        for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr"):
+            _in_range(self, key, 0, _INF)
+        sched = "none" if self.sched is None else self.sched
+        if sched not in SCHEDULES:
+            raise RecipeError(f"sched {self.sched!r} is not one of {SCHEDULES}.")
+        from timm.optim import list_optimizers
+
+        name = self.opt.lower().removeprefix("lookahead_")
+        if name not in list_optimizers():
+            close = difflib.get_close_matches(name, list_optimizers(), n=3)
+            raise RecipeError(
+                f"opt {self.opt!r} is not a timm optimizer"
+                + (f"; did you mean {close}?" if close else "")
+                + " (timm.optim.list_optimizers() lists them)."
+            )
 
 
 @dataclass
