@@ -187,3 +187,14 @@ def test_a_held_out_split_too_small_to_stratify_on_either_side_is_still_made(hel
     assert _holdout(labels, held, seed=0, key="val_split") == (kept, out)  # seeded
     kept, out = _holdout(labels, 50, seed=0, key="val_split")  # stratified where both sides can be
     assert sorted(labels[i] for i in out) == sorted(labels[i] for i in kept)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-n3-mstd0.5", "augmix-m5-w4-d2"])
+def test_per_image_augmentation_is_seeded_whatever_numpys_state(policy):
+    cfg = load_recipe(None, {"dataset": "digits", "augment": "timm", "auto_augment": policy}).data
+    data = build_datasets(cfg, raw=load_splits(cfg), seed=3)
+    first = []
+    for k in (0, 1):
+        np.random.seed(k)  # RandAugment and AugMix draw from numpy: the sample's own seed must decide
+        first.append(torch.stack([data.train[i][0] for i in range(4)]))
+    assert torch.equal(first[0], first[1])

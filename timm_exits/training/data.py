@@ -342,8 +342,11 @@ class SplitDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img, label = self.base[self.indices[i]]
         s = seed_for(self.seed, self.epoch, i)
-        random.seed(s)  # timm's crops and auto-augment draw from `random`, torchvision's flips from torch
-        torch.default_generator.manual_seed(s)  # the CPU generator only: leaves any CUDA generator alone
+        # timm's crops and auto-augment draw from `random`, RandAugment's and AugMix's magnitudes and weights
+        # from numpy, torchvision's flips from torch (the CPU generator only: any CUDA generator is left alone)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.default_generator.manual_seed(s)
         return self.transform(img), int(label)
 
 
