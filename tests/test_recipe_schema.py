@@ -320,3 +320,11 @@ def test_model_kwargs_the_model_does_not_take_are_a_recipe_error():
     spec = load_recipe(None, ["model=test_resnet", "model_kwargs.foo=1"]).model
     with pytest.raises(RecipeError, match=r"model_kwargs \{'foo': 1\} are not all arguments of 'test_resnet'"):
         build_model(spec, 10, 32)
+
+
+def test_override_values_read_scientific_floats_and_refuse_broken_yaml():
+    recipe = load_recipe(None, ["model_kwargs.drop_path_rate=1e-1", "exits=[1e-1, 5e-1]", "lr=2e-2"])
+    assert recipe.model.model_kwargs == {"drop_path_rate": 0.1} and recipe.model.exits == [0.1, 0.5]
+    assert recipe.optim.lr == 0.02
+    with pytest.raises(RecipeError, match=r"override 'exits=\[a,b': '\[a,b' is not valid YAML \(expected ',' or '\]'"):
+        load_recipe(None, ["exits=[a,b"])

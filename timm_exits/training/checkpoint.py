@@ -17,13 +17,13 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
-import yaml
 from torch import nn
 
 from ..core.model import EarlyExitModel
 from .build import build_model
 from .recipe import Recipe, RecipeError, load_recipe
 from .recipe_schema import RUNTIME_KEYS
+from .recipe_types import load_yaml
 from .runfiles import atomic_write_text
 
 __all__ = [
@@ -182,8 +182,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", **o
         raise FileNotFoundError(f"{run_dir} is not a timm-exits run folder (run.json / recipe.yaml missing).")
     try:
         info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    except (ValueError, yaml.YAMLError) as e:
+        saved = load_yaml((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except ValueError as e:  # RecipeError for YAML, JSONDecodeError for run.json
         raise CheckpointError(f"{run_dir}: run.json or recipe.yaml cannot be read ({e}); the folder is damaged.") from e
     if not isinstance(info, dict) or not {"fingerprint", "num_classes", "classes"} <= set(info):
         raise CheckpointError(f"{run_dir / 'run.json'} was not written by timm-exits (fingerprint, classes missing).")

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .recipe_schema import LATER_KEYS, METHODS, RUNTIME_KEYS, Recipe, RecipeError, _flat_pairs, parse_overrides
+from .recipe_types import RecipeYamlLoader
 
 __all__ = [
     "METHODS",
@@ -94,7 +95,7 @@ def resolve_recipe(source: str | os.PathLike) -> Path:
 def _parse_yaml(path: Path) -> Any:
     """Parse a recipe file; a syntax error names the file, line and column."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeYamlLoader)  # noqa: S506  (safe)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

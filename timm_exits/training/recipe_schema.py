@@ -33,7 +33,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin, get_
 import yaml
 
 from ..core.config import GateKind, HeadKind, PolicyName
-from .recipe_types import RecipeError, convert_key
+from .recipe_types import RecipeError, convert_key, load_yaml
 
 __all__ = [
     "METHODS",
@@ -430,7 +430,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
         """A recipe from YAML text of flat or sectioned keys (``base:`` needs a file: use ``load_recipe``)."""
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
         if not isinstance(data, dict):
             raise RecipeError(f"a recipe in YAML is a mapping of keys, got {type(data).__name__}.")
         if "base" in data:
@@ -577,5 +577,8 @@ def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str
         key = key.strip()
         if not key:
             raise RecipeError(f"override {item!r} has no key.")
-        out[key] = yaml.safe_load(text) if text.strip() else None
+        try:
+            out[key] = load_yaml(text) if text.strip() else None
+        except RecipeError as e:
+            raise RecipeError(f"override {item!r}: {e}") from e
     return out

@@ -11,15 +11,45 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import types
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-__all__ = ["RecipeError", "convert_key", "type_name", "choices_of"]
+import yaml
+
+__all__ = ["RecipeError", "RecipeYamlLoader", "convert_key", "type_name", "choices_of", "load_yaml"]
 
 
 class RecipeError(ValueError):
     """A recipe key or value is invalid."""
+
+
+class RecipeYamlLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, reading ``1e-3`` as a float as YAML 1.2 does (1.1 wants ``1.0e-3``)."""
+
+
+RecipeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse recipe YAML (a file or an override's value); raise a `RecipeError` quoting what is not YAML.
+
+    Args:
+        text: The YAML text.
+
+    Returns:
+        The parsed value.
+    """
+    try:
+        return yaml.load(text, Loader=RecipeYamlLoader)  # noqa: S506  (a safe loader)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{text[:80]!r} is not valid YAML ({problem}).") from e
 
 
 class _Mismatch(Exception):
