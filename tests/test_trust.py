@@ -217,6 +217,17 @@ def test_eval_of_a_folder_with_a_damaged_or_foreign_run_json_is_a_one_line_error
     assert snapshot(folder) == before
 
 
+def test_a_flag_and_an_override_that_disagree_are_a_one_line_error(tmp_path, capsys):
+    argv = ["train", "-c", "digits_quick", "--output", str(tmp_path / "r"), "--data-dir", "/a", "data_dir=/b"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data-dir and the override data_dir=/b disagree" in err
+    argv = ["train", "-c", "digits_quick", "--output", str(tmp_path / "r"), "--no-progress", "runtime.progress=true"]
+    assert cli_main(argv) == 2
+    assert "--no-progress and the override runtime.progress=True disagree" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_eval_that_fails_midway_changes_nothing(run, tmp_path, monkeypatch):
     folder = tmp_path / "run"
     shutil.copytree(run, folder)

@@ -150,13 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    from .recipe import parse_overrides
+    from .recipe import RecipeError, parse_overrides
 
     out = parse_overrides([*args.overrides, *args.sets])
+    flags = {}
     if getattr(args, "data_dir", None):
-        out["data_dir"] = args.data_dir
+        flags["data_dir"] = ("--data-dir", args.data_dir)
     if getattr(args, "no_progress", False):
-        out["progress"] = False
+        flags["progress"] = ("--no-progress", False)
+    for key, (flag, value) in flags.items():
+        given = [k for k in out if k.rsplit(".", 1)[-1] == key]  # data_dir or data.data_dir
+        if given and any(out[k] != value for k in given):
+            raise RecipeError(f"{flag} and the override {given[0]}={out[given[0]]} disagree; give one of them.")
+        out[key] = value
     return out
 
 
