@@ -125,6 +125,18 @@ def test_array_data_sets_stay_in_memory_and_folder_trees_do_not(tmp_path):
     with pytest.raises(ValueError, match="augment: timm"):
         build_datasets(load_recipe(None, {**tree, "augment": "crop_flip"}).data, seed=0)
     assert not isinstance(build_datasets(load_recipe(None, tree).data, seed=0).train, ArraySplit)
+    (root / "train" / "c").mkdir()  # a class the test split lacks
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "c" / "0.png")
+    with pytest.raises(ValueError, match=r"test/ lacks \['c'\] and has \[\] that train/ lacks"):
+        load_splits(load_recipe(None, tree).data)
+
+
+def test_an_npz_copy_without_its_test_split_says_what_is_missing(tmp_path):
+    (tmp_path / "cifar10").mkdir()
+    np.savez(tmp_path / "cifar10" / "train.npz", x=np.zeros((20, 32, 32, 3), np.uint8), y=np.arange(20) % 10)
+    cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path), "val_split": 10}).data
+    with pytest.raises(FileNotFoundError, match=r"test.npz is missing: an npz copy holds train.npz and test.npz"):
+        load_splits(cfg)
 
 
 def test_cifar_image_tree_is_decoded_into_memory(tmp_path, monkeypatch):

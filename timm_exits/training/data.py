@@ -153,7 +153,15 @@ def _missing(what: str, root: Path, looked: Sequence[Path], hint: str) -> FileNo
 
 
 def _npz_split(path: Path) -> _ArrayImages:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: an npz copy holds train.npz and test.npz side by side ({_RESTORE_HINT})."
+        )
     with np.load(path) as z:
+        if "x" not in z or "y" not in z:
+            raise ValueError(
+                f"{path} holds {sorted(z.files)}; an npz split holds arrays 'x' (images) and 'y' (labels)."
+            )
         return _ArrayImages(z["x"], z["y"])
 
 
@@ -228,7 +236,14 @@ def _folder_tree(spec: DataSection, root: Path, what: str) -> RawSplits:
         if folder is not None:
             ds = ImageFolder(str(folder))
             if ds.classes != train.classes:
-                raise ValueError(f"{folder} has classes {ds.classes[:5]}... but train/ has {train.classes[:5]}...")
+                missing, extra = (
+                    sorted(set(train.classes) - set(ds.classes)),
+                    sorted(set(ds.classes) - set(train.classes)),
+                )
+                raise ValueError(
+                    f"{folder} and {root / 'train'} must hold the same class folders; {folder.name}/ lacks "
+                    f"{missing[:5]} and has {extra[:5]} that train/ lacks (an empty class needs its folder too)."
+                )
             parts[split] = (ds, list(range(len(ds))))
         else:
             keep, held = _holdout([labels[i] for i in pool], size, spec.split_seed + salt, f"{split}_split")
