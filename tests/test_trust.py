@@ -339,6 +339,10 @@ def test_wrap_half_and_bf16_backbones(dtype):
         torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.1)
     pred = model.predict(x.to(dtype), policy="confidence", threshold=0.0)
     assert pred.exit_index.tolist() == [0, 0, 0, 0]
+    model.reset_classifier(5)  # the new classifiers take the model's dtype
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    with torch.no_grad():
+        assert [tuple(t.shape) for t in model(x.to(dtype)).logits] == [(4, 5)] * model.num_exits
 
 
 def test_wrap_refuses_a_name_a_compiled_model_and_mixed_dtypes():

@@ -95,8 +95,9 @@ class ExitHead(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the final linear layer for a new number of classes."""
-        device = next(self.parameters(), torch.empty(0)).device
-        self.fc = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+        ref = next(self.parameters(), torch.empty(0))  # the new layer takes the head's device and dtype
+        fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+        self.fc = fc if num_classes > 0 else nn.Identity()
 
 
 class FinalHead(nn.Linear):
@@ -131,5 +132,5 @@ class FinalHead(nn.Linear):
         """A new, freshly initialised head with the same pooling for `num_classes` classes."""
         p = self.pool
         return FinalHead(self.in_features, num_classes, p.layout, p.num_prefix_tokens, p.token_pool).to(
-            self.weight.device
+            self.weight.device, self.weight.dtype
         )
