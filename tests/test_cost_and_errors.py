@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -207,6 +208,12 @@ def test_placement_errors_timm():
         wrap(m, [0.5, 1.5], input_size=(3, 64, 64))
     with pytest.raises(ValueError, match="place two exits"):
         wrap(m, [0.5, 0.51], input_size=(3, 64, 64))
+    with pytest.raises(TypeError, match=r"exits=5 is not understood; .*\(one exit: exits=\[5\]\)"):
+        wrap(m, 5, input_size=(3, 64, 64))
+    ref = [b.name for b in wrap(timm.create_model("resnet18", num_classes=10), [1, 2], input_size=(3, 64, 64)).branches]
+    for same in (np.array([1, 2]), torch.tensor([1, 2]), [np.int64(1), np.int64(2)]):  # numpy and torch indices
+        fresh = timm.create_model("resnet18", num_classes=10)
+        assert [b.name for b in wrap(fresh, same, input_size=(3, 64, 64)).branches] == ref == ["layer1", "layer2"]
     with pytest.raises(ValueError, match="already wrapped"):
         wrap(wrap(m, input_size=(3, 64, 64)))
     assert all(len(mod._forward_hooks) == 1 for mod in [m.layer1, m.layer2, m.layer3])
@@ -220,6 +227,10 @@ def test_input_errors():
         model(images(2, 64, channels=1))
     with pytest.raises(ValueError, match="empty batch"):
         model(images(2, 64)[:0])
+    backbone = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match=r"shape \(1, 1, 32, 32\) failed \(RuntimeError: .*pass the input_size"):
+        wrap(backbone, input_size=(1, 32, 32))
+    assert sum(len(m._forward_hooks) for m in backbone.modules()) == 0
 
 
 def test_feature_info_names_that_miss_the_module_are_mapped():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import numbers
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -244,6 +245,12 @@ def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Prob
     try:
         with evaluating(model), torch.no_grad():
             final = model(example)
+    except (RuntimeError, ValueError, AssertionError) as e:  # conv / attention / timm's own shape checks
+        raise ValueError(
+            f"a probe forward of {type(model).__name__} on an input of shape {tuple(example.shape)} failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass the input_size=(C, H, W) "
+            "the backbone takes (its in_chans and an image size it accepts)."
+        ) from e
     finally:
         for h in handles:
             h.remove()
@@ -267,6 +274,22 @@ def _unknown_module_error(model: nn.Module, name: str) -> ValueError:
         f"exit {name!r}: {type(model).__name__} has no module of that name.{hint} "
         "List the valid names with [n for n, _ in model.named_modules()]."
     )
+
+
+def _as_request(exits: Any) -> ExitRequest:
+    """The request with numpy / torch values as Python ones; a single value is refused with the list to give."""
+    if hasattr(exits, "tolist"):  # a numpy array or a tensor of indices or fractions
+        exits = exits.tolist()
+    if isinstance(exits, str):
+        return exits
+    if not isinstance(exits, Sequence | set | tuple):
+        one = f" (one exit: exits=[{exits!r}])" if isinstance(exits, numbers.Number) else ""
+        raise TypeError(
+            f"exits={exits!r} is not understood; give 'auto', 'blocks', or a list of module names, feature_info "
+            f"indices or cost fractions{one}."
+        )
+    items = [e.tolist() if hasattr(e, "tolist") else e for e in exits]  # numpy scalars
+    return [int(e) if isinstance(e, numbers.Integral) and not isinstance(e, bool) else e for e in items]
 
 
 def _request_kind(exits: ExitRequest) -> str:
@@ -317,6 +340,7 @@ def resolve_exits(
     Returns:
         (exit points in execution order, the probe, the backbone's total FLOPs or None).
     """
+    exits = _as_request(exits)
     kind = _request_kind(exits)
     info = feature_points(model) if kind != "names" or hasattr(model, "feature_info") else []
     fi_chs = {f["module"]: f.get("num_chs") for f in info}
