@@ -168,6 +168,24 @@ def test_config_from_older_json_with_empty_extra():
         timm_exits.ExitConfig.from_dict({**d, "extra": {"a": 1}})
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"policy": "bogus"}, r"policy='bogus' is not an exit policy"),
+        ({"thresholds": [0.5]}, r"one value in \[0, 1\] per early exit \(3\)"),
+        ({"thresholds": [0.5, 0.5, 2.0]}, r"one value in \[0, 1\] per early exit"),
+        ({"policy": "soft", "thresholds": [0.5] * 3}, "policy 'soft' takes no thresholds"),
+        ({"layouts": {"layer1": "XYZ"}}, r"layouts \{'layer1': 'XYZ'\} are not layouts"),
+        ({"input_size": [32, 32]}, r"must be \(C, H, W\)"),
+    ],
+)
+def test_a_config_that_cannot_work_is_refused_when_built(change, message):
+    good = {"exits": ["layer1", "layer2", "layer3"], "num_classes": 10, "policy": "gate", "thresholds": [0.5] * 3}
+    timm_exits.ExitConfig.from_dict(good)
+    with pytest.raises(ValueError, match=message):
+        timm_exits.ExitConfig.from_dict({**good, **change})
+
+
 def test_state_dict_round_trip():
     a, size = make_backbone("resnet18", seed=0)
     b, _ = make_backbone("resnet18", seed=1)

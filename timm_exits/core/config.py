@@ -73,7 +73,24 @@ class ExitConfig:
             raise ValueError(f"gate={self.gate!r} is not a known gate type; use one of {GATE_TYPES}.")
         if self.input_size is not None:
             self.input_size = tuple(int(v) for v in self.input_size)  # type: ignore[assignment]
+            if len(self.input_size) != 3 or min(self.input_size) < 1:
+                raise ValueError(f"input_size={self.input_size} must be (C, H, W) with positive sizes.")
         self.exits = list(self.exits)
+        policies = get_args(PolicyName)
+        if self.policy not in policies:
+            raise ValueError(f"policy={self.policy!r} is not an exit policy; use one of {policies}.")
+        if self.thresholds is not None:
+            if self.policy == "soft":
+                raise ValueError("policy 'soft' takes no thresholds; set thresholds=None.")
+            count_wrong = bool(self.exits) and len(self.thresholds) != len(self.exits)  # exits are known
+            if count_wrong or not all(0 <= t <= 1 for t in self.thresholds):
+                raise ValueError(
+                    f"thresholds={self.thresholds} must hold one value in [0, 1] per early exit ({len(self.exits)})."
+                )
+        if self.layouts is not None:
+            bad = {k: v for k, v in self.layouts.items() if v not in get_args(Layout)}
+            if bad:
+                raise ValueError(f"layouts {bad} are not layouts; use one of {get_args(Layout)}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
