@@ -339,6 +339,9 @@ def test_wrap_half_and_bf16_backbones(dtype):
         torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.1)
     pred = model.predict(x.to(dtype), policy="confidence", threshold=0.0)
     assert pred.exit_index.tolist() == [0, 0, 0, 0]
+    cast = timm_exits.wrap(timm.create_model("test_resnet", num_classes=10), input_size=(3, 32, 32)).to(dtype)
+    assert cast.exit_costs.dtype == torch.float32 and torch.equal(cast.exit_costs, ref.exit_costs)  # not rounded
+    assert {p.dtype for p in cast.parameters()} == {dtype}
     model.reset_classifier(5)  # the new classifiers take the model's dtype
     assert {p.dtype for p in model.parameters()} == {dtype}
     with torch.no_grad():

@@ -212,6 +212,14 @@ class EarlyExitModel(nn.Module):
             for b in self.branches:
                 object.__setattr__(b, "_run", None)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> EarlyExitModel:
+        # `.to(bf16)` / `.half()` cast every floating buffer; the costs stay float32, exact as measured
+        costs = self.exit_costs
+        super()._apply(fn, recurse)
+        if self.exit_costs.dtype != costs.dtype:
+            self.exit_costs = costs.to(self.exit_costs.device)
+        return self
+
     def unwrap(self) -> nn.Module:
         """Remove every exit hook and return the original backbone (parameters untouched)."""
         self._remove_hooks()
