@@ -150,7 +150,8 @@ class _FullRun:
         if branch.position != len(self.logits):
             raise RuntimeError(
                 f"exit {branch.name!r} fired out of order (expected exit {len(self.logits)}); the backbone's "
-                "forward no longer matches the one the exits were placed on."
+                "forward no longer matches the one the exits were placed on, or another thread runs this model "
+                "at the same time (a wrapped model runs one forward at a time: give each thread its own copy)."
             )
         run = branch if torch.is_grad_enabled() else branch.infer
         logits, gate_logit, self.stats = run(feature_tensor(output, self.stats.shape[0]), self.stats)
@@ -162,7 +163,9 @@ class _FullRun:
 class EarlyExitModel(nn.Module):
     """A timm (or any) backbone with early exits and gates attached through forward hooks.
 
-    Build it with `wrap()`. The backbone is held as `self.backbone`, unchanged.
+    Build it with `wrap()`. The backbone is held as `self.backbone`, unchanged. One model runs one forward at
+    a time (the hooks share the forward's state): threads that serve requests each need their own copy
+    (`copy.deepcopy`), as Ray Serve's replicas have.
     """
 
     def __init__(
@@ -400,7 +403,10 @@ class EarlyExitModel(nn.Module):
             out = self.backbone(x)
         if len(run.logits) != len(self.branches):
             missing = [b.name for b in self.branches[len(run.logits) :]]
-            raise RuntimeError(f"exits {missing} did not fire during this forward.")
+            raise RuntimeError(
+                f"exits {missing} did not fire during this forward (their modules did not run through their "
+                "forward hooks, or another thread runs this model at the same time: give each thread its own copy)."
+            )
         logits = run.logits + [self.final_logits(out)]
         if run.gate_logits:
             gate_logits = torch.stack(run.gate_logits, dim=1)
