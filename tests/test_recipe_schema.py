@@ -277,6 +277,7 @@ def test_wrong_types_name_key_value_and_type_and_choices_are_listed():
         (["opt=adamww"], r"opt 'adamww' is not a timm optimizer; did you mean \['adamw'"),
         (["branchynet_weights=[1, -1]"], r"branchynet_weights must be >= 0"),
         (["interpolation=none"], r"interpolation 'none' is not one of \(None, 'nearest'"),
+        (["sched=cosine", "warmup_epochs=0.5"], r"warmup_epochs=0.5: timm's 'cosine' schedule warms up over whole"),
     ],
 )
 def test_values_out_of_range_are_refused_when_the_recipe_loads(overrides, message):

@@ -281,6 +281,11 @@ class OptimSection(_Section):
         sched = "none" if self.sched is None else self.sched
         if sched not in SCHEDULES:
             raise RecipeError(f"sched {self.sched!r} is not one of {SCHEDULES}.")
+        if sched not in ("none", "const", "constant", "onecycle") and self.warmup_epochs != int(self.warmup_epochs):
+            raise RecipeError(
+                f"warmup_epochs={self.warmup_epochs}: timm's {sched!r} schedule warms up over whole epochs; give "
+                f"{int(self.warmup_epochs)} or {int(self.warmup_epochs) + 1}, or use sched: onecycle."
+            )
         from timm.optim import list_optimizers
 
         name = self.opt.lower().removeprefix("lookahead_")
