@@ -241,6 +241,17 @@ def test_threshold_one_lets_every_uniform_output_exit(k):
     assert simulate(data, "entropy", 1.0).tolist() == [0, 0, 0, 0]
 
 
+def test_collect_reads_tuples_with_extras_and_dicts_and_names_other_batches():
+    model, size = _wrapped("resnet18")
+    x, y = images(4, size, seed=9), torch.tensor([0, 1, 2, 3])
+    ref = collect(model, [(x, y)])
+    for loader in ([(x, y, torch.arange(4))], [{"image": x, "label": y}]):
+        got = collect(model, loader)
+        assert torch.equal(got.logits, ref.logits) and torch.equal(got.labels, y)
+    with pytest.raises(TypeError, match=r"got \['img', 'y'\]"):
+        collect(model, [{"img": x, "y": y}])
+
+
 def test_calibration_meets_targets_and_matches_hard_path():
     model, size = _wrapped("resnet18")
     torch.manual_seed(0)

@@ -13,8 +13,9 @@ collected data, each naming how many samples are affected, at which exit, and th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -111,6 +112,25 @@ _FIX_COLLECTED = (
 )
 
 
+def _images_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (images, labels) of a loader's batch: a pair or longer tuple (extra items ignored), or a dict with
+    "image"/"images" and "label"/"labels"/"target" keys."""
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in ("image", "images", "input") if k in batch), None)
+        y = next((batch[k] for k in ("label", "labels", "target", "targets") if k in batch), None)
+    elif isinstance(batch, Sequence) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    else:
+        x = y = None
+    if not (torch.is_tensor(x) and torch.is_tensor(y)):
+        what = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise TypeError(
+            f"a loader batch must be (images, labels[, ...]) tensors or a dict with 'image' and 'label' keys; "
+            f"got {what}."
+        )
+    return x, y
+
+
 def collect(
     model: EarlyExitModel, loader: Iterable, device: torch.device | str | None = None, max_batches: int | None = None
 ) -> Collected:
@@ -132,9 +152,10 @@ def collect(
     device = torch.device(device) if device is not None else model.exit_costs.device
     logits, gates, labels, inputs_ok = [], [], [], []
     with evaluating(model), torch.no_grad():
-        for i, (x, y) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
+            x, y = _images_and_labels(batch)
             x = x.to(device)
             out = model(x)
             logits.append(torch.stack([f.float() for f in out.logits], dim=1).cpu())
