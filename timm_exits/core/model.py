@@ -33,12 +33,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._utils import evaluating, feature_tensor
+from .branch import ExitBranch
 from .compiled_exit import CompiledExit, compile_options
 from .config import ExitConfig, GateKind, HeadKind, PolicyName
 from .cost import module_flops
-from .gates import ExitGate, append_stats
-from .heads import ExitHead, FinalHead
-from .layout import TokenPool, channels_of, detect_layout
+from .heads import FinalHead
+from .layout import channels_of, detect_layout
 from .placement import ExitPoint, ExitRequest, resolve_exits
 from .soft import exit_log_probs, expected_cost, gates_with_final, soft_log_output
 
@@ -80,62 +80,6 @@ class ExitOutput:
     def final(self) -> torch.Tensor:
         """Logits of the backbone's own head."""
         return self.logits[-1]
-
-
-class ExitBranch(nn.Module):
-    """One early exit: a head reading a backbone module's output and the gate deciding on it."""
-
-    def __init__(
-        self, point: ExitPoint, position: int, config: ExitConfig, num_prefix_tokens: int, token_pool: TokenPool
-    ) -> None:
-        super().__init__()
-        self.name = point.name
-        self.position = position
-        self.head = ExitHead(
-            point.layout,
-            point.channels,
-            config.num_classes,
-            kind=config.head,
-            hidden=config.head_hidden,
-            drop_rate=config.drop_rate,
-            num_prefix_tokens=num_prefix_tokens,
-            token_pool=token_pool,
-        )
-        self.gate = ExitGate(
-            config.gate,
-            position,
-            self.head.num_features,
-            hidden=config.gate_hidden,
-            bias=config.gate_bias,
-            detach=config.detach_gate_inputs,
-        )
-        self._run: Any = None
-        self._compiled: CompiledExit | None = None
-
-    def forward(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (logits, gate logit, statistics of exits 0..position) for a branch-point tensor."""
-        logits, feats = self.head(x)
-        stats = append_stats(prev_stats, logits)
-        return logits, self.gate(feats, stats), stats
-
-    def infer(self, x: torch.Tensor, prev_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`forward` for the paths that run without autograd (hard early exit, soft inference):
-        through `torch.compile` after `EarlyExitModel.compile_exits()`, else eagerly."""
-        compiled = self._compiled
-        if compiled is None:
-            return self.forward(x, prev_stats)
-        if compiled.fn is None:
-            compiled.fn = torch.compile(self.forward, **compiled.options)
-        return compiled.fn(x, prev_stats)
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
-        run = self._run
-        if run is None:
-            return None
-        return run.on_exit(self, output)
-
-    def extra_repr(self) -> str:
-        return f"at={self.name!r}"
 
 
 class _FullRun:
