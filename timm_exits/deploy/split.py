@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 from ..core._utils import evaluating
 from ..core.gates import NUM_STATS
 from ..core.model import EarlyExitModel
+from ..core.placement import probe
 from ..core.soft import gates_with_final
 
 __all__ = [
@@ -169,23 +169,8 @@ class Split(NamedTuple):
 
 def _check_tensor_outputs(model: EarlyExitModel, x: torch.Tensor) -> None:
     """Refuse exits whose module returns more than one tensor: the parts pass one tensor between them."""
-    modules = dict(model.backbone.named_modules())
-    kinds: dict[str, str] = {}
-
-    def record(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            kinds.setdefault(name, "" if torch.is_tensor(output) else type(output).__name__)
-
-        return hook
-
-    handles = [modules[b.name].register_forward_hook(record(b.name)) for b in model.branches]
-    try:
-        with evaluating(model), torch.no_grad():
-            model.backbone(x)
-    finally:
-        for h in handles:
-            h.remove()
-    other = {n: k for n, k in kinds.items() if k}
+    kinds = probe(model.backbone, [b.name for b in model.branches], x).kinds
+    other = {n: k for n, k in kinds.items() if k != "Tensor"}
     if other:
         raise SplitError(
             f"exit module(s) {other} return a {next(iter(other.values()))}, not one tensor; split() cuts the "
