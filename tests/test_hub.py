@@ -18,6 +18,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import safetensors
 import safetensors.torch
@@ -312,6 +313,18 @@ def test_save_refuses_a_folder_holding_other_files_at_its_names(models, tmp_path
     (beside / "notes.txt").write_text("keep me")
     save_pretrained(models["resnet"], beside)  # other names are left alone
     assert (beside / "notes.txt").read_text() == "keep me" and (beside / "config.json").is_file()
+
+
+def test_a_report_with_numpy_and_torch_values_is_saved_as_plain_json(models, tmp_path):
+    report = _report(models["resnet"])
+    exit_accuracy = report["test"]["exit_accuracy"]
+    report["test"]["exit_accuracy"] = np.array(exit_accuracy)
+    report["test"]["soft_accuracy"] = torch.tensor(0.8712)
+    report["test"]["num_samples"] = np.int64(10000)
+    folder = save_pretrained(models["resnet"], tmp_path / "m", report)
+    saved = json.loads((folder / "report.json").read_text())["test"]
+    assert saved["exit_accuracy"] == exit_accuracy and saved["num_samples"] == 10000
+    assert saved["soft_accuracy"] == pytest.approx(0.8712)
 
 
 def test_a_home_relative_folder_is_expanded_when_saving_and_loading(models, tmp_path, monkeypatch):

@@ -51,10 +51,8 @@ def _load_report(report: Mapping[str, Any] | str | os.PathLike | None) -> dict[s
 
 
 def _json_scalar(v: Any) -> Any:
-    """numpy / torch scalars in a report, as plain Python numbers."""
-    if hasattr(v, "item"):
-        return v.item()
-    if hasattr(v, "tolist"):
+    """numpy / torch scalars and arrays in a report, as plain Python numbers and lists."""
+    if hasattr(v, "tolist"):  # scalars give a number, arrays a (nested) list
         return v.tolist()
     raise TypeError(f"report value {v!r} ({type(v).__name__}) is not JSON-serialisable")
 
