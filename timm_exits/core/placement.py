@@ -282,7 +282,7 @@ def _as_request(exits: Any) -> ExitRequest:
         exits = exits.tolist()
     if isinstance(exits, str):
         return exits
-    if not isinstance(exits, Sequence | set | tuple):
+    if not isinstance(exits, Sequence | set):
         one = f" (one exit: exits=[{exits!r}])" if isinstance(exits, numbers.Number) else ""
         raise TypeError(
             f"exits={exits!r} is not understood; give 'auto', 'blocks', or a list of module names, feature_info "

@@ -119,7 +119,7 @@ def _in_range(
         return
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
-    if below or above or value != value:  # NaN compares false both ways
+    if below or above:  # NaN never gets here: converting the key refuses it
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise RecipeError(f"recipe key {key!r} must lie in {interval}, got {value}.")
 
@@ -239,10 +239,9 @@ class DataSection(_Section):
         if not 0 < low <= high:
             raise RecipeError(f"crop_ratio must be [low, high] with 0 < low <= high, got {self.crop_ratio}.")
         for key in ("max_train_samples", "max_eval_samples"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise RecipeError(
-                    f"recipe key {key!r} must be >= 1 (or null for every sample), got {getattr(self, key)}."
-                )
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise RecipeError(f"recipe key {key!r} must be >= 1 (or null for every sample), got {value}.")
 
 
 @dataclass

@@ -80,7 +80,7 @@ def _inside(rel: str) -> bool:
 def _relative(run_dir: Path, path: str | os.PathLike) -> str:
     p = Path(path)
     rel = p.relative_to(run_dir) if p.is_absolute() else p
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+    if not _inside(rel.as_posix()):
         raise ValueError(f"{path} is not inside the run folder {run_dir}.")
     return rel.as_posix()
 
