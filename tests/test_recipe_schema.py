@@ -329,3 +329,38 @@ def test_override_values_read_scientific_floats_and_refuse_broken_yaml():
     assert recipe.optim.lr == 0.02
     with pytest.raises(RecipeError, match=r"override 'exits=\[a,b': '\[a,b' is not valid YAML \(expected ',' or '\]'"):
         load_recipe(None, ["exits=[a,b"])
+
+
+def test_override_values_that_yaml_reads_as_comments_are_refused():
+    assert load_recipe(None, ["name=run#1"]).name == "run#1"  # '#' inside a word is text
+    assert load_recipe(None, ['name="a #1"']).name == "a #1"
+    with pytest.raises(RecipeError, match=r"override 'output_dir=/tmp/a #b': YAML reads ' #...' as a comment"):
+        load_recipe(None, ["output_dir=/tmp/a #b"])
+    with pytest.raises(RecipeError, match=r"quote the value: name='\"#x\"'"):
+        load_recipe(None, ["name=#x"])
+
+
+def test_init_checkpoint_with_backbone_weights_is_refused():
+    with pytest.raises(RecipeError, match=r"init_checkpoint replaces every weight that pretrained / weights would"):
+        load_recipe(None, ["init_checkpoint=runs/a", "weights=local-dir:b"])
+    with pytest.raises(RecipeError, match=r"set pretrained=false and weights=null"):
+        load_recipe(None, ["init_checkpoint=runs/a", "pretrained=true"])
+    assert load_recipe(None, ["init_checkpoint=runs/a"]).model.init_checkpoint == "runs/a"
+
+
+def test_base_files_are_read_next_to_the_recipe_never_from_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "parent.yaml").write_text("lr: 0.02\n")
+    (tmp_path / "sub" / "child.yaml").write_text("base: parent.yaml\nepochs: 3\n")
+    (tmp_path / "cwd.yaml").write_text("lr: 0.3\n")
+    (tmp_path / "sub" / "stray.yaml").write_text("base: cwd.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(tmp_path / "sub" / "child.yaml")
+    assert (recipe.optim.lr, recipe.optim.epochs) == (0.02, 3)
+    with pytest.raises(FileNotFoundError, match=r"base 'cwd.yaml' is neither .*sub/cwd.yaml nor a shipped recipe"):
+        load_recipe(tmp_path / "sub" / "stray.yaml")
+    (tmp_path / "sub" / "bad.yaml").write_text("base: 3\n")
+    with pytest.raises(RecipeError, match=r"'base:' takes a file name or a list of them, got 3"):
+        load_recipe(tmp_path / "sub" / "bad.yaml")
+    (tmp_path / "sub" / "shipped.yaml").write_text("base: digits_quick\n")
+    assert load_recipe(tmp_path / "sub" / "shipped.yaml").data.dataset == "digits"

@@ -2,11 +2,11 @@
 
 A recipe is a `Recipe` (`timm_exits.training.recipe_schema`: its sections, keys, types and defaults). A
 recipe file is a YAML mapping of its keys, flat (``lr: 0.1``) or by section (``optim: {lr: 0.1}``), or both;
-``base: other.yaml`` merges another file first (one next to it, else a shipped recipe of that name). The
-recipes shipped in ``timm_exits/training/recipes/`` are selected by name (``-c digits_quick``, listed by
-`list_recipes`), any other by its path; every key can be overridden (``lr=0.1`` or ``optim.lr=0.1``, dotted
-keys for dict values such as ``model_kwargs.drop_path_rate=0.1``), and an unknown key is an error that lists
-the valid ones. A run is identified by its flat recipe without the runtime keys (`_identity`, hashed by
+``base: other.yaml`` merges another file first (a path relative to the file's folder, else a shipped recipe of
+that name). The recipes shipped in ``timm_exits/training/recipes/`` are selected by name (``-c digits_quick``,
+listed by `list_recipes`), any other by its path; every key can be overridden (``lr=0.1`` or ``optim.lr=0.1``,
+dotted keys for dict values such as ``model_kwargs.drop_path_rate=0.1``), and an unknown key is an error that
+lists the valid ones. A run is identified by its flat recipe without the runtime keys (`_identity`, hashed by
 `_fingerprint`): those may change when a run is resumed or evaluated.
 """
 
@@ -103,6 +103,25 @@ def _parse_yaml(path: Path) -> Any:
         raise RecipeError(f"recipe {path}{where}: not valid YAML ({problem}). Fix the file there.") from None
 
 
+def _base_file(recipe: Path, base: Any) -> Path:
+    """A ``base:`` entry's file: a path relative to the recipe's folder (or absolute), else a shipped recipe.
+
+    The current directory is never searched, so a recipe reads the same bases wherever it is run from.
+    """
+    if not isinstance(base, str) or not base.strip():
+        raise RecipeError(f"recipe {recipe}: 'base:' takes a file name or a list of them, got {base!r}.")
+    local = recipe.parent / Path(base).expanduser()
+    if local.is_file():
+        return local
+    stem = base[: -len(".yaml")] if base.endswith(".yaml") else base
+    if "/" not in base and os.sep not in base and (RECIPE_DIR / f"{stem}.yaml").is_file():
+        return RECIPE_DIR / f"{stem}.yaml"
+    raise FileNotFoundError(
+        f"recipe {recipe}: base {base!r} is neither {local} nor a shipped recipe; a base path is read relative "
+        f"to the recipe's folder. Shipped recipes: {', '.join(list_recipes())}."
+    )
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe file's keys (flat), its ``base:`` files merged first; the name defaults to the file's."""
     path = path.expanduser().resolve()
@@ -116,9 +135,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     bases = data.pop("base", None)
     own = dict(_flat_pairs(data))  # sectioned keys -> flat ones, so a base may be flat and its user sectioned
     merged: dict[str, Any] = {}
-    for b in [bases] if isinstance(bases, str) else bases or []:
-        local = path.parent / b
-        merged.update(_read_yaml(local if local.is_file() else resolve_recipe(b), (*seen, path)))
+    for b in bases if isinstance(bases, list) else [] if bases is None else [bases]:
+        merged.update(_read_yaml(_base_file(path, b), (*seen, path)))
     merged.update(own)
     merged.setdefault("name", None)
     if own.get("name") is None and not seen:

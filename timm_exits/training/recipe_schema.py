@@ -363,6 +363,11 @@ class Recipe:
 
     def validate(self) -> None:
         """Checks across sections (each section checks its own keys when built); raises `RecipeError`."""
+        if self.model.init_checkpoint and (self.model.pretrained or self.model.weights):
+            raise RecipeError(
+                "init_checkpoint replaces every weight that pretrained / weights would load; drop init_checkpoint, "
+                "or set pretrained=false and weights=null."
+            )
         if self.optim.frozen_epochs and self.method.method == "baseline":
             raise RecipeError(
                 "frozen_epochs with method 'baseline' would train nothing (the baseline trains only the backbone); "
@@ -585,4 +590,7 @@ def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str
             out[key] = load_yaml(text) if text.strip() else None
         except RecipeError as e:
             raise RecipeError(f"override {item!r}: {e}") from e
+        if "#" in text and "#" not in json.dumps(out[key], default=str):
+            hint = f"{key}='\"{text}\"'"
+            raise RecipeError(f"override {item!r}: YAML reads ' #...' as a comment; quote the value: {hint}.")
     return out
