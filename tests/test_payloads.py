@@ -320,3 +320,31 @@ def test_plain_model_is_served_by_its_forward():
     assert torch.equal(answer["exit_index"], torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="EarlyExitModel only"):
         served_model(plain, "gate", input_size=(3, 32, 32))
+
+
+def test_uint8_pixels_are_normalised_on_the_server_with_the_models_mean_and_std(model):
+    pixels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    cfg = model.backbone.pretrained_cfg
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    normalised = (pixels.double() / 255 - mean.double()) / std.double()  # the reference, in float64
+    s = served_model(model, "confidence", 0.6)
+    assert s.request["image"].dtypes[-1] == torch.uint8 and s.describe()["pixels"]["std"] == list(cfg["std"])
+    (answer,) = run_batch(s, [decode_tensors(encode_tensors({"image": pixels}), s.request)])
+    ref = predict(model, normalised.float(), "confidence", 0.6)
+    torch.testing.assert_close(answer["logits"], ref.logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(answer["exit_index"], ref.exit_index)
+    assert len(encode_tensors({"image": pixels})) < len(encode_tensors({"image": normalised.float()})) / 3.9
+    # the caller's own normalisation, and a model that records none: float images only, uint8 refused
+    own = served_model(model, "confidence", 0.6, mean=[0.5] * 3, std=[0.25] * 3)
+    (answer,) = run_batch(own, [{"image": pixels}])
+    ref = predict(model, (pixels.float() / 255 - 0.5) / 0.25, "confidence", 0.6)
+    torch.testing.assert_close(answer["logits"], ref.logits, rtol=1e-4, atol=1e-5)
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    bare = served_model(plain, input_size=(3, 2, 2), num_classes=2)
+    assert bare.describe()["pixels"] is None
+    with pytest.raises(PayloadError, match=r"'image' has dtype uint8; expected one of \['float32'"):
+        decode_tensors(encode_tensors({"image": torch.zeros(1, 3, 2, 2, dtype=torch.uint8)}), bare.request)
+    with pytest.raises(ValueError, match="give both mean and std"):
+        served_model(model, mean=[0.5] * 3)
+    with pytest.raises(ValueError, match=r"need one value per channel \(3\), std > 0"):
+        served_model(model, mean=[0.5] * 3, std=[0.0] * 3)

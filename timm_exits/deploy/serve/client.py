@@ -420,7 +420,8 @@ class ModelClient:
         return self._specs
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classify a (B, C, H, W) batch on the server.
+        """Classify a (B, C, H, W) batch on the server: normalised float images, or uint8 pixels (0-255) that a
+        server whose model records a mean and std normalises itself (a quarter of float32's bytes).
 
         Returns:
             (logits (B, K) float32, exit_index (B,) int64), in input order.

@@ -249,6 +249,8 @@ def model_app(
     max_ongoing_requests: int | None = None,
     body_timeout_s: float = 10.0,
     torch_threads: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Any:
     """A Ray Serve application running a whole model: hard early exit over each batch of requests.
 
@@ -260,6 +262,8 @@ def model_app(
         num_classes: Classes of a plain model without a `num_classes` attribute.
         name, max_batch_size, batch_wait_timeout_s, max_request_samples, num_replicas, ray_actor_options,
         max_ongoing_requests, body_timeout_s, torch_threads: As `cloud_app`.
+        mean, std: What uint8 pixel requests are normalised with; default: the backbone's pretrained_cfg
+            (`timm_exits.deploy.serve.served_model`).
 
     Returns:
         An application for `serve.run(app, name=..., route_prefix=...)`.
@@ -271,6 +275,8 @@ def model_app(
         input_size=input_size,
         num_classes=num_classes,
         max_request_samples=max_request_samples or max_batch_size,
+        mean=mean,
+        std=std,
     )
     return _app(
         served,

@@ -4,9 +4,10 @@ Two kinds of served model share one protocol (a safetensors payload in, one out)
 
 * a `CloudPart` of `timm_exits.deploy.split`: request `features` (n, *feature_shape) in a floating dtype and
   `stats` (n, stats_dim) float32; answer `logits` (n, m, K) and `gate_logits` (n, m - 1) float32.
-* a whole model: request `image` (n, C, H, W) in a floating dtype; answer `logits` (n, K) float32 and
-  `exit_index` (n,) int64. An `EarlyExitModel` runs `timm_exits.predict` (hard early exit over the
-  batch); any other module (the plain backbone) runs its forward, every sample at exit 0.
+* a whole model: request `image` (n, C, H, W), normalised images in a floating dtype or uint8 pixels (0-255,
+  normalised on the server with the model's mean and std, a quarter of float32's bytes); answer `logits`
+  (n, K) float32 and `exit_index` (n,) int64. An `EarlyExitModel` runs `timm_exits.predict` (hard early
+  exit over the batch); any other module (the plain backbone) runs its forward, every sample at exit 0.
 
 This module needs no Ray: the deployments and the in-process client both use it.
 """
@@ -25,7 +26,7 @@ from ...core.model import EarlyExitModel
 from ...inference.hard_exit import predict
 from ...inference.policies import EXIT_RULES, resolve_thresholds
 from ..split import CloudPart
-from .codec import TensorSpec, describe_specs
+from .codec import FLOAT_DTYPES, TensorSpec, describe_specs
 
 __all__ = ["Served", "served_cloud", "served_model", "run_batch"]
 
@@ -46,7 +47,8 @@ class Served:
         max_body_bytes: Most request bytes (float32 at the sample limit plus the header).
         policy: Exit policy of a whole `EarlyExitModel` (None otherwise).
         thresholds: Its thresholds, one per early exit.
-        info: Descriptive fields (split point, shapes) for health checks.
+        info: Descriptive fields (split point, shapes, the pixels' mean and std) for health checks.
+        pixel_norm: (mean, std) per channel that uint8 images are normalised with (None: floats only).
     """
 
     kind: str
@@ -59,6 +61,7 @@ class Served:
     policy: str | None = None
     thresholds: list[float] | None = None
     info: dict[str, Any] | None = None
+    pixel_norm: tuple[list[float], list[float]] | None = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description: kind, specs, limits, policy and the module's fields."""
@@ -133,6 +136,23 @@ def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int
     raise ValueError("give input_size=(C, H, W): the model records none, and requests are checked against it.")
 
 
+def _pixel_norm(
+    model: nn.Module, channels: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) uint8 pixels are normalised with: given, else the backbone's timm pretrained_cfg."""
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std (per channel, for pixels scaled to [0, 1]) or neither.")
+    if mean is None:
+        cfg = getattr(getattr(model, "backbone", model), "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean"), cfg.get("std")
+        if mean is None or std is None:
+            return None
+    m, s = [float(v) for v in mean], [float(v) for v in std]
+    if len(m) != channels or len(s) != channels or not all(v > 0 for v in s):
+        raise ValueError(f"mean={m} and std={s} need one value per channel ({channels}), std > 0.")
+    return m, s
+
+
 def served_model(
     model: nn.Module,
     policy: str | None = None,
@@ -141,6 +161,8 @@ def served_model(
     input_size: Sequence[int] | None = None,
     num_classes: int | None = None,
     max_request_samples: int = 64,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Served:
     """Describe a whole model for serving: hard early exit for an `EarlyExitModel`, else its forward.
 
@@ -151,6 +173,10 @@ def served_model(
         input_size: (C, H, W) of a request's images; default: the model's configured input size.
         num_classes: Classes of a plain model (default: its `num_classes` attribute).
         max_request_samples: Most samples one request may hold.
+        mean: Per-channel mean that uint8 pixel requests are normalised with (``(x / 255 - mean) / std``);
+            default: the backbone's timm ``pretrained_cfg`` (the one `save_pretrained` records). A model
+            that records none takes float images only.
+        std: Per-channel standard deviation, given with `mean`.
 
     Returns:
         A `Served` record.
@@ -159,6 +185,7 @@ def served_model(
     size = _input_size(model, input_size)
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"input_size={size} must be (C, H, W) with positive sizes.")
+    norm = _pixel_norm(model, size[0], mean, std)
     policy_name, thresholds = None, None
     if isinstance(model, EarlyExitModel):
         policy_name = policy or model.config.policy
@@ -174,13 +201,16 @@ def served_model(
         if not k:
             raise ValueError("give num_classes: the model has no num_classes attribute.")
         info = {"num_exits": 1, "num_classes": k, "input_size": list(size)}
-    request = {"image": TensorSpec((None, *size))}
+    info["pixels"] = {"mean": norm[0], "std": norm[1]} if norm else None
+    request = {"image": TensorSpec((None, *size), FLOAT_DTYPES + ((torch.uint8,) if norm else ()))}
     response = {
         "logits": TensorSpec((None, k), (torch.float32,)),
         "exit_index": TensorSpec((None,), (torch.int64,)),
     }
     elements, body = _limits(request, max_request_samples)
-    return Served("model", model, request, response, max_request_samples, elements, body, policy_name, thresholds, info)
+    return Served(
+        "model", model, request, response, max_request_samples, elements, body, policy_name, thresholds, info, norm
+    )
 
 
 def _param(module: nn.Module) -> torch.Tensor:
@@ -194,7 +224,11 @@ def _forward(served: Served, inputs: dict[str, torch.Tensor]) -> dict[str, torch
         if served.kind == "cloud":
             out = served.module(inputs["features"].to(p.device, dtype), inputs["stats"].to(p.device).float())
             return {"logits": out.logits.float(), "gate_logits": out.gate_logits.float()}
-        x = inputs["image"].to(p.device, dtype)
+        x = inputs["image"].to(p.device)
+        if x.dtype == torch.uint8:
+            mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in served.pixel_norm)
+            x = (x.float() / 255.0 - mean) / std
+        x = x.to(dtype)
         if served.policy is not None:
             pred = predict(served.module, x, served.policy, served.thresholds)
             return {"logits": pred.logits.float(), "exit_index": pred.exit_index.long()}
