@@ -215,3 +215,16 @@ def test_fit_gates_that_diverge_are_not_stored():
         fit_gates(model, _data(), lr=1e30, steps=50)
     assert "left unchanged" in str(e.value)
     _assert_same_gates(model, before)
+
+
+def test_fit_gates_on_a_float16_model_equals_the_float32_fit_and_keeps_the_dtype():
+    data = _data()
+    fits, gates = [], []
+    for dtype in (torch.float32, torch.float16):
+        model = _model().to(dtype)
+        fits.append(fit_gates(model, data, objective="no_gain", steps=50))
+        gates.append(model.branches[0].gate)
+    assert all(p.dtype == torch.float16 for p in gates[1].parameters())
+    assert fits[1] == fits[0]  # fitted on float32 copies: the same numbers
+    for a, b in zip(gates[0].parameters(), gates[1].parameters()):
+        torch.testing.assert_close(b.float(), a.half().float())

@@ -220,7 +220,7 @@ def test_sweep_equals_each_threshold_recomputed_from_the_exit_rule():
                 index[exit_mask(policy, logits[:, b], gate_logits[:, b], point["threshold"])] = b
             assert torch.equal(simulate(data, policy, point["threshold"]), index)
             right = torch.tensor([int(logits[i, index[i]].argmax()) == int(labels[i]) for i in range(n)])
-            assert point["accuracy"] == float(right.float().mean()), (policy, point)
+            assert point["accuracy"] == int(right.sum()) / n, (policy, point)
             assert point["cost"] == pytest.approx(float(data.costs[index].mean()), abs=1e-7)
     with pytest.raises(ValueError, match="got 2 thresholds for 4 early exits"):
         simulate(data, "gate", [0.5, 0.5])
@@ -516,3 +516,89 @@ def test_assigned_exit_at_batch_1_equals_full_forward(name):
         torch.testing.assert_close(run_assigned(model, x, torch.tensor([k])), out.logits[k], rtol=1e-5, atol=1e-5)
         assert bool(calls) == (k == model.num_exits - 1)
     hook.remove()
+
+
+# ------------------------------------------------------------------ inputs predict and calibrate refuse
+def test_a_bad_first_input_does_not_switch_predict_to_masking_for_good():
+    model, size = _wrapped("resnet18")
+    x = images(4, size, seed=2)
+    with pytest.raises(RuntimeError):
+        predict(model, x.double(), "confidence", 0.5)  # float64 images into a float32 model
+    assert model._batch_shrink_safe is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert predict(model, x, "confidence", 0.5).stats.batch_shrink
+
+
+def test_predict_refuses_a_soft_threshold_labels_of_another_shape_and_text_thresholds():
+    model, size = _wrapped("resnet18")
+    x = images(4, size, seed=2)
+    with pytest.raises(ValueError, match=r"policy 'soft' takes no thresholds \(it averages every exit\)"):
+        predict(model, x, "soft", 0.5)
+    labels = predict(model, x, "confidence", 0.5).logits.argmax(-1)
+    assert predict(model, x, "confidence", 0.5, labels=labels).stats.accuracy == 1.0
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 1\) for a batch of 4: .*labels.flatten\(\)"):
+        predict(model, x, "confidence", 0.5, labels=labels[:, None])
+    with pytest.raises(ValueError, match=r"labels of shape \(1,\) for a batch of 4"):
+        predict(model, x, "confidence", 0.5, labels=labels[:1])
+    with pytest.raises(TypeError, match=r"threshold '0.9' is text; give a number"):
+        predict(model, x, "confidence", "0.9")
+
+
+def _saturated(n: int = 10) -> Collected:
+    """Final exit right on all; exit 0 right on all but the last sample, which it gets wrong with a max
+    softmax of exactly 1.0 in float32 (and an entropy of exactly 0)."""
+    logits = torch.zeros(n, 2, 3)
+    logits[:, :, 0] = 5.0
+    logits[-1, 0] = torch.tensor([0.0, 40.0, 0.0])
+    return Collected(logits, torch.full((n, 1), 40.0), torch.zeros(n, dtype=torch.long), torch.tensor([0.3, 1.0]))
+
+
+def test_the_conservative_threshold_keeps_every_sample_even_where_scores_saturate():
+    data = _saturated()
+    assert float(logit_stats(data.logits[-1:, 0])[0, 0]) == 1.0 and float(torch.sigmoid(torch.tensor(40.0))) == 1.0
+    for policy, never, always in (("confidence", 1.0, 0.0), ("gate", 1.0, 0.0), ("entropy", 0.0, 1.0)):
+        assert simulate(data, policy, never).tolist() == [1] * 10
+        assert simulate(data, policy, always).tolist() == [0] * 10
+        model, _ = _wrapped("resnet18", ["layer1"])
+        cal = calibrate(model, data, policy, max_accuracy_drop=0.0, apply=False)
+        assert (cal.accuracy, cal.threshold) == (1.0, never)
+
+
+def test_calibration_points_on_a_target_are_not_lost_to_float32_rounding():
+    model, _ = _wrapped("resnet18", ["layer1", "layer3"])
+    costs = model.exit_costs.float()
+    n = next(n for n in range(2, 200) if float(costs[torch.zeros(n, dtype=torch.long)].mean()) > float(costs[0]))
+    g = torch.Generator().manual_seed(0)
+    logits, gates = torch.randn(n, 3, 10, generator=g), torch.randn(n, 2, generator=g)
+    data = Collected(logits, gates, torch.randint(0, 10, (n,)), costs)
+    cal = calibrate(model, data, "confidence", target_cost=float(costs[0]), apply=False)  # every sample at exit 0
+    assert cal.cost == pytest.approx(float(costs[0]), abs=1e-12) and cal.exit_distribution[0] == 1.0
+    # 300 samples, exit 0 right on 177 (59 %), the final exit on 180 (60 %): exactly 1 point below
+    n, logits = 300, torch.zeros(300, 2, 3)
+    logits[:180, 1, 0] = logits[:177, 0, 0] = 5.0
+    logits[180:, 1, 1] = logits[177:, 0, 1] = 5.0
+    model, _ = _wrapped("resnet18", ["layer1"])
+    data = Collected(logits, torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), torch.tensor([0.3, 1.0]))
+    cal = calibrate(model, data, "confidence", max_accuracy_drop=0.01, apply=False)
+    assert (cal.cost, cal.accuracy) == (pytest.approx(0.3), pytest.approx(0.59))
+
+
+def test_calibrate_checks_the_policy_before_the_loader_and_simulate_checks_thresholds():
+    model, size = _wrapped("resnet18")
+    seen = []
+
+    def loader():
+        for i in range(3):
+            seen.append(i)
+            yield images(2, size, seed=i), torch.zeros(2, dtype=torch.long)
+
+    with pytest.raises(ValueError, match=r"cannot calibrate policy 'confidance'; use one of"):
+        calibrate(model, loader(), "confidance", target_cost=0.5)
+    assert seen == []
+    data = collect(model, loader())
+    for bad in (float("nan"), 7.0, -0.1):
+        with pytest.raises(ValueError, match=r"thresholds \[.*\] are outside \[0, 1\]"):
+            simulate(data, "confidence", bad)
+    with pytest.raises(ValueError, match=r"policy 'soft' has no exit rule"):
+        simulate(data, "soft", 0.5)

@@ -49,7 +49,7 @@ class Collected:
     @property
     def exit_accuracy(self) -> list[float]:
         """Accuracy of every exit on all samples."""
-        return (self.logits.argmax(-1) == self.labels[:, None]).float().mean(0).tolist()
+        return (self.logits.argmax(-1) == self.labels[:, None]).double().mean(0).tolist()
 
 
 @dataclass
@@ -181,7 +181,12 @@ def collect(
 
 def simulate(data: Collected, policy: PolicyName, threshold: float | Sequence[float]) -> torch.Tensor:
     """Exit index each sample would take under `policy` (the same rule as the hard path)."""
+    if policy not in EXIT_RULES:
+        raise ValueError(f"policy {policy!r} has no exit rule; use one of {EXIT_RULES}.")
     thresholds = per_exit(threshold, data.gate_logits.shape[1])
+    bad = [t for t in thresholds if not 0.0 <= t <= 1.0]  # NaN fails the comparison too
+    if bad:
+        raise ValueError(f"thresholds {bad} are outside [0, 1], where every exit rule's scores lie.")
     return _first_exit(data, policy, thresholds, _exit_stats(data, policy))
 
 
@@ -205,9 +210,13 @@ def _first_exit(
 
 
 def _point(costs: torch.Tensor, correct: torch.Tensor, index: torch.Tensor) -> tuple[float, float]:
-    """(expected cost, accuracy) of the exits `index`, given every exit's (N, E + 1) correctness."""
-    acc = float(correct.gather(1, index[:, None]).float().mean())
-    return float(costs[index].mean()), acc
+    """(expected cost, accuracy) of the exits `index`, given every exit's (N, E + 1) correctness.
+
+    Both are float64 means, so a point that lies exactly on a target (an exit's own cost, an accuracy drop of
+    exactly `max_accuracy_drop`) is not pushed past it by float32 rounding.
+    """
+    acc = float(correct.gather(1, index[:, None]).double().mean())
+    return float(costs.double()[index].mean()), acc
 
 
 def _candidates(data: Collected, policy: str, stats: list[torch.Tensor | None], num: int) -> list[float]:
@@ -267,6 +276,8 @@ def calibrate(
     """
     if (target_cost is None) == (max_accuracy_drop is None):
         raise ValueError("give exactly one of target_cost= or max_accuracy_drop=.")
+    if policy not in EXIT_RULES:  # before the loader runs through the model
+        raise ValueError(f"cannot calibrate policy {policy!r}; use one of {EXIT_RULES}.")
     for name, value in (("target_cost", target_cost), ("max_accuracy_drop", max_accuracy_drop)):
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{name}={value} is not a finite number.")

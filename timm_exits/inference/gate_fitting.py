@@ -42,7 +42,11 @@ GATE_OBJECTIVES = ("no_gain", "correct", "soft")
 
 @dataclass
 class GateFit:
-    """Loss and expected cost of the gates before and after fitting (on the data they were fitted on)."""
+    """Loss and expected cost of the gates before and after fitting (on the data they were fitted on).
+
+    "Before" is the gates the fit starts from: the re-initialised ones with ``reset=True`` (the default),
+    the model's own otherwise.
+    """
 
     loss_before: float
     loss_after: float
@@ -126,7 +130,8 @@ def fit_gates(
         target = correct[:, :-1]
     costs = model.exit_costs.detach().float()
     args = (stats, logp_y, target, costs, cost_weight, objective)
-    gates = [copy.deepcopy(b.gate) for b in model.branches]  # fitted apart; written back only if finite
+    # fitted apart in float32 (half precision rounds Adam's eps to 0), written back only if finite
+    gates = [copy.deepcopy(b.gate).float() for b in model.branches]
     params = [p for g in gates for p in g.parameters()]
     if reset:
         gen = torch.Generator().manual_seed(seed)

@@ -214,9 +214,9 @@ def _check_batch_shrink(model: EarlyExitModel, x: torch.Tensor) -> bool:
     # a half-precision model rounds differently per batch size on some kernels; a structural change
     # (a later stage reading the full batch) moves results far more than this
     tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    with no_autocast, evaluating(model):  # outside the try: a bad input raises here and nothing is cached
+        ref = _run_hard(model, pair, never, shrink=False).logits
     try:
-        with no_autocast, evaluating(model):
-            ref = _run_hard(model, pair, never, shrink=False).logits
         for b in range(len(model.branches)):
 
             def first_leaves(pos: int, stats: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor, b: int = b):
@@ -288,7 +288,14 @@ def predict(
     """
     policy = policy or model.config.policy
     _check_policy(policy)
+    if policy == "soft" and threshold is not None:
+        resolve_thresholds(model, policy, threshold)  # raises: the soft output takes no threshold
     model.check_input(x)
+    if labels is not None and tuple(labels.shape) != (x.shape[0],):
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} for a batch of {x.shape[0]}: give one class index per sample, "
+            "shape (B,) (e.g. labels.flatten())."
+        )
     if not _all_finite(x):  # the one check on the hot path; the rows are found only here
         return _predict_nonfinite(model, x, policy, threshold, labels, batch_shrink, allow_nonfinite)
     with torch.no_grad():

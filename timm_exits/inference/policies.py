@@ -5,6 +5,9 @@
 * "entropy":    entropy / log(K) <= threshold (BranchyNet, normalised so thresholds lie in [0, 1]);
 * "soft":       no early exit; the soft-conditional ensemble of every exit (the paper's option 1).
 
+The conservative end of each scale lets no sample leave: threshold 1 for "gate" and "confidence", 0 for
+"entropy", even where float32 saturates (a max softmax of exactly 1.0, an entropy of exactly 0).
+
 `timm_exits.inference.hard_exit` applies them in a forward that really stops computing; `calibration`
 applies them to collected logits.
 """
@@ -43,15 +46,18 @@ def exit_mask(
         policy: "gate", "confidence" or "entropy".
         logits: (B, K) logits of this exit (not needed when `stats` is given).
         gate_logit: (B,) gate logits of this exit.
-        threshold: The exit's threshold.
+        threshold: The exit's threshold (1 for "gate" and "confidence", 0 for "entropy": nobody leaves).
         stats: (B, 3) `logit_stats(logits)` when already computed.
     """
     if policy == "gate":
-        return torch.sigmoid(gate_logit.float()) >= threshold
+        score = torch.sigmoid(gate_logit.float())
+        return score >= threshold if threshold < 1.0 else torch.zeros_like(score, dtype=torch.bool)
     if policy not in ("confidence", "entropy"):
         raise ValueError(f"policy {policy!r} has no exit rule; use one of {EXIT_RULES}")
     stats = logit_stats(logits) if stats is None else stats
-    return stats[:, 0] >= threshold if policy == "confidence" else stats[:, 1] <= threshold
+    if policy == "confidence":
+        return stats[:, 0] >= threshold if threshold < 1.0 else torch.zeros_like(stats[:, 0], dtype=torch.bool)
+    return stats[:, 1] <= threshold if threshold > 0.0 else torch.zeros_like(stats[:, 1], dtype=torch.bool)
 
 
 def _check_policy(policy: str) -> None:
@@ -70,6 +76,8 @@ def per_exit(threshold: float | Sequence[float], n_early: int) -> list[float]:
     Returns:
         `n_early` floats; a wrong count raises a ValueError that says so.
     """
+    if isinstance(threshold, (str, bytes)):
+        raise TypeError(f"threshold {threshold!r} is text; give a number or one number per early exit.")
     if hasattr(threshold, "tolist"):  # torch tensors, numpy arrays and numpy scalars, 0-d included
         threshold = threshold.tolist()
     values = [float(threshold)] * n_early if isinstance(threshold, numbers.Real) else [float(t) for t in threshold]
