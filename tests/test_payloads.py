@@ -17,8 +17,10 @@ from timm_exits.deploy.serve import (
     CloudResponseError,
     CloudUnavailableError,
     EdgeClient,
+    ModelClient,
     PayloadError,
     TensorSpec,
+    decode_request,
     decode_tensors,
     encode_tensors,
     measure_compression,
@@ -348,3 +350,31 @@ def test_uint8_pixels_are_normalised_on_the_server_with_the_models_mean_and_std(
         served_model(model, mean=[0.5] * 3)
     with pytest.raises(ValueError, match=r"need one value per channel \(3\), std > 0"):
         served_model(model, mean=[0.5] * 3, std=[0.0] * 3)
+
+
+def test_images_the_model_would_refuse_are_refused_before_any_compute_or_transfer(model, parts):
+    edge, cloud = parts
+    client = EdgeClient(edge, cloud)
+    x = torch.randn(3, 3, 64, 64)
+    nan = x.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    cases = [
+        (x[0], r"not a \(B, C, H, W\) image batch \(shape \(3, 64, 64\)\).*x.unsqueeze\(0\)"),
+        (x[:, :1], r"images of shape \(1, 64, 64\); the split was traced for \(3, 64, 64\)"),
+        (torch.randn(2, 3, 32, 32), r"images of shape \(3, 32, 32\); the split was traced for \(3, 64, 64\)"),
+        (nan, r"1 of 3 images hold NaN or inf \(first: \[1\]\)"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            client.run(bad)
+    with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 3, 64, 64\)\): ModelClient.predict"):
+        ModelClient("http://127.0.0.1:9/none").predict(x[:0])  # refused before any connection
+    # on the server: a request with a NaN image is refused alone (400), never run in a batch with others
+    served = served_model(model, "gate", 0.5)
+    with pytest.raises(PayloadError, match=r"1 of 3 images hold NaN or inf \(first: \[1\]\)") as err:
+        decode_request(served, encode_tensors({"image": nan}))
+    assert err.value.status == 400
+    assert torch.equal(decode_request(served, encode_tensors({"image": x}))["image"], x)
+    with pytest.raises(PayloadError, match="exceeds the limit") as err:
+        decode_request(served_model(model, "gate", 0.5, max_request_samples=1), encode_tensors({"image": x}))
+    assert err.value.status == 413

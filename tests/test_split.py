@@ -281,6 +281,8 @@ def test_export_rejects_unknown_format_train_mode_and_a_batch_of_one(models):
         export(edge, format="torch")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running statistics unmoved
     assert model.training
+    model.eval()  # as the error says: the part's own containers, split in train mode, do not count
+    assert export(edge, format="torch").max_abs_diff < 1e-4
 
 
 @pytest.mark.slow
@@ -291,3 +293,18 @@ def test_export_every_model(models, name, fmt):
     for part in split(model, at=len(model.branches) // 2):
         result = export(part, format=fmt)
         assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+
+
+def test_split_leaves_no_attributes_on_the_backbone():
+    from conftest import images, make_backbone
+
+    backbone, size = make_backbone("swin_tiny_patch4_window7_224")  # torch.fx stores a tensor constant here
+    model = wrap(backbone, input_size=(3, size, size)).eval()
+    before = set(vars(model.backbone))
+    for _ in range(2):
+        edge, cloud = split(model, at=0)
+    assert set(vars(model.backbone)) == before
+    x = images(2, size)
+    with torch.no_grad():
+        e = edge(x)
+        torch.testing.assert_close(cloud(e.features, e.stats).logits[:, -1], model(x).final, rtol=1e-4, atol=1e-5)

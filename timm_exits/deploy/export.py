@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .split import CloudOutput, CloudPart, EdgeOutput, EdgePart, _max_abs
+from .split import CloudOutput, CloudPart, EdgeOutput, EdgePart, _max_abs, _Part
 
 __all__ = [
     "Exported",
@@ -104,6 +104,12 @@ def run_onnx(model: bytes | str | os.PathLike, inputs: Sequence[torch.Tensor]) -
     return [torch.from_numpy(o) for o in session.run(None, feeds)]
 
 
+def _is_wrapper(module: nn.Module) -> bool:
+    """A split's own containers (the part, its traced graph, the plain root module): they hold no layer whose
+    forward depends on the mode, and keep the mode the model had when it was split."""
+    return isinstance(module, (_Part, torch.fx.GraphModule)) or type(module) is nn.Module
+
+
 def export(
     part: nn.Module,
     example: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -138,7 +144,7 @@ def export(
             raise ValueError("give example inputs for a module that is not a split part.")
         example = part.example_inputs()
     args = (example,) if torch.is_tensor(example) else tuple(example)
-    training = sorted({type(m).__name__ for m in part.modules() if m.training})
+    training = sorted({type(m).__name__ for m in part.modules() if m.training and not _is_wrapper(m)})
     if training:
         raise ValueError(
             f"the part has modules in train mode ({', '.join(training[:4])}); exporting would record the training "

@@ -474,14 +474,19 @@ def split(
     if not isinstance(model, EarlyExitModel):
         raise TypeError(f"split() needs a wrapped model (timm_exits.wrap), got {type(model).__name__}.")
     k = resolve_split_point(model, at)
-    graph = _trace(model)
-    exits = _locate(model, graph)
-    nodes = list(graph.nodes)
-    root = _root(model)
-    cloud_graph = _cloud_graph(model, nodes, exits, k)
-    edge_graph = _edge_graph(model, nodes, exits, k)
-    edge = EdgePart(fx.GraphModule(root, edge_graph, class_name="EdgeGraph"), model, k)
-    cloud = CloudPart(fx.GraphModule(root, cloud_graph, class_name="CloudGraph"), model, k)
+    before = set(vars(model.backbone))
+    try:
+        graph = _trace(model)
+        exits = _locate(model, graph)
+        nodes = list(graph.nodes)
+        root = _root(model)
+        cloud_graph = _cloud_graph(model, nodes, exits, k)
+        edge_graph = _edge_graph(model, nodes, exits, k)
+        edge = EdgePart(fx.GraphModule(root, edge_graph, class_name="EdgeGraph"), model, k)
+        cloud = CloudPart(fx.GraphModule(root, cloud_graph, class_name="CloudGraph"), model, k)
+    finally:  # torch.fx stores tensor constants on the traced root; the graph modules hold their own references
+        for name in set(vars(model.backbone)) - before:
+            delattr(model.backbone, name)
     parts = Split(edge, cloud)
     shared = {id(m) for m in model.modules()}
     for part in parts:

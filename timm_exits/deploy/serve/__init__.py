@@ -24,7 +24,7 @@ from .client import (
 )
 from .codec import COMPRESSIONS, PayloadError, TensorSpec, decode_tensors, encode_tensors
 from .deployments import ServedReplica, cloud_app, model_app, start_http
-from .parts import Served, run_batch, served_cloud, served_model
+from .parts import Served, decode_request, run_batch, served_cloud, served_model
 
 __all__ = [
     "COMPRESSIONS",
@@ -35,6 +35,7 @@ __all__ = [
     "Served",
     "served_cloud",
     "served_model",
+    "decode_request",
     "run_batch",
     "CloudError",
     "CloudUnavailableError",

@@ -30,7 +30,7 @@ from torch import nn
 from ...inference.policies import EXIT_RULES, exit_mask, resolve_thresholds
 from ..split import CloudPart, EdgePart
 from .codec import COMPRESSIONS, PayloadError, TensorSpec, decode_tensors, encode_tensors
-from .parts import Served, run_batch, served_cloud
+from .parts import Served, decode_request, run_batch, served_cloud
 
 __all__ = [
     "CloudError",
@@ -133,12 +133,11 @@ class _Local:
         self.served = served
 
     def post(self, body: bytes) -> bytes:
-        s = self.served
         try:
-            tensors = decode_tensors(body, s.request, max_elements=s.max_elements, max_batch=s.max_request_samples)
+            tensors = decode_request(self.served, body)
         except PayloadError as e:
             raise CloudResponseError(f"the payload was rejected: {e}", e.status) from e
-        return encode_tensors(run_batch(s, [tensors])[0])
+        return encode_tensors(run_batch(self.served, [tensors])[0])
 
     def describe(self) -> dict[str, Any]:
         return {"status": "ok", **self.served.describe()}
@@ -163,6 +162,25 @@ def _decode_answer(data: bytes, specs: Mapping[str, TensorSpec], n: int) -> dict
     if got != n:
         raise CloudResponseError(f"the answer holds {got} samples for a request of {n}.")
     return out
+
+
+def _check_images(x: torch.Tensor, who: str, input_size: Sequence[int] = ()) -> None:
+    """Refuse what the model would refuse, before any compute or transfer: not a non-empty (B, C, H, W) batch,
+    another size than the one the part was traced for, or images holding NaN or inf."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{who} takes an image tensor, got {type(x).__name__}.")
+    if x.ndim != 4 or x.shape[0] == 0:
+        what = "empty batch" if x.ndim and x.shape[0] == 0 else "not a (B, C, H, W) image batch"
+        fix = " Add the batch dimension with x.unsqueeze(0)." if x.ndim == 3 else ""
+        raise ValueError(f"{what} (shape {tuple(x.shape)}): {who} needs at least one (C, H, W) image.{fix}")
+    if input_size and tuple(x.shape[1:]) != tuple(input_size):
+        raise ValueError(
+            f"images of shape {tuple(x.shape[1:])}; the split was traced for {tuple(input_size)}: resize them, or "
+            "wrap and split the model at this size."
+        )
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+        raise ValueError(f"{len(bad)} of {x.shape[0]} images hold NaN or inf (first: {bad[:5]}); fix or drop them.")
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -331,8 +349,7 @@ class EdgeClient:
         Raises:
             CloudError: The cloud failed and `fallback="raise"`.
         """
-        if x.ndim == 0 or x.shape[0] == 0:
-            raise ValueError(f"empty batch (shape {tuple(x.shape)}): EdgeClient.run needs at least one image.")
+        _check_images(x, "EdgeClient.run", self.edge.input_size)
         e = self.edge
         start = time.perf_counter()
         with torch.inference_mode():
@@ -429,6 +446,7 @@ class ModelClient:
         Raises:
             CloudError: The server could not be reached or did not answer correctly.
         """
+        _check_images(x, "ModelClient.predict")
         specs = self._response_specs()
         logits, index = [], []
         for part in _chunks(x.shape[0], self.max_request_samples):

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ..split import CloudPart
-from .codec import PayloadError, decode_tensors, encode_tensors
-from .parts import Served, run_batch, served_cloud, served_model
+from .codec import PayloadError, encode_tensors
+from .parts import Served, decode_request, run_batch, served_cloud, served_model
 
 __all__ = ["ServedReplica", "cloud_app", "model_app", "start_http"]
 
@@ -115,11 +115,7 @@ class ServedReplica:
         Raises:
             PayloadError: The request is malformed or does not fit the served model.
         """
-        s = self.served
-        if len(body) > s.max_body_bytes:
-            raise PayloadError(f"payload of {len(body)} bytes exceeds the limit of {s.max_body_bytes}.", 413)
-        tensors = decode_tensors(body, s.request, max_elements=s.max_elements, max_batch=s.max_request_samples)
-        answer = await self._batched(tensors)
+        answer = await self._batched(decode_request(self.served, body))
         return encode_tensors(answer)
 
     def describe(self) -> dict[str, Any]:

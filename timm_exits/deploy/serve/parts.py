@@ -26,9 +26,9 @@ from ...core.model import EarlyExitModel
 from ...inference.hard_exit import predict
 from ...inference.policies import EXIT_RULES, resolve_thresholds
 from ..split import CloudPart
-from .codec import FLOAT_DTYPES, TensorSpec, describe_specs
+from .codec import FLOAT_DTYPES, PayloadError, TensorSpec, decode_tensors, describe_specs
 
-__all__ = ["Served", "served_cloud", "served_model", "run_batch"]
+__all__ = ["Served", "served_cloud", "served_model", "decode_request", "run_batch"]
 
 _HEADER_ALLOWANCE = 1 << 16
 
@@ -234,6 +234,34 @@ def _forward(served: Served, inputs: dict[str, torch.Tensor]) -> dict[str, torch
             return {"logits": pred.logits.float(), "exit_index": pred.exit_index.long()}
         logits = served.module(x).float()
         return {"logits": logits, "exit_index": torch.zeros(x.shape[0], dtype=torch.long, device=logits.device)}
+
+
+def decode_request(served: Served, body: bytes) -> dict[str, torch.Tensor]:
+    """Decode one request and check it against the served model before it joins a batch.
+
+    Args:
+        served: The served model.
+        body: The request payload.
+
+    Returns:
+        Name -> (n, ...) tensor.
+
+    Raises:
+        PayloadError: Over the size limit (status 413); malformed, not fitting the specs, or images holding
+            NaN or inf (400: the hard early exit refuses them, and in a batch they would fail every request).
+    """
+    if len(body) > served.max_body_bytes:
+        raise PayloadError(f"payload of {len(body)} bytes exceeds the limit of {served.max_body_bytes}.", 413)
+    limits = {"max_elements": served.max_elements, "max_batch": served.max_request_samples}
+    tensors = decode_tensors(body, served.request, **limits)
+    image = tensors.get("image") if served.kind == "model" else None
+    if image is not None and image.is_floating_point():
+        bad = (~torch.isfinite(image.reshape(image.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise PayloadError(
+                f"{len(bad)} of {image.shape[0]} images hold NaN or inf (first: {bad[:5]}); send finite images."
+            )
+    return tensors
 
 
 def run_batch(served: Served, requests: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
