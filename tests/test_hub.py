@@ -336,6 +336,51 @@ def test_a_home_relative_folder_is_expanded_when_saving_and_loading(models, tmp_
         assert from_pretrained(source).config == from_pretrained(folder).config
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, hidden ones included (relative path -> bytes)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_config_that_would_not_load_back_is_refused_before_anything_is_written(models, saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    before = _files(folder)
+    n = len(models["resnet"].config.exits)
+    cases = (
+        ("soft", [0.7] * n, "policy 'soft' takes no thresholds; set thresholds=None"),
+        ("confidence", 0.8, "object of type 'float' has no len()"),
+        ("gate", [1.5] * n, f"thresholds={[1.5] * n} must hold one value in [0, 1] per early exit ({n})"),
+    )
+    for policy, thresholds, reason in cases:
+        model = copy.deepcopy(models["resnet"])
+        model.config.policy, model.config.thresholds = policy, thresholds  # set after the config was checked
+        message = (
+            f"model.config (policy={policy!r}, thresholds={thresholds!r}) would not load back: {reason}. Nothing "
+            "was written; fix model.config (thresholds: None, or one value in [0, 1] per early exit) and save again."
+        )
+        for target in (folder, tmp_path / "new"):
+            with pytest.raises(ValueError) as e:
+                save_pretrained(model, target, _report(model))
+            assert str(e.value) == message
+        assert _files(folder) == before and not (tmp_path / "new").exists()
+    assert from_pretrained(folder).config == from_pretrained(saved).config
+
+
+def test_a_home_relative_report_and_run_folder_are_expanded(models, hub_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "home" / "runs" / "r18"
+    report = _report(models["resnet"])
+    save_pretrained(models["resnet"], run / "model")
+    (run / "report.json").write_text(json.dumps(report))
+
+    folder = save_pretrained(models["resnet"], "~/out", "~/runs/r18/report.json")
+    assert json.loads((folder / "report.json").read_text()) == report
+    push_run("~/runs/r18", "org/tilde", endpoint=hub_server.url, token="hf_test")
+    assert len(hub_server.commits) == 1 and json.loads(hub_server.commits[0]["files"]["report.json"]) == report
+    assert hub_server.commits[0]["header"]["value"]["summary"] == "Upload run r18 (timm-exits)"
+    assert not (tmp_path / "~").exists()
+
+
 # ----------------------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_local_folder(case, models, tmp_path, monkeypatch):
@@ -353,6 +398,8 @@ def test_round_trip_local_folder(case, models, tmp_path, monkeypatch):
     assert files == {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("model.safetensors", EXITS)}
     with safetensors.safe_open(folder / EXITS, "pt") as f:
         assert json.loads(f.metadata()["timm_exits"])["backbone_sha256"] == files["model.safetensors"]
+    assert cfg["timm_exits"].pop("dtype") == "float32"
+    assert cfg["timm_exits"].pop("upstream_hf_hub_id") == model.backbone.pretrained_cfg["hf_hub_id"]
     expected = model.config.to_dict() | {"costs": model.exit_costs.tolist()}
     assert cfg["timm_exits"] == json.loads(json.dumps(expected))
     assert cfg["timm_exits"]["format_version"] == FORMAT_VERSION
@@ -379,6 +426,56 @@ def test_round_trip_local_folder(case, models, tmp_path, monkeypatch):
     again = save_pretrained(loaded, tmp_path / "again" / "m", folder / "report.json")
     for name in FILES:  # saving what was loaded writes the same bytes
         assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_a_compiled_model_is_saved_and_pushed_as_the_model_it_compiles(models, hub_server, tmp_path):
+    model, report = models["resnet"], _report(models["resnet"])
+    compiled = torch.compile(model)  # lazy: nothing is compiled before a call
+    eager = save_pretrained(model, tmp_path / "eager", report, repo_id="org/compiled")
+    folder = save_pretrained(compiled, tmp_path / "compiled", report, repo_id="org/compiled")
+    assert _files(folder) == _files(eager)
+    assert set(safetensors.torch.load_file(folder / EXITS)) == {
+        k for k in model.state_dict() if not k.startswith("backbone.")
+    }
+    _assert_equal(_outputs(model, _x()), _outputs(from_pretrained(folder), _x()))
+
+    push_to_hub(compiled, "org/compiled", report, endpoint=hub_server.url, token="hf_test")
+    assert hub_server.commits[0]["files"] == {name: (eager / name).read_bytes() for name in FILES}
+
+    extra = copy.deepcopy(model)
+    extra.register_buffer("calibration", torch.zeros(3))  # would land in neither file that loading reads
+    with pytest.raises(ValueError) as e:
+        save_pretrained(extra, tmp_path / "extra")
+    assert str(e.value) == (
+        "the model's state dict holds ['calibration']: a saved model keeps only 'backbone.*' (in model.safetensors) "
+        "and 'branches.*', 'final_head.*' and 'exit_costs' (in exits.safetensors); nothing was written. Save the "
+        "EarlyExitModel itself, not a module wrapping it."
+    )
+    assert not (tmp_path / "extra").exists()
+
+
+def test_a_bf16_model_loads_back_in_bf16_and_exits_as_saved(models, tmp_path):
+    model = copy.deepcopy(models["resnet"]).to(torch.bfloat16)
+    x = torch.randn(32, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        confidence = model(x).logits[0].float().softmax(-1).amax(-1)
+    model.config.policy = "confidence"
+    model.config.thresholds = [float(confidence.median())] * len(model.config.exits)
+    folder = save_pretrained(model, tmp_path / "m")
+
+    loaded = from_pretrained(folder)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16} and loaded.exit_costs.dtype == torch.float32
+    assert json.loads((folder / "config.json").read_text())["timm_exits"]["dtype"] == "bfloat16"
+    _assert_equal(_state(model), _state(loaded))
+    _assert_equal(_outputs(model, x), _outputs(loaded, x))
+    want, got = model.predict(x), loaded.predict(x)
+    assert 0 < int((want.exit_index == 0).sum()) < len(x)  # the threshold splits the batch at the first exit
+    assert torch.equal(want.exit_index, got.exit_index) and torch.equal(want.logits, got.logits)
+
+    as_float = from_pretrained(folder, dtype=torch.float32)
+    assert {p.dtype for p in as_float.parameters()} == {torch.float32}
+    plain = timm.create_model(f"local-dir:{folder}", pretrained=True)  # timm alone: float32, as always
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
 
 
 def test_load_exits_keeps_the_users_backbone(models, saved):
@@ -549,6 +646,28 @@ def test_push_run_describes_the_model_with_the_report_saved_beside_it(models, hu
     assert "87.12 %" in files["README.md"].decode() and "55.55" not in files["README.md"].decode()
 
 
+def _front(card: str) -> dict[str, Any]:
+    return yaml.safe_load(card.split("---", 2)[1])
+
+
+def test_the_base_model_survives_a_reload_and_push_run(models, hub_server, tmp_path):
+    model = models["resnet"]
+    upstream = model.backbone.pretrained_cfg["hf_hub_id"]
+    report = _report(model)
+    report["recipe"]["pretrained"] = True  # fine-tuned from timm's weights
+    run = tmp_path / "run"
+    folder = save_pretrained(model, run / "model", report)
+    assert _front((folder / "README.md").read_text())["base_model"] == upstream
+
+    push_run(run, "org/base", endpoint=hub_server.url, token="hf_test")  # pushes the model loaded back
+    assert _front(hub_server.commits[0]["files"]["README.md"].decode())["base_model"] == upstream
+    loaded = from_pretrained(folder)
+    assert loaded.backbone.pretrained_cfg["hf_hub_id"] == upstream
+    assert _front(render_model_card(loaded, report))["base_model"] == upstream
+    cfg = json.loads((folder / "config.json").read_text())  # recorded beside the exits; timm's own config
+    assert cfg["timm_exits"]["upstream_hf_hub_id"] == upstream and "hf_hub_id" not in cfg["pretrained_cfg"]
+
+
 def test_cli_push_uploads_a_run_to_the_endpoint(models, hub_server, tmp_path, capsys):
     run = tmp_path / "run"
     report = _report(models["resnet"])
@@ -691,6 +810,54 @@ def test_corrupted_tensor_entry(saved, tmp_path):
     with pytest.raises(ExitCheckpointError, match="corrupted") as e:
         from_pretrained(folder)
     assert e.value.file.endswith("exits.safetensors") and e.value.key == key
+
+
+@pytest.mark.parametrize("case", ["resnet", "added_head"])
+def test_load_exits_onto_a_headless_backbone_reads_a_damaged_file_strictly(models, tmp_path, case):
+    folder = save_pretrained(models[case], tmp_path / "m")
+    path = folder / EXITS
+    raw = path.read_bytes()
+    path.write_bytes(raw[:100])  # a truncated copy
+    headless = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    with pytest.raises(ExitCheckpointError) as e:
+        load_exits(headless, folder)
+    n = int.from_bytes(raw[:8], "little")
+    assert str(e.value) == (
+        f"{path}: header claims {n} bytes but the file has 92 after its length: truncated or not a safetensors file."
+    )
+
+
+def test_an_incomplete_folder_or_hf_cache_says_what_is_missing(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    (folder / EXITS).unlink()  # an incomplete copy
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    for load in (from_pretrained, lambda source: load_exits(backbone, source)):
+        with pytest.raises(FileNotFoundError) as e:
+            load(folder)
+        assert str(e.value) == (
+            f"{folder / EXITS}: no such file; the folder is incomplete: its config.json describes exits (its "
+            "'timm_exits' entry) but exits.safetensors is missing; copy the whole folder save_pretrained() wrote."
+        )
+
+    partial = tmp_path / "partial"  # what timm.create_model("hf-hub:...", pretrained=True) leaves in the cache
+    partial.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(saved / name, partial / name)
+    cache = tmp_path / "hub"
+    _build_hf_cache(cache, "org/multi-exit", {"main": partial})
+    offline = {"cache_dir": cache, "local_files_only": True}
+    for load in (
+        lambda source: from_pretrained(source, **offline),
+        lambda source: load_exits(backbone, source, **offline),
+    ):
+        with pytest.raises(FileNotFoundError) as e:
+            load("hf-hub:org/multi-exit")
+        assert str(e.value) == (
+            "hf-hub:org/multi-exit/exits.safetensors: not in the local Hugging Face cache, and offline mode "
+            "(HF_HUB_OFFLINE=1 or local_files_only=True) does not ask the Hub. Connect to the network, or download "
+            "it once without HF_HUB_OFFLINE and local_files_only so that it is cached "
+            "(timm.create_model(..., pretrained=True) caches config.json and model.safetensors only)."
+        )
 
 
 def test_costs_must_agree(saved, tmp_path):
@@ -924,6 +1091,45 @@ def test_card_front_matter(models):
     assert meta["base_model"] == "timm/test_resnet.r160_in1k" and meta["license"] == "mit"
     meta = yaml.safe_load(render_model_card(models["resnet"], _report(models["resnet"])).split("---", 2)[1])
     assert "base_model" not in meta and meta["license"] == "apache-2.0"  # trained from scratch: no base model
+
+
+def test_card_of_a_soft_policy_model_says_every_exit_runs(models):
+    model = copy.deepcopy(models["resnet"])
+    model.config.policy, model.config.thresholds = "soft", None  # as `eval RUN --policy soft` stores it
+    report = _report(model)
+    dist = [0.0] * (model.num_exits - 1) + [1.0]
+    soft = {"threshold": None, "accuracy": 0.8712, "expected_cost": 1.0049, "exit_distribution": dist}
+    report["policies"]["soft"] = soft
+    card = render_model_card(model, report)
+    assert (
+        "With the stored policy (`soft`) every exit runs and the prediction is the soft-conditional output, the "
+        "exits' class probabilities averaged with the gates' exit probabilities as weights; it reaches 87.12 % "
+        "accuracy, an expected cost of 1.005 of the backbone's FLOPs." in card
+    )
+    assert "hard early exit by the stored policy" not in card
+    assert "pred = model.predict(images)  # the stored policy (soft): every exit runs, their predictions " in card
+    assert "| `soft` | none | 87.12 % | 1.005 | not reported | not reported |" in card
+    assert "The `soft` policy exits nowhere early: every exit runs" in card
+    _assert_card_numbers_from_report(card, report, model)
+    gate_card = render_model_card(models["resnet"], _report(models["resnet"]))
+    assert "pred = model.predict(images)  # hard early exit with the stored policy" in gate_card
+    assert "With hard early exit by the stored policy (`gate`) it reaches 84.92 % accuracy" in gate_card
+
+
+def test_card_licence_defaults_to_the_pretrained_backbones(tmp_path):
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+        "test_resnet", pretrained=False, num_classes=10, pretrained_cfg_overlay={"license": "cc-by-nc-4.0"}
+    )
+    model = wrap(backbone, input_size=(3, SIZE, SIZE)).eval()
+    tuned = _report(model)
+    tuned["recipe"]["pretrained"] = True
+    folder = save_pretrained(model, tmp_path / "m", tuned)
+    meta = _front((folder / "README.md").read_text())
+    assert meta["license"] == "cc-by-nc-4.0" and meta["base_model"] == "timm/test_resnet.r160_in1k"
+    assert _front(render_model_card(from_pretrained(folder), tuned))["license"] == "cc-by-nc-4.0"
+    assert _front(render_model_card(model, tuned | {"license": "mit"}))["license"] == "mit"  # the report's wins
+    assert _front(render_model_card(model, _report(model)))["license"] == "apache-2.0"  # trained from scratch
 
 
 def test_report_for_other_exits_is_refused(models, tmp_path):

@@ -6,10 +6,13 @@ Training runs use `tiny()` from test_recipes (digits, `test_resnet`, one short e
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -296,6 +299,55 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_path, m
             torch.testing.assert_close(b[0][prefix][k], v, rtol=1e-5, atol=1e-6, msg=f"{prefix}/{k}")
     assert b[1]["position"]["done"] and b[1]["position"]["step"] == 8
     assert issubclass(TrainingInterrupted, KeyboardInterrupt)
+
+
+_KILLED_SAVE = r"""
+import os, signal, sys
+import timm, torch
+import timm_exits
+from timm_exits.hub import save
+
+torch.manual_seed(0)
+model = timm_exits.wrap(timm.create_model("test_resnet", num_classes=10), input_size=(3, 32, 32))
+card = save.render_model_card
+
+
+def sigterm_while_writing(*args, **kwargs):  # `kill PID` or a scheduler's time limit, mid-save
+    os.kill(os.getpid(), signal.SIGTERM)
+    return card(*args, **kwargs)
+
+
+save.render_model_card = sigterm_while_writing
+model.save_pretrained(sys.argv[1])
+"""
+
+
+def test_a_save_killed_by_sigterm_leaves_no_staging_folder_after_the_next_save(tmp_path):
+    folder = tmp_path / "m"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(folder)], env=env, stderr=subprocess.PIPE)
+    _, err = child.communicate(timeout=180)
+    assert child.returncode == -signal.SIGTERM, err.decode()[-2000:]
+    (killed,) = folder.iterdir()  # its staging folder, named after the dead process
+    assert re.fullmatch(rf"\.saving-{child.pid}-[A-Za-z0-9._]*-[a-z0-9_]+", killed.name)
+    assert {p.name for p in killed.iterdir()} == {"config.json", "model.safetensors", "exits.safetensors"}
+
+    running = folder / killed.name.replace(f"-{child.pid}-", f"-{os.getppid()}-", 1)  # a save still running
+    running.mkdir()
+    old = folder / ".saving-k3j4l5m6"  # a name without a process id, from an hour and more ago
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    recent = folder / ".saving-a1b2c3d4"  # the same, but recent: its save may still run
+    recent.mkdir()
+
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("test_resnet", num_classes=10), input_size=(3, 32, 32))
+    model.save_pretrained(folder)
+    names = {"config.json", "model.safetensors", "exits.safetensors", "README.md"}
+    assert {p.name for p in folder.iterdir()} == names | {running.name, recent.name}
+    loaded = timm_exits.from_pretrained(folder)
+    assert loaded.config.exits == model.config.exits and torch.equal(loaded.exit_costs, model.exit_costs)
 
 
 # -------------------------------------------------------------------------------------- argument ranges

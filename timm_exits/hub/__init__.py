@@ -4,7 +4,9 @@ A saved multi-exit model is a folder (or Hub repo) that is at the same time a no
 
     config.json          timm's own config (architecture, num_classes, model_args, pretrained_cfg), plus the
                          exit configuration (`ExitConfig.to_dict()`) under the top-level key "timm_exits", with
-                         the SHA-256 of both weight files under "timm_exits" -> "files"
+                         the SHA-256 of both weight files under "timm_exits" -> "files", the parameters' floating
+                         dtype under "dtype" (from_pretrained casts to it) and the backbone's pretrained_cfg
+                         "hf_hub_id" under "upstream_hf_hub_id" (the card's base model)
     model.safetensors    the backbone's weights, written by timm's `save_for_hf(..., safe_serialization=True)`
     exits.safetensors    exit heads, gates, the added final head (if any) and the `exit_costs` buffer, keyed as
                          in `EarlyExitModel.state_dict()`; its header metadata repeats the format version,
@@ -31,8 +33,8 @@ Modules: `files` (file names, strict safetensors reading, SHA-256 records), `sav
 `load_exits`), `card` (model cards) and `runs` (`push_run`: publish a training run).
 
 The card templates are `string.Template` files in `timm_exits/hub/hub_cards/` (package data): `model_card.md`
-(the card: $front_matter, $title, $architecture, $exit_list, $final_note, $head, $gate, $policy, $trained,
-$source, $timm_source, $results, $training), `results.md` ($headline, $exit_table, $policies, $speed) when a
+(the card: $front_matter, $title, $architecture, $exit_list, $final_note, $head, $gate, $policy, $predict_note,
+$trained, $source, $timm_source, $results, $training), `results.md` ($headline, $exit_table, $policies, $speed) when a
 report is given and `no_results.md` when not. Every number on a card comes from the report.
 """
 

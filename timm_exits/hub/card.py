@@ -43,7 +43,7 @@ def _load_report(report: Mapping[str, Any] | str | os.PathLike | None) -> dict[s
     if report is None:
         return None
     if isinstance(report, (str, os.PathLike)):
-        path = Path(report)
+        path = Path(report).expanduser()
         return _read_json(path, str(path))
     if isinstance(report, Mapping):
         return json.loads(json.dumps(dict(report), default=_json_scalar))  # a JSON-clean deep copy
@@ -163,6 +163,14 @@ def _exit_table(report: dict[str, Any], model: EarlyExitModel) -> str | None:
     return "\n".join(rows)
 
 
+_SOFT = "soft"  # the policy without early exit: every exit runs, their predictions averaged by the gates
+
+_SOFT_TEXT = (
+    "every exit runs and the prediction is the soft-conditional output, the exits' class probabilities averaged "
+    "with the gates' exit probabilities as weights"
+)
+
+
 def _policy_section(report: dict[str, Any]) -> str | None:
     policies = _dict(report, "policies")
     rows, dists = [], []
@@ -170,7 +178,7 @@ def _policy_section(report: dict[str, Any]) -> str | None:
         if not isinstance(pol, dict):
             continue
         cells = [
-            _fmt_any(pol.get("threshold")),
+            "none" if name == _SOFT else _fmt_any(pol.get("threshold")),
             _pct(_real(pol["accuracy"]), 2) if _real(pol.get("accuracy")) is not None else None,
             _fmt(_real(pol["expected_cost"])) if _real(pol.get("expected_cost")) is not None else None,
             _fmt(_real(pol["ms_per_image"])) if _real(pol.get("ms_per_image")) is not None else None,
@@ -188,6 +196,8 @@ def _policy_section(report: dict[str, Any]) -> str | None:
         "|---|---|---|---|---|---|",
     ]
     text = "\n".join(head + rows)
+    if _SOFT in policies:
+        text += f"\n\nThe `{_SOFT}` policy exits nowhere early: {_SOFT_TEXT}."
     if dists:
         text += "\n\nShare of test images leaving at each exit:\n\n" + "\n".join(dists)
     return text
@@ -233,9 +243,18 @@ def _headline(report: dict[str, Any], policy: str) -> str:
         bits.append(f"an expected cost of {_fmt(_real(pol['expected_cost']))} of the backbone's FLOPs")
     if _real(pol.get("speedup")) is not None:
         bits.append(f"a measured speed-up of {_fmt(_real(pol['speedup']))}x")
-    if bits:
+    if bits and policy == _SOFT:
+        text += f" With the stored policy (`{policy}`) {_SOFT_TEXT}; it reaches " + ", ".join(bits) + "."
+    elif bits:
         text += f" With hard early exit by the stored policy (`{policy}`) it reaches " + ", ".join(bits) + "."
     return text.strip() or "The report gives no summary numbers."
+
+
+def _predict_note(policy: str) -> str:
+    """The usage snippet's comment on `model.predict(images)`."""
+    if policy == _SOFT:
+        return f"the stored policy ({_SOFT}): every exit runs, their predictions averaged by the gates"
+    return "hard early exit with the stored policy"
 
 
 def _recipe_text(report: dict[str, Any]) -> str:
@@ -253,19 +272,31 @@ def _recipe_text(report: dict[str, Any]) -> str:
     return "From the training report:\n\n" + "\n".join(lines)
 
 
+def _license(report: dict[str, Any], backbone_cfg: dict[str, Any]) -> str:
+    """The report's licence; else, for a model started from pretrained weights, the backbone's (its
+    pretrained_cfg "license"); else apache-2.0."""
+    if isinstance(report.get("license"), str) and report["license"]:
+        return report["license"]
+    upstream = backbone_cfg.get("license")
+    if _dict(report, "recipe").get("pretrained") and isinstance(upstream, str) and upstream:
+        return upstream
+    return "apache-2.0"
+
+
 def _front_matter(model: EarlyExitModel, report: dict[str, Any] | None) -> str:
     report = report or {}
+    backbone_cfg = getattr(model.backbone, "pretrained_cfg", None) or {}
     fm: dict[str, Any] = {
         "library_name": "timm",
         "pipeline_tag": "image-classification",
-        "license": report.get("license") if isinstance(report.get("license"), str) else "apache-2.0",
+        "license": _license(report, backbone_cfg),
         "tags": ["image-classification", "timm", "early-exit", "timm-exits", "safetensors"],
     }
     if isinstance(report.get("dataset"), str) and report["dataset"]:
         fm["datasets"] = [report["dataset"]]
     base = report.get("base_model")
     if not isinstance(base, str) and _dict(report, "recipe").get("pretrained"):
-        base = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("hf_hub_id")
+        base = backbone_cfg.get("hf_hub_id")
     if isinstance(base, str) and base:
         fm["base_model"] = base
     if report:
@@ -338,6 +369,7 @@ def render_model_card(
         head=model.config.head,
         gate=model.config.gate,
         policy=model.config.policy,
+        predict_note=_predict_note(model.config.policy),
         trained=trained,
         source=source,
         timm_source=timm_source,

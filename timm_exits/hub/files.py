@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
+from torch import nn
 
 from ..core.config import FORMAT_VERSION
 
@@ -59,6 +60,18 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 _HASHED_SINCE = 2  # first format version whose config.json records the weight files' SHA-256
 
+_DTYPE_KEY = "dtype"  # config.json "timm_exits" -> the floating dtype of the saved model's parameters
+
+_UPSTREAM_KEY = "upstream_hf_hub_id"  # config.json "timm_exits" -> the backbone's pretrained_cfg hf_hub_id
+
+_RECORD_KEYS = ("files", _DTYPE_KEY, _UPSTREAM_KEY)  # what a save records beside the ExitConfig fields
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+_EXIT_PREFIXES = ("branches.", "final_head.")
+
+_COSTS_KEY = "exit_costs"
+
 
 class ExitCheckpointError(ValueError):
     """A saved multi-exit model does not match what loading expects.
@@ -83,8 +96,8 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------------------------------- safetensors
-def _read_safetensors(path: Path, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Check a safetensors file's structure, then load it (CPU). Returns (tensors, header metadata)."""
+def _read_header(path: Path, label: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Check a safetensors file's structure without reading its tensors. Returns (tensor entries, metadata)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -113,11 +126,17 @@ def _read_safetensors(path: Path, label: str) -> tuple[dict[str, torch.Tensor], 
         _check_entry(label, key, info)
     for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):  # the first damaged in file order
         _check_extent(label, key, info, data_size)
+    return header, {str(k): str(v) for k, v in meta.items()}
+
+
+def _read_safetensors(path: Path, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Check a safetensors file's structure, then load it (CPU). Returns (tensors, header metadata)."""
+    _, meta = _read_header(path, label)
     try:
         tensors = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:  # the library's own checks; its errors name neither file nor key
         raise ExitCheckpointError(label, None, f"safetensors could not read the file: {e}") from e
-    return tensors, {str(k): str(v) for k, v in meta.items()}
+    return tensors, meta
 
 
 def _check_entry(label: str, key: str, info: Any) -> None:
@@ -176,9 +195,49 @@ def _check_tensors(
             )
 
 
+def _is_exit_key(key: str) -> bool:
+    """Whether a wrapper state-dict key belongs in exits.safetensors (heads, gates, final head, costs)."""
+    return key == _COSTS_KEY or key.startswith(_EXIT_PREFIXES)
+
+
 def _exit_tensors(model: EarlyExitModel) -> dict[str, torch.Tensor]:
-    """Everything in the wrapper's state dict that is not the backbone's (heads, gates, final head, costs)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    """The exits' entries of the wrapper's state dict: `branches.*`, `final_head.*` and `exit_costs`."""
+    return {k: v for k, v in model.state_dict().items() if _is_exit_key(k)}
+
+
+# ----------------------------------------------------------------------------------------- records
+def _exit_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json's "timm_exits" object without what a save records beside the `ExitConfig` fields."""
+    return {k: v for k, v in record.items() if k not in _RECORD_KEYS}
+
+
+def _dtype_name(model: nn.Module) -> str | None:
+    """The one floating dtype of `model`'s parameters, by name ("bfloat16"); None if they mix or have none."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    names = [n for n, d in _DTYPES.items() if dtypes == {d}]
+    return names[0] if names else None
+
+
+def _saved_dtype(hf_config: dict[str, Any], label: str) -> torch.dtype | None:
+    """The parameter dtype config.json records under "timm_exits" -> "dtype" (None if it records none)."""
+    name = hf_config[CONFIG_KEY].get(_DTYPE_KEY)
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise ExitCheckpointError(
+            label, f"{CONFIG_KEY}.{_DTYPE_KEY}", f"expected one of {sorted(_DTYPES)}, got {name!r}."
+        )
+    return _DTYPES[name]
+
+
+def _saved_upstream(hf_config: dict[str, Any], label: str) -> str | None:
+    """The backbone's upstream Hub id config.json records under "timm_exits" (None if it records none)."""
+    upstream = hf_config[CONFIG_KEY].get(_UPSTREAM_KEY)
+    if upstream is not None and (not isinstance(upstream, str) or not upstream):
+        raise ExitCheckpointError(
+            label, f"{CONFIG_KEY}.{_UPSTREAM_KEY}", f"expected a Hub id such as 'timm/name', got {upstream!r}."
+        )
+    return upstream
 
 
 # -------------------------------------------------------------------------------------------- integrity

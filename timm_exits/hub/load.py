@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 from torch import nn
 
@@ -28,10 +27,14 @@ from .files import (
     _check_hash,
     _check_pair,
     _check_tensors,
+    _exit_fields,
     _exit_tensors,
+    _read_header,
     _read_json,
     _read_safetensors,
     _recorded_hashes,
+    _saved_dtype,
+    _saved_upstream,
     _version,
 )
 
@@ -67,7 +70,7 @@ class _Source:
                 raise FileNotFoundError(f"{path}: no such file; {_missing_hint(filename, self.folder)}")
             return path, str(path)
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         label = f"{self.name}/{filename}"
         try:
@@ -81,14 +84,43 @@ class _Source:
                 library_name="timm-exits",
                 library_version=_version(),
             )
+        except LocalEntryNotFoundError as e:  # an EntryNotFoundError too: offline, the Hub was never asked
+            raise FileNotFoundError(f"{label}: {_not_cached_hint(filename, self.local_files_only)}") from e
         except EntryNotFoundError as e:
             raise FileNotFoundError(f"{label}: not found ({e}); {_missing_hint(filename, None)}") from e
         return Path(path), f"{label} ({path})"
 
 
+def _not_cached_hint(filename: str, local_files_only: bool) -> str:
+    """Why a Hub file could not be had without the network, and how to get it."""
+    from huggingface_hub import constants
+
+    if local_files_only or constants.HF_HUB_OFFLINE:
+        why = "offline mode (HF_HUB_OFFLINE=1 or local_files_only=True) does not ask the Hub"
+    else:
+        why = "the Hub could not be reached"
+    plain = (
+        f" (timm.create_model(..., pretrained=True) caches {CONFIG_NAME} and {WEIGHTS_NAME} only)"
+        if filename == EXITS_NAME
+        else ""
+    )
+    return (
+        f"not in the local Hugging Face cache, and {why}. Connect to the network, or download it once without "
+        f"HF_HUB_OFFLINE and local_files_only so that it is cached{plain}."
+    )
+
+
 def _missing_hint(filename: str, folder: Path | None) -> str:
-    if filename == EXITS_NAME:
-        return "this is not a timm-exits model (a plain timm model has no exits); save one with save_pretrained()."
+    if filename == EXITS_NAME:  # fetched only once config.json was read and has its "timm_exits" entry
+        where, fix = (
+            ("the folder", "copy the whole folder save_pretrained() wrote")
+            if folder is not None
+            else ("the repo", "push the whole folder save_pretrained() wrote (push_to_hub uploads all its files)")
+        )
+        return (
+            f"{where} is incomplete: its {CONFIG_NAME} describes exits (its {CONFIG_KEY!r} entry) but {EXITS_NAME} "
+            f"is missing; {fix}."
+        )
     if filename == WEIGHTS_NAME:
         pickles = [n for n in _PICKLE_NAMES if folder is not None and (folder / n).exists()]
         found = f" ({', '.join(pickles)} is there but is a pickle)" if pickles else ""
@@ -153,9 +185,8 @@ def _exit_config(hf_config: dict[str, Any], label: str) -> ExitConfig:
             f"format version {version} is newer than this timm-exits "
             f"reads ({FORMAT_VERSION}); upgrade timm-exits to load this model.",
         )
-    fields = {k: v for k, v in d.items() if k != "files"}  # the weight files' hashes: see _recorded_hashes
     try:
-        return ExitConfig.from_dict(fields)
+        return ExitConfig.from_dict(_exit_fields(d))  # without the hashes (see _recorded_hashes), dtype, upstream
     except (TypeError, ValueError) as e:
         raise ExitCheckpointError(label, CONFIG_KEY, f"invalid exit configuration: {e}") from e
 
@@ -246,12 +277,33 @@ def _exit_metadata(meta: dict[str, str], label: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- load
-def _saved_config(src: Any) -> tuple[Path, str, ExitConfig, dict[str, str] | None, str]:
-    """Fetch and check a saved folder's config.json: (path, label, exit config, recorded hashes, architecture)."""
+@dataclass
+class _Saved:
+    """What a saved folder's config.json says, checked."""
+
+    path: Path
+    label: str
+    exit_cfg: ExitConfig
+    hashes: dict[str, str] | None
+    architecture: str
+    dtype: torch.dtype | None
+    upstream: str | None
+
+
+def _saved_config(src: Any) -> _Saved:
+    """Fetch and check a saved folder's config.json."""
     cfg_path, cfg_label = src.fetch(CONFIG_NAME)
     hf_config = _read_json(cfg_path, cfg_label)
     exit_cfg, hashes = _exit_config(hf_config, cfg_label), _recorded_hashes(hf_config, cfg_label)
-    return cfg_path, cfg_label, exit_cfg, hashes, str(hf_config["architecture"])
+    return _Saved(
+        cfg_path,
+        cfg_label,
+        exit_cfg,
+        hashes,
+        str(hf_config["architecture"]),
+        _saved_dtype(hf_config, cfg_label),
+        _saved_upstream(hf_config, cfg_label),
+    )
 
 
 def from_pretrained(
@@ -262,6 +314,7 @@ def from_pretrained(
     token: str | bool | None = None,
     local_files_only: bool = False,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
     **model_kwargs: Any,
 ) -> EarlyExitModel:
     """Load a multi-exit model saved by `save_pretrained` / `push_to_hub`.
@@ -270,7 +323,8 @@ def from_pretrained(
     is loaded strictly; the exits are rebuilt with `wrap(backbone, config=...)` and exits.safetensors is loaded
     strictly. Both files must have the SHA-256 config.json records, and exits.safetensors must have been saved
     with this model.safetensors (see the module docstring). Hub files go through `hf_hub_download`, so the HF
-    cache, revisions and offline mode work as usual.
+    cache, revisions and offline mode work as usual. The model comes back in the dtype it was saved in (a
+    bfloat16 model as bfloat16), and its backbone's pretrained_cfg names the upstream Hub id the saved one had.
 
     Args:
         source: "hf-hub:org/name", "hf-hub:org/name@revision", "local-dir:/path" or a folder.
@@ -279,6 +333,8 @@ def from_pretrained(
         token: Hub token for private repos.
         local_files_only: Use the HF cache only.
         device: Device of the returned model.
+        dtype: Floating dtype of the returned model; None gives the one config.json records (float32 for a
+            folder that records none).
         **model_kwargs: Further `timm.create_model` arguments (e.g. drop_path_rate).
 
     Returns:
@@ -289,12 +345,13 @@ def from_pretrained(
     if "pretrained" in model_kwargs:
         raise TypeError("from_pretrained() builds the backbone itself; do not pass pretrained=.")
     src = _parse_source(source, revision, cache_dir, token, local_files_only)
-    cfg_path, cfg_label, exit_cfg, hashes, architecture = _saved_config(src)
+    saved = _saved_config(src)
+    cfg_label, architecture, hashes = saved.label, saved.architecture, saved.hashes
     weights_path, weights_label = src.fetch(WEIGHTS_NAME)
     exits_path, exits_label = src.fetch(EXITS_NAME)
 
     try:
-        backbone = timm.create_model(f"local-dir:{cfg_path.parent}", pretrained=False, **model_kwargs)
+        backbone = timm.create_model(f"local-dir:{saved.path.parent}", pretrained=False, **model_kwargs)
     except RuntimeError as e:
         if "Unknown model" not in str(e):
             raise
@@ -309,21 +366,30 @@ def from_pretrained(
         _check_hash(weights_path, weights_label, hashes[WEIGHTS_NAME], cfg_label)
     backbone.load_state_dict(tensors, strict=True)
     del tensors
+    _restore_upstream(backbone, saved.upstream)
 
-    model = _attach(backbone, exit_cfg, cfg_label)
+    model = _attach(backbone, saved.exit_cfg, cfg_label)
     _load_exit_file(model, exits_path, exits_label, architecture, cfg_label, hashes, weights_label)
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype if dtype is not None else saved.dtype).eval()
 
 
-def _check_classifier(model: nn.Module, num_classes: int, exits_path: Path, cfg_label: str) -> None:
+def _restore_upstream(backbone: nn.Module, upstream: str | None) -> None:
+    """Put the upstream Hub id a save recorded back into the rebuilt backbone's pretrained_cfg (timm's
+    config.json does not keep it), so a card of the loaded model names its base model again."""
+    cfg = getattr(backbone, "pretrained_cfg", None)
+    if upstream is not None and isinstance(cfg, dict) and not cfg.get("hf_hub_id"):
+        cfg["hf_hub_id"] = upstream
+
+
+def _check_classifier(model: nn.Module, num_classes: int, exits_path: Path, exits_label: str, cfg_label: str) -> None:
     """Refuse a backbone whose classifier cannot be the saved model's final exit, saying how to create it."""
     own = getattr(model, "num_classes", None)
     if not isinstance(own, int) or own == num_classes:
         return
     if own == 0:  # fine when the saved model added its own final head on a headless backbone
-        with safetensors.safe_open(str(exits_path), framework="pt") as f:
-            if any(k.startswith("final_head.") for k in f.keys()):  # noqa: SIM118  (a safetensors handle)
-                return
+        entries, _ = _read_header(exits_path, exits_label)
+        if any(k.startswith("final_head.") for k in entries):
+            return
     raise ExitCheckpointError(
         cfg_label,
         "num_classes",
@@ -364,7 +430,8 @@ def load_exits(
         An `EarlyExitModel` wrapping `model`.
     """
     src = _parse_source(source, revision, cache_dir, token, local_files_only)
-    _, cfg_label, exit_cfg, hashes, architecture = _saved_config(src)
+    saved = _saved_config(src)
+    cfg_label, exit_cfg, hashes, architecture = saved.label, saved.exit_cfg, saved.hashes, saved.architecture
     exits_path, exits_label = src.fetch(EXITS_NAME)
     mine = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if check_architecture and mine and mine != architecture:
@@ -374,7 +441,7 @@ def load_exits(
             f"the exits were saved for {architecture!r} but the backbone is {mine!r} "
             "(pass check_architecture=False to attach them anyway).",
         )
-    _check_classifier(model, exit_cfg.num_classes, exits_path, cfg_label)
+    _check_classifier(model, exit_cfg.num_classes, exits_path, exits_label, cfg_label)
     wrapped = _attach(model, exit_cfg, cfg_label)
     _load_exit_file(wrapped, exits_path, exits_label, architecture, cfg_label, hashes, f"{src.name}/{WEIGHTS_NAME}")
     wrapped.training = model.training

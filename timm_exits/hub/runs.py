@@ -33,7 +33,7 @@ def push_run(
     their report); without either the card has no numbers.
 
     Args:
-        run_dir: The run folder.
+        run_dir: The run folder (``~`` expanded).
         repo_id: "org/name" on the Hub.
         private: Create the repo as private (ignored if it exists).
         revision: Branch to commit to (default: main).
@@ -44,7 +44,7 @@ def push_run(
     Returns:
         The `huggingface_hub.CommitInfo` of the commit.
     """
-    run = Path(run_dir)
+    run = Path(run_dir).expanduser()
     model_dir = run / "model"
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no such folder; a run folder holds model/ (from save_pretrained).")

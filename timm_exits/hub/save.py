@@ -8,26 +8,37 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
+import torch
 from torch import nn
 
-from ..core.config import FORMAT_VERSION
+from ..core.config import FORMAT_VERSION, ExitConfig
 from .card import _architecture, _check_report, _load_report, render_model_card
 from .files import (
+    _COSTS_KEY,
+    _DTYPE_KEY,
     _META_KEY,
     _PICKLE_NAMES,
+    _UPSTREAM_KEY,
     CARD_NAME,
     CONFIG_KEY,
     CONFIG_NAME,
     EXITS_NAME,
     REPORT_NAME,
     WEIGHTS_NAME,
-    _exit_tensors,
+    _dtype_name,
+    _exit_fields,
+    _is_exit_key,
     _sha256,
     _version,
 )
@@ -42,6 +53,10 @@ __all__ = [
 
 _DEFAULT_COMMIT_MESSAGE = "Upload multi-exit model (timm-exits)"
 
+_STAGE_PREFIX = ".saving-"
+
+_STAGE_MAX_AGE_S = 3600.0  # a staging folder whose owner cannot be checked is left alone this long
+
 
 # --------------------------------------------------------------------------------------------- save
 def save_pretrained(
@@ -55,10 +70,12 @@ def save_pretrained(
     """Save a multi-exit model as a timm-compatible folder (safetensors only) with a model card.
 
     Args:
-        model: The `EarlyExitModel` to save (its backbone must be a timm model).
+        model: The `EarlyExitModel` to save (its backbone must be a timm model); a `torch.compile`d one is
+            saved as the model it compiles.
         save_directory: Folder to write (``~`` expanded); created if needed. Files of an earlier save are
             overwritten; a folder holding other files at the names a save writes (config.json,
             model.safetensors, exits.safetensors, README.md, report.json) is refused, nothing written.
+            Staging folders (".saving-*") that earlier saves were killed before removing are deleted.
         report: Training report (dict or path of a report.json) the card's numbers come from; None gives a card
             without numbers.
         repo_id: Hub repo the folder is meant for, used in the card's usage snippets.
@@ -67,31 +84,31 @@ def save_pretrained(
 
     Returns:
         The folder's path.
+
+    Raises:
+        ValueError: `model.config` would not load back (e.g. thresholds with policy "soft"); nothing is written.
     """
     from timm.models._hub import save_for_hf
 
+    model = _unwrap_compiled(model)
     if not _is_exit_model(model):
         raise TypeError(f"expected an EarlyExitModel (from timm_exits.wrap), got {type(model).__name__}")
     architecture = _architecture(model.backbone)
     report_dict = _load_report(report)
     if report_dict is not None:
         _check_report(report_dict, model)
-    cfg = model.config.to_dict()
-    cfg["costs"] = [float(c) for c in model.exit_costs.tolist()]  # as used, so a reload needs no FLOP count
-    cfg["format_version"] = FORMAT_VERSION  # the layout written here, whatever the model was loaded from
-    try:
-        json.dumps(cfg, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"the exit configuration cannot be written as JSON: {e}") from e
+    cfg = _exit_record(model)
+    exit_state = _exit_state(model)
 
     folder = Path(save_directory).expanduser()
     _check_target(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_stages(folder)
     # Everything is written to a private folder inside the target first (the same file system, so each
     # move is atomic), then moved in file by file (config.json last): an interrupted save leaves the
     # earlier files, or files whose hashes config.json does not match, which loading refuses; never a
-    # half-written file.
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
+    # half-written file. A save killed before it cleans up leaves its folder, which a later save removes.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=_stage_prefix()) as tmp:
         stage = Path(tmp)
         save_for_hf(
             model.backbone, stage, model_config={CONFIG_KEY: cfg}, safe_serialization=True, data_config=data_config
@@ -100,7 +117,7 @@ def save_pretrained(
         if written:  # guards the no-pickle promise against a change of timm's save_for_hf
             raise RuntimeError(f"timm's save_for_hf wrote pickle files {sorted(written)}; nothing was saved.")
         backbone_sha = _sha256(stage / WEIGHTS_NAME)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _exit_tensors(model).items()}
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in exit_state.items()}
         info = {
             "format_version": FORMAT_VERSION,
             "architecture": architecture,
@@ -120,6 +137,105 @@ def save_pretrained(
     if report_dict is None and (folder / REPORT_NAME).exists():
         (folder / REPORT_NAME).unlink()  # a stale report would contradict the card
     return folder
+
+
+def _unwrap_compiled(model: Any) -> Any:
+    """The module a `torch.compile` wrapper holds (its `_orig_mod`); any other object as it is."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported whenever a compiled module exists
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    while optimized is not None and isinstance(model, optimized):
+        model = model._orig_mod
+    return model
+
+
+def _exit_record(model: EarlyExitModel) -> dict[str, Any]:
+    """The "timm_exits" object of config.json (without the file hashes), checked to load back.
+
+    Raises:
+        ValueError: The configuration is not JSON, or `ExitConfig.from_dict` would refuse it on loading.
+    """
+    cfg = model.config.to_dict()
+    cfg["costs"] = [float(c) for c in model.exit_costs.tolist()]  # as used, so a reload needs no FLOP count
+    cfg["format_version"] = FORMAT_VERSION  # the layout written here, whatever the model was loaded from
+    dtype = _dtype_name(model)
+    if dtype is not None:
+        cfg[_DTYPE_KEY] = dtype
+    upstream = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("hf_hub_id")
+    if isinstance(upstream, str) and upstream:
+        cfg[_UPSTREAM_KEY] = upstream
+    try:
+        text = json.dumps(cfg, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the exit configuration cannot be written as JSON: {e}") from e
+    try:
+        ExitConfig.from_dict(_exit_fields(json.loads(text)))
+    except (TypeError, ValueError) as e:
+        reason = str(e).rstrip(".")
+        raise ValueError(
+            f"model.config (policy={cfg['policy']!r}, thresholds={cfg['thresholds']!r}) would not load back: "
+            f"{reason}. Nothing was written; fix model.config (thresholds: None, or one value in [0, 1] per early "
+            "exit) and save again."
+        ) from e
+    return cfg
+
+
+def _exit_state(model: EarlyExitModel) -> dict[str, torch.Tensor]:
+    """The tensors of exits.safetensors, refusing a state dict with entries neither backbone nor exits.
+
+    Raises:
+        ValueError: Some entries would be saved in neither file, or `exit_costs` is missing.
+    """
+    state = model.state_dict()
+    other = [k for k in state if not k.startswith("backbone.") and not _is_exit_key(k)]
+    if other or _COSTS_KEY not in state:
+        shown = f"{other[:5]}" + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise ValueError(
+            f"the model's state dict holds {shown if other else f'no {_COSTS_KEY!r}'}: a saved model keeps only "
+            f"'backbone.*' (in {WEIGHTS_NAME}) and 'branches.*', 'final_head.*' and {_COSTS_KEY!r} (in "
+            f"{EXITS_NAME}); nothing was written. Save the EarlyExitModel itself, not a module wrapping it."
+        )
+    return {k: v for k, v in state.items() if _is_exit_key(k)}
+
+
+def _stage_prefix() -> str:
+    """Name prefix of this process's staging folders: ".saving-<pid>-<host>-"."""
+    return f"{_STAGE_PREFIX}{os.getpid()}-{_host()}-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]
+
+
+def _remove_stale_stages(folder: Path) -> None:
+    """Remove staging folders that earlier saves, killed before they cleaned up, left in `folder`."""
+    for path in folder.glob(f"{_STAGE_PREFIX}*"):
+        if path.is_dir() and not path.is_symlink() and _stage_is_stale(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _stage_is_stale(path: Path) -> bool:
+    """Whether the save owning a staging folder is gone: its process (on this host) no longer runs; for a
+    folder of another host or of an older name format, whether it is older than an hour."""
+    m = re.fullmatch(rf"{re.escape(_STAGE_PREFIX)}(\d+)-([A-Za-z0-9._]*)-[^-]+", path.name)
+    if m is not None and m.group(2) == _host() and os.name == "posix":
+        return not _pid_alive(int(m.group(1)))
+    try:
+        return time.time() - path.stat().st_mtime > _STAGE_MAX_AGE_S
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (POSIX: signal 0 checks without sending anything)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid: left alone
+    return True
 
 
 def _check_target(folder: Path) -> None:
@@ -183,7 +299,7 @@ def push_to_hub(
     there yet, then commits config.json, model.safetensors, exits.safetensors, README.md (and report.json).
 
     Args:
-        model: The `EarlyExitModel` to upload.
+        model: The `EarlyExitModel` to upload (or a `torch.compile`d one).
         repo_id: "org/name" on the Hub.
         report: Training report for the model card (see `save_pretrained`).
         private: Create the repo as private (ignored if it exists).
@@ -198,6 +314,7 @@ def push_to_hub(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    model = _unwrap_compiled(model)
     api = HfApi(endpoint=endpoint, token=token, library_name="timm-exits", library_version=_version())
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and revision != "main" and not revision.startswith("refs/"):
