@@ -10,7 +10,7 @@ import torch
 
 from timm_exits.training.augment import ArrayLoader, ArraySplit, BatchAugment
 from timm_exits.training.data import _holdout, build_datasets, load_splits, make_loader
-from timm_exits.training.recipe import load_recipe
+from timm_exits.training.recipe import list_recipes, load_recipe
 from timm_exits.training.stages import OneCycle
 
 CFG = {"input_size": (3, 6, 6), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "crop_pct": 1.0}
@@ -210,3 +210,22 @@ def test_per_image_augmentation_is_seeded_whatever_numpys_state(policy):
         np.random.seed(k)  # RandAugment and AugMix draw from numpy: the sample's own seed must decide
         first.append(torch.stack([data.train[i][0] for i in range(4)]))
     assert torch.equal(first[0], first[1])
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_shipped_recipe_gets_an_augmentation_its_data_set_can_use(name):
+    from torch.utils.data import TensorDataset
+
+    from timm_exits.training.data import RawSplits, _ArrayImages, resolve_augment
+    from timm_exits.training.recipe_schema import DataSection
+
+    spec = load_recipe(name).data
+    if spec.dataset in ("cinic10", "imagefolder"):  # read image by image from class folders
+        base = TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    else:
+        base = _ArrayImages(np.zeros((4, 8, 8, 3), np.uint8), [0, 1, 0, 1])
+    raw = RawSplits((base, [0, 1]), (base, [2]), (base, [3]), ["a", "b"])
+    kind = resolve_augment(spec, raw)
+    assert kind in ("crop_flip", "rrc", "timm")
+    if spec.crop_scale != DataSection().crop_scale:  # a recipe that sets crop_scale gets one that reads it
+        assert kind in ("rrc", "timm")

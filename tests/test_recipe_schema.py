@@ -60,10 +60,16 @@ FLAT_DICT_FINGERPRINTS = {
     "digits_quick": "d265102096f6dfa3",
 }
 # Shipped recipes whose content changed since: these overrides give back the content the fingerprints above
-# were recorded for (ResNet-18's CIFAR budget moved from batch 128 at lr 0.1 to batch 64 at lr 0.05).
+# were recorded for (ResNet-18's CIFAR budget moved from batch 128 at lr 0.1 to batch 64 at lr 0.05; CINIC-10,
+# read image by image, and the 224-px fine-tuning recipes left the in-memory pad-crop for crops that work there).
 RECIPE_CHANGES = {
     "cifar10_resnet18": ["batch_size=128", "lr=0.1"],
     "cifar100_resnet18": ["batch_size=128", "lr=0.1"],
+    **{
+        name: ["augment=crop_flip"]
+        for name in ("cinic10_alexnet", "cinic10_resnet18", "cinic10_vgg13")
+        + tuple(f"{ds}_{arch}_ft224" for ds in ("cifar10", "cifar100", "cinic10") for arch in ("resnet18", "vgg13"))
+    },
 }
 FLAT_DICT_OVERRIDE_FINGERPRINTS = [
     ("cifar10_resnet18", [*RECIPE_CHANGES["cifar10_resnet18"], "method=baseline", "seed=0"], "796a20228c640de7"),
@@ -72,7 +78,11 @@ FLAT_DICT_OVERRIDE_FINGERPRINTS = [
         [*RECIPE_CHANGES["cifar10_resnet18"], "method=soft", "cost_weight=0.05", "seed=1"],
         "e3ade784a6b29e0c",
     ),
-    ("cifar100_vgg13_ft224", ["method=branchynet", "seed=2"], "232d2b0ee46ce3db"),
+    (
+        "cifar100_vgg13_ft224",
+        [*RECIPE_CHANGES["cifar100_vgg13_ft224"], "method=branchynet", "seed=2"],
+        "232d2b0ee46ce3db",
+    ),
     (
         "digits_quick",
         [
@@ -277,6 +287,7 @@ def test_wrong_types_name_key_value_and_type_and_choices_are_listed():
         (["opt=adamww"], r"opt 'adamww' is not a timm optimizer; did you mean \['adamw'"),
         (["branchynet_weights=[1, -1]"], r"branchynet_weights must be >= 0"),
         (["interpolation=none"], r"interpolation 'none' is not one of \(None, 'nearest'"),
+        (["interpolation=random"], r"interpolation 'random' is not one of"),  # timm's eval transforms have none
         (["sched=cosine", "warmup_epochs=0.5"], r"warmup_epochs=0.5: timm's 'cosine' schedule warms up over whole"),
     ],
 )
@@ -364,3 +375,15 @@ def test_base_files_are_read_next_to_the_recipe_never_from_the_current_folder(tm
         load_recipe(tmp_path / "sub" / "bad.yaml")
     (tmp_path / "sub" / "shipped.yaml").write_text("base: digits_quick\n")
     assert load_recipe(tmp_path / "sub" / "shipped.yaml").data.dataset == "digits"
+
+
+def test_momentum_reaches_every_timm_optimizer_that_has_one():
+    from timm_exits.training.stages import _make_optimizer
+
+    model = build_model(ModelSection(model="test_resnet", exits=[1]), 10, 32)
+    for opt in ("sgd", "rmsprop", "sgdw", "lars"):
+        optim = OptimSection(opt=opt, momentum=0.5, sched="none")
+        made, _ = _make_optimizer(model, optim, _stages(optim)[0], 10)
+        assert {g["momentum"] for g in made.param_groups} == {0.5}, opt
+    made, _ = _make_optimizer(model, OptimSection(opt="adamw", momentum=0.5), _stages(OptimSection())[0], 10)
+    assert "momentum" not in made.param_groups[0]

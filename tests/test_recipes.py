@@ -495,3 +495,72 @@ def test_key_added_later_keeps_older_runs_resumable():
     assert _fingerprint(older) == _fingerprint(recipe) == _fingerprint(load_recipe(tiny()))
     assert _fingerprint({**recipe, "weights": "local-dir:/somewhere"}) != _fingerprint(recipe)
     assert _fingerprint({**recipe, "lr": 0.2}) != _fingerprint(recipe)
+
+
+def test_bench_times_gate_with_the_refitted_gates_and_takes_a_run_that_skipped_timing(tmp_path):
+    from timm_exits.training.timing import benchmark
+
+    run = tmp_path / "run"
+    train(tiny(epochs=3, calibrate_max_drop=0.0, max_train_samples=512, timing_images=0), run)
+    report = json.loads((run / "report.json").read_text())
+    assert report["gate_fit"] and report["timing"]["images"] == 0
+    res = benchmark(run, policies=["gate", "gate_0.5"], images=report["splits"]["test"], repeats=1, warmup=0)
+    for name in ("gate", "gate_0.5"):  # every test image timed: the report's distribution, measured again
+        got, want = res["policies"][name]["exit_distribution"], report["policies"][name]["exit_distribution"]
+        assert got == pytest.approx(want, abs=1e-9), name
+    assert cli_main(["bench", str(run), "--policy", "confidence", "--repeats", "1", "--warmup", "0", "--json"]) == 0
+
+
+def test_resume_at_a_stage_boundary_keeps_the_fp16_scale_an_uninterrupted_run_carries(tmp_path, monkeypatch):
+    """The fp16 GradScaler spans the stages; its CUDA-only parts are swapped for torch's CPU scaler here (the
+    same state machine), with a scale small enough to grow during the frozen stage."""
+    import timm_exits.training.train as trainer
+
+    real_scaler, real_batch = torch.amp.GradScaler, trainer._batch_per_rank
+
+    def cpu_scaler(device="cuda", **kwargs):
+        return real_scaler("cpu", init_scale=2.0**16, growth_interval=2)
+
+    def no_cuda_check(recipe, d):  # the check that fp16 needs CUDA
+        amp = recipe.optim.amp
+        object.__setattr__(recipe.optim, "amp", None)
+        try:
+            return real_batch(recipe, d)
+        finally:
+            object.__setattr__(recipe.optim, "amp", amp)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", cpu_scaler)
+    monkeypatch.setattr(trainer, "_batch_per_rank", no_cuda_check)
+    recipe = tiny(method="soft", frozen_epochs=1, epochs=1, amp="fp16", report=False)
+    full = train(recipe, tmp_path / "full")
+    killed = train(recipe, tmp_path / "killed", stop_after_steps=5)  # last checkpoint: the end of the frozen stage
+    assert load_checkpoint(killed)[1]["position"]["epoch"] == 0
+    train(recipe, killed, resume=True)
+    (a, meta_a), (b, meta_b) = load_checkpoint(full), load_checkpoint(killed)
+    assert meta_b["scaler"]["scale"] == meta_a["scaler"]["scale"] != 2.0**16
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_loaders_get_the_recipes_workers_and_data_errors_are_one_line_cli_errors(tmp_path, monkeypatch, capsys):
+    import timm_exits.training.data as data_module
+    import timm_exits.training.train as trainer
+
+    seen = []
+
+    def recording(make):
+        def wrapped(dataset, batch_size, **kwargs):
+            seen.append((kwargs["train"], kwargs.get("num_workers", 0)))
+            return make(dataset, batch_size, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(trainer, "make_loader", recording(trainer.make_loader))
+    monkeypatch.setattr(data_module, "make_loader", recording(data_module.make_loader))  # the report's
+    train(tiny(num_workers=1, timing_images=0), tmp_path / "run")
+    assert sorted(set(seen)) == [(False, 1), (True, 1)] and len(seen) == 4  # train, val; the report's val, test
+    argv = ["train", "-c", "digits_quick", "--output", str(tmp_path / "x"), "augment=crop_flip", "color_jitter=0.4"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("timm-exits train: error: color_jitter need timm's per-image transforms") and "\n" not in err
+    assert not (tmp_path / "x").exists()

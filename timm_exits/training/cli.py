@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_repo_id(parser, args.repo_id)
     from ..hub import ExitCheckpointError
     from .checkpoint import CheckpointError
+    from .data import DataError
     from .recipe import RecipeError
     from .report import CalibrationError
     from .run_folder import RunFolderError
@@ -252,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         RunFolderError,
         CheckpointError,
         CalibrationError,
+        DataError,
         ExitCheckpointError,
         FileNotFoundError,
     )

@@ -52,6 +52,7 @@ from .sampling import ShardSampler, seed_for
 
 __all__ = [
     "DATASETS",
+    "DataError",
     "DataSplits",
     "RawSplits",
     "SplitDataset",
@@ -76,6 +77,10 @@ _RESTORE_HINT = (
 
 
 # ------------------------------------------------------------------------------------------ raw data
+class DataError(ValueError):
+    """A data set's files or layout cannot be used, or an augmentation does not fit the data."""
+
+
 class _ArrayImages(Dataset):
     """(PIL image, label) pairs from a uint8 array (N, H, W) or (N, H, W, 3)."""
 
@@ -159,9 +164,7 @@ def _npz_split(path: Path) -> _ArrayImages:
         )
     with np.load(path) as z:
         if "x" not in z or "y" not in z:
-            raise ValueError(
-                f"{path} holds {sorted(z.files)}; an npz split holds arrays 'x' (images) and 'y' (labels)."
-            )
+            raise DataError(f"{path} holds {sorted(z.files)}; an npz split holds arrays 'x' (images) and 'y' (labels).")
         return _ArrayImages(z["x"], z["y"])
 
 
@@ -203,7 +206,7 @@ def _decoded(folder: Dataset) -> _ArrayImages:
     """Decode every image of a folder data set of equal-sized images (CIFAR image trees) into memory."""
     images = [np.asarray(folder[i][0]) for i in range(len(folder))]
     if len({im.shape for im in images}) > 1:
-        raise ValueError(f"{getattr(folder, 'root', folder)}: images of different sizes cannot be held as one array.")
+        raise DataError(f"{getattr(folder, 'root', folder)}: images of different sizes cannot be held as one array.")
     return _ArrayImages(np.stack(images), _targets(folder))
 
 
@@ -240,7 +243,7 @@ def _folder_tree(spec: DataSection, root: Path, what: str) -> RawSplits:
                     sorted(set(train.classes) - set(ds.classes)),
                     sorted(set(ds.classes) - set(train.classes)),
                 )
-                raise ValueError(
+                raise DataError(
                     f"{folder} and {root / 'train'} must hold the same class folders; {folder.name}/ lacks "
                     f"{missing[:5]} and has {extra[:5]} that train/ lacks (an empty class needs its folder too)."
                 )
@@ -276,7 +279,7 @@ def load_splits(spec: DataSection) -> RawSplits:
                 "(train/, valid/, test/ class folders) and pass --data-dir."
             )
         return _folder_tree(spec, root, what=name)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}.")
+    raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}.")
 
 
 # ------------------------------------------------------------------------------------ transforms
@@ -407,17 +410,17 @@ def resolve_augment(spec: DataSection, raw: RawSplits) -> str:
         return "timm" if per_image or not in_memory else "rrc"
     if kind in ("crop_flip", "rrc"):
         if not in_memory:
-            raise ValueError(
+            raise DataError(
                 f"augment: {kind} works on array data sets held in memory (digits, cifar10, cifar100); "
                 f"{spec.dataset!r} is read image by image: use augment: timm (or auto)."
             )
         if per_image:
-            raise ValueError(
+            raise DataError(
                 f"{', '.join(per_image)} need timm's per-image transforms; set augment: timm to use them, or "
                 f"leave them unset with augment: {kind}."
             )
     elif kind != "timm":
-        raise ValueError(f"unknown augment {kind!r}; choose one of {AUGMENTS}.")
+        raise DataError(f"unknown augment {kind!r}; choose one of {AUGMENTS}.")
     return kind
 
 
@@ -467,7 +470,7 @@ def build_datasets(
             splits.append(ArraySplit(images, labels, idx, data_cfg, augment if is_train else None, seed))
     for split, ds in zip(("train", "val", "test"), splits):
         if len(ds) == 0:
-            raise ValueError(f"the {split} split of {spec.dataset!r} is empty.")
+            raise DataError(f"the {split} split of {spec.dataset!r} is empty.")
     return DataSplits(*splits, raw.classes, data_cfg)
 
 

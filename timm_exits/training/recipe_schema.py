@@ -125,7 +125,7 @@ def _in_range(
 
 
 _INF = float("inf")
-INTERPOLATIONS = (None, "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+INTERPOLATIONS = (None, "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # learning-rate schedules: ours, then the timm schedulers that step every update
 SCHEDULES = ("none", "const", "constant", "onecycle", "cosine", "tanh", "step", "multistep", "poly", "rsqrt")
 

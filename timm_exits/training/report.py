@@ -181,8 +181,9 @@ def evaluate(
     t0 = time.time()
     data = build_datasets(recipe.data, model, load_splits(recipe.data), seed=recipe.seed)
     bs = recipe.data.eval_batch_size
-    val_loader = make_loader(data.val, bs, train=False)
-    test_loader = make_loader(data.test, bs, train=False)
+    workers = recipe.data.num_workers
+    val_loader = make_loader(data.val, bs, train=False, num_workers=workers)
+    test_loader = make_loader(data.test, bs, train=False, num_workers=workers)
     val = collect(model, val_loader, device=device)
     test = collect(model, test_loader, device=device)
     costs = [float(c) for c in model.exit_costs.tolist()]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -128,10 +127,10 @@ def _make_optimizer(model: EarlyExitModel, optim: OptimSection, stage: _Stage, s
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    kwargs: dict[str, Any] = {}
-    if optim.opt.lower() in ("sgd", "momentum", "nesterov"):
-        kwargs["momentum"] = optim.momentum
-    opt = create_optimizer_v2(model, opt=optim.opt, lr=stage.lr, weight_decay=optim.weight_decay, **kwargs)
+    # timm hands momentum to the optimizers that have one (sgd, rmsprop, lars, ...) and drops it for the others
+    opt = create_optimizer_v2(
+        model, opt=optim.opt, lr=stage.lr, weight_decay=optim.weight_decay, momentum=optim.momentum
+    )
     if optim.sched in (None, "none", "const", "constant"):
         return opt, None
     if optim.sched == "onecycle":

@@ -97,12 +97,14 @@ def _time_model(
     inputs: Sequence[torch.Tensor],
     repeats: int,
     warmup: int,
+    models: Mapping[str, EarlyExitModel] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """(baseline ms per image, {policy: ms per image}); "gate_0.5" style names map to their policy."""
+    """(baseline ms per image, {policy: ms per image}); "gate_0.5" style names map to their policy, run on
+    `models[name]` where given, else on `model`."""
     candidates: dict[str, Callable[[torch.Tensor], Any]] = {"baseline": model.backbone}
     for name, thr in thresholds.items():
-        policy = name.split("_")[0]
-        candidates[name] = lambda x, p=policy, t=thr: model.predict(x, policy=p, threshold=t)
+        policy, net = name.split("_")[0], (models or {}).get(name, model)
+        candidates[name] = lambda x, p=policy, t=thr, m=net: m.predict(x, policy=p, threshold=t)
     ms = time_per_image(candidates, inputs, repeats, warmup)
     base = ms.pop("baseline")
     return base, ms
@@ -123,7 +125,9 @@ def benchmark(
 ) -> dict[str, Any]:
     """Measured inference time of a trained run's policies against its plain backbone.
 
-    Thresholds are the calibrated ones of the run's report.json (else each policy's default).
+    Thresholds are the calibrated ones of the run's report.json (else each policy's default). Where the report
+    re-fitted the gates on the val split, "gate" runs with those gates (saved in ``model/``) as its threshold
+    was calibrated for; "gate_0.5" and "gate_joint" keep the jointly trained gates of the checkpoint.
 
     Args:
         run_dir: The run folder.
@@ -137,7 +141,8 @@ def benchmark(
         device: Device to time on.
 
     Returns:
-        {"timing": {...}, "policies": {name: {"threshold", "ms_per_image", "speedup"}}}.
+        {"timing": {...}, "policies": {name: {"threshold", "ms_per_image", "speedup", "exit_distribution"}}},
+        the distribution over the timed images.
     """
     from .checkpoint import load_run
     from .data import build_datasets, load_splits
@@ -149,7 +154,8 @@ def benchmark(
         torch.set_num_threads(int(threads or recipe.runtime.threads))
     names = list(policies or ("gate", "confidence", "entropy", "soft"))
     report_path = Path(run_dir) / "report.json"
-    saved = json.loads(report_path.read_text(encoding="utf-8")).get("policies", {}) if report_path.is_file() else {}
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    saved = report.get("policies", {})
     thresholds: dict[str, float | None] = {}
     for name in names:
         pol = name.split("_")[0]
@@ -159,11 +165,13 @@ def benchmark(
         thresholds[name] = saved.get(name, {}).get("threshold", default) if pol != "soft" else None
     data = build_datasets(recipe.data, model, load_splits(recipe.data), seed=recipe.seed)
     ev = recipe.eval
-    count = min(int(images or ev.timing_images), len(data.test))
+    count = min(int(images or ev.timing_images or 100), len(data.test))  # timing_images 0: the run skipped timing
     singles = _timing_inputs(data.test, count, device)
     inputs = [torch.cat(singles[i : i + batch_size]) for i in range(0, len(singles), batch_size)]
     reps = int(repeats or ev.timing_repeats)
-    base, ms = _time_model(model, thresholds, inputs, reps, int(ev.timing_warmup if warmup is None else warmup))
+    models = {"gate": _refitted(model, Path(run_dir))} if "gate" in names and report.get("gate_fit") else {}
+    base, ms = _time_model(model, thresholds, inputs, reps, int(ev.timing_warmup if warmup is None else warmup), models)
+    shares = {k: _exit_shares(models.get(k, model), k, thresholds[k], inputs) for k in ms}
     return {
         "timing": {
             "machine": machine_name(device),
@@ -175,7 +183,43 @@ def benchmark(
             "baseline_ms_per_image": base,
         },
         "policies": {
-            k: {"threshold": thresholds[k], "ms_per_image": v, "speedup": base / v if v > 0 else None}
+            k: {
+                "threshold": thresholds[k],
+                "ms_per_image": v,
+                "speedup": base / v if v > 0 else None,
+                "exit_distribution": shares[k],
+            }
             for k, v in ms.items()
         },
     }
+
+
+def _refitted(model: EarlyExitModel, run_dir: Path) -> EarlyExitModel:
+    """A copy of `model` with the gates the report re-fitted, read from the run's saved ``model/``."""
+    import copy
+
+    from ..hub import from_pretrained
+
+    folder = run_dir / "model"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder}: no such folder; the report re-fitted the gates that 'gate' is calibrated for and saved them "
+            "there. Time gate_0.5 / gate_joint instead, or run `timm-exits eval` to save the model again."
+        )
+    saved = from_pretrained(folder, device=next(model.parameters()).device)
+    gates = {k: v for k, v in saved.state_dict().items() if ".gate." in k}
+    out = copy.deepcopy(model)
+    out.load_state_dict(gates, strict=False)
+    return out
+
+
+def _exit_shares(
+    model: EarlyExitModel, name: str, threshold: float | None, inputs: Sequence[torch.Tensor]
+) -> list[float]:
+    """Share of `inputs` leaving at each exit under policy `name`."""
+    counts = [0] * model.num_exits
+    for x in inputs:
+        for b, c in enumerate(model.predict(x, policy=name.split("_")[0], threshold=threshold).stats.counts):
+            counts[b] += c
+    total = max(sum(counts), 1)
+    return [c / total for c in counts]

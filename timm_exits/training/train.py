@@ -285,7 +285,13 @@ class _Trainer:
             pin_memory=d.device.type == "cuda",
         )
         self.val_loader = make_loader(
-            self.data.val, data.eval_batch_size, train=False, num_replicas=d.world, rank=d.rank
+            self.data.val,
+            data.eval_batch_size,
+            train=False,
+            num_replicas=d.world,
+            rank=d.rank,
+            num_workers=data.num_workers,
+            pin_memory=d.device.type == "cuda",
         )
         self.steps_per_epoch = self.train_loader.sampler.batches_per_epoch
         if self.steps_per_epoch == 0:
@@ -314,6 +320,8 @@ class _Trainer:
             if "ema" in self.ckpt:
                 _load_state(self.ema.module, self.ckpt["ema"], str(self.ckpt_path))
         self.scaler = torch.amp.GradScaler("cuda") if optim.amp == "fp16" else None
+        if self.scaler is not None and self.resuming and self.ckpt_meta.get("scaler"):  # one scaler spans the stages
+            self.scaler.load_state_dict(self.ckpt_meta["scaler"])
 
     def _on_rank0_first(self, fn: Callable[[], Any], *, share: bool) -> Any:
         """Run `fn` on rank 0 first; its error, if any, is raised on every rank. Then the other ranks either
@@ -404,8 +412,6 @@ class _Trainer:
         meta = self.ckpt_meta
         if self.resuming and meta.get("optimizer") and (pos.epoch or pos.batch):  # resumed inside this stage
             _load_optimizer(opt, self.ckpt.get("optim", {}), meta["optimizer"])
-            if self.scaler is not None and meta.get("scaler"):
-                self.scaler.load_state_dict(meta["scaler"])
         net: nn.Module = self.model
         if self.d.world > 1:
             from torch.nn.parallel import DistributedDataParallel
