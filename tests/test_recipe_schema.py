@@ -285,6 +285,7 @@ def test_wrong_types_name_key_value_and_type_and_choices_are_listed():
         (["sched=cosin"], r"sched 'cosin' is not one of \('none', 'const'"),
         (["sched=plateau"], r"sched 'plateau' is not one of"),
         (["opt=adamww"], r"opt 'adamww' is not a timm optimizer; did you mean \['adamw'"),
+        (["opt=adahessian"], r"opt 'adahessian' needs a backward with create_graph=True"),
         (["branchynet_weights=[1, -1]"], r"branchynet_weights must be >= 0"),
         (["interpolation=none"], r"interpolation 'none' is not one of \(None, 'nearest'"),
         (["interpolation=random"], r"interpolation 'random' is not one of"),  # timm's eval transforms have none

@@ -47,11 +47,30 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- checkpoints
+_DTYPE_TAG, _TENSORS_TAG = "__torch_dtype__", "__tensor_list__"  # JSON markers of optimizer values
+
+
 def _plain(v: Any) -> Any:
+    """An optimizer value as JSON: tensors as numbers or lists, tuples as lists, dtypes tagged by name."""
     if torch.is_tensor(v):
         return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, tuple):
-        return list(v)
+    if isinstance(v, torch.dtype):
+        return {_DTYPE_TAG: str(v).removeprefix("torch.")}
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _unplain(v: Any) -> Any:
+    """Undo `_plain`'s dtype tags (a tensor's value stays as the number or list it was stored as)."""
+    if isinstance(v, dict):
+        if set(v) == {_DTYPE_TAG}:
+            return getattr(torch, v[_DTYPE_TAG])
+        return {k: _unplain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_unplain(x) for x in v]
     return v
 
 
@@ -76,6 +95,10 @@ def save_checkpoint(
             for name, v in st.items():
                 if torch.is_tensor(v):  # 0-dim tensors (Adam's step) included: safetensors keeps them exactly
                     tensors[f"optim/{idx}/{name}"] = v.detach().to("cpu", copy=True).contiguous()
+                elif isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) for t in v):  # Kron's factors
+                    for i, t in enumerate(v):
+                        tensors[f"optim/{idx}/{name}/{i}"] = t.detach().to("cpu", copy=True).contiguous()
+                    scalars.setdefault(str(idx), {})[name] = {_TENSORS_TAG: len(v)}
                 else:
                     scalars.setdefault(str(idx), {})[name] = _plain(v)
         groups = [{k: _plain(v) for k, v in g.items()} for g in sd["param_groups"]]
@@ -150,9 +173,13 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tens
         idx, name = key.split("/", 1)
         state.setdefault(int(idx), {})[name] = t
     for idx, values in meta["scalars"].items():
+        own = state.setdefault(int(idx), {})
         for name, v in values.items():
-            state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": copy.deepcopy(meta["param_groups"])})
+            if isinstance(v, dict) and set(v) == {_TENSORS_TAG}:
+                own[name] = [own.pop(f"{name}/{i}") for i in range(v[_TENSORS_TAG])]
+            else:
+                own[name] = _unplain(v)
+    opt.load_state_dict({"state": state, "param_groups": _unplain(copy.deepcopy(meta["param_groups"]))})
 
 
 @dataclass

@@ -288,6 +288,8 @@ class OptimSection(_Section):
         from timm.optim import list_optimizers
 
         name = self.opt.lower().removeprefix("lookahead_")
+        if name == "adahessian":  # its step reads second derivatives, from a backward with create_graph=True
+            raise RecipeError("opt 'adahessian' needs a backward with create_graph=True; the trainer runs none.")
         if name not in list_optimizers():
             close = difflib.get_close_matches(name, list_optimizers(), n=3)
             raise RecipeError(

@@ -83,7 +83,8 @@ class OneCycle:
     """One-cycle learning rate, a pure function of the update number (so a resumed run matches).
 
     Linear warm-up from ``lr / div`` to ``lr`` over ``warmup_updates``, then cosine annealing to
-    ``lr / (div * final_div)`` at ``total_updates``; momentum stays fixed.
+    ``lr / (div * final_div)`` at ``total_updates``, one past the last update (number ``total_updates - 1``,
+    which runs a little above it); momentum stays fixed.
 
     Args:
         optimizer: Its param groups' current ``lr`` is the peak.
