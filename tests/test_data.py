@@ -229,3 +229,30 @@ def test_every_shipped_recipe_gets_an_augmentation_its_data_set_can_use(name):
     assert kind in ("crop_flip", "rrc", "timm")
     if spec.crop_scale != DataSection().crop_scale:  # a recipe that sets crop_scale gets one that reads it
         assert kind in ("rrc", "timm")
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("kind", ["rrc", "crop_flip"])
+def test_training_resizes_array_images_with_the_interpolation_evaluation_uses(kind, interpolation):
+    from timm_exits.training.augment import _resize
+    from timm_exits.training.build import build_model
+
+    recipe = load_recipe("digits_quick", {"augment": kind, "interpolation": interpolation, "crop_padding": 0})
+    raw = load_splits(recipe.data)
+    model = build_model(recipe.model, len(raw.classes), recipe.data.img_size, pretrained=False)
+    train = build_datasets(recipe.data, model, raw, seed=0).train
+    assert train.interpolation == interpolation and train.images.shape[-1] == 8  # 8 px digits, trained at 32
+    n = 16
+    # the augmentation's identity: the whole image, centred, no flip (rrc), or no shift and no flip (crop_flip)
+    identity = [1.0, 1.0, 0.0, 0.0] if kind == "rrc" else [0.0, 0.0, 0.0, 0.0]
+    train._params = torch.tensor([identity], dtype=torch.float64).expand(len(train), 4).clone()
+    x, _ = train.batch(torch.arange(n))
+    images = train.images[train.indices[:n]]
+    pixels = x * train.std + train.mean
+    reference = _resize(images.float() / 255.0, train.size, train.crop_pct, interpolation)
+    if kind == "rrc" and interpolation == "bicubic":  # grid_sample's cubic kernel (a = -0.75) is not PIL's (-0.5)
+        bilinear = _resize(images.float() / 255.0, train.size, train.crop_pct, "bilinear")
+        assert (pixels - reference).abs().mean() < 0.5 * (bilinear - reference).abs().mean()
+        assert (pixels - reference).abs().max() < 0.1
+    else:
+        torch.testing.assert_close(pixels, reference, rtol=0, atol=1e-5)

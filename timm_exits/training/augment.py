@@ -34,7 +34,8 @@ class BatchAugment:
 
     ``crop_flip``: reflect-pad by ``padding`` pixels, crop a random window of the original size, flip
     horizontally with probability ``hflip``. ``rrc``: random-resized crop (area fraction in ``scale``,
-    aspect ratio log-uniform in ``ratio``) resampled bilinearly to the output size, then the flip.
+    aspect ratio log-uniform in ``ratio``) resampled to the output size with the evaluation's interpolation
+    (``grid_sample``; its bicubic kernel, a = -0.75, is a little sharper than PIL's), then the flip.
     The parameters of split position ``i`` in epoch ``e`` come from one generator seeded with
     (seed, e), so they do not depend on the batch size, the rank or where a run was resumed.
     """
@@ -64,8 +65,11 @@ class BatchAugment:
         sign = 1.0 - 2.0 * flip.double()
         return torch.stack([width * sign, height, v[:, 0] * (1 - width), v[:, 1] * (1 - height)], 1)
 
-    def apply(self, images: torch.Tensor, params: torch.Tensor, out_size: int) -> torch.Tensor:
-        """Augment a uint8 batch (B, 3, H, W) with its rows of `params`; returns float in [0, 1] at `out_size`."""
+    def apply(self, images: torch.Tensor, params: torch.Tensor, out_size: int, mode: str = "bilinear") -> torch.Tensor:
+        """Augment a uint8 batch (B, 3, H, W) with its rows of `params`; returns float in [0, 1] at `out_size`,
+        resampled with `mode` ("bilinear", "bicubic" or "nearest"; others read as "bilinear"), the interpolation
+        the evaluation path resizes with."""
+        mode = mode if mode in ("bilinear", "bicubic", "nearest") else "bilinear"
         if self.kind == "crop_flip":
             b, _, h, w = images.shape
             p = self.padding
@@ -76,13 +80,13 @@ class BatchAugment:
             flip = params[:, 2].bool()
             cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
             out = padded[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
-            return _resize(out / 255.0, out_size)
+            return _resize(out / 255.0, out_size, mode=mode)
         theta = torch.zeros(len(images), 2, 3, dtype=torch.float32)
         theta[:, 0, 0], theta[:, 1, 1] = params[:, 0].float(), params[:, 1].float()
         theta[:, 0, 2], theta[:, 1, 2] = params[:, 2].float(), params[:, 3].float()
         grid = F.affine_grid(theta, [len(images), 3, out_size, out_size], align_corners=False)
-        out = F.grid_sample(images.float() / 255.0, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out
+        out = F.grid_sample(images.float() / 255.0, grid, mode=mode, padding_mode="border", align_corners=False)
+        return out.clamp_(0.0, 1.0) if mode == "bicubic" else out
 
 
 def _resize(x: torch.Tensor, size: int, crop_pct: float = 1.0, mode: str = "bilinear") -> torch.Tensor:
@@ -154,7 +158,7 @@ class ArraySplit:
         else:
             if self._params is None:
                 self._params = self.augment.params(len(self), tuple(self.images.shape[-2:]), self.seed, self.epoch)
-            x = self.augment.apply(images, self._params[positions], self.size)
+            x = self.augment.apply(images, self._params[positions], self.size, self.interpolation)
         return ((x - self.mean) / self.std).contiguous(), self.labels[rows]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
