@@ -566,6 +566,7 @@ def test_loaders_get_the_recipes_workers_and_data_errors_are_one_line_cli_errors
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.filterwarnings("ignore:It is highly recommended to have 'opt_einsum'")
 @pytest.mark.parametrize("opt", ["sgd", "adamw", "adafactorbv", "kron", "lookahead_adamw"])
 def test_optimizer_state_round_trips_through_a_checkpoint_exactly(opt, tmp_path):
     """adafactorbv keeps a dtype in its param groups and Kron a list of tensors in its state: both are stored."""
