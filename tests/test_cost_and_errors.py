@@ -341,3 +341,93 @@ def test_folded_scales_inside_a_submodule():
     assert _folded_scales(model, names) == ["body.stage1", "body.stage2", "body.stage3", "body.fused"]
     assert _folded_scales(model, ["body.stage1", "body.stage2"]) == ["body.stage1", "body.stage2"]
     assert _folded_scales(model, ["stem", "body.fused", "body.fused"]) == ["stem", "body.fused"]
+
+
+# ------------------------------------------------------------------ prefix tokens, final heads, hooks
+def test_exits_before_the_class_token_average_every_token_and_later_ones_read_it():
+    torch.manual_seed(0)
+    cait = timm.create_model("cait_xxs24_224", num_classes=10, img_size=64, depth=6)
+    model = wrap(cait, input_size=(3, 64, 64)).eval()
+    assert cait.num_prefix_tokens == 1 and cait.global_pool == "token"
+    seen = {}
+    handle = cait.get_submodule(model.exits[0].name).register_forward_hook(lambda m, i, o: seen.setdefault("t", o))
+    x = images(2, 64)
+    with torch.no_grad():
+        out = model(x)
+    handle.remove()
+    tokens = seen["t"]  # (2, 16, C): the 4x4 patch grid, no class token yet
+    assert tokens.shape[1] == 16
+    head = model.branches[0].head
+    assert (head.pool.num_prefix_tokens, head.pool.token_pool) == (0, "avg")
+    with torch.no_grad():  # the reference: the mean of all 16 tokens, not the first patch token
+        ref = head.fc(head.norm(tokens.mean(1)))
+    torch.testing.assert_close(out.logits[0], ref, rtol=1e-4, atol=1e-5)
+    assert wrap(
+        timm.create_model("cait_xxs24_224", num_classes=10, img_size=64, depth=6), head="conv", input_size=(3, 64, 64)
+    )(x).logits[0].shape == (2, 10)  # a 4x4 grid: the conv head works
+    vit, size = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=96), 96
+    pool = wrap(vit, input_size=(3, size, size)).branches[0].head.pool
+    assert (pool.num_prefix_tokens, pool.token_pool) == (1, "token")  # ViT's class token from the start
+
+
+def test_a_headless_nhwc_backbone_gets_a_final_head_over_its_real_channels():
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_mambaout", num_classes=0, global_pool="")
+    model = wrap(backbone, num_classes=7, input_size=(3, 64, 64)).eval()
+    x = images(2, 64)
+    with torch.no_grad():
+        feats = backbone(x)  # (B, H, W, head_hidden_size)
+        logits = model(x).final
+        head = model.final_head
+        ref = torch.nn.functional.linear(feats.mean((1, 2)), head.weight, head.bias)  # mean over H and W
+    assert feats.shape[-1] == backbone.head_hidden_size != backbone.num_features
+    assert (head.in_features, head.pool.layout) == (backbone.head_hidden_size, "NHWC")
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_flop_trace_leaves_no_hook_and_says_why():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return Out(self.fc(self.features(x).mean((2, 3))))
+
+    net = Net()
+    with pytest.raises(ValueError, match=r"fvcore could not trace Net to measure its FLOPs .*costs=\[\.\.\.\]"):
+        wrap(net, exits=["features.1"], input_size=(3, 16, 16))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules()) == 0
+
+
+def test_wrap_and_reset_classifier_check_what_they_are_given():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"thresholds=\[0.9\] must hold one value per early exit; the exits placed"):
+        wrap(timm.create_model("resnet18", num_classes=10), input_size=(3, 32, 32), thresholds=[0.9])
+    with pytest.raises(ValueError, match=r"features_only model returns a list of maps and cannot be wrapped"):
+        wrap(timm.create_model("resnet18", features_only=True), num_classes=10, input_size=(3, 32, 32))
+    hiera = timm.create_model("hiera_tiny_224", num_classes=10, embed_dim=32, num_heads=1, stages=(1, 1, 2, 1))
+    with pytest.raises(ValueError, match=r"head='conv' needs a spatial grid; Hiera's tokens are in mask-unit order"):
+        wrap(hiera, head="conv")
+    model = wrap(timm.create_model("resnet18", num_classes=10), input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"num_classes=0: every exit predicts classes"):
+        model.reset_classifier(0)
+    model.reset_classifier(1000)  # measured costs are measured again: the classifiers' FLOPs changed
+    fresh = wrap(timm.create_model("resnet18", num_classes=1000), input_size=(3, 32, 32))
+    assert model.exit_costs.tolist() == fresh.exit_costs.tolist() and model.config.costs is None
+    assert model(images(2, 32)).final.shape == (2, 1000)
+    given = wrap(timm.create_model("resnet18", num_classes=10), input_size=(3, 32, 32), costs=[0.3, 0.5, 0.8, 1.0])
+    given.reset_classifier(5)
+    assert given.exit_costs.tolist() == pytest.approx([0.3, 0.5, 0.8, 1.0]) and given.config.costs == [
+        0.3,
+        0.5,
+        0.8,
+        1.0,
+    ]

@@ -15,8 +15,9 @@ path, whose exception kills the process inside the JIT tracer.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -65,9 +66,16 @@ def cumulative_flops(model: nn.Module, example: torch.Tensor, points: Sequence[s
     """
     fca = _analysis(model, (example,))
     handles = fca._op_handles
-    with warnings.catch_warnings(), torch.no_grad(), evaluating(model):
+    with warnings.catch_warnings(), torch.no_grad(), evaluating(model), _no_hooks_left(model):
         warnings.simplefilter("ignore")
-        graph = _get_scoped_trace_graph(model, (example,), fca._aliases)
+        try:
+            graph = _get_scoped_trace_graph(model, (example,), fca._aliases)
+        except RuntimeError as e:  # torch.jit's tracer: outputs it cannot hold (dataclasses, ints in tuples)
+            raise ValueError(
+                f"fvcore could not trace {type(model).__name__} to measure its FLOPs ({str(e).splitlines()[0]}); "
+                "its forward must return tensors (a logits tensor for wrap()). Pass costs=[...] to skip the "
+                "measurement."
+            ) from e
     canonical = {p: fca.canonical_module_name(p) for p in points}
     prefixes = {p: (c + ".", c) for p, c in canonical.items()}
     running = 0
@@ -91,6 +99,24 @@ def cumulative_flops(model: nn.Module, example: torch.Tensor, points: Sequence[s
             "that compute something, or pass costs=[...] explicitly."
         )
     return marks, running
+
+
+@contextlib.contextmanager
+def _no_hooks_left(model: nn.Module) -> Iterator[None]:
+    """Remove the hooks fvcore's scoped trace adds to every module even when the trace fails or is interrupted
+    (fvcore removes them only after a trace that finishes)."""
+    before = {m: (set(m._forward_pre_hooks), set(m._forward_hooks)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, (pre, post) in before.items():
+            for key in set(m._forward_pre_hooks) - pre:
+                del m._forward_pre_hooks[key]
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
+            for key in set(m._forward_hooks) - post:
+                del m._forward_hooks[key]
+                m._forward_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_always_called.pop(key, None)
 
 
 def module_flops(module: nn.Module, inputs: tuple) -> int:

@@ -1,9 +1,9 @@
 """Tensor layouts seen at branch points, and pooling that follows the backbone's own convention.
 
-timm backbones emit NCHW maps (CNNs), NHWC maps (Swin, MambaOut, Hiera, ...) and NLC token
-sequences (ViT-style, possibly with prefix/class tokens). The layout is detected from the tensor's
-shape and the channel count `feature_info` declares, never from `model.output_fmt`, which several
-NHWC models do not set.
+timm backbones emit NCHW maps (CNNs), NHWC maps (Swin, MambaOut, ...) and NLC token sequences
+(ViT-style, possibly with prefix/class tokens; Hiera, in its own token order). The layout is detected
+from the tensor's shape and the channel count `feature_info` declares, never from `model.output_fmt`,
+which several NHWC models do not set.
 """
 
 from __future__ import annotations

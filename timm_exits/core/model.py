@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,11 +124,12 @@ class EarlyExitModel(nn.Module):
         self.backbone = backbone
         self.config = config
         num_prefix = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
-        token_pool = str(getattr(backbone, "global_pool", "avg"))
+        token_pool = "token" if str(getattr(backbone, "global_pool", "avg")) == "token" else "avg"
+        prefixes = [num_prefix if p.prefix_tokens is None else p.prefix_tokens for p in points]
         self.branches = nn.ModuleList(
             [
-                ExitBranch(p, i, config, num_prefix, "token" if token_pool == "token" else "avg")
-                for i, p in enumerate(points)
+                ExitBranch(p, i, config, prefix, token_pool if prefix else "avg")
+                for i, (p, prefix) in enumerate(zip(points, prefixes))
             ]
         )
         self.final_head = final_head
@@ -277,7 +279,13 @@ class EarlyExitModel(nn.Module):
         return self.final_head if self.final_head is not None else self.backbone.get_classifier()
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
-        """Reset the backbone's classifier and every exit classifier for `num_classes` classes."""
+        """Reset the backbone's classifier and every exit classifier for `num_classes` classes; measured costs
+        are measured again (the classifiers' FLOPs change with the class count), given ones are kept."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"num_classes={num_classes!r}: every exit predicts classes, so give a positive count (a "
+                "feature extractor is the unwrapped backbone: model.unwrap().reset_classifier(0))."
+            )
         if self.final_head is not None:
             self.final_head = self.final_head.reset(num_classes)
         else:
@@ -285,6 +293,22 @@ class EarlyExitModel(nn.Module):
         for b in self.branches:
             b.head.reset_classifier(num_classes)
         self.config.num_classes = num_classes
+        if self.config.costs is None:
+            self._remeasure_costs()
+
+    def _remeasure_costs(self) -> None:
+        """Measure gamma_b again, as `wrap` does, with the exit hooks off during the probe."""
+        param = next(self.parameters())
+        example = torch.randn(1, *self.config.input_size, device=param.device, dtype=param.dtype)
+        self._remove_hooks()
+        try:
+            names = [p.name for p in self._points]
+            layouts = {p.name: p.layout for p in self._points}
+            self._points, pr, total = resolve_exits(self.backbone, names, example, layouts=layouts)
+            self.set_costs(_measure_costs(self, pr, total))
+            self.config.costs = None
+        finally:
+            self._install_hooks()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's gradient checkpointing, which exits cannot use: refused when `enable` is True.
@@ -451,13 +475,16 @@ def wrap(
     cfg = config or ExitConfig(exits=[], num_classes=0, head=head, gate=gate, input_size=size, **config_kwargs)
     points, pr, total = resolve_exits(model, exits, example, layouts=cfg.layouts, measure_costs=costs is None)
     final_out = pr.final
-    final_head = _final_head(model, final_out, backbone_classes, num_classes)
+    final_head = _final_head(model, final_out, backbone_classes, num_classes, points)
     if final_head is None and (not torch.is_tensor(final_out) or final_out.ndim != 2):
         shape = tuple(final_out.shape) if torch.is_tensor(final_out) else type(final_out).__name__
-        raise ValueError(
-            f"the backbone's forward returns {shape}; a (B, classes) logits tensor is needed. For a feature "
-            "extractor, pass wrap(model, num_classes=N) to add a pooled linear final head."
+        fix = (
+            "A features_only model returns a list of maps and cannot be wrapped: wrap the model created without "
+            "features_only (num_classes=0 for a headless one) and give num_classes=N."
+            if isinstance(final_out, (list, tuple)) and num_classes
+            else "For a feature extractor, pass wrap(model, num_classes=N) to add a pooled linear final head."
         )
+        raise ValueError(f"the backbone's forward returns {shape}; a (B, classes) logits tensor is needed. {fix}")
     out_classes = int(final_out.shape[1])
     if final_head is None and num_classes is not None and num_classes != out_classes:
         raise ValueError(
@@ -467,6 +494,12 @@ def wrap(
     cfg.num_classes = int(num_classes or out_classes)
     cfg.exits = [p.name for p in points]
     cfg.input_size = size
+    if cfg.head == "conv" and hasattr(model, "reroll"):  # Hiera: tokens in mask-unit order, not raster order
+        raise ValueError("head='conv' needs a spatial grid; Hiera's tokens are in mask-unit order: use 'linear'.")
+    if cfg.thresholds is not None and len(cfg.thresholds) != len(points):
+        raise ValueError(
+            f"thresholds={cfg.thresholds} must hold one value per early exit; the exits placed are {cfg.exits}."
+        )
 
     wrapped = EarlyExitModel(model, cfg, points, final_head=final_head)
     try:
@@ -522,16 +555,22 @@ def _floating_dtype(model: nn.Module) -> torch.dtype:
     return dtypes.pop() if dtypes else torch.float32
 
 
-def _final_head(model: nn.Module, out: Any, backbone_classes: int | None, num_classes: int | None) -> FinalHead | None:
+def _final_head(
+    model: nn.Module, out: Any, backbone_classes: int | None, num_classes: int | None, points: list[ExitPoint]
+) -> FinalHead | None:
     """A linear final head for a backbone without logits: one with `num_classes=0`, or a plain module
-    returning an unpooled map or token sequence when `num_classes` is given; None otherwise."""
+    returning an unpooled map or token sequence when `num_classes` is given; None otherwise. A map whose
+    channel count the backbone does not declare takes the layout most of the exits' maps have."""
     if not torch.is_tensor(out) or out.ndim not in (2, 3, 4):
         return None
     headless = backbone_classes == 0 or (backbone_classes is None and num_classes and out.ndim > 2)
     if not headless:
         return None
-    feats = getattr(model, "num_features", None)
-    layout = detect_layout(out, int(feats) if feats else None)
+    # MambaOut's unpooled output has head_hidden_size channels, not num_features
+    widths = [int(w) for w in (getattr(model, "head_hidden_size", None), getattr(model, "num_features", None)) if w]
+    width = next((w for w in widths if out.ndim == 4 and w in (out.shape[1], out.shape[-1])), None)
+    maps = Counter(p.layout for p in points if p.layout in ("NCHW", "NHWC"))
+    layout = detect_layout(out, width, maps.most_common(1)[0][0] if maps else None)
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0) if layout == "NLC" else 0
     token_pool = "token" if str(getattr(model, "global_pool", "avg")) == "token" else "avg"
     return FinalHead(channels_of(out, layout), int(num_classes), layout, prefix, token_pool)

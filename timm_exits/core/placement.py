@@ -64,6 +64,8 @@ class ExitPoint:
         reduction: Stride relative to the input, when `feature_info` declares it.
         backbone_cost: Fraction of the backbone's FLOPs spent when this module finishes.
         cost: gamma_b: backbone cost plus every exit head and gate evaluated up to this exit.
+        prefix_tokens: Class / register tokens at the start of an NLC output, when they differ from the
+            backbone's ``num_prefix_tokens`` (CaiT, XCiT and ConViT add their class token after the blocks).
     """
 
     name: str
@@ -72,6 +74,7 @@ class ExitPoint:
     reduction: int | None = None
     backbone_cost: float | None = None
     cost: float | None = None
+    prefix_tokens: int | None = None
 
 
 @dataclass
@@ -443,9 +446,25 @@ def resolve_exits(
                 layout=layout,
                 reduction=fi_red.get(n),
                 backbone_cost=cum.get(n),
+                prefix_tokens=_prefix_tokens(model, t, example, fi_red.get(n)) if layout == "NLC" else None,
             )
         )
     return points, pr, total
+
+
+def _prefix_tokens(model: nn.Module, t: torch.Tensor, example: torch.Tensor, reduction: int | None) -> int | None:
+    """Prefix tokens an NLC exit output holds when its length shows fewer than the backbone's
+    ``num_prefix_tokens`` (None: as many), from the patch grid at the exit's reduction."""
+    n = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if reduction:
+        patches = (example.shape[-2] // reduction) * (example.shape[-1] // reduction)
+    elif grid:
+        patches = int(grid[0]) * int(grid[1])
+    else:
+        return None
+    extra = int(t.shape[1]) - patches
+    return extra if n and 0 <= extra < n else None
 
 
 def _validate_explicit(model: nn.Module, names: list[str], pr: Probe, last_point: str | None) -> None:
