@@ -497,7 +497,7 @@ def test_key_added_later_keeps_older_runs_resumable():
     assert _fingerprint({**recipe, "lr": 0.2}) != _fingerprint(recipe)
 
 
-def test_bench_times_gate_with_the_refitted_gates_and_takes_a_run_that_skipped_timing(tmp_path):
+def test_bench_times_gate_with_the_refitted_gates_and_takes_a_run_that_skipped_timing(tmp_path, capsys):
     from timm_exits.training.timing import benchmark
 
     run = tmp_path / "run"
@@ -508,7 +508,14 @@ def test_bench_times_gate_with_the_refitted_gates_and_takes_a_run_that_skipped_t
     for name in ("gate", "gate_0.5"):  # every test image timed: the report's distribution, measured again
         got, want = res["policies"][name]["exit_distribution"], report["policies"][name]["exit_distribution"]
         assert got == pytest.approx(want, abs=1e-9), name
+    capsys.readouterr()
     assert cli_main(["bench", str(run), "--policy", "confidence", "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    timed = json.loads(capsys.readouterr().out)["policies"]["confidence"]
+    assert timed["exit_distribution"] and sum(timed["exit_distribution"]) == pytest.approx(1.0)
+    assert cli_main(["bench", str(run), "--policy", "confidence", "--images", "4", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].lstrip().startswith("plain backbone") and lines[2].lstrip().startswith("confidence")
+    assert lines[3].strip().startswith("exits (#1 / ... / final):") and lines[3].endswith(" %")
 
 
 def test_resume_at_a_stage_boundary_keeps_the_fp16_scale_an_uninterrupted_run_carries(tmp_path, monkeypatch):
@@ -598,3 +605,13 @@ def test_optimizer_state_round_trips_through_a_checkpoint_exactly(opt, tmp_path)
     steps(b, opt_b, 2, 2)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_every_shipped_recipe_is_listed_with_a_whole_sentence_naming_its_data_set():
+    from timm_exits.training.recipe import list_recipes
+
+    shown = {"digits": "digits", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "cinic10": "CINIC-10"}
+    for name, line in list_recipes().items():
+        assert line.endswith("."), (name, line)
+        dataset = load_recipe(name).data.dataset
+        assert shown[dataset] in line or f"{dataset}_" in line, (name, line)

@@ -282,7 +282,7 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_path, m
     err = capsys.readouterr().err
     final = [line for line in err.splitlines() if line.startswith("timm-exits")]
     assert final == [
-        f"timm-exits train: interrupted: interrupted at step 5; checkpoint written, continue with --resume "
+        f"timm-exits train: interrupted at step 5; checkpoint written, continue with --resume "
         f"(--output {tmp_path / 'cut'})."
     ]
     assert "Traceback" not in err
@@ -359,13 +359,17 @@ def test_a_save_killed_by_sigterm_leaves_no_staging_folder_after_the_next_save(t
         (["eval", "RUN", "--threshold", "nan"], "argument --threshold: nan is out of range; valid range: [0, 1]"),
         (["eval", "RUN", "--target-cost", "0"], "argument --target-cost: 0 is out of range; valid range: (0, inf)"),
         (["push", "RUN", "--repo-id", "name"], "argument --repo-id: 'name' is not of the form ORG/NAME"),
+        (["eval", "RUN", "--bogus"], "unrecognized arguments: --bogus"),
+        (["recipe", "-c", "digits_quick", "--data-dir", "x"], "unrecognized arguments: --data-dir"),
     ],
 )
 def test_out_of_range_arguments_exit_2_with_the_valid_range(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli_main(argv)
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"timm-exits {argv[0]}: error: {message}" in err  # the command's name and its usage
+    assert err.startswith(f"usage: timm-exits {argv[0]} ")
 
 
 # ----------------------------------------------------------------------------------------------- wrap

@@ -166,6 +166,12 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The subcommand's own parser."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
 def _check_repo_id(parser: argparse.ArgumentParser, repo_id: str) -> None:
     parts = repo_id.split("/")
     if len(parts) != 2 or not all(parts):
@@ -238,9 +244,12 @@ def _run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``timm-exits`` command; returns the exit status (2: an error, 130: interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    command = _command_parser(parser, args.command)  # its errors show the command's usage and name
+    if extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "push":
-        _check_repo_id(parser, args.repo_id)
+        _check_repo_id(command, args.repo_id)
     from ..hub import ExitCheckpointError
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -265,8 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"timm-exits {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        detail = f": {e}" if str(e) else " (nothing half-written is kept: every file is replaced atomically)"
-        print(f"timm-exits {args.command}: interrupted{detail}", file=sys.stderr)
+        line = f"interrupted: {e}" if str(e) else "interrupted (nothing half-written is kept: writes are atomic)"
+        if str(e).startswith("interrupted"):  # the trainer's own line: where it stopped and how to resume
+            line = str(e)
+        print(f"timm-exits {args.command}: {line}", file=sys.stderr)
         return 130
     return 0
 
@@ -283,7 +294,9 @@ def _print_bench(res: dict, as_json: bool) -> None:
     print(f"  {'plain backbone':<16} {t['baseline_ms_per_image']:9.3f} ms/image")
     for name, p in res["policies"].items():
         thr = "" if p["threshold"] is None else f"(threshold {p['threshold']:.4g})"
+        shares = " / ".join(f"{100 * v:.1f}" for v in p["exit_distribution"])
         print(f"  {name:<16} {p['ms_per_image']:9.3f} ms/image  speed-up {p['speedup']:.2f}x {thr}")
+        print(f"  {'':<16} exits (#1 / ... / final): {shares} %")
 
 
 if __name__ == "__main__":
