@@ -4,6 +4,7 @@ within each pass), `machine_name`, and `benchmark`, which times a trained run's 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -196,8 +197,6 @@ def benchmark(
 
 def _refitted(model: EarlyExitModel, run_dir: Path) -> EarlyExitModel:
     """A copy of `model` with the gates the report re-fitted, read from the run's saved ``model/``."""
-    import copy
-
     from ..hub import from_pretrained
 
     folder = run_dir / "model"
@@ -209,7 +208,9 @@ def _refitted(model: EarlyExitModel, run_dir: Path) -> EarlyExitModel:
     saved = from_pretrained(folder, device=next(model.parameters()).device)
     gates = {k: v for k, v in saved.state_dict().items() if ".gate." in k}
     out = copy.deepcopy(model)
-    out.load_state_dict(gates, strict=False)
+    result = out.load_state_dict(gates, strict=False)
+    if result.unexpected_keys or any(".gate." in k for k in result.missing_keys):
+        raise ValueError(f"{folder} holds other gates than the run's model; run `timm-exits eval` to save it again.")
     return out
 
 
