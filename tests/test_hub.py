@@ -1158,3 +1158,18 @@ def test_pooled_final_head_round_trips(tmp_path):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits[-1], model(x).logits[-1], rtol=0, atol=0)
+
+
+def test_a_report_in_percentages_is_refused_before_anything_is_written(models, tmp_path):
+    model = models["resnet"]
+    report = _report(model)
+    report["test"]["exit_accuracy"] = [100 * a for a in report["test"]["exit_accuracy"]]
+    with pytest.raises(ValueError, match=r"the report's test.exit_accuracy holds \[.*\]: accuracies and exit shares"):
+        render_model_card(model, report)
+    with pytest.raises(ValueError, match=r"fractions in \[0, 1\], as timm-exits writes them"):
+        save_pretrained(model, tmp_path / "m", report=report)
+    assert not (tmp_path / "m").exists()
+    report = _report(model)
+    report["policies"]["gate"]["exit_distribution"][0] = 40.0  # one share in percent among fractions
+    with pytest.raises(ValueError, match=r"policies.gate.exit_distribution holds \[40.0\]"):
+        render_model_card(model, report)

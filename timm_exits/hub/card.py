@@ -72,12 +72,25 @@ def _check_report(report: dict[str, Any], model: EarlyExitModel) -> None:
             "(the final head included)."
         )
     policies = report.get("policies")
+    shares: dict[str, Any] = {f"test.{k}": _dict(report, "test").get(k) for k in ("soft_accuracy", "final_accuracy")}
+    shares["test.exit_accuracy"] = acc
     for name, pol in policies.items() if isinstance(policies, dict) else []:
         dist = pol.get("exit_distribution") if isinstance(pol, dict) else None
         if isinstance(dist, list) and dist and len(dist) != model.num_exits:
             raise ValueError(
                 f"the report's {name!r} exit distribution has {len(dist)} entries but the model has "
                 f"{model.num_exits} exits."
+            )
+        if isinstance(pol, dict):
+            shares[f"policies.{name}.accuracy"] = pol.get("accuracy")
+            shares[f"policies.{name}.exit_distribution"] = dist
+    for key, value in shares.items():
+        values = [_real(v) for v in (value if isinstance(value, list) else [value])]
+        bad = [v for v in values if v is not None and not 0.0 <= v <= 1.0]
+        if bad:
+            raise ValueError(
+                f"the report's {key} holds {bad}: accuracies and exit shares are fractions in [0, 1], as "
+                "timm-exits writes them (divide percentages by 100)."
             )
 
 
@@ -116,8 +129,8 @@ def _fmt(v: float) -> str:
 
 
 def _pct(v: float, digits: int) -> str:
-    """A fraction (<= 1) or a percentage (> 1) as a percentage."""
-    return f"{(100.0 * v if abs(v) <= 1.0 else v):.{digits}f} %"
+    """A fraction as a percentage."""
+    return f"{100.0 * v:.{digits}f} %"
 
 
 def _fmt_any(v: Any) -> str | None:
