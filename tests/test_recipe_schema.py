@@ -284,6 +284,7 @@ def test_wrong_types_name_key_value_and_type_and_choices_are_listed():
         (["max_train_samples=-5"], r"'max_train_samples' must be >= 1 \(or null"),
         (["sched=cosin"], r"sched 'cosin' is not one of \('none', 'const'"),
         (["sched=plateau"], r"sched 'plateau' is not one of"),
+        (["sched=step"], r"sched 'step' is not one of"),  # timm's decays at epoch 90, whatever the stage's length
         (["opt=adamww"], r"opt 'adamww' is not a timm optimizer; did you mean \['adamw'"),
         (["opt=adahessian"], r"opt 'adahessian' needs a backward with create_graph=True"),
         (["branchynet_weights=[1, -1]"], r"branchynet_weights must be >= 0"),
