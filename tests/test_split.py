@@ -171,8 +171,16 @@ def test_cut_that_later_layers_bypass_is_refused():
     with torch.no_grad():
         e = edge(x)
         torch.testing.assert_close(cloud(e.features, e.stats).logits[:, -1], model(x).final)
-    with pytest.raises(SplitError, match=r"cannot split at 'b'.*cat.*needs a \(call_module 'a'\)"):
+    with pytest.raises(SplitError, match=r"cannot split at 'b'.*cat.*needs a \(call_module 'a'\).*between stages"):
         split(model, at="b")
+
+
+def test_a_cut_refused_for_sizes_read_from_the_input_shape_says_so():
+    torch.manual_seed(0)
+    xcit = timm.create_model("xcit_nano_12_p16_224", num_classes=10, img_size=64, depth=4)
+    model = wrap(xcit, input_size=(3, 64, 64)).eval()
+    with pytest.raises(SplitError, match=r"sizes read from the input's shape .* no cut between those blocks works"):
+        split(model, at=0)
 
 
 class _PairStage(nn.Module):

@@ -323,7 +323,7 @@ def _carried(nodes: list[fx.Node], cut: fx.Node, exit_name: str) -> list[fx.Node
     c = index[cut]
     dep = _input_dependent(cut.graph)
     needed: set[fx.Node] = set()
-    problems = []
+    problems, missing_nodes = [], []
     for node in nodes[c + 1 :]:
         missing = []
         for u in node.all_input_nodes:
@@ -331,6 +331,7 @@ def _carried(nodes: list[fx.Node], cut: fx.Node, exit_name: str) -> list[fx.Node
                 continue
             if u in dep:
                 missing.append(_describe(u))
+                missing_nodes.append(u)
             else:
                 stack = [u]
                 while stack:
@@ -342,12 +343,29 @@ def _carried(nodes: list[fx.Node], cut: fx.Node, exit_name: str) -> list[fx.Node
             problems.append(f"{_describe(node)} needs {', '.join(missing)}")
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        sizes = all(_from_shape(u) for u in missing_nodes)
+        why = (
+            "sizes read from the input's shape (a patch grid's height and width, say) that the backbone hands to "
+            "each later block itself, so no cut between those blocks works"
+            if sizes
+            else "split at a point whose output is the only tensor passed on (e.g. between stages, not inside a "
+            "dense block or multi-branch stage)"
+        )
         raise SplitError(
-            f"cannot split at {exit_name!r}: layers after it read tensors computed before it, so its output alone "
-            f"does not carry the state the rest of the network needs ({shown}). Split at a point whose output is "
-            "the only tensor passed on (e.g. between stages, not inside a dense block or multi-branch stage)."
+            f"cannot split at {exit_name!r}: layers after it read values computed before it, so its output alone "
+            f"does not carry the state the rest of the network needs ({shown}): {why}."
         )
     return sorted(needed, key=index.__getitem__)
+
+
+def _from_shape(node: fx.Node, depth: int = 6) -> bool:
+    """Whether `node` is computed from a tensor's shape (``x.shape`` / ``x.size()``), not its values."""
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1:2] == ("shape",):
+        return True
+    inputs = node.all_input_nodes
+    return depth > 0 and bool(inputs) and all(_from_shape(u, depth - 1) for u in inputs)
 
 
 def _root(model: EarlyExitModel) -> nn.Module:
