@@ -256,3 +256,13 @@ def test_training_resizes_array_images_with_the_interpolation_evaluation_uses(ki
         assert (pixels - reference).abs().max() < 0.1
     else:
         torch.testing.assert_close(pixels, reference, rtol=0, atol=1e-5)
+
+
+def test_runs_of_different_seeds_are_judged_on_the_same_held_out_subsets():
+    picked = []
+    for seed in (0, 1):
+        recipe = load_recipe("digits_quick", {"max_train_samples": 64, "max_eval_samples": 20, "seed": seed})
+        data = build_datasets(recipe.data, None, load_splits(recipe.data), seed=recipe.seed)
+        picked.append((data.train.indices.tolist(), data.val.indices.tolist(), data.test.indices.tolist()))
+    assert picked[0][1:] == picked[1][1:] and len(picked[0][2]) == 20  # val and test: the same images
+    assert picked[0][0] != picked[1][0]  # the training subset follows the seed

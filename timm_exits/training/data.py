@@ -448,8 +448,9 @@ def build_datasets(
     lim_train, lim_eval = spec.max_train_samples, spec.max_eval_samples
     picks = (
         (raw.train, _subset(raw.train[1], lim_train, seed), train_tf, True),
-        (raw.val, _subset(raw.val[1], lim_eval, seed + 1), eval_tf, False),
-        (raw.test, _subset(raw.test[1], lim_eval, seed + 2), eval_tf, False),
+        # the held-out subsets follow split_seed, so runs of different seeds are judged on the same images
+        (raw.val, _subset(raw.val[1], lim_eval, spec.split_seed + 1), eval_tf, False),
+        (raw.test, _subset(raw.test[1], lim_eval, spec.split_seed + 2), eval_tf, False),
     )
     if kind == "timm":
         splits = [SplitDataset(base, idx, tf, seed) for (base, _), idx, tf, _ in picks]

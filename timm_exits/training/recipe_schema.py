@@ -200,7 +200,7 @@ class DataSection(_Section):
     test_split: SplitSize = 0.2  # digits / folder trees without test/: fraction or count held out as test
     split_seed: int = 0  # seed of the held-out splits (independent of seed)
     max_train_samples: int | None = None  # use a fixed random subset of the train split (smoke tests)
-    max_eval_samples: int | None = None  # same for val and test
+    max_eval_samples: int | None = None  # same for val and test, drawn with split_seed
     batch_size: int = 128  # global batch, split over processes
     eval_batch_size: int = runtime(256)  # per process
     num_workers: int = runtime(2)  # loader processes of per-image data (array data sets are batched in memory)
