@@ -325,6 +325,13 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
 
 
+def _nonfinite_rows(x: torch.Tensor) -> list[int]:
+    """Indices of the samples of a (B, ...) batch that hold NaN or inf ([] after one reduction when none do)."""
+    if _all_finite(x):
+        return []
+    return (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+
+
 def _predict_nonfinite(
     model: EarlyExitModel,
     x: torch.Tensor,

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from ...inference.hard_exit import _all_finite
+from ...inference.hard_exit import _nonfinite_rows
 from ...inference.policies import EXIT_RULES, exit_mask, resolve_thresholds
 from ..split import CloudPart, EdgePart
 from .codec import COMPRESSIONS, PayloadError, TensorSpec, decode_tensors, encode_tensors
@@ -179,8 +179,8 @@ def _check_images(x: torch.Tensor, who: str, input_size: Sequence[int] = ()) -> 
             f"images of shape {tuple(x.shape[1:])}; the split was traced for {tuple(input_size)}: resize them, or "
             "wrap and split the model at this size."
         )
-    if x.is_floating_point() and not _all_finite(x):
-        bad = (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+    bad = _nonfinite_rows(x) if x.is_floating_point() else []
+    if bad:
         raise ValueError(f"{len(bad)} of {x.shape[0]} images hold NaN or inf (first: {bad[:5]}); fix or drop them.")
 
 

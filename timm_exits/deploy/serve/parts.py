@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...core.model import EarlyExitModel
-from ...inference.hard_exit import _all_finite, predict
+from ...inference.hard_exit import _nonfinite_rows, predict
 from ...inference.policies import EXIT_RULES, resolve_thresholds
 from ..split import CloudPart
 from .codec import FLOAT_DTYPES, PayloadError, TensorSpec, decode_tensors, describe_specs
@@ -255,12 +255,9 @@ def decode_request(served: Served, body: bytes) -> dict[str, torch.Tensor]:
     limits = {"max_elements": served.max_elements, "max_batch": served.max_request_samples}
     tensors = decode_tensors(body, served.request, **limits)
     image = tensors.get("image") if served.kind == "model" else None
-    if image is not None and image.is_floating_point() and not _all_finite(image):
-        bad = (~torch.isfinite(image.reshape(image.shape[0], -1)).all(1)).nonzero().flatten().tolist()
-        if bad:
-            raise PayloadError(
-                f"{len(bad)} of {image.shape[0]} images hold NaN or inf (first: {bad[:5]}); send finite images."
-            )
+    bad = _nonfinite_rows(image) if image is not None and image.is_floating_point() else []
+    if bad:
+        raise PayloadError(f"{len(bad)} of {len(image)} images hold NaN or inf (first: {bad[:5]}); send finite images.")
     return tensors
 
 
