@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from timm_exits.training.augment import ArrayLoader, ArraySplit, BatchAugment
-from timm_exits.training.data import _holdout, build_datasets, load_splits, make_loader
+from timm_exits.training.data import build_datasets, load_splits, make_loader
 from timm_exits.training.recipe import list_recipes, load_recipe
+from timm_exits.training.sources import _holdout
 from timm_exits.training.stages import OneCycle
 
 CFG = {"input_size": (3, 6, 6), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "crop_pct": 1.0}
@@ -216,8 +217,9 @@ def test_per_image_augmentation_is_seeded_whatever_numpys_state(policy):
 def test_every_shipped_recipe_gets_an_augmentation_its_data_set_can_use(name):
     from torch.utils.data import TensorDataset
 
-    from timm_exits.training.data import RawSplits, _ArrayImages, resolve_augment
+    from timm_exits.training.data import RawSplits, resolve_augment
     from timm_exits.training.recipe_schema import DataSection
+    from timm_exits.training.sources import _ArrayImages
 
     spec = load_recipe(name).data
     if spec.dataset in ("cinic10", "imagefolder"):  # read image by image from class folders
@@ -266,3 +268,111 @@ def test_runs_of_different_seeds_are_judged_on_the_same_held_out_subsets():
         picked.append((data.train.indices.tolist(), data.val.indices.tolist(), data.test.indices.tolist()))
     assert picked[0][1:] == picked[1][1:] and len(picked[0][2]) == 20  # val and test: the same images
     assert picked[0][0] != picked[1][0]  # the training subset follows the seed
+
+
+def _cifar_copies(root, n_per_class: int = 4) -> np.ndarray:
+    """The same small CIFAR-10 stand-in as an npz copy and as restore.py's image tree (``<index>_<name>.png``,
+    shuffled order); returns the training images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    y = rng.permutation(np.arange(10 * n_per_class) % 10)
+    x = rng.integers(0, 255, (len(y), 32, 32, 3), dtype=np.uint8)
+    names = np.array([f"class{c}" for c in range(10)])
+    (root / "npz" / "cifar10").mkdir(parents=True)
+    for split in ("train", "test"):
+        np.savez(root / "npz" / "cifar10" / f"{split}.npz", x=x, y=y, label_names=names)
+        for i in range(len(y)):
+            d = root / "tree" / "cifar10" / split / names[y[i]]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(d / f"{i:05d}_img{len(y) - i}.png")
+    return x
+
+
+def test_a_cifar_copy_holds_out_the_same_images_in_every_layout(tmp_path):
+    x = _cifar_copies(tmp_path)
+    held = []
+    for layout in ("npz", "tree"):
+        cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path / layout), "val_split": 10}).data
+        raw = load_splits(cfg)
+        base, idx = raw.val
+        held.append({base.images[i].tobytes() for i in idx})
+        np.testing.assert_array_equal(raw.train[0].images, x)  # the tree is put back in index order
+    assert len(held[0]) == 10 and held[0] == held[1]
+
+
+def test_a_cifar_image_tree_without_its_test_split_is_refused(tmp_path):
+    _cifar_copies(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "tree" / "cifar10" / "test")
+    cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path / "tree"), "val_split": 10}).data
+    with pytest.raises(FileNotFoundError, match=r"cifar10/test is missing: a CIFAR image tree holds train/ and test/"):
+        load_splits(cfg)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"x": lambda x: x.astype(np.float32) / 255}, r"'x' is float32 of shape \(40, 32, 32, 3\); an npz split holds"),
+        ({"x": lambda x: x.transpose(0, 3, 1, 2)}, r"'x' is uint8 of shape \(40, 3, 32, 32\)"),
+        ({"y": lambda y: y[:30]}, r"'y' is int64 of shape \(30,\) for 40 images in 'x'"),
+        ({"y": lambda y: y + 1, "label_names": None}, r"holds 11 classes, but cifar10 has 10"),
+        ({"y": lambda y: np.where(y == 0, 10, y)}, r"the train split has labels \[10\] outside 0..9"),
+    ],
+)
+def test_an_npz_copy_that_does_not_hold_cifar_says_what_is_wrong(tmp_path, change, message):
+    from timm_exits.training.data import DataError
+
+    _cifar_copies(tmp_path)
+    path = tmp_path / "npz" / "cifar10" / "train.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    for key, fn in change.items():
+        arrays[key] = fn(arrays[key]) if fn is not None else None
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path / "npz"), "val_split": 10}).data
+    with pytest.raises(DataError, match=message):
+        load_splits(cfg)
+
+
+def test_keras_style_column_labels_in_an_npz_copy_are_read_as_one_label_per_image(tmp_path):
+    _cifar_copies(tmp_path)
+    path = tmp_path / "npz" / "cifar10" / "train.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    np.savez(path, **{**arrays, "y": arrays["y"][:, None]})
+    cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path / "npz"), "val_split": 10}).data
+    assert load_splits(cfg).train[0].targets == arrays["y"].tolist()
+
+
+def test_a_corrupted_image_in_a_cifar_tree_is_named(tmp_path):
+    from timm_exits.training.data import DataError
+
+    _cifar_copies(tmp_path)
+    bad = sorted((tmp_path / "tree" / "cifar10" / "train" / "class3").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:40])
+    cfg = load_recipe(None, {"dataset": "cifar10", "data_dir": str(tmp_path / "tree"), "val_split": 10}).data
+    with pytest.raises(DataError, match=rf"{bad.name} cannot be read .*restore or remove that file"):
+        load_splits(cfg)
+
+
+def test_a_held_out_folder_with_an_empty_class_folder_loads(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            if split == "train" or cls == "a":
+                for i in range(3):
+                    Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    raw = load_splits(load_recipe(None, {"dataset": "imagefolder", "data_dir": str(tmp_path), "val_split": 2}).data)
+    assert raw.classes == ["a", "b"] and [raw.test[0].targets[i] for i in raw.test[1]] == [0, 0, 0]
+
+
+def test_crop_padding_as_large_as_the_images_names_the_key():
+    from timm_exits.training.recipe_types import RecipeError
+
+    cfg = load_recipe(None, {"dataset": "digits", "augment": "crop_flip", "crop_padding": 8}).data
+    with pytest.raises(RecipeError, match=r"crop_padding=8 must be smaller than the 8 x 8 images of 'digits'"):
+        build_datasets(cfg, seed=0)

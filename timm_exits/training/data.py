@@ -1,21 +1,6 @@
-"""Data for the training recipes: data sets, held-out splits, timm transforms, samplers and mixup.
+"""Data for the training recipes: transforms, augmented and evaluation splits, loaders and mixup.
 
-Data sets (`dataset:` in a recipe):
-
-* ``digits``: scikit-learn's bundled 8x8 grey digits (1797 images, no download), turned into RGB
-  images that the transforms upscale to ``img_size``; split with a fixed seed into train / val /
-  test. The offline default.
-* ``cifar10`` / ``cifar100``: torchvision's CIFAR classes under ``data_dir`` (``download: true``
-  fetches them), or a local copy in the same layout, as ``data_dir/<name>/{train,test}.npz`` (arrays
-  ``x`` uint8 N x 32 x 32 x 3 and ``y``) or as ``data_dir/<name>/{train,test}/<class>/<image>`` trees.
-* ``cinic10``: the CINIC-10 folder tree (``train/``, ``valid/``, ``test/``); ``valid`` is the
-  calibration split.
-* ``imagefolder``: any ``data_dir/{train,val|valid|validation,test}/<class>/<image>`` tree; splits
-  that are missing are held out of ``train`` with a fixed seed. With ``val/`` but no ``test/`` (the
-  ImageNet layout), ``val/`` is the test split and the calibration split is held out of ``train``.
-
-Every data set yields three splits: ``train``, ``val`` (held out for threshold calibration and the
-per-epoch logs, never trained on) and ``test``.
+Data sets on disk and their held-out splits come from `timm_exits.training.sources`.
 
 Two data paths (``augment:``). Array data sets (digits, CIFAR) are held in memory as one uint8
 tensor, and each batch is gathered and augmented with tensor ops (`ArraySplit`, `BatchAugment`):
@@ -37,18 +22,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import AUGMENTS, ArrayLoader, ArraySplit, BatchAugment
 from .recipe_schema import DataSection
 from .recipe_types import RecipeError
 from .sampling import ShardSampler, seed_for
+from .sources import DATASETS, DataError, RawSplits, _ArrayImages, _targets, load_splits
 
 __all__ = [
     "DATASETS",
@@ -63,223 +47,6 @@ __all__ = [
     "make_loader",
     "make_mixup",
 ]
-
-DATASETS = ("digits", "cifar10", "cifar100", "cinic10", "imagefolder")
-
-_VAL_DIRS = ("val", "valid", "validation")
-
-_TEST_DIRS = ("test",)
-
-_RESTORE_HINT = (
-    "put a local copy there (torchvision's cifar-10-batches-py / cifar-100-python folder, <name>/{train,test}.npz "
-    "or <name>/{train,test}/<class>/ image trees) and pass --data-dir DATA, or set download: true to fetch it"
-)
-
-
-# ------------------------------------------------------------------------------------------ raw data
-class DataError(ValueError):
-    """A data set's files or layout cannot be used, or an augmentation does not fit the data."""
-
-
-class _ArrayImages(Dataset):
-    """(PIL image, label) pairs from a uint8 array (N, H, W) or (N, H, W, 3)."""
-
-    def __init__(self, images: np.ndarray, labels: Sequence[int]):
-        self.images = images
-        self.targets = [int(v) for v in labels]
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        img = Image.fromarray(self.images[i])
-        return (img if img.mode == "RGB" else img.convert("RGB")), self.targets[i]
-
-    def tensor(self) -> torch.Tensor:
-        """All images as one uint8 tensor (N, 3, H, W); grey images are repeated over the channels."""
-        x = torch.from_numpy(np.ascontiguousarray(self.images))
-        x = x[:, None].expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-        return x.contiguous()
-
-
-@dataclass
-class RawSplits:
-    """Untransformed splits: a base data set plus index lists into it for each split."""
-
-    train: tuple[Dataset, list[int]]
-    val: tuple[Dataset, list[int]]
-    test: tuple[Dataset, list[int]]
-    classes: list[str]
-
-
-def _targets(ds: Dataset) -> list[int]:
-    t = getattr(ds, "targets", None)
-    if t is None:
-        t = [int(y) for _, y in ds]  # type: ignore[attr-defined]
-    return [int(v) for v in t]
-
-
-def _holdout(labels: Sequence[int], size: float | int, seed: int, key: str) -> tuple[list[int], list[int]]:
-    """Split range(len(labels)) into (kept, held out), stratified by label, with a fixed seed; `key` names
-    the recipe key that set `size`, for the errors."""
-    from sklearn.model_selection import train_test_split
-
-    n = len(labels)
-    count = int(size) if size >= 1 else int(round(float(size) * n))
-    if count <= 0:
-        raise RecipeError(f"the held-out split would be empty ({key}={size} of {n} samples); raise {key}.")
-    if count >= n:
-        raise RecipeError(f"cannot hold out {count} of {n} samples ({key}={size}); lower {key}.")
-    idx = np.arange(n)
-    counts = np.bincount(np.asarray(labels))
-    classes = len(counts[counts > 0])  # stratifying needs two of each class and a class on each side
-    stratify = labels if counts[counts > 0].min() >= 2 and min(count, n - count) >= classes else None
-    kept, held = train_test_split(idx, test_size=count, random_state=seed, stratify=stratify)
-    return sorted(int(i) for i in kept), sorted(int(i) for i in held)
-
-
-def _digits(spec: DataSection) -> RawSplits:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    base = _ArrayImages(images, d.target)
-    labels = base.targets
-    pool, test = _holdout(labels, spec.test_split, spec.split_seed, "test_split")
-    keep, val = _holdout([labels[i] for i in pool], spec.val_split, spec.split_seed + 1, "val_split")
-    train = [pool[i] for i in keep]
-    val = [pool[i] for i in val]
-    return RawSplits((base, train), (base, val), (base, test), [str(c) for c in d.target_names])
-
-
-def _missing(what: str, root: Path, looked: Sequence[Path], hint: str) -> FileNotFoundError:
-    where = ", ".join(str(p) for p in looked)
-    return FileNotFoundError(f"{what} not found under data_dir={str(root)!r} (looked for {where}); {hint}.")
-
-
-def _npz_split(path: Path) -> _ArrayImages:
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: an npz copy holds train.npz and test.npz side by side ({_RESTORE_HINT})."
-        )
-    with np.load(path) as z:
-        if "x" not in z or "y" not in z:
-            raise DataError(f"{path} holds {sorted(z.files)}; an npz split holds arrays 'x' (images) and 'y' (labels).")
-        return _ArrayImages(z["x"], z["y"])
-
-
-def _cifar(spec: DataSection, name: str) -> RawSplits:
-    import torchvision
-
-    root = Path(spec.data_dir or "data").expanduser()
-    tv_cls, tv_dir = {
-        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
-        "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python"),
-    }[name]
-    npz = root / name / "train.npz"
-    folder = root / name / "train"
-    if (root / tv_dir).is_dir() or spec.download:
-        try:
-            train = tv_cls(str(root), train=True, download=bool(spec.download))
-            test = tv_cls(str(root), train=False, download=bool(spec.download))
-        except RuntimeError as e:
-            raise FileNotFoundError(f"{name} under {str(root / tv_dir)!r} is incomplete or corrupted ({e}).") from e
-        classes = list(train.classes)
-        train, test = _ArrayImages(train.data, train.targets), _ArrayImages(test.data, test.targets)
-    elif npz.is_file():
-        train, test = _npz_split(npz), _npz_split(root / name / "test.npz")
-        with np.load(npz) as z:
-            key = "label_names" if "label_names" in z else "fine_label_names"
-            classes = [str(c) for c in z[key]] if key in z else [str(i) for i in range(int(z["y"].max()) + 1)]
-    elif folder.is_dir():
-        raw = _folder_tree(spec, root / name, what=name)
-        bases = {id(ds): ds for ds, _ in (raw.train, raw.val, raw.test)}  # train/ may back several splits
-        decoded = {key: _decoded(ds) for key, ds in bases.items()}
-        return RawSplits(*((decoded[id(ds)], idx) for ds, idx in (raw.train, raw.val, raw.test)), raw.classes)
-    else:
-        raise _missing(name, root, [root / tv_dir, npz, folder], _RESTORE_HINT)
-    keep, val = _holdout(_targets(train), spec.val_split, spec.split_seed, "val_split")
-    return RawSplits((train, keep), (train, val), (test, list(range(len(test)))), classes)
-
-
-def _decoded(folder: Dataset) -> _ArrayImages:
-    """Decode every image of a folder data set of equal-sized images (CIFAR image trees) into memory."""
-    images = [np.asarray(folder[i][0]) for i in range(len(folder))]
-    if len({im.shape for im in images}) > 1:
-        raise DataError(f"{getattr(folder, 'root', folder)}: images of different sizes cannot be held as one array.")
-    return _ArrayImages(np.stack(images), _targets(folder))
-
-
-def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
-    for n in names:
-        if (root / n).is_dir():
-            return root / n
-    return None
-
-
-def _folder_tree(spec: DataSection, root: Path, what: str) -> RawSplits:
-    """train/ [val|valid|validation/] [test/] ImageFolder tree; missing splits are held out of train."""
-    from torchvision.datasets import ImageFolder
-
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"{what}: data_dir={str(root)!r} does not exist; pass --data-dir pointing at a folder with "
-            "train/ (and optionally val/ and test/) subfolders of class folders."
-        )
-    if not (root / "train").is_dir():
-        raise _missing(f"{what} train split", root, [root / "train"], "the tree must hold train/<class>/<image>")
-    train = ImageFolder(str(root / "train"))
-    val_dir, test_dir = _find_dir(root, _VAL_DIRS), _find_dir(root, _TEST_DIRS)
-    if test_dir is None and val_dir is not None:  # the usual ImageNet-style layout: val is the test set
-        test_dir, val_dir = val_dir, None
-    parts: dict[str, tuple[Dataset, list[int]]] = {}
-    pool = list(range(len(train)))
-    labels = train.targets
-    for split, folder, size, salt in (("test", test_dir, spec.test_split, 0), ("val", val_dir, spec.val_split, 1)):
-        if folder is not None:
-            ds = ImageFolder(str(folder))
-            if ds.classes != train.classes:
-                missing, extra = (
-                    sorted(set(train.classes) - set(ds.classes)),
-                    sorted(set(ds.classes) - set(train.classes)),
-                )
-                raise DataError(
-                    f"{folder} and {root / 'train'} must hold the same class folders; {folder.name}/ lacks "
-                    f"{missing[:5]} and has {extra[:5]} that train/ lacks (an empty class needs its folder too)."
-                )
-            parts[split] = (ds, list(range(len(ds))))
-        else:
-            keep, held = _holdout([labels[i] for i in pool], size, spec.split_seed + salt, f"{split}_split")
-            parts[split] = (train, [pool[i] for i in held])
-            pool = [pool[i] for i in keep]
-    return RawSplits((train, pool), parts["val"], parts["test"], list(train.classes))
-
-
-def load_splits(spec: DataSection) -> RawSplits:
-    """Load the untransformed train / val / test splits a recipe asks for.
-
-    Args:
-        spec: The recipe's data section (keys dataset, data_dir, download, val_split, test_split, split_seed).
-
-    Returns:
-        The splits as (base data set, indices) pairs plus the class names.
-    """
-    name = spec.dataset
-    if name == "digits":
-        return _digits(spec)
-    if name in ("cifar10", "cifar100"):
-        return _cifar(spec, name)
-    if name in ("cinic10", "imagefolder"):
-        if not spec.data_dir:
-            raise FileNotFoundError(f"dataset {name!r} needs data_dir (pass --data-dir or set data_dir: ...).")
-        root = Path(spec.data_dir).expanduser()
-        if name == "cinic10" and not root.is_dir():
-            raise FileNotFoundError(
-                f"CINIC-10 not found: data_dir={str(root)!r} does not exist. Download and extract CINIC-10 "
-                "(train/, valid/, test/ class folders) and pass --data-dir."
-            )
-        return _folder_tree(spec, root, what=name)
-    raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}.")
 
 
 # ------------------------------------------------------------------------------------ transforms
@@ -455,6 +222,12 @@ def build_datasets(
     if kind == "timm":
         splits = [SplitDataset(base, idx, tf, seed) for (base, _), idx, tf, _ in picks]
     else:
+        height, width = raw.train[0].images.shape[1:3]  # type: ignore[attr-defined]
+        if kind == "crop_flip" and spec.crop_padding >= min(height, width):
+            raise RecipeError(
+                f"crop_padding={spec.crop_padding} must be smaller than the {height} x {width} images of "
+                f"{spec.dataset!r} (reflect padding mirrors the image's own pixels); lower crop_padding."
+            )
         augment = BatchAugment(
             kind,
             padding=int(spec.crop_padding),
