@@ -1,8 +1,10 @@
-"""The pages a reader follows: every relative link leads somewhere, and every table a page says a
-command prints is what that command prints from the committed results."""
+"""The pages a reader follows: every relative link leads somewhere, every table a page says a command
+prints is what that command prints from the committed results, and every public name is described."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 import shlex
 import subprocess
@@ -17,6 +19,8 @@ PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob
 RESULT_PAGES = sorted([*(ROOT / "results").rglob("*.md"), *(ROOT / "benchmarks").rglob("*.md")])
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 TABLE_BY = re.compile(r"Table by `python (benchmarks/\w+\.py[^`]*)`")
+# where a reader looks up a public name
+API_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _slug(heading: str) -> str:
@@ -39,6 +43,27 @@ def _broken_links(page: Path) -> list[str]:
             if anchor not in {_slug(h) for h in headings}:
                 broken.append(f"{link} (no heading #{anchor} in {target.name})")
     return broken
+
+
+def _public_names() -> dict[str, list[str]]:
+    """`__all__` of `timm_exits` and of each of its subpackages (their modules' own lists are internals)."""
+    import timm_exits
+
+    packages = ["timm_exits"] + [m.name for m in pkgutil.walk_packages(timm_exits.__path__, "timm_exits.") if m.ispkg]
+    return {name: list(importlib.import_module(name).__all__) for name in packages}
+
+
+def _undocumented(names: dict[str, list[str]], text: str) -> list[str]:
+    """The names that `text` never shows in backticks: as `name`, `name(...)` or qualified by their
+    package (`timm_exits.name`, `hub.name`, `timm_exits.deploy.serve.name`, ...)."""
+    missing = []
+    for package, public in names.items():
+        parts = package.split(".")
+        prefixes = "|".join(re.escape(".".join(parts[i:]) + ".") for i in range(len(parts)))
+        for name in public:
+            if not re.search(rf"`(?:{prefixes})?{re.escape(name)}(?:\([^`]*\))?`", text):
+                missing.append(f"{package}.{name}")
+    return missing
 
 
 def _tables_by_command(page: Path) -> list[tuple[str, list[str]]]:
@@ -78,6 +103,27 @@ def test_the_link_check_catches_a_missing_file_a_missing_heading_and_an_outside_
     page = tmp_path / "page.md"
     page.write_text("[ok](other.md#a-heading) [gone](nothing.md) [anchor](other.md#b) [web](https://example.org)\n")
     assert [b.split(" ")[0] for b in _broken_links(page)] == ["nothing.md", "other.md#b", "https://example.org"]
+
+
+def test_every_public_name_is_documented():
+    names = _public_names()
+    assert {"timm_exits", "timm_exits.hub", "timm_exits.deploy.serve"} <= set(names)
+    assert sum(len(v) for v in names.values()) > 60
+    missing = _undocumented(names, "\n".join(page.read_text() for page in API_PAGES))
+    assert not missing, "public names on no page (README.md or docs/*.md): " + ", ".join(missing)
+
+
+def test_the_name_check_needs_the_name_in_backticks_bare_called_or_qualified():
+    names = {"timm_exits": ["wrap", "split", "POLICIES"], "timm_exits.hub": ["CONFIG_NAME", "push_run"]}
+    text = "`wrap(model)` and `timm_exits.split`; `hub.CONFIG_NAME`, `timm_exits.hub.push_run(d, r)`; POLICIES"
+    assert _undocumented(names, text) == ["timm_exits.POLICIES"]
+    assert _undocumented(names, "`model.split` `unwrap` `other.CONFIG_NAME` `push_run_all`") == [
+        "timm_exits.wrap",
+        "timm_exits.split",
+        "timm_exits.POLICIES",
+        "timm_exits.hub.CONFIG_NAME",
+        "timm_exits.hub.push_run",
+    ]
 
 
 def test_tables_shown_under_a_command_are_that_commands_output():
