@@ -246,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     command = _command_parser(parser, args.command)  # its errors show the command's usage and name
+    if extra and hasattr(args, "overrides"):  # KEY=VALUE overrides after an option (`--output d lr=0.1`)
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if a not in args.overrides]
     if extra:
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "push":
@@ -264,17 +267,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         CalibrationError,
         DataError,
         ExitCheckpointError,
-        FileNotFoundError,
+        OSError,  # the file system's (no space, read-only, no such folder) and the Hub client's HTTP errors
     )
     if args.command == "push":
-        expected += (OSError, ValueError)  # the Hub client's HTTP and connection errors are OSErrors
+        expected += (ValueError,)
     try:
         _run(args)
     except expected as e:
         print(f"timm-exits {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        line = f"interrupted: {e}" if str(e) else "interrupted (nothing half-written is kept: writes are atomic)"
+        line = f"interrupted: {e}" if str(e) else "interrupted; nothing half-written is kept: run the command again"
         if str(e).startswith("interrupted"):  # the trainer's own line: where it stopped and how to resume
             line = str(e)
         print(f"timm-exits {args.command}: {line}", file=sys.stderr)

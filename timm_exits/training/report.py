@@ -52,6 +52,7 @@ from ..inference.calibration import Collected, calibrate, collect, sweep
 from ..inference.gate_fitting import fit_gates
 from ..inference.policies import EXIT_RULES, POLICIES
 from .plots import write_plots
+from .recipe_schema import Recipe
 from .recipe_types import RecipeError
 from .runfiles import Staging
 from .timing import _time_model, _timing_inputs, machine_name
@@ -147,7 +148,7 @@ def evaluate(
     from .checkpoint import load_run
     from .data import build_datasets, load_splits, make_loader
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     device = torch.device(device)
     run = load_run(
         run_dir,
@@ -298,6 +299,7 @@ def evaluate(
         model.config.thresholds = [float(policies[policy]["threshold"])] * len(model.branches)
     else:
         model.config.policy, model.config.thresholds = "soft", None
+    _log_stored_policy(run_dir, report, save_model, log)
     # every file is written into a staging folder first and moved into place once all of them exist
     with Staging(run_dir) as stage:
         staged = write_plots(stage.path("plots"), test, report, curves)
@@ -309,6 +311,38 @@ def evaluate(
         stage.commit()
     log(_summary(report, policy) + f" (evaluated in {time.time() - t0:.1f} s; report: {run_dir / 'report.md'})")
     return report
+
+
+def _stored(report: Mapping[str, Any]) -> str:
+    name = report.get("recommended_policy")
+    threshold = report.get("policies", {}).get(name, {}).get("threshold")
+    return f"{name}" + ("" if threshold is None else f" at threshold {threshold:.4g}")
+
+
+def _log_stored_policy(run_dir: Path, report: Mapping[str, Any], save_model: bool, log: Callable) -> None:
+    """Say when the policy stored with ``model/`` changes, or (``save_model`` False) stays behind the report."""
+    path = run_dir / "model" / "report.json"
+    try:
+        old = _stored(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
+        return
+    new = _stored(report)
+    if not save_model:
+        log(f"{run_dir / 'model'} keeps its stored policy {old} (--no-save); report.json now recommends {new}")
+    elif old != new:
+        log(f"{run_dir / 'model'}: stored policy {old} replaced by {new}")
+
+
+def _eval_keys_changed(report_path: Path, recipe: Recipe) -> list[str] | None:
+    """The ``eval`` keys that differ from those `report_path` was made with; None when they agree, and a
+    single entry when there is no readable report."""
+    try:
+        made_with = json.loads(report_path.read_text(encoding="utf-8"))["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["no report yet"]
+    now = json.loads(json.dumps({k: getattr(recipe.eval, k) for k in vars(recipe.eval) if k != "report"}))
+    diff = [f"{k}: {made_with[k]!r} -> {v!r}" for k, v in now.items() if k in made_with and made_with[k] != v]
+    return diff or None
 
 
 def _training_summary(meta: Mapping[str, Any]) -> dict[str, Any]:

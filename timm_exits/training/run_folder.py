@@ -2,13 +2,17 @@
 files that identify the run (``run.json`` with the recipe's fingerprint, ``recipe.yaml``).
 
 A folder holding another run, or any run without ``resume`` / ``overwrite``, is an error; ``--overwrite``
-deletes only the files timm-exits wrote (its manifest, `timm_exits.training.runfiles`).
+deletes only the files timm-exits wrote (its manifest, `timm_exits.training.runfiles`). One training
+process at a time writes in a run folder (`run_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .._version import __version__
@@ -18,6 +22,7 @@ from .runfiles import MANIFEST_NAME, atomic_write_text, read_manifest, record, r
 
 __all__ = [
     "RunFolderError",
+    "run_lock",
 ]
 
 
@@ -79,6 +84,56 @@ def _clear_run(run_dir: Path) -> tuple[list[str], list[str]]:
     return remove_recorded(run_dir, _own_files(run_dir))
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` (created if missing) while a run writes in it.
+
+    A second process that trains into the same folder gets a `RunFolderError` instead of mixing its files
+    with the first one's; the lock goes with the process, however it ends. A folder this call created is
+    removed again if it is still empty when the lock is released.
+
+    Args:
+        run_dir: The run folder.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderError(
+                f"another timm-exits process is training in {run_dir}; nothing was written. Wait for it to end (or "
+                "stop it), or choose another --output."
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if nothing was written
+
+
+def _inputs_inside(run_dir: Path, recipe: Recipe, deleted: set[str]) -> None:
+    """Refuse an ``init_checkpoint`` or ``weights`` that lies among the files ``--overwrite`` deletes."""
+    root = run_dir.resolve()
+    for key, value in (("init_checkpoint", recipe.model.init_checkpoint), ("weights", recipe.model.weights)):
+        if not value or value.startswith("hf-hub:"):
+            continue
+        path = Path(value.removeprefix("local-dir:")).expanduser().resolve()
+        inside = path == root or (path.is_relative_to(root) and path.relative_to(root).as_posix() in deleted)
+        if inside or (path.is_dir() and path.is_relative_to(root)):
+            raise RunFolderError(
+                f"{key}={value} lies in {run_dir}, whose run --overwrite would delete before training from it; "
+                "nothing was written. Copy it out of the folder first, or choose another --output."
+            )
+
+
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> tuple[bool, bool]:
     """Check the output folder without changing it.
 
@@ -136,6 +191,7 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: boo
             f"output folder {run_dir} holds files timm-exits did not write at paths a run writes: {clash}; nothing "
             "was written. Move them away, or choose a new --output."
         )
+    _inputs_inside(run_dir, recipe, own)
     return False, True
 
 

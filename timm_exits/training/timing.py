@@ -148,13 +148,16 @@ def benchmark(
     from .checkpoint import load_run
     from .data import build_datasets, load_splits
 
+    run_dir = Path(run_dir).expanduser()
     run = load_run(run_dir, device=device, data_dir=data_dir)
     recipe, model = run.recipe, run.model
     device = torch.device(device)
     if threads or recipe.runtime.threads:
         torch.set_num_threads(int(threads or recipe.runtime.threads))
     names = list(policies or ("gate", "confidence", "entropy", "soft"))
-    report_path = Path(run_dir) / "report.json"
+    # the report saved with model/ matches its gates (`eval --no-save` rewrites only run_dir/report.json)
+    report_path = run_dir / "model" / "report.json"
+    report_path = report_path if report_path.is_file() else run_dir / "report.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     saved = report.get("policies", {})
     thresholds: dict[str, float | None] = {}
@@ -170,7 +173,7 @@ def benchmark(
     singles = _timing_inputs(data.test, count, device)
     inputs = [torch.cat(singles[i : i + batch_size]) for i in range(0, len(singles), batch_size)]
     reps = int(repeats or ev.timing_repeats)
-    models = {"gate": _refitted(model, Path(run_dir))} if "gate" in names and report.get("gate_fit") else {}
+    models = {"gate": _refitted(model, run_dir)} if "gate" in names and report.get("gate_fit") else {}
     base, ms = _time_model(model, thresholds, inputs, reps, int(ev.timing_warmup if warmup is None else warmup), models)
     shares = {k: _exit_shares(models.get(k, model), k, thresholds[k], inputs) for k in ms}
     return {

@@ -62,8 +62,8 @@ from .distributed import _agree, _all_sum, _Dist, _setup_distributed
 from .progress import RunLog, epoch_line, progress_enabled
 from .recipe import Recipe, RecipeError, _diff, _fingerprint, _identity, load_recipe
 from .recipe_schema import OptimSection
-from .report import evaluate
-from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files
+from .report import _eval_keys_changed, evaluate
+from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files, run_lock
 from .runfiles import atomic_write_text
 from .sampling import seed_for
 from .stages import _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages
@@ -171,8 +171,10 @@ def train(
     """
     recipe = load_recipe(config, overrides)
     d = _setup_distributed(recipe.runtime.device)
+    run_dir = Path(output).expanduser() if output else _default_output(recipe)
     try:
-        return _train(recipe, d, Path(output) if output else _default_output(recipe), resume, overwrite)
+        with run_lock(run_dir) if d.main else contextlib.nullcontext():
+            return _train(recipe, d, run_dir, resume, overwrite)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -579,8 +581,11 @@ def _train(recipe: Recipe, d: _Dist, run_dir: Path, resume: bool, overwrite: boo
         dist.destroy_process_group()
         d.owns_group = False
     if d.main and recipe.eval.report:
-        if not trained_now and (run_dir / "report.json").is_file():
+        changed = _eval_keys_changed(run_dir / "report.json", recipe)
+        if not trained_now and changed is None:
             log(f"the report already exists: {run_dir / 'report.md'}")
         else:
+            if not trained_now:
+                log(f"evaluation keys changed since the report ({'; '.join(changed)}): evaluating again")
             evaluate(run_dir, log=log)
     return run_dir

@@ -1,0 +1,98 @@
+"""Run folders shared with the user: one trainer at a time, `~` paths, inputs `--overwrite` would delete,
+evaluation keys changed on resume, and the policy stored with ``model/``.
+
+Training runs use `tiny()` from test_recipes (digits, `test_resnet`, one short epoch on one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_recipes import tiny
+
+from timm_exits.training.cli import main as cli_main
+from timm_exits.training.report import evaluate
+from timm_exits.training.run_folder import RunFolderError, run_lock
+from timm_exits.training.timing import benchmark
+from timm_exits.training.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """One tiny trained run with its report and saved model (no timing)."""
+    return train(tiny(timing_images=0), tmp_path_factory.mktemp("folders") / "run")
+
+
+def test_a_second_trainer_in_a_locked_folder_is_refused_and_writes_nothing(tmp_path):
+    folder = tmp_path / "run"
+    with run_lock(folder):
+        with pytest.raises(RunFolderError, match="another timm-exits process is training in .*nothing was written"):
+            train(tiny(timing_images=0), folder)
+        assert list(folder.iterdir()) == []
+    assert not folder.exists()  # the lock's own empty folder goes with it
+    with pytest.raises(RunFolderError, match="holds no timm-exits run"):
+        train(tiny(timing_images=0), folder, resume=True)
+    assert not folder.exists()
+
+
+def test_home_relative_run_folders_are_expanded(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run, tmp_path / "r")
+    report = evaluate("~/r", timing=False, log=lambda line: None)
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["created"] == report["created"]
+    res = benchmark("~/r", policies=["confidence"], images=4, repeats=1, warmup=0, threads=1)
+    assert res["policies"]["confidence"]["threshold"] == report["policies"]["confidence"]["threshold"]
+    assert not (tmp_path / "~").exists()
+
+
+def test_overrides_after_an_option_and_file_system_errors_on_the_command_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    argv = ["train", "-c", "digits_quick", "--output", str(tmp_path / "afile" / "sub"), "epochs=1"]
+    assert cli_main([*argv, "lr=0.1"]) == 2  # lr=0.1 after --output is an override, not an unknown argument
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("timm-exits train: error: ") and "afile" in err and "\n" not in err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("key", ["init_checkpoint", "weights"])
+def test_overwrite_refuses_a_starting_point_inside_the_run_it_deletes(run, tmp_path, key):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    before = (folder / "checkpoint.safetensors").read_bytes()
+    start = {"init_checkpoint": str(folder / "checkpoint.safetensors"), "weights": f"local-dir:{folder / 'model'}"}
+    with pytest.raises(RunFolderError, match=rf"{key}=.* lies in .*--overwrite would delete"):
+        train(tiny(timing_images=0, lr=0.02, **{key: start[key]}), folder, overwrite=True)
+    assert (folder / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_resuming_a_finished_run_with_new_evaluation_keys_evaluates_again(run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    train(tiny(timing_images=0), folder, resume=True)
+    assert json.loads((folder / "report.json").read_text()) == json.loads((run / "report.json").read_text())
+    train(tiny(timing_images=0, calibrate_max_drop=0.05), folder, resume=True)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["recipe"]["calibrate_max_drop"] == 0.05
+    assert report["policies"]["gate"]["calibration"]["max_accuracy_drop"] == 0.05
+    assert (
+        "evaluation keys changed since the report (calibrate_max_drop: 0.01 -> 0.05)"
+        in (folder / "train.log").read_text()
+    )
+
+
+def test_eval_says_when_the_stored_policy_changes_and_bench_follows_the_saved_model(run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    lines: list[str] = []
+    evaluate(folder, policy="confidence", target_cost=0.6, timing=False, log=lines.append)
+    assert any("stored policy gate" in line and "replaced by confidence at threshold" in line for line in lines)
+    saved = json.loads((folder / "model" / "report.json").read_text())
+    lines.clear()
+    evaluate(folder, policy="entropy", target_cost=0.6, timing=False, save_model=False, log=lines.append)
+    assert any("keeps its stored policy confidence" in line and "now recommends entropy" in line for line in lines)
+    res = benchmark(folder, policies=["confidence"], images=4, repeats=1, warmup=0, threads=1)
+    assert res["policies"]["confidence"]["threshold"] == saved["policies"]["confidence"]["threshold"]
