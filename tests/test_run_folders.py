@@ -36,6 +36,9 @@ def test_a_second_trainer_in_a_locked_folder_is_refused_and_writes_nothing(tmp_p
     with pytest.raises(RunFolderError, match="holds no timm-exits run"):
         train(tiny(timing_images=0), folder, resume=True)
     assert not folder.exists()
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(RunFolderError, match="afile exists and is not a folder"):
+        train(tiny(timing_images=0), tmp_path / "afile")
 
 
 def test_home_relative_run_folders_are_expanded(run, tmp_path, monkeypatch):

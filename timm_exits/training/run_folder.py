@@ -100,6 +100,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     except ImportError:  # no advisory locks on this platform
         yield
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"output {run_dir} exists and is not a folder.")
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir, os.O_RDONLY)
