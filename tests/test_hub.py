@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,20 @@ def test_interrupted_save_leaves_the_earlier_files(models, saved, tmp_path, monk
         save_pretrained(models["added_head"], folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folder left behind
+    assert from_pretrained(folder).config == from_pretrained(saved).config
+
+
+def test_a_users_folder_named_saving_something_survives_a_save(models, saved, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(saved, folder)
+    two_hours_ago = time.time() - 7200  # past the age after which a staging folder of unknown owner is removed
+    for name in (".saving-drafts", ".saving-notes123"):  # the second one has the length of an old-format name
+        (folder / name).mkdir()
+        (folder / name / "my_notes.txt").write_text("user data")
+        os.utime(folder / name, (two_hours_ago, two_hours_ago))
+    save_pretrained(models["resnet"], folder)
+    for name in (".saving-drafts", ".saving-notes123"):
+        assert (folder / name / "my_notes.txt").read_text() == "user data"
     assert from_pretrained(folder).config == from_pretrained(saved).config
 
 

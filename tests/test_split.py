@@ -248,6 +248,26 @@ def test_torch_export_both_parts_dynamic_batch(models, tmp_path):
         torch.testing.assert_close(loaded.module()(x)[0], e.logits)
 
 
+class _Noisy(nn.Module):
+    """A module whose outputs change from call to call: no export of it passes the check."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.rand_like(x)
+
+
+def test_an_export_that_fails_its_check_leaves_the_earlier_file_as_it_was(tmp_path):
+    path = tmp_path / "part.pt2"
+    export(nn.Sequential(nn.Linear(4, 4)).eval(), torch.randn(2, 4), path, format="torch")
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+        export(_Noisy().eval(), torch.randn(2, 4), path, format="torch")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["part.pt2"]  # no temporary file left beside it
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+        export(_Noisy().eval(), torch.randn(2, 4), tmp_path / "new.pt2", format="torch")
+    assert [p.name for p in tmp_path.iterdir()] == ["part.pt2"]
+
+
 def test_onnx_export_matches_onnxruntime(models, tmp_path):
     model = models["test_convnext"]
     edge, cloud = split(model, at=1)

@@ -24,12 +24,12 @@ from test_recipes import tiny
 
 import timm_exits
 from timm_exits import hub
-from timm_exits.training.checkpoint import load_checkpoint
+from timm_exits.training.checkpoint import load_checkpoint, save_checkpoint
 from timm_exits.training.cli import main as cli_main
 from timm_exits.training.recipe import RECIPE_DIR, RecipeError, list_recipes, load_recipe
 from timm_exits.training.report import CalibrationError
-from timm_exits.training.run_folder import RunFolderError
-from timm_exits.training.runfiles import MANIFEST_NAME, read_manifest
+from timm_exits.training.run_folder import RunFolderError, _clear_run
+from timm_exits.training.runfiles import MANIFEST_NAME, Staging, read_manifest, remove_stale_temporaries
 from timm_exits.training.train import TrainingInterrupted, _Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,6 +348,108 @@ def test_a_save_killed_by_sigterm_leaves_no_staging_folder_after_the_next_save(t
     assert {p.name for p in folder.iterdir()} == names | {running.name, recent.name}
     loaded = timm_exits.from_pretrained(folder)
     assert loaded.config.exits == model.config.exits and torch.equal(loaded.exit_costs, model.exit_costs)
+
+
+_KILLED_WRITES = r"""
+import os, signal, sys
+from pathlib import Path
+from torch import nn
+from timm_exits.training import checkpoint
+from timm_exits.training.runfiles import Staging
+
+folder = Path(sys.argv[1])
+save = checkpoint.safetensors.torch.save_file
+
+
+def save_then_kill(*args, **kwargs):  # `kill -9` (or a lost node) before the checkpoint is moved into place
+    save(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+checkpoint.safetensors.torch.save_file = save_then_kill
+with Staging(folder) as stage:  # an eval killed before it moved its files into place
+    stage.path("report.json").write_text("{}")
+    stage.path("model/model.safetensors").write_bytes(b"weights")
+    checkpoint.save_checkpoint(folder / "checkpoint.safetensors", nn.Linear(2, 2), {"step": 1})
+"""
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> tuple[Path, int]:
+    """A run folder (the tool's files in its manifest, and a user's notes.txt) where a process was killed with
+    SIGKILL while it staged eval's files and wrote a checkpoint; returns the folder and the process id."""
+    folder = tmp_path_factory.mktemp("killed") / "run"
+    folder.mkdir()
+    (folder / "run.json").write_text("{}")
+    (folder / "notes.txt").write_text("the user's")
+    (folder / MANIFEST_NAME).write_text(json.dumps({"files": ["run.json", "checkpoint.safetensors"]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITES, str(folder)], env=env, stderr=subprocess.PIPE)
+    _, err = child.communicate(timeout=180)
+    assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    return folder, child.pid
+
+
+def _leftovers(folder: Path, pid: int) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if re.search(rf"[-.]{pid}(\b|-)", p.name))
+
+
+@pytest.mark.parametrize("command", ["eval", "checkpoint"])
+def test_temporaries_of_a_killed_command_are_removed_by_the_next_command(killed, tmp_path, command):
+    folder = tmp_path / "run"
+    shutil.copytree(killed[0], folder)
+    pid = killed[1]
+    left = _leftovers(folder, pid)
+    assert len(left) == 2  # the staging folder, and the checkpoint being written
+    running = [name.replace(str(pid), str(os.getppid()), 1) for name in left]  # the same, of commands still running
+    for name, like in zip(running, left):
+        if (folder / like).is_dir():
+            shutil.copytree(folder / like, folder / name)
+        else:
+            shutil.copy(folder / like, folder / name)
+    users = [".timm-exits-staging-drafts", ".notes.txt.tmp-1"]  # a user's names that look like temporaries
+    for name in users:
+        (folder / name).write_text("the user's")
+        os.utime(folder / name, (time.time() - 7200, time.time() - 7200))
+    if command == "eval":
+        with Staging(folder) as stage:
+            stage.path("report.json").write_text("{}")
+            stage.commit()
+    else:
+        save_checkpoint(folder / "checkpoint.safetensors", torch.nn.Linear(2, 2), {"step": 2})
+        assert load_checkpoint(folder)[1]["step"] == 2
+    assert _leftovers(folder, pid) == []
+    assert all((folder / name).exists() for name in running + users)
+    assert (folder / "notes.txt").read_text() == "the user's"
+
+
+def test_temporaries_named_without_their_host_are_removed_once_an_hour_old(tmp_path):
+    old = [".timm-exits-staging-4242", ".checkpoint.safetensors.tmp-4242", ".run.json.tmp-4242"]  # earlier names
+    recent = [".timm-exits-staging-4343", ".checkpoint.safetensors.tmp-4343"]
+    for name in old + recent:
+        path = tmp_path / name
+        if "staging" in name:
+            (path / "plots").mkdir(parents=True)
+            (path / "plots" / "a.png").write_bytes(b"png")
+        else:
+            path.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    for name in old:
+        for p in [tmp_path / name, *(tmp_path / name).rglob("*")]:
+            os.utime(p, (two_hours_ago, two_hours_ago))
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(recent)
+
+
+def test_overwrite_takes_a_killed_commands_temporaries_for_the_tools_files(killed, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(killed[0], folder)
+    (staging,) = (name for name in _leftovers(folder, killed[1]) if "staging" in name)
+    running = staging.replace(str(killed[1]), str(os.getppid()), 1)  # a staging folder of an eval still running
+    shutil.copytree(folder / staging, folder / running)
+    removed, kept = _clear_run(folder)  # what --overwrite does before its message "left N other file(s) in place"
+    assert "run.json" in removed and kept == ["notes.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["notes.txt", running])
 
 
 # -------------------------------------------------------------------------------------- argument ranges

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,7 +128,9 @@ def export(
     Args:
         part: An `EdgePart`, a `CloudPart` or another module, in eval mode (a module in train mode is refused).
         example: Example inputs (one tensor or a tuple); default: `part.example_inputs()` (batch 2).
-        path: Save the result there (.pt2 for "torch", .onnx for "onnx"); None keeps it in memory.
+        path: Save the result there (.pt2 for "torch", .onnx for "onnx"); None keeps it in memory. The file is
+            written in a temporary folder next to `path` and moved into place only once the check passed: an
+            export that fails (or is killed) leaves a file already at `path` as it was.
         format: "torch" or "onnx".
         dynamic_batch: Export the batch dimension as dynamic.
         check: Compare the exported program's outputs with PyTorch's on `example` (ONNX: through
@@ -165,14 +169,60 @@ def export(
         want = _flat_outputs(part(*args))
     if not output_names:
         output_names = [f"output_{i}" for i in range(len(want))]
-    out_path = os.fspath(path) if path is not None else None
+    if path is not None and os.path.isdir(path):
+        raise IsADirectoryError(f"export path {os.fspath(path)} is a folder; give a file name (.pt2 or .onnx).")
+    result, save = _export(part, args, format, dynamic, check, rtol, atol, want, input_names, output_names)
+    if path is not None:  # only a program that passed its check replaces what the path holds
+        out_path = os.fspath(path)
+        work = _work_folder(out_path)
+        try:
+            save(os.path.join(work, os.path.basename(out_path)))
+            _move_into_place(work, out_path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        result.path = out_path
+    return result
+
+
+def _work_folder(out_path: str) -> str:
+    """A new private folder next to `out_path` (the same file system, so moving out of it is atomic), where the
+    file is written under its own name (an ONNX file's external data keeps the name the file refers to)."""
+    target = os.path.abspath(out_path)
+    return tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.export-")
+
+
+def _move_into_place(work: str, out_path: str) -> None:
+    """Move what the export wrote in `work` next to `out_path`, the file at `out_path` last."""
+    name = os.path.basename(out_path)
+    folder = os.path.dirname(os.path.abspath(out_path))
+    for other in sorted(os.listdir(work)):  # an ONNX file's external data
+        if other != name:
+            os.replace(os.path.join(work, other), os.path.join(folder, other))
+    os.replace(os.path.join(work, name), out_path)
+
+
+def _export(
+    part: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    format: str,
+    dynamic: Any,
+    check: bool,
+    rtol: float,
+    atol: float,
+    want: list[torch.Tensor],
+    input_names: list[str],
+    output_names: list[str],
+) -> tuple[Exported, Callable[[str], None]]:
+    """Export `part` and check the program against `want`; returns the record and a function saving the program."""
     got: list[torch.Tensor] = []
     flat = _Flat(part)
     flat.training = part.training  # its own flag only: .train() would re-mode the modules shared with the model
     if format == "torch":
         program: Any = torch.export.export(flat, args, dynamic_shapes=dynamic)
-        if out_path is not None:
-            torch.export.save(program, out_path)
+
+        def save(dest: str) -> None:
+            torch.export.save(program, dest)
+
         if check:
             with torch.no_grad():
                 got = _flat_outputs(program.module()(*args))
@@ -189,11 +239,10 @@ def export(
         if onnx_program is None:
             raise RuntimeError("torch.onnx.export returned no program.")
         program = onnx_program.model_proto.SerializeToString()
-        if out_path is not None:
-            onnx_program.save(out_path)
+        save = onnx_program.save
         if check:
             got = run_onnx(program, args)
-    result = Exported(format, program, out_path, input_names, output_names)
+    result = Exported(format, program, None, input_names, output_names)
     if check:
         if len(got) != len(want):
             raise RuntimeError(f"the exported program returns {len(got)} outputs, PyTorch {len(want)}.")
@@ -210,4 +259,4 @@ def export(
                     f"(max abs difference {result.diffs[name]:.3g} > atol={atol}, rtol={rtol})."
                 )
         result.max_abs_diff = max(result.diffs.values(), default=0.0)
-    return result
+    return result, save

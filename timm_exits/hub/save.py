@@ -57,6 +57,15 @@ _STAGE_PREFIX = ".saving-"
 
 _STAGE_MAX_AGE_S = 3600.0  # a staging folder whose owner cannot be checked is left alone this long
 
+# The names of the staging folders saves write: ".saving-<pid>-<host>-<tempfile's 8 random characters>", and
+# ".saving-<8 random characters>" as earlier versions named them. Any other ".saving-*" folder is a user's.
+_STAGE_NAME = re.compile(rf"{re.escape(_STAGE_PREFIX)}(\d+)-([A-Za-z0-9._]*)-[a-z0-9_]{{8}}")
+_OLD_STAGE_NAME = re.compile(rf"{re.escape(_STAGE_PREFIX)}[a-z0-9_]{{8}}")
+# What a staging folder can hold: the files a save writes, and safetensors' temporary file (".tmp" and 6 letters).
+_STAGE_FILE = re.compile(
+    "|".join(map(re.escape, (CONFIG_NAME, WEIGHTS_NAME, EXITS_NAME, CARD_NAME, REPORT_NAME))) + r"|\.tmp[A-Za-z0-9]{6}"
+)
+
 
 # --------------------------------------------------------------------------------------------- save
 def save_pretrained(
@@ -75,7 +84,8 @@ def save_pretrained(
         save_directory: Folder to write (``~`` expanded); created if needed. Files of an earlier save are
             overwritten; a folder holding other files at the names a save writes (config.json,
             model.safetensors, exits.safetensors, README.md, report.json) is refused, nothing written.
-            Staging folders (".saving-*") that earlier saves were killed before removing are deleted.
+            Staging folders (".saving-<pid>-<host>-*") that earlier saves were killed before removing are deleted;
+            other folders named ".saving-*" are left alone.
         report: Training report (dict or path of a report.json) the card's numbers come from; None gives a card
             without numbers.
         repo_id: Hub repo the folder is meant for, used in the card's usage snippets.
@@ -214,13 +224,26 @@ def _remove_stale_stages(folder: Path) -> None:
 
 
 def _stage_is_stale(path: Path) -> bool:
-    """Whether the save owning a staging folder is gone: its process (on this host) no longer runs; for a
-    folder of another host or of an older name format, whether it is older than an hour."""
-    m = re.fullmatch(rf"{re.escape(_STAGE_PREFIX)}(\d+)-([A-Za-z0-9._]*)-[^-]+", path.name)
+    """Whether `path` is a staging folder of a save that is gone: its process (on this host) no longer runs; for a
+    folder of another host, or of the older name format, that holds only what a save writes, whether it is older
+    than an hour. A folder whose name a save never writes (a user's ".saving-drafts") is never stale."""
+    m = _STAGE_NAME.fullmatch(path.name)
     if m is not None and m.group(2) == _host() and os.name == "posix":
         return not _pid_alive(int(m.group(1)))
+    if m is None and _OLD_STAGE_NAME.fullmatch(path.name) is None:
+        return False
+    if not _holds_only_save_files(path):
+        return False
     try:
         return time.time() - path.stat().st_mtime > _STAGE_MAX_AGE_S
+    except OSError:
+        return False
+
+
+def _holds_only_save_files(path: Path) -> bool:
+    """Whether folder `path` holds nothing but files a save writes in its staging folder."""
+    try:
+        return all(p.is_file() and not p.is_symlink() and _STAGE_FILE.fullmatch(p.name) for p in path.iterdir())
     except OSError:
         return False
 

@@ -1,7 +1,8 @@
 """Training checkpoints, and loading a trained run back.
 
 Checkpoints are safetensors files (model, EMA and optimizer tensors; everything else as JSON in the header), written
-to a temporary file and moved into place. `load_run` rebuilds a run's model from its recipe and checkpoint.
+in a temporary folder named after the process and moved into place. `load_run` rebuilds a run's model from its
+recipe and checkpoint.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from .build import build_model
 from .recipe import Recipe, RecipeError, load_recipe
 from .recipe_schema import RUNTIME_KEYS
 from .recipe_types import load_yaml
-from .runfiles import atomic_write_text
+from .runfiles import _private_name, atomic_write_text, remove_stale_temporaries
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -81,7 +83,12 @@ def save_checkpoint(
     ema: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Write model / EMA / optimizer tensors and JSON metadata to one safetensors file, atomically."""
+    """Write model / EMA / optimizer tensors and JSON metadata to one safetensors file, atomically.
+
+    The file is written in a folder ``.timm-exits-checkpoint-<pid>-<host>`` next to `path` (safetensors' own
+    temporary file lands there too), then moved into place; such folders that killed writes left behind, and the
+    other temporaries of killed commands, are removed first (`runfiles.remove_stale_temporaries`).
+    """
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in (("model", model), ("ema", ema)):
         if module is not None:
@@ -104,11 +111,19 @@ def save_checkpoint(
         groups = [{k: _plain(v) for k, v in g.items()} for g in sd["param_groups"]]
         opt_meta = {"param_groups": groups, "scalars": scalars, "type": type(optimizer).__name__}
     meta = {**meta, "optimizer": opt_meta, "format_version": _CKPT_VERSION}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    safetensors.torch.save_file(tensors, str(tmp), metadata={_CKPT_META: json.dumps(meta)})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    remove_stale_temporaries(path.parent)
+    work = path.parent / _private_name("checkpoint")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        tmp = work / path.name
+        safetensors.torch.save_file(tensors, str(tmp), metadata={_CKPT_META: json.dumps(meta)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     atomic_write_text(path.with_suffix(".json"), json.dumps({k: v for k, v in meta.items() if k != "optimizer"}))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from .._version import __version__
 from .checkpoint import CHECKPOINT_NAME
 from .recipe import Recipe, _diff, _fingerprint, _identity
-from .runfiles import MANIFEST_NAME, atomic_write_text, read_manifest, record, remove_recorded
+from .runfiles import MANIFEST_NAME, atomic_write_text, is_temporary, read_manifest, record, remove_recorded
 
 __all__ = [
     "RunFolderError",
@@ -146,7 +146,8 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: boo
         raise RunFolderError("pass either resume or overwrite, not both.")
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"output {run_dir} exists and is not a folder.")
-    entries = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    files = (p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    entries = sorted(rel for rel in files if not is_temporary(rel))
     old = _run_info(run_dir)
     if resume and old is None:
         raise RunFolderError(

@@ -6,20 +6,146 @@ the folder (notes, their own plots or weights) stays where it is. Writes are ato
 the same folder, then `os.replace`. A command that writes several files (``eval``: report, plots, saved
 model) writes them all into a staging folder first and moves them into place only once all of them exist,
 so a command that fails leaves the run folder as it was.
+
+Temporaries (the staging folder, a checkpoint or file being written) are named after the process writing them and
+its host. A command killed before it removes them (``kill -9``, a lost node) leaves them behind; the next command
+that writes in the folder removes them once their process no longer runs (another host's, and those of an older
+name without the host, once they are an hour old). They never count as a user's files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["MANIFEST_NAME", "atomic_write_text", "read_manifest", "record", "remove_recorded", "Staging"]
+__all__ = [
+    "MANIFEST_NAME",
+    "atomic_write_text",
+    "is_temporary",
+    "read_manifest",
+    "record",
+    "remove_recorded",
+    "remove_stale_temporaries",
+    "Staging",
+]
 
 MANIFEST_NAME = ".timm-exits-manifest.json"
+
+# The temporaries the tool writes in a run folder, named after the process and host writing them: a staging
+# folder, a private folder a checkpoint is written in (safetensors puts a temporary file of its own next to its
+# target, so the target is in a folder named after the process), and a file `atomic_write_text` is writing.
+_TEMP_FOLDER = re.compile(r"\.timm-exits-(?:staging|checkpoint)-(?P<pid>\d+)-(?P<host>[A-Za-z0-9._]*)")
+_TEMP_FILE = re.compile(r"\.timm-exits-write-(?P<pid>\d+)-(?P<host>[A-Za-z0-9._]*)-.+")
+# The same as earlier versions named them, without the host (so judged by age): a staging folder, and
+# ".<name>.tmp-<pid>" next to each file written through a temporary.
+_OLD_WRITTEN = ("checkpoint.safetensors", "checkpoint.json", "run.json", "recipe.yaml", "metrics.jsonl", MANIFEST_NAME)
+_OLD_TEMP_FOLDER = re.compile(r"\.timm-exits-staging-(?P<pid>\d+)")
+_OLD_TEMP_FILE = re.compile(rf"\.(?:{'|'.join(map(re.escape, _OLD_WRITTEN))})\.tmp-(?P<pid>\d+)")
+
+_TEMP_MAX_AGE_S = 3600.0  # a temporary whose process cannot be checked is left alone this long
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]
+
+
+def _private_name(kind: str) -> str:
+    """Name of this process's temporary folder of `kind` ("staging", "checkpoint") in a run folder."""
+    return f".timm-exits-{kind}-{os.getpid()}-{_host()}"
+
+
+def is_temporary(rel: str | os.PathLike) -> bool:
+    """Whether run-folder path `rel` is (or lies in) a temporary the tool names after its process.
+
+    Args:
+        rel: A path relative to the run folder.
+
+    Returns:
+        True for staging and checkpoint folders and everything in them, and for files being written.
+    """
+    parts = Path(rel).parts
+    return bool(parts) and _temp_match(parts[0], folder=len(parts) > 1) is not None
+
+
+def _temp_match(name: str, folder: bool | None) -> re.Match[str] | None:
+    """The match of `name` against the temporaries' names: folders' (folder True), files' (False) or both (None)."""
+    patterns = []
+    if folder is not False:
+        patterns += [_TEMP_FOLDER, _OLD_TEMP_FOLDER]
+    if folder is not True:
+        patterns += [_TEMP_FILE, _OLD_TEMP_FILE]
+    return next((m for m in (p.fullmatch(name) for p in patterns) if m is not None), None)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (POSIX: signal 0 checks without sending anything)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid: left alone
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification time of `path` and, for a folder, of everything in it."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for sub in path.rglob("*"):
+            newest = max(newest, sub.lstat().st_mtime)
+    return newest
+
+
+def _is_stale(path: Path, match: re.Match[str]) -> bool:
+    """Whether the process that wrote temporary `path` is gone: on this host, whether it no longer runs; for
+    another host's, or a name without the host, whether nothing in it changed for an hour."""
+    host = match.groupdict().get("host")
+    if host is not None and host == _host() and os.name == "posix":
+        return not _pid_alive(int(match["pid"]))
+    try:
+        return time.time() - _newest_mtime(path) > _TEMP_MAX_AGE_S
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[str]:
+    """Remove the temporaries that commands killed before cleaning up (``kill -9``) left in `run_dir`.
+
+    Only the names the tool writes count (`is_temporary`), and only when their process is gone (`_is_stale`).
+
+    Args:
+        run_dir: The run folder (a missing folder holds nothing).
+
+    Returns:
+        The names removed.
+    """
+    try:
+        entries = sorted(Path(run_dir).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for path in entries:
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            continue
+        match = _temp_match(path.name, folder=path.is_dir())
+        if match is None or not _is_stale(path, match):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -30,7 +156,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         text: UTF-8 text to write.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".timm-exits-write-{os.getpid()}-{_host()}-{path.name}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -88,10 +214,14 @@ def _relative(run_dir: Path, path: str | os.PathLike) -> str:
 def record(run_dir: Path, paths: Iterable[str | os.PathLike]) -> None:
     """Add `paths` (relative to `run_dir`, or absolute inside it) to the run folder's manifest.
 
+    A command records the files it writes before it writes them, so this first removes the temporaries that
+    killed commands left in the folder (`remove_stale_temporaries`).
+
     Args:
         run_dir: The run folder (created if needed).
         paths: Files the tool writes or has written there.
     """
+    remove_stale_temporaries(run_dir)
     files = set(read_manifest(run_dir) or [])
     new = {_relative(run_dir, p) for p in paths}
     if new <= files and (run_dir / MANIFEST_NAME).is_file():
@@ -101,7 +231,8 @@ def record(run_dir: Path, paths: Iterable[str | os.PathLike]) -> None:
 
 
 def remove_recorded(run_dir: Path, fallback: Iterable[str] = ()) -> tuple[list[str], list[str]]:
-    """Delete the files the manifest lists (and the manifest), then the folders left empty by that.
+    """Delete the files the manifest lists (and the manifest), then the folders left empty by that, and the
+    temporaries killed commands left (`remove_stale_temporaries`).
 
     Args:
         run_dir: The run folder.
@@ -109,9 +240,11 @@ def remove_recorded(run_dir: Path, fallback: Iterable[str] = ()) -> tuple[list[s
             before manifests existed).
 
     Returns:
-        (relative paths deleted, relative paths of the files left in place because the tool did not write them).
+        (relative paths deleted, relative paths of the files left in place because the tool did not write them;
+        temporaries of commands still running are the tool's, so they are in neither list).
     """
     listed = read_manifest(run_dir)
+    remove_stale_temporaries(run_dir)
     own = list(fallback) if listed is None else listed
     removed = []
     for rel in own:
@@ -125,7 +258,11 @@ def remove_recorded(run_dir: Path, fallback: Iterable[str] = ()) -> tuple[list[s
         while folder != run_dir and folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
             folder = folder.parent
-    kept = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    kept = sorted(
+        rel
+        for rel in (p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+        if not is_temporary(rel)
+    )
     return removed, kept
 
 
@@ -133,7 +270,8 @@ class Staging:
     """A group of files written into a staging folder, moved into the run folder together on `commit`.
 
     Use as a context manager: leaving it without `commit` (an error) deletes the staging folder and
-    leaves the run folder untouched.
+    leaves the run folder untouched. Entering it first removes the staging folders (and other temporaries)
+    of killed commands (`remove_stale_temporaries`).
 
     Args:
         run_dir: The run folder the files are meant for.
@@ -141,9 +279,10 @@ class Staging:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.root = self.run_dir / f".timm-exits-staging-{os.getpid()}"
+        self.root = self.run_dir / _private_name("staging")
 
     def __enter__(self) -> Staging:
+        remove_stale_temporaries(self.run_dir)
         if self.root.exists():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True)
