@@ -7,7 +7,9 @@ Training runs use `tiny()` from test_recipes (digits, `test_resnet`, one short e
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,26 @@ def test_eval_says_when_the_stored_policy_changes_and_bench_follows_the_saved_mo
     assert any("keeps its stored policy confidence" in line and "now recommends entropy" in line for line in lines)
     res = benchmark(folder, policies=["confidence"], images=4, repeats=1, warmup=0, threads=1)
     assert res["policies"]["confidence"]["threshold"] == saved["policies"]["confidence"]["threshold"]
+
+
+def test_weights_files_get_the_mode_the_umask_gives_new_files(run):
+    mask = os.umask(0)
+    os.umask(mask)
+    for rel in ("checkpoint.safetensors", "model/model.safetensors", "model/exits.safetensors"):
+        assert stat.S_IMODE((run / rel).stat().st_mode) == 0o666 & ~mask, rel  # safetensors alone writes 0600
+
+
+def test_eval_moves_a_models_config_after_its_weights_and_the_report_last(run, tmp_path, monkeypatch):
+    import timm_exits.training.runfiles as runfiles
+
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    moved: list[str] = []
+    replace = os.replace
+    monkeypatch.setattr(
+        runfiles.os, "replace", lambda a, b: moved.append(Path(b).relative_to(folder).as_posix()) or replace(a, b)
+    )
+    evaluate(folder, timing=False, log=lambda line: None)
+    assert moved[-1] == "report.json" and "report.md" in moved
+    weights = [moved.index(n) for n in ("model/model.safetensors", "model/exits.safetensors")]
+    assert moved.index("model/config.json") > max(weights)

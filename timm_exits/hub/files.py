@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from importlib import metadata
@@ -241,6 +242,14 @@ def _saved_upstream(hf_config: dict[str, Any], label: str) -> str | None:
 
 
 # -------------------------------------------------------------------------------------------- integrity
+def _publish_mode(path: Path) -> None:
+    """Give a file written through a private temporary (safetensors writes 0600) the mode a new file gets under
+    the process's umask, as any other file the user writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()

@@ -39,6 +39,7 @@ from .files import (
     _dtype_name,
     _exit_fields,
     _is_exit_key,
+    _publish_mode,
     _sha256,
     _version,
 )
@@ -143,6 +144,7 @@ def save_pretrained(
         (stage / CARD_NAME).write_text(card, encoding="utf-8")
         for name in (WEIGHTS_NAME, EXITS_NAME, REPORT_NAME, CARD_NAME, CONFIG_NAME):
             if (stage / name).exists():
+                _publish_mode(stage / name)
                 os.replace(stage / name, folder / name)
     if report_dict is None and (folder / REPORT_NAME).exists():
         (folder / REPORT_NAME).unlink()  # a stale report would contradict the card

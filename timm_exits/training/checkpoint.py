@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.model import EarlyExitModel
+from ..hub.files import _publish_mode
 from .build import build_model
 from .recipe import Recipe, RecipeError, load_recipe
 from .recipe_schema import RUNTIME_KEYS
@@ -121,6 +122,7 @@ def save_checkpoint(
         safetensors.torch.save_file(tensors, str(tmp), metadata={_CKPT_META: json.dumps(meta)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _publish_mode(tmp)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -304,10 +304,17 @@ class Staging:
     def commit(self) -> list[str]:
         """Move every staged file into the run folder (each by `os.replace`) and record them in the manifest.
 
+        A saved model's ``config.json`` moves after its weights (whose hashes it records) and ``report.json``
+        moves last, so a commit cut short keeps the earlier report and a model folder that loads or is refused
+        whole.
+
         Returns:
-            The relative paths moved into place.
+            The relative paths moved into place, in the order they were moved.
         """
-        rels = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        rels = sorted(
+            (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()),
+            key=lambda rel: (rel == "report.json", Path(rel).name == "config.json", rel),
+        )
         record(self.run_dir, rels)
         for rel in rels:
             dest = self.run_dir / rel
