@@ -124,3 +124,17 @@ def test_eval_moves_a_models_config_after_its_weights_and_the_report_last(run, t
     assert moved[-1] == "report.json" and "report.md" in moved
     weights = [moved.index(n) for n in ("model/model.safetensors", "model/exits.safetensors")]
     assert moved.index("model/config.json") > max(weights)
+
+
+def test_a_write_into_a_read_only_folder_reports_the_write_not_the_cleanup(tmp_path, monkeypatch):
+    import errno
+
+    from timm_exits.training.runfiles import atomic_write_text
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "no")))
+    with pytest.raises(PermissionError):
+        atomic_write_text(tmp_path / "x.json", "{}")

@@ -15,6 +15,7 @@ name without the host, once they are an hour old). They never count as a user's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -164,7 +165,8 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this; its first error is the one to see
+            tmp.unlink(missing_ok=True)
 
 
 def read_manifest(run_dir: Path) -> list[str] | None:
