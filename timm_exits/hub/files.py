@@ -10,6 +10,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import warnings
 from collections.abc import Mapping
 from importlib import metadata
@@ -242,6 +244,24 @@ def _saved_upstream(hf_config: dict[str, Any], label: str) -> str | None:
 
 
 # -------------------------------------------------------------------------------------------- integrity
+def _host() -> str:
+    """This machine's name as it goes into the names of temporaries (letters, digits, dots and "_")."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (POSIX: signal 0 checks without sending anything)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid: left alone
+    return True
+
+
 def _publish_mode(path: Path) -> None:
     """Give a file written through a private temporary (safetensors writes 0600) the mode a new file gets under
     the process's umask, as any other file the user writes."""

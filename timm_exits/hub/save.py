@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -38,7 +37,9 @@ from .files import (
     WEIGHTS_NAME,
     _dtype_name,
     _exit_fields,
+    _host,
     _is_exit_key,
+    _pid_alive,
     _publish_mode,
     _sha256,
     _version,
@@ -214,10 +215,6 @@ def _stage_prefix() -> str:
     return f"{_STAGE_PREFIX}{os.getpid()}-{_host()}-"
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]
-
-
 def _remove_stale_stages(folder: Path) -> None:
     """Remove staging folders that earlier saves, killed before they cleaned up, left in `folder`."""
     for path in folder.glob(f"{_STAGE_PREFIX}*"):
@@ -248,19 +245,6 @@ def _holds_only_save_files(path: Path) -> bool:
         return all(p.is_file() and not p.is_symlink() and _STAGE_FILE.fullmatch(p.name) for p in path.iterdir())
     except OSError:
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs (POSIX: signal 0 checks without sending anything)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # another user's process, or not a pid: left alone
-    return True
 
 
 def _check_target(folder: Path) -> None:

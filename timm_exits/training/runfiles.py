@@ -20,11 +20,12 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+
+from ..hub.files import _host, _pid_alive
 
 __all__ = [
     "MANIFEST_NAME",
@@ -53,10 +54,6 @@ _OLD_TEMP_FILE = re.compile(rf"\.(?:{'|'.join(map(re.escape, _OLD_WRITTEN))})\.t
 _TEMP_MAX_AGE_S = 3600.0  # a temporary whose process cannot be checked is left alone this long
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]
-
-
 def _private_name(kind: str) -> str:
     """Name of this process's temporary folder of `kind` ("staging", "checkpoint") in a run folder."""
     return f".timm-exits-{kind}-{os.getpid()}-{_host()}"
@@ -83,19 +80,6 @@ def _temp_match(name: str, folder: bool | None) -> re.Match[str] | None:
     if folder is not True:
         patterns += [_TEMP_FILE, _OLD_TEMP_FILE]
     return next((m for m in (p.fullmatch(name) for p in patterns) if m is not None), None)
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs (POSIX: signal 0 checks without sending anything)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # another user's process, or not a pid: left alone
-    return True
 
 
 def _newest_mtime(path: Path) -> float:
