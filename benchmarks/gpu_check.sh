@@ -26,7 +26,7 @@ SITE=/tmp/timm-exits-site
 # what the package, its tests and the benchmarks import: import name, or import name=pip name
 MODULES="torch torchvision timm fvcore iopath yacs termcolor tabulate portalocker safetensors huggingface_hub=huggingface-hub
 yaml=pyyaml numpy tqdm sklearn=scikit-learn matplotlib PIL=pillow pytest"
-OFFLINE_WHEELS=(timm fvcore iopath yacs termcolor)
+OFFLINE_WHEELS=(timm fvcore iopath yacs termcolor tabulate portalocker safetensors huggingface_hub pytest pluggy iniconfig)
 
 if [[ "${1:-}" == "--prepare-wheels" ]]; then
   pins=$("$PY" -c 'import sys; from importlib.metadata import version

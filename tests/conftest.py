@@ -13,7 +13,7 @@ import torchvision
 torch.set_num_threads(int(os.environ.get("TIMM_EXITS_TEST_THREADS", "1")))
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, optionalhook=True)  # a hook of pytest-xdist, which may be absent
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: pytest-xdist's count (the cores this process may run on), at most 4: each worker imports
     torch and builds its own models. PYTEST_XDIST_AUTO_NUM_WORKERS, when set, is taken as it is."""

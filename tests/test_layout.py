@@ -134,3 +134,12 @@ def test_optional_dependencies_are_imported_lazily():
     code = f"import sys, timm_exits; print(sorted({{m.split('.')[0] for m in sys.modules}} & {optional}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_tests_run_without_pytest_xdist():
+    """The GPU check runs the suite where pytest-xdist may be missing; conftest's xdist hook must be optional."""
+    root = PACKAGE.parent
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts="]
+    result = subprocess.run([*cmd, "tests/test_layout.py", "-k", "over_600"], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout
