@@ -228,8 +228,9 @@ CIFAR_TRAIN_IMAGES = 45_000  # CIFAR train split less the 5,000 images the grid 
 
 
 def epoch_minutes(results: Path) -> dict[str, float]:
-    """Measured minutes per CIFAR training epoch of a backbone, for its rows not trained yet, from the
-    ``throughput_<backbone>.json`` files that ``data_throughput.py`` printed (recipe loop images/s)."""
+    """Minutes per CIFAR training epoch of a backbone at its measured recipe-loop rate (images/s of a few steps
+    in the ``throughput_<backbone>.json`` files that ``data_throughput.py`` printed), extrapolated to the train
+    split, for its rows not trained yet."""
     out = {}
     for path in sorted(results.glob("throughput_*.json")):
         rate = json.loads(path.read_text())["images_per_s"]["recipe_loop"]

@@ -7,7 +7,8 @@ loss, backward and the optimizer step, and (b) the same steps of the same model 
 batch already in memory (no loading, no augmentation). The ratio (a) / (b) is the share of the
 model's speed that the data path keeps.
 
-    python benchmarks/data_throughput.py --data-dir DATA > benchmarks/results/data_throughput.json
+    python benchmarks/data_throughput.py --data-dir DATA --threads 2 --steps 5 --repeats 21 --set batch_size=128 \
+        > benchmarks/results/data_throughput.json
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def _paper_t1(row: Row) -> str:
 
 def table1(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | None = None) -> str:
     """Table 1 form: final-exit and soft-ensemble accuracy per method, over seeds, beside the paper; rows not
-    trained yet show the backbone's measured minutes per epoch where `minutes` has them."""
+    trained yet show the backbone's minutes per epoch at its measured rate where `minutes` has them."""
     minutes = minutes or {}
     out = [
         "Test accuracy, mean ± sample standard deviation over the seeds trained (the seeds column gives n). "
@@ -140,7 +140,7 @@ def table1(rows: dict[tuple[str, str, str], Row], minutes: dict[str, float] | No
             head = f"| {BACKBONES.get(row.backbone, row.backbone)} | {method_label(row.variant)} |"
             if not row.runs:
                 measured = minutes.get(row.backbone)
-                per_epoch = f"{measured:.1f} min per epoch measured here" if measured else ""
+                per_epoch = f"{measured:.1f} min per epoch at the loop rate measured here" if measured else ""
                 if _in_grid(row):
                     why = f"not trained yet ({per_epoch})" if per_epoch else "not trained yet"
                 elif per_epoch and not _backbone_in_grid(row):

@@ -9,8 +9,10 @@ throughput is the sum of its processes' images/s. Layouts alternate over ``--rep
 JSON gives each layout's median and its ratio to the first layout, and the values that the recipe
 resolves for the layout's own overrides.
 
-    python benchmarks/grid_throughput.py --data-dir DATA > benchmarks/results/grid_throughput.json
-    python benchmarks/grid_throughput.py --data-dir DATA --layouts 2x1 2x1+channels_last=true
+    python benchmarks/grid_throughput.py --data-dir DATA --steps 15 --repeats 3 --set batch_size=128 \
+        > benchmarks/results/grid_throughput.json
+    python benchmarks/grid_throughput.py --data-dir DATA --layouts 2x1 2x1+channels_last=true --steps 15 \
+        --repeats 3 --set batch_size=128
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ the eager ones to 1e-3 (Triton's reductions round differently from cuDNN's and A
 CPU), `compiled_max_abs_diff` records the difference, and `compiled_graphs` counts the graphs
 torch.compile built for the compiled copy (0 would mean the compiled column ran eager).
 
-    python benchmarks/overhead.py --threads 2 > benchmarks/results/overhead.json
+    python benchmarks/overhead.py --threads 2 --repeats 15 --out benchmarks/results/overhead.json
     python benchmarks/overhead.py --device cuda --repeats 61 --out benchmarks/results/gpu/overhead.json
 """
 

@@ -21,7 +21,8 @@ Baseline, measured in the same run: `predict` against the plain forward on a bat
 `--max-batch` pool images (same thresholds, so the same exit mix), interleaved medians. Target:
 (b)'s throughput gain over (a) at the largest concurrency is >= 0.9 of that gain.
 
-    python benchmarks/serve_load.py --threads 1 --out benchmarks/results/serve_load.json
+    python benchmarks/serve_load.py --threads 1 --repeats 1 --requests 200 --max-seconds 60 \
+        --out benchmarks/results/serve_load.json
     python benchmarks/serve_load.py --model test_resnet --requests 16 --concurrency 1 4 --repeats 1  # smoke
 """
 

@@ -25,9 +25,9 @@ live on the device, so at batch 1 `run_assigned` reads the target exit back once
 sync on an empty queue). `compiled_graphs` counts the graphs torch.compile built for the case's
 compiled copy (0 would mean the compiled column ran eager).
 
-    python benchmarks/speed.py --threads 2 > benchmarks/results/speed.json
-    python benchmarks/speed.py --threads 2 --models resnet18 --channels-last \
-        > benchmarks/results/speed_channels_last.json
+    python benchmarks/speed.py --threads 2 --repeats 7 --out benchmarks/results/speed.json
+    python benchmarks/speed.py --threads 2 --repeats 7 --models resnet18 --channels-last \
+        --out benchmarks/results/speed_channels_last.json
     python benchmarks/speed.py --threads 2 --batches 1 --repeats 61 --warmup 5 \
         --models alexnet_cifar vgg13_cifar --out benchmarks/results/speed_cifar_networks.json
     python benchmarks/speed.py --device cuda --repeats 31 --out benchmarks/results/gpu/speed.json

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import BACKBONES, images, make_alexnet, make_backbone
 from timm.optim import create_optimizer_v2
 
@@ -274,23 +276,96 @@ def test_token_exits_pool_like_the_backbone():
     torch.testing.assert_close(pool(t), t[:, 1:].mean(1))
 
 
+def _capture_branch_inputs(model) -> dict[str, torch.Tensor]:
+    """Record each exit's branch-point tensor (the backbone module's output) during a forward."""
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(model.backbone.named_modules())
+    for b in model.branches:
+        modules[b.name].register_forward_hook(lambda mod, inp, out, name=b.name: captured.__setitem__(name, out))
+    return captured
+
+
+def _reference_head(head, x: torch.Tensor, kind: str, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, pooled features) of an exit head, recomputed with plain functional ops."""
+    if kind == "conv":
+        conv, bn = head.conv[0], head.conv[1]
+        assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.out_channels == hidden
+        x = F.conv2d(x, conv.weight, padding=1)
+        x = F.relu(F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps))
+    feats = x.mean((2, 3))
+    if kind == "mlp":
+        linear = head.hidden[0]
+        assert isinstance(linear, torch.nn.Linear) and linear.out_features == hidden
+        feats = F.gelu(feats @ linear.weight.T + linear.bias)
+    return feats @ head.fc.weight.T + head.fc.bias, feats
+
+
+def _reference_stats(logits: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(logits, -1)
+    top2 = p.topk(2, -1).values
+    entropy = -(p * p.log()).sum(-1) / math.log(logits.shape[-1])
+    return torch.stack([top2[:, 0], entropy, top2[:, 0] - top2[:, 1]], -1)
+
+
 @pytest.mark.parametrize("head", ["linear", "mlp", "conv"])
 @pytest.mark.parametrize("gate", ["stats", "features", "both"])
 def test_head_and_gate_types(head, gate):
     m, size = make_backbone("resnet18")
     model = wrap(m, head=head, gate=gate, input_size=(3, size, size))
+    captured = _capture_branch_inputs(model)
     out = model(images(2, size))
     out.log_probs.sum().backward()
     assert all(torch.isfinite(f).all() for f in out.logits)
     # gates start closed (bias -2) so early exits do not take everything at step 0
     assert (out.gates[:, :-1] < 0.5).all() and (out.gates[:, -1] == 1).all()
 
+    # each exit is built as asked: head and gate of the requested kind, with the input widths they read
+    hidden = model.config.head_hidden
+    model.eval()
+    with torch.no_grad():
+        out = model(images(2, size))
+        stats = []
+        for i, b in enumerate(model.branches):
+            assert b.head.kind == head and b.gate.kind == gate
+            assert (b.head.conv is not None) == (head == "conv")
+            assert isinstance(b.head.hidden, torch.nn.Sequential) == (head == "mlp")
+            feature_dim = hidden if head in ("mlp", "conv") else b.head.fc.in_features
+            assert b.head.num_features == b.head.fc.in_features == feature_dim
+            if head == "linear":
+                assert feature_dim == captured[b.name].shape[1]
+            logits, feats = _reference_head(b.head, captured[b.name], head, hidden)
+            torch.testing.assert_close(out.logits[i], logits, rtol=1e-4, atol=1e-5)
+
+            stats.append(_reference_stats(logits))
+            z = {"stats": torch.cat(stats, -1), "features": feats}
+            z["both"] = torch.cat([z["stats"], feats], -1)
+            want_dim = {"stats": 3 * (i + 1), "features": feature_dim, "both": 3 * (i + 1) + feature_dim}[gate]
+            layers = [b.gate.mlp] if isinstance(b.gate.mlp, torch.nn.Linear) else list(b.gate.mlp)
+            assert layers[0].in_features == z[gate].shape[1] == want_dim
+            assert len(layers) == (1 if gate == "features" else 3)  # "features" gates are one linear layer
+            h = z[gate]
+            for layer in layers:
+                h = h @ layer.weight.T + layer.bias if isinstance(layer, torch.nn.Linear) else layer(h)
+            torch.testing.assert_close(out.gate_logits[:, i], h.squeeze(-1), rtol=1e-4, atol=1e-5)
+
 
 def test_conv_head_on_tokens():
     m, size = make_backbone("vit_tiny_patch16_224")
-    model = wrap(m, head="conv", input_size=(3, size, size))
-    out = model(images(2, size))
+    model = wrap(m, head="conv", input_size=(3, size, size)).eval()
+    captured = _capture_branch_inputs(model)
+    with torch.no_grad():
+        out = model(images(2, size))
     assert out.logits[0].shape == (2, 10)
+    prefix = m.num_prefix_tokens
+    side = size // 16
+    for i, b in enumerate(model.branches):
+        tokens = captured[b.name]
+        assert tokens.shape == (2, prefix + side * side, 192)
+        # the conv head reads the patch tokens as a (192, side, side) map, the prefix tokens dropped
+        grid = tokens[:, prefix:].transpose(1, 2).reshape(2, 192, side, side)
+        assert b.head.conv[0].in_channels == 192
+        logits, _ = _reference_head(b.head, grid, "conv", model.config.head_hidden)
+        torch.testing.assert_close(out.logits[i], logits, rtol=1e-4, atol=1e-5)
 
 
 def test_num_classes_zero_backbone_gets_final_head():

@@ -509,7 +509,7 @@ def test_grid_rows_not_trained_yet_show_the_measured_minutes_per_epoch(tmp_path,
         return {line.split(" | ")[1]: line for line in section.splitlines() if line.startswith(f"| {backbone} |")}
 
     rows = rows_of("CIFAR-10", "AlexNet-style")
-    per_epoch = f"{45_000 / rate / 60:.1f} min per epoch measured here"
+    per_epoch = f"{45_000 / rate / 60:.1f} min per epoch at the loop rate measured here"
     for method in ("baseline", "B-Net", "soft, lambda 0.1", "soft, lambda 0.5"):  # in the grid: still to be trained
         assert f"| none | not trained yet ({per_epoch}) |" in rows[method]
     vgg13 = rows_of("CIFAR-10", "VGG-13")

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import images, make_backbone
+from conftest import images, make_backbone, spread_thresholds
 
 from timm_exits import Collected, calibrate, collect, predict, simulate, sweep, wrap
 from timm_exits.core.gates import logit_stats
@@ -156,18 +156,36 @@ def test_soft_policy_and_labels():
 def test_inference_mode_and_bf16_autocast():
     model, size = _wrapped("resnet18")
     x = images(8, size)
+    thresholds = spread_thresholds(model, x, "confidence")
     with torch.inference_mode():
-        a = predict(model, x, "confidence", 0.101)
+        a = predict(model, x, "confidence", thresholds)
     model._batch_shrink_safe = None
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        b = predict(model, x, "confidence", 0.101)
+        b = predict(model, x, "confidence", thresholds)
         out = model(x)
     assert b.stats.batch_shrink, "the one-off batch-shrink check must not be fooled by bf16 rounding"
     assert a.logits.dtype == b.logits.dtype == torch.float32
     assert torch.isfinite(b.logits).all() and torch.isfinite(out.log_probs).all()
-    index, logits, _ = _reference(model, x, "confidence", [0.101] * (model.num_exits - 1))
+    index, logits, full = _reference(model, x, "confidence", thresholds)
+    assert len(set(index.tolist())) == model.num_exits, "the thresholds should mix exits"
     assert torch.equal(a.exit_index, index)  # inference mode changes nothing in fp32
     torch.testing.assert_close(a.logits, logits)
+
+    # bf16: each sample's logits are the fp32 logits of the exit it took, to bf16 rounding (measured 2e-3)
+    took = torch.stack([full.logits[int(e)][i] for i, e in enumerate(b.exit_index)])
+    torch.testing.assert_close(b.logits, took, rtol=0, atol=1e-2)
+    # and it took fp32's exit wherever bf16 rounding cannot carry a score across a threshold: the samples
+    # whose scores at the exits they reach lie 3x the largest bf16 score error away from the thresholds
+    n_early = model.num_exits - 1
+    scores32 = torch.stack([logit_stats(t)[:, 0] for t in full.logits[:-1]], 1)
+    scores16 = torch.stack([logit_stats(t.float())[:, 0] for t in out.logits[:-1]], 1)
+    err = float((scores32 - scores16).abs().max())
+    reached = torch.arange(n_early)[None] <= index[:, None]
+    gap = (scores32 - torch.tensor(thresholds)).abs().masked_fill(~reached, math.inf).min(1).values
+    safe = gap > 3 * err
+    assert len(set(index[safe].tolist())) >= 3, "the comparison should cover several exits"
+    assert torch.equal(b.exit_index[safe], index[safe])
+    torch.testing.assert_close(b.logits[safe], logits[safe], rtol=0, atol=1e-2)
 
 
 def test_bad_inputs():
@@ -192,11 +210,21 @@ def test_bad_inputs():
 def test_numpy_and_tensor_thresholds_act_as_the_same_floats():
     model, size = _wrapped("resnet18")
     x = images(6, size, seed=8)
-    ref = predict(model, x, "confidence", [0.3, 0.5, 0.7])
     for given in (np.float32(0.5), np.array(0.5), torch.tensor(0.5)):
         assert resolve_thresholds(model, "confidence", given) == [0.5, 0.5, 0.5]
     for given in (np.array([0.3, 0.5, 0.7], dtype=np.float64), torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)):
-        assert torch.equal(predict(model, x, "confidence", given).exit_index, ref.exit_index)
+        assert resolve_thresholds(model, "confidence", given) == [0.3, 0.5, 0.7]  # per exit, in order
+    # distinct per-exit thresholds that mix exits, so an array or tensor read in another order would show
+    thresholds = spread_thresholds(model, x, "confidence")
+    ref = predict(model, x, "confidence", thresholds)
+    index, logits, _ = _reference(model, x, "confidence", thresholds)
+    assert torch.equal(ref.exit_index, index) and len(set(index.tolist())) >= 3
+    assert not torch.equal(predict(model, x, "confidence", thresholds[::-1]).exit_index, index)
+    for given in (np.array(thresholds, dtype=np.float64), torch.tensor(thresholds, dtype=torch.float64)):
+        assert resolve_thresholds(model, "confidence", given) == thresholds
+        pred = predict(model, x, "confidence", given)
+        assert torch.equal(pred.exit_index, index)
+        torch.testing.assert_close(pred.logits, logits)
 
 
 def _loader(x, y, batch=8):

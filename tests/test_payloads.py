@@ -256,15 +256,27 @@ def test_compressed_run_stays_close(model, parts, batch):
 
 def test_measure_compression(parts, batch):
     edge, cloud = parts
-    labels = torch.randint(0, 10, (24,))
+    with torch.no_grad():
+        e = edge(batch)
+        final = cloud(e.features, e.stats).logits[:, -1].argmax(-1)
+    # labels: the final exit's own predictions with the first 6 changed, so the final exit is right on 18 of 24
+    labels = final.clone()
+    labels[:6] = (labels[:6] + 1) % 10
     rows = measure_compression(edge, cloud, [(batch[:12], labels[:12]), (batch[12:], labels[12:])])
     by = {r["compression"]: r for r in rows}
     assert set(by) == set(COMPRESSIONS)
     assert by["none"]["max_abs_logit_diff"] == 0 and by["none"]["final_agreement"] == 1.0
+    assert by["none"]["exit_agreement"] == 1.0
     assert 1.9 < by["fp16"]["ratio"] < 2.1 and 3.5 < by["int8"]["ratio"] < 4.1
     assert by["fp16"]["max_abs_logit_diff"] < by["int8"]["max_abs_logit_diff"] < 1.0
+    # fp16 moves the logits by ~2e-5, far below the final exit's smallest top-2 margin (~1e-3): same answers
+    assert by["fp16"]["final_agreement"] == by["fp16"]["exit_agreement"] == 1.0
+    for c in ("none", "fp16"):
+        assert by[c]["final_accuracy"] == pytest.approx(18 / 24)
     for r in rows:
-        assert 0.0 <= r["final_agreement"] <= 1.0 and 0.0 <= r["final_accuracy"] <= 1.0
+        assert 0.0 <= r["final_agreement"] <= 1.0 and 0.0 <= r["exit_agreement"] <= 1.0
+        # predictions that agree with the uncompressed ones are equally right: accuracy moves by at most the rest
+        assert abs(r["final_accuracy"] - 18 / 24) <= 1.0 - r["final_agreement"] + 1e-9
 
 
 def test_server_down_raises_or_falls_back(parts, batch):

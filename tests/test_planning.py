@@ -12,6 +12,8 @@ from conftest import spread_thresholds as _spread_thresholds
 
 from timm_exits import predict, wrap
 from timm_exits.deploy.planning import LinkModel, plan_split
+from timm_exits.deploy.serve import EdgeClient
+from timm_exits.deploy.split import split
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +81,18 @@ def test_plan_split_with_compression(model, batch):
     thresholds = _spread_thresholds(model, batch, "gate")
     plain = plan_split(model, loader, threshold=thresholds, repeats=1)
     packed = plan_split(model, loader, threshold=thresholds, compression="int8", repeats=1)
-    for a, b in zip(plain.rows[1:-1], packed.rows[1:-1]):
+    uncompressed = predict(model, batch, "gate", thresholds).logits.argmax(-1)
+    for k, (a, b) in enumerate(zip(plain.rows[1:-1], packed.rows[1:-1])):
         assert b["payload_bytes"] < a["payload_bytes"] / 3
         assert 0.0 <= b["agreement"] <= 1.0
         # predictions that agree with the uncompressed ones are equally right: accuracy moves by at most the rest
         assert abs(b["accuracy"] - a["accuracy"]) <= 1.0 - b["agreement"] + 1e-6
+        # the row's numbers are those of the split run through the int8 codec, recomputed here
+        parts = split(model, k)
+        got = EdgeClient(parts.edge, parts.cloud, "gate", thresholds, compression="int8").run(batch).logits.argmax(-1)
+        assert b["accuracy"] == int((got == labels).sum()) / 24
+        assert b["agreement"] == int((got == uncompressed).sum()) / 24
+        assert b["agreement"] == 1.0  # int8 moves these logits by ~2e-4, far below their top-2 margins
+        assert a["agreement"] == 1.0 and a["accuracy"] == pytest.approx(int((uncompressed == labels).sum()) / 24)
     with pytest.raises(ValueError, match="policy"):
         plan_split(model, loader, policy="soft")
