@@ -6,6 +6,7 @@ launches, the host syncs inside the call and the kernels themselves."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -148,6 +149,14 @@ def paired_ratio(samples: dict[str, list[float]], name: str, baseline: str) -> f
     """Median over rounds of `name`'s time over `baseline`'s time in the same round: drift that slows a
     whole round (another process, a frequency change) cancels out, unlike a ratio of two medians."""
     return statistics.median(a / b for a, b in zip(samples[name], samples[baseline]))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count of timed rounds or steps)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count; give 1 or more")
+    return value
 
 
 def write_json(path: str, result: dict) -> None:

@@ -18,7 +18,7 @@ import contextlib
 import json
 import statistics
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +59,15 @@ def recipe_trainer(
         yield trainer, opt, sched
 
 
+WARMUP_ROUNDS = 1  # untimed rounds of each side before the timed ones
+
+
+def endless_batches(loader: Iterable) -> Iterator:
+    """The loader's batches, read again from the first when they run out (a timing may outlast an epoch)."""
+    while True:
+        yield from loader
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="cifar10_resnet18", help="shipped recipe name or YAML path")
@@ -70,24 +79,19 @@ def main() -> None:
     args = p.parse_args()
     with recipe_trainer(args.recipe, args.data_dir, args.threads, args.set) as (trainer, opt, sched):
         recipe = trainer.recipe
-        loader_iter = iter(trainer.train_loader)
+        batches = endless_batches(trainer.train_loader)
         x0, y0 = next(iter(trainer.train_loader))
 
         def loop() -> None:
-            nonlocal loader_iter
             for _ in range(args.steps):
-                try:
-                    x, y = next(loader_iter)
-                except StopIteration:
-                    loader_iter = iter(trainer.train_loader)
-                    x, y = next(loader_iter)
+                x, y = next(batches)
                 trainer._step(trainer.model, opt, sched, x, y, 0)
 
         def tensors() -> None:
             for _ in range(args.steps):
                 trainer._step(trainer.model, opt, sched, x0, y0, 0)
 
-        samples = interleaved_samples({"recipe_loop": loop, "in_memory": tensors}, args.repeats, warmup=1)
+        samples = interleaved_samples({"recipe_loop": loop, "in_memory": tensors}, args.repeats, warmup=WARMUP_ROUNDS)
     images = args.steps * recipe.data.batch_size
     ips = {k: images / (statistics.median(v) / 1e3) for k, v in samples.items()}
     flat = recipe.flat()
@@ -95,8 +99,10 @@ def main() -> None:
         "benchmark": "data_throughput",
         "machine": machine(args.threads),
         "recipe": {k: flat[k] for k in RECORDED_KEYS},
+        "overrides": list(args.set),
         "steps_per_round": args.steps,
         "repeats": args.repeats,
+        "warmup_rounds": WARMUP_ROUNDS,
         "images_per_s": {k: round(v, 1) for k, v in ips.items()},
         "ratio_loop_over_in_memory": round(1.0 / paired_ratio(samples, "recipe_loop", "in_memory"), 4),
         "round_ms": {k: [round(t, 1) for t in v] for k, v in samples.items()},

@@ -45,11 +45,11 @@ def _resolved(flat: dict, key: str) -> object:
 
 def _worker(args: argparse.Namespace) -> None:
     """One training process: warm up, say ready, wait for the go line, time the steps, print images/s."""
-    from data_throughput import recipe_trainer
+    from data_throughput import endless_batches, recipe_trainer
 
     with recipe_trainer(args.recipe, args.data_dir, args.threads, args.set) as (trainer, opt, sched):
         batch_size = trainer.recipe.data.batch_size
-        batches = iter(trainer.train_loader)
+        batches = endless_batches(trainer.train_loader)
 
         def steps(n: int) -> None:
             for _ in range(n):

@@ -17,7 +17,8 @@ has the best validation accuracy at a validation cost within the budget; ties go
 validation cost. Every row also carries a bootstrap 95 % interval over test images (1,000 resamples)
 of its accuracy and of the recommended policy's accuracy minus each other policy's (paired).
 
-    python benchmarks/policy_frontier.py --run runs/digits_quick --threads 1 > benchmarks/results/policy_frontier_digits.json
+    python benchmarks/policy_frontier.py --run runs/digits_quick --threads 1 \
+        > benchmarks/results/policy_frontier_digits.json
 """
 
 from __future__ import annotations

@@ -171,11 +171,12 @@ def main() -> dict[str, Any]:
     mix = (torch.bincount(want, minlength=model.num_exits).float() / args.pool).tolist()
 
     xb = pool[: args.max_batch]
+    base_repeats, base_warmup = max(5, 2 * args.repeats), 2
     with torch.inference_mode():
         base_ms = time_interleaved(
             {"plain": lambda: plain(xb), "predict": lambda: predict(model, xb, "gate", thresholds)},
-            repeats=max(5, 2 * args.repeats),
-            warmup=2,
+            repeats=base_repeats,
+            warmup=base_warmup,
         )
     batch_mix = torch.bincount(predict(model, xb, "gate", thresholds).exit_index, minlength=model.num_exits)
     predict_gain = base_ms["plain"] / base_ms["predict"]
@@ -260,6 +261,8 @@ def main() -> dict[str, Any]:
         "baseline_predict": {
             "batch": int(xb.shape[0]),
             "exit_mix": (batch_mix.float() / xb.shape[0]).tolist(),
+            "repeats": base_repeats,
+            "warmup": base_warmup,
             "plain_ms": base_ms["plain"],
             "predict_ms": base_ms["predict"],
             "gain": predict_gain,

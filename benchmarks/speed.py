@@ -179,7 +179,10 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--models", nargs="+", default=None, help="the cases' model names (default: all but NAMED_ONLY)")
+    names = sorted({n for n, _ in CASES + NAMED_ONLY})
+    p.add_argument(
+        "--models", nargs="+", default=None, choices=names, help="the cases' models (default: all but NAMED_ONLY)"
+    )
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
     p.add_argument("--out", default=None, help="write the JSON here (after every case) instead of printing it")
     args = p.parse_args()

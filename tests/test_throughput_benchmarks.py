@@ -45,25 +45,28 @@ def recipe(tmp_path) -> str:
 
 
 def test_data_throughput_compares_the_loop_with_in_memory_steps(recipe, tmp_path):
+    # 3 steps a round, 2 rounds and a warm-up round of each side: more batches than the 4 of an epoch
     out = _run(data_throughput.main, ["--recipe", recipe, "--data-dir", str(tmp_path), "--threads", "1",
-                                      "--steps", "2", "--repeats", "2", "--set", "channels_last=true"])  # fmt: skip
-    assert out["machine"]["threads"] == 1 and out["steps_per_round"] == 2 and out["repeats"] == 2
+                                      "--steps", "3", "--repeats", "2", "--set", "channels_last=true"])  # fmt: skip
+    assert out["machine"]["threads"] == 1 and out["steps_per_round"] == 3 and out["repeats"] == 2
+    assert out["overrides"] == ["channels_last=true"] and out["warmup_rounds"] == 1
     assert out["recipe"]["batch_size"] == 32 and out["recipe"]["model"] == "test_resnet"
     assert out["recipe"]["channels_last"] is True and out["recipe"]["amp"] is None  # settings that move the rate
     assert set(out["round_ms"]) == {"recipe_loop", "in_memory"}
     for name, rounds in out["round_ms"].items():
         assert len(rounds) == 2
         median_s = statistics.median(rounds) / 1e3
-        assert out["images_per_s"][name] == pytest.approx(2 * 32 / median_s, rel=0.01, abs=0.1)
+        assert out["images_per_s"][name] == pytest.approx(3 * 32 / median_s, rel=0.01, abs=0.1)
 
 
 @pytest.mark.slow  # three training processes, each importing torch and timm: about a minute on 2 cores
 def test_grid_throughput_sums_each_layouts_processes(recipe, tmp_path):
     argv = ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", "1x1", "2x1"]
-    out = _run(grid_throughput.main, [*argv, "--steps", "2", "--warmup", "1", "--repeats", "1"])
+    # a warm-up step and 4 timed steps: more batches than the 4 of an epoch
+    out = _run(grid_throughput.main, [*argv, "--steps", "4", "--warmup", "1", "--repeats", "1"])
     assert out["recipe"]["batch_size"] == 32 and out["recipe"]["model"] == "test_resnet"
     assert out["machine"]["threads"] == 2  # the largest layout's processes x threads
-    assert out["steps_per_process"] == 2 and out["warmup_steps"] == 1 and out["repeats"] == 1
+    assert out["steps_per_process"] == 4 and out["warmup_steps"] == 1 and out["repeats"] == 1
     rounds = out["rounds_images_per_s"]
     assert set(rounds) == {"1x1", "2x1"} and all(len(v) == 1 and min(v) > 0 for v in rounds.values())
     medians = {k: statistics.median(v) for k, v in rounds.items()}
@@ -103,3 +106,23 @@ def test_grid_throughput_refuses_a_malformed_layout(recipe, tmp_path):
         _run(grid_throughput.main, ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", "2by1"])
     with pytest.raises(SystemExit, match=r"--layouts 1x1\+no_such_key=1: .*no_such_key"):
         _run(grid_throughput.main, ["--recipe", recipe, "--data-dir", str(tmp_path), "--layouts", "1x1+no_such_key=1"])
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("speed", ["--models", "resnet50"], "argument --models: invalid choice: 'resnet50'"),
+        ("exit_cost_in_place", ["--rounds", "0"], "argument --rounds: 0 is not a positive count"),
+    ],
+)
+def test_timing_scripts_refuse_what_they_would_not_measure(script, argv, message, capsys):
+    """An unknown model printed an empty result list, and zero rounds reported the warm-up as the result."""
+    module = __import__(script)
+    old = sys.argv
+    sys.argv = ["prog", *argv]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            module.main()
+    finally:
+        sys.argv = old
+    assert stop.value.code == 2 and message in capsys.readouterr().err
