@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _serving import local_serve
+from _timing import machine
 from torch.utils.data import DataLoader, TensorDataset
 
 from timm_exits import SoftConditionalLoss, calibrate, collect, fit_gates, predict, wrap
@@ -317,8 +318,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             _scenario_table(scenarios),
             "## Cost of compressing the intermediate tensor (test set, every sample through the cloud part)",
             _compression_table(compression_rows),
-            f"Timings: fastest of {args.repeats} runs at batch 1, {args.threads} thread(s); the machine was shared "
-            "with other jobs, so absolute numbers are noisy.",
+            f"Timings: fastest of {args.repeats} runs at batch 1, {args.threads} thread(s) on "
+            f"{machine(args.threads)['cpu']} "
+            "(the fastest, not the median: the planner's own rule, which discounts other jobs on the machine).",
         ]
     )
     (args.out / "plan.md").write_text(md + "\n", encoding="utf-8")
@@ -329,7 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scenarios": scenarios,
         "compression": compression_rows,
         "tiered_http": tiered,
+        "machine": machine(args.threads),
         "threads": args.threads,
+        "repeats": args.repeats,
         "files": {"table": str(args.out / "plan.md"), "plot": str(png), "json": str(args.out / "plan.json")},
     }
     (args.out / "plan.json").write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
