@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import images, make_alexnet
+from conftest import images, make_alexnet, spread_thresholds
 from torch import nn
 
 from timm_exits import predict, wrap
@@ -134,6 +134,7 @@ def test_tuple_output_exit_reads_first_tensor_and_shrinks_batch():
     from timm_exits import predict
     from timm_exits.inference.hard_exit import run_assigned
 
+    torch.manual_seed(0)
     model = wrap(_Toy(), ["a", "pair"], num_classes=4, input_size=(3, 16, 16)).eval()
     assert model.exits[1].channels == 8 and model.exits[1].layout == "NCHW"
     x = images(6, 16)
@@ -142,14 +143,17 @@ def test_tuple_output_exit_reads_first_tensor_and_shrinks_batch():
     index = torch.tensor([0, 1, 2, 2, 1, 0])
     expected = torch.stack([out.logits[int(index[i])][i] for i in range(6)])
     torch.testing.assert_close(run_assigned(model, x, index), expected)
-    pred = predict(model, x, "confidence", 0.5)
-    assert model._batch_shrink_safe is True
+    thresholds = spread_thresholds(model, x, "confidence")  # samples leave at every exit: the batch shrinks
+    pred = predict(model, x, "confidence", thresholds)
+    assert model._batch_shrink_safe is True and pred.stats.batch_shrink
     # the shrinking hard path returns, for each sample, the logits of the exit it took in the full forward
     torch.testing.assert_close(pred.logits, torch.stack([out.logits[int(e)][n] for n, e in enumerate(pred.exit_index)]))
     fires = torch.stack(
-        [torch.softmax(lg, -1).amax(-1) >= 0.5 for lg in out.logits[:-1]] + [torch.ones(6, dtype=torch.bool)]
+        [torch.softmax(lg, -1).amax(-1) >= t for lg, t in zip(out.logits[:-1], thresholds)]
+        + [torch.ones(6, dtype=torch.bool)]
     )
     assert pred.exit_index.tolist() == fires.int().argmax(0).tolist()  # each sample's first exit whose rule fires
+    assert sorted(set(pred.exit_index.tolist())) == [0, 1, 2]
 
 
 class _PixelsFirst(nn.Module):
@@ -177,6 +181,7 @@ class _ToyPixels(nn.Module):
 
 
 def test_tuple_output_exit_skips_non_batch_first_tensors():
+    torch.manual_seed(0)
     model = wrap(_ToyPixels(), ["block"], num_classes=4, input_size=(3, 12, 12)).eval()
     assert model.exits[0].layout == "NCHW" and model.exits[0].channels == 8
     x = images(5, 12)
@@ -185,10 +190,14 @@ def test_tuple_output_exit_skips_non_batch_first_tensors():
     assert out.logits[0].shape == (5, 4)
     from timm_exits import predict
 
+    threshold = spread_thresholds(model, x, "confidence")[0]  # some samples leave at the exit, some run on
     with pytest.warns(UserWarning, match="cannot drop exited samples"):
-        pred = predict(model, x, "confidence", 0.26)
-    index = torch.where(torch.softmax(out.logits[0], -1).max(-1).values >= 0.26, 0, 1)
-    assert torch.equal(pred.exit_index, index)
+        pred = predict(model, x, "confidence", threshold)
+    assert not pred.stats.batch_shrink
+    index = torch.where(torch.softmax(out.logits[0], -1).max(-1).values >= threshold, 0, 1)
+    assert torch.equal(pred.exit_index, index) and sorted(set(index.tolist())) == [0, 1]
+    # the masked hard path returns, for each sample, the logits of the exit it took in the full forward
+    torch.testing.assert_close(pred.logits, torch.stack([out.logits[int(e)][n] for n, e in enumerate(index)]))
 
 
 def test_placement_errors_timm():

@@ -205,12 +205,20 @@ def test_a_held_out_split_too_small_to_stratify_on_either_side_is_still_made(hel
 @pytest.mark.parametrize("policy", ["rand-m9-n3-mstd0.5", "augmix-m5-w4-d2"])
 def test_per_image_augmentation_is_seeded_whatever_numpys_state(policy):
     cfg = load_recipe(None, {"dataset": "digits", "augment": "timm", "auto_augment": policy}).data
-    data = build_datasets(cfg, raw=load_splits(cfg), seed=3)
+    raw = load_splits(cfg)
+    data = build_datasets(cfg, raw=raw, seed=3)
     first = []
     for k in (0, 1):
         np.random.seed(k)  # RandAugment and AugMix draw from numpy: the sample's own seed must decide
         first.append(torch.stack([data.train[i][0] for i in range(4)]))
     assert torch.equal(first[0], first[1])
+    # the policy reaches the transform: the same pipeline and seed without it gives other images, every one
+    plain_cfg = load_recipe(None, {"dataset": "digits", "augment": "timm"}).data
+    assert plain_cfg.auto_augment is None
+    plain = build_datasets(plain_cfg, raw=raw, seed=3)
+    without = torch.stack([plain.train[i][0] for i in range(4)])
+    assert without.shape == first[0].shape
+    assert ((first[0] - without).flatten(1).abs().amax(1) > 0.1).all()
 
 
 @pytest.mark.parametrize("name", sorted(list_recipes()))
