@@ -384,3 +384,11 @@ def test_crop_padding_as_large_as_the_images_names_the_key():
     cfg = load_recipe(None, {"dataset": "digits", "augment": "crop_flip", "crop_padding": 8}).data
     with pytest.raises(RecipeError, match=r"crop_padding=8 must be smaller than the 8 x 8 images of 'digits'"):
         build_datasets(cfg, seed=0)
+
+
+def test_a_rank_whose_shard_of_a_held_out_split_is_empty_gets_no_batch():
+    """Fewer val images than processes: the last rank's shard is empty (it got one empty batch and stopped)."""
+    images, labels = _images(1)
+    split = ArraySplit(images, labels, range(1), CFG)
+    assert [len(y) for _, y in make_loader(split, 4, train=False, num_replicas=2, rank=0)] == [1]
+    assert list(make_loader(split, 4, train=False, num_replicas=2, rank=1)) == []

@@ -111,3 +111,22 @@ def test_two_compiled_processes_match_one_eager_process(tmp_path):
     assert a.keys() == b.keys()
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_validation_under_ddp_is_that_of_the_model_rank_0_saves(tmp_path):
+    """Each rank's last step updates its own BatchNorm statistics; validation takes rank 0's (the saved ones),
+    so the logged numbers are the saved model's. A val split smaller than the ranks leaves one rank nothing."""
+    from timm_exits.training.report import evaluate
+
+    recipe = {**RECIPE, "model": "test_resnet", "model_kwargs": {}, "max_train_samples": 192, "lr": 0.2}
+    recipe_file = tmp_path / "bn.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    two = _torchrun(recipe_file, tmp_path / "two")
+    logged = load_checkpoint(two)[1]["history"][-1]["val"]
+    report = evaluate(two, timing=False, log=lambda line: None)
+    assert logged["num_samples"] == report["val"]["num_samples"] == 50
+    assert logged["exit_accuracy"] == report["val"]["exit_accuracy"]
+    assert logged["soft_accuracy"] == pytest.approx(report["val"]["soft_accuracy"], abs=1e-6)
+    recipe_file.write_text(yaml.safe_dump({**recipe, "max_eval_samples": 1}))
+    one_image = _torchrun(recipe_file, tmp_path / "one_image")
+    assert load_checkpoint(one_image)[1]["history"][-1]["val"]["num_samples"] == 1

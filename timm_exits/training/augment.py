@@ -177,7 +177,7 @@ class ArrayLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.as_tensor(list(self.sampler), dtype=torch.long)
-        for chunk in order.split(self.batch_size):
-            if self.sampler.batch_size is not None and len(chunk) < self.batch_size:
+        for chunk in order.split(self.batch_size):  # an empty shard (fewer samples than ranks) yields nothing
+            if len(chunk) == 0 or (self.sampler.batch_size is not None and len(chunk) < self.batch_size):
                 return  # training keeps whole batches only
             yield self.dataset.batch(chunk)

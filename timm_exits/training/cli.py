@@ -277,7 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"timm-exits {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        line = f"interrupted: {e}" if str(e) else "interrupted; nothing half-written is kept: run the command again"
+        again = "run the command again" + (
+            " with --resume once the folder holds the run" if args.command == "train" else ""
+        )
+        line = f"interrupted: {e}" if str(e) else f"interrupted; nothing half-written is kept: {again}"
         if str(e).startswith("interrupted"):  # the trainer's own line: where it stopped and how to resume
             line = str(e)
         print(f"timm-exits {args.command}: {line}", file=sys.stderr)

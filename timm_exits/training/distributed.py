@@ -10,7 +10,12 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError
+from .recipe_types import RecipeError
 from .run_folder import RunFolderError
+from .sources import DataError
+
+# rank 0's errors that the other ranks raise as the same class (the command line makes them one line, exit 2)
+_SHARED_ERRORS = (RunFolderError, CheckpointError, RecipeError, DataError, FileNotFoundError)
 
 __all__ = []
 
@@ -69,5 +74,5 @@ def _agree(d: _Dist, error: BaseException | None) -> None:
         raise error
     if box[0] is not None:
         kind, msg = box[0]
-        cls = {"RunFolderError": RunFolderError, "CheckpointError": CheckpointError}.get(kind, RuntimeError)
+        cls = {c.__name__: c for c in _SHARED_ERRORS}.get(kind, RuntimeError)
         raise cls(f"(from rank 0) {msg}")

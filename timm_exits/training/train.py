@@ -54,20 +54,19 @@ from torch import nn
 
 from ..core.losses import SoftConditionalLoss
 from ..core.model import EarlyExitModel
-from ..inference.calibration import Collected, simulate
 from .build import build_model
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, _load_optimizer, _load_state, load_checkpoint, save_checkpoint
 from .data import build_datasets, load_splits, make_loader, make_mixup
 from .distributed import _agree, _all_sum, _Dist, _setup_distributed
 from .progress import RunLog, epoch_line, progress_enabled
 from .recipe import Recipe, RecipeError, _diff, _fingerprint, _identity, load_recipe
-from .recipe_schema import OptimSection
 from .report import _eval_keys_changed, evaluate
-from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files, run_lock
+from .run_folder import RunFolderError, _clear_run, _default_output, _prepare_run_dir, _write_run_files, run_lock
 from .runfiles import atomic_write_text
 from .sampling import seed_for
 from .stages import _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages
 from .timing import machine_name
+from .validation import _autocast, _validate_epoch
 
 __all__ = [
     "TrainingInterrupted",
@@ -80,60 +79,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 # ---------------------------------------------------------------------------------------- training
-def _autocast(amp: str | None, device: torch.device) -> contextlib.AbstractContextManager:
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def _validate_epoch(model: EarlyExitModel, loader: Any, d: _Dist, optim: OptimSection) -> dict[str, Any]:
-    """Per-exit and soft accuracy, and the gate@0.5 policy's accuracy / cost / exit shares, summed over ranks."""
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    e = model.num_exits
-    # one float64 vector, so that a single all-reduce sums every count over the ranks
-    exit_hits, gate_counts, gate_hits = slice(0, e), slice(e, 2 * e), slice(2 * e, 3 * e)
-    soft_hits, cost_sum, seen = 3 * e, 3 * e + 1, 3 * e + 2
-    sums = torch.zeros(3 * e + 3, dtype=torch.float64)
-    costs = model.exit_costs.detach().float().cpu()
-    try:
-        for x, y in loader:
-            x = x.to(d.device, non_blocking=True)
-            if optim.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(optim.amp, d.device):
-                out = model(x)
-            logits = torch.stack([f.float() for f in out.logits], 1).cpu()
-            gates = out.gate_logits.float().cpu()
-            correct = logits.argmax(-1) == y[:, None]
-            index = simulate(Collected(logits, gates, y, costs), "gate", 0.5)
-            hit = correct[torch.arange(len(y)), index]
-            sums[exit_hits] += correct.sum(0)
-            sums[gate_counts] += torch.bincount(index, minlength=e)
-            sums[gate_hits] += torch.bincount(index[hit], minlength=e)
-            sums[soft_hits] += (out.log_probs.float().argmax(-1).cpu() == y).sum()
-            sums[cost_sum] += costs[index].double().sum()
-            sums[seen] += len(y)
-    finally:
-        for m, flag in was:
-            m.training = flag
-    sums = _all_sum(sums.to(d.device), d).cpu()
-    n = max(float(sums[seen]), 1.0)
-    return {
-        "num_samples": int(sums[seen]),
-        "exit_accuracy": (sums[exit_hits] / n).tolist(),
-        "soft_accuracy": float(sums[soft_hits] / n),
-        "gate": {
-            "threshold": 0.5,
-            "accuracy": float(sums[gate_hits].sum() / n),
-            "expected_cost": float(sums[cost_sum] / n),
-            "exit_distribution": (sums[gate_counts] / n).tolist(),
-        },
-    }
-
-
 @dataclass
 class _Position:
     stage: int = 0
@@ -173,7 +118,16 @@ def train(
     d = _setup_distributed(recipe.runtime.device)
     run_dir = Path(output).expanduser() if output else _default_output(recipe)
     try:
-        with run_lock(run_dir) if d.main else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            refused = None
+            if d.main:
+                try:
+                    held.enter_context(run_lock(run_dir))
+                except RunFolderError as e:
+                    refused = e
+            _agree(d, refused)  # every rank stops on a folder another process trains in
+            if recipe.runtime.compile:  # compiled dropout draws eager's random numbers, so runs stay comparable
+                held.enter_context(torch._inductor.config.patch(fallback_random=True))
             return _train(recipe, d, run_dir, resume, overwrite)
     finally:
         if d.owns_group and dist.is_initialized():
