@@ -279,8 +279,8 @@ def test_runs_of_different_seeds_are_judged_on_the_same_held_out_subsets():
 
 
 def _cifar_copies(root, n_per_class: int = 4) -> np.ndarray:
-    """The same small CIFAR-10 stand-in as an npz copy and as restore.py's image tree (``<index>_<name>.png``,
-    shuffled order); returns the training images."""
+    """The same small CIFAR-10 stand-in as an npz copy and as an image tree written from the arrays
+    (``<index>_<name>.png``, shuffled order); returns the training images."""
     from PIL import Image
 
     rng = np.random.default_rng(1)

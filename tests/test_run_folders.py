@@ -33,8 +33,8 @@ def test_a_second_trainer_in_a_locked_folder_is_refused_and_writes_nothing(tmp_p
     with run_lock(folder):
         with pytest.raises(RunFolderError, match="another timm-exits process is training in .*nothing was written"):
             train(tiny(timing_images=0), folder)
-        assert list(folder.iterdir()) == []
-    assert not folder.exists()  # the lock's own empty folder goes with it
+        assert [p.name for p in folder.iterdir()] == [".timm-exits-lock"]  # the lock, nothing else
+    assert not folder.exists()  # the lock's own folder goes with it, as nothing was written there
     with pytest.raises(RunFolderError, match="holds no timm-exits run"):
         train(tiny(timing_images=0), folder, resume=True)
     assert not folder.exists()
@@ -74,19 +74,20 @@ def test_overwrite_refuses_a_starting_point_inside_the_run_it_deletes(run, tmp_p
     assert (folder / "checkpoint.safetensors").read_bytes() == before
 
 
-def test_resuming_a_finished_run_with_new_evaluation_keys_evaluates_again(run, tmp_path):
+def test_resuming_a_finished_run_with_new_evaluation_keys_says_how_to_apply_them(run, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(run, folder)
-    train(tiny(timing_images=0), folder, resume=True)
-    assert json.loads((folder / "report.json").read_text()) == json.loads((run / "report.json").read_text())
+    before = (folder / "report.json").read_bytes()
+    train(tiny(timing_images=0, timing_repeats=3), folder, resume=True)  # a timing key: the report stands
+    assert "made with other keys" not in (folder / "train.log").read_text()
     train(tiny(timing_images=0, calibrate_max_drop=0.05), folder, resume=True)
-    report = json.loads((folder / "report.json").read_text())
-    assert report["recipe"]["calibrate_max_drop"] == 0.05
-    assert report["policies"]["gate"]["calibration"]["max_accuracy_drop"] == 0.05
+    assert (folder / "report.json").read_bytes() == before  # an earlier `eval` is never undone on its own
     assert (
-        "evaluation keys changed since the report (calibrate_max_drop: 0.01 -> 0.05)"
+        f"(calibrate_max_drop: 0.01 -> 0.05): `timm-exits eval {folder}` uses them"
         in (folder / "train.log").read_text()
     )
+    report = evaluate(folder, timing=False, log=lambda line: None)  # recipe.yaml now holds the new keys
+    assert report["policies"]["gate"]["calibration"]["max_accuracy_drop"] == 0.05
 
 
 def test_eval_says_when_the_stored_policy_changes_and_bench_follows_the_saved_model(run, tmp_path):
@@ -103,9 +104,16 @@ def test_eval_says_when_the_stored_policy_changes_and_bench_follows_the_saved_mo
     assert res["policies"]["confidence"]["threshold"] == saved["policies"]["confidence"]["threshold"]
 
 
-def test_weights_files_get_the_mode_the_umask_gives_new_files(run):
-    mask = os.umask(0)
-    os.umask(mask)
+def test_weights_files_get_the_mode_the_umask_gives_new_files(run, tmp_path):
+    from timm_exits import hub
+
+    mask = os.umask(0o027)  # one that no file mode here matches by chance
+    try:
+        hub.save_pretrained(hub.from_pretrained(run / "model"), tmp_path / "saved")
+    finally:
+        os.umask(mask)
+    for rel in ("model.safetensors", "exits.safetensors"):
+        assert stat.S_IMODE((tmp_path / "saved" / rel).stat().st_mode) == 0o640, rel
     for rel in ("checkpoint.safetensors", "model/model.safetensors", "model/exits.safetensors"):
         assert stat.S_IMODE((run / rel).stat().st_mode) == 0o666 & ~mask, rel  # safetensors alone writes 0600
 

@@ -265,9 +265,21 @@ def _pid_alive(pid: int) -> bool:
 def _publish_mode(path: Path) -> None:
     """Give a file written through a private temporary (safetensors writes 0600) the mode a new file gets under
     the process's umask, as any other file the user writes."""
-    mask = os.umask(0)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where the system tells it (setting it is process-wide)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    return mask
 
 
 def _sha256(path: Path) -> str:

@@ -333,14 +333,18 @@ def _log_stored_policy(run_dir: Path, report: Mapping[str, Any], save_model: boo
         log(f"{run_dir / 'model'}: stored policy {old} replaced by {new}")
 
 
+_POLICY_KEYS = ("policy", "fit_gates", "calibrate_max_drop", "calibrate_target_cost")  # what the stored policy follows
+
+
 def _eval_keys_changed(report_path: Path, recipe: Recipe) -> list[str] | None:
-    """The ``eval`` keys that differ from those `report_path` was made with; None when they agree, and a
-    single entry when there is no readable report."""
+    """The keys the stored policy follows (`_POLICY_KEYS`) that differ from those the report at `report_path`
+    was made with, as "key: old -> new"; None when they agree or there is no readable report. Timing keys do not
+    count: the report's figures stand."""
     try:
         made_with = json.loads(report_path.read_text(encoding="utf-8"))["recipe"]
     except (OSError, ValueError, KeyError, TypeError):
-        return ["no report yet"]
-    now = json.loads(json.dumps({k: getattr(recipe.eval, k) for k in vars(recipe.eval) if k != "report"}))
+        return None
+    now = json.loads(json.dumps({k: getattr(recipe.eval, k) for k in _POLICY_KEYS}))
     diff = [f"{k}: {made_with[k]!r} -> {v!r}" for k, v in now.items() if k in made_with and made_with[k] != v]
     return diff or None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from .._version import __version__
 from .checkpoint import CHECKPOINT_NAME
 from .recipe import Recipe, _diff, _fingerprint, _identity
-from .runfiles import MANIFEST_NAME, atomic_write_text, is_temporary, read_manifest, record, remove_recorded
+from .runfiles import LOCK_NAME, MANIFEST_NAME, atomic_write_text, is_temporary, read_manifest, record, remove_recorded
 
 __all__ = [
     "RunFolderError",
@@ -89,8 +89,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on `run_dir` (created if missing) while a run writes in it.
 
     A second process that trains into the same folder gets a `RunFolderError` instead of mixing its files
-    with the first one's; the lock goes with the process, however it ends. A folder this call created is
-    removed again if it is still empty when the lock is released.
+    with the first one's; the lock (``flock`` on the file ``.timm-exits-lock``, POSIX only) goes with the
+    process, however it ends. A folder this call created is removed again if nothing was written in it.
 
     Args:
         run_dir: The run folder.
@@ -104,21 +104,38 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         raise RunFolderError(f"output {run_dir} exists and is not a folder.")
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir, os.O_RDONLY)
+    lock = run_dir / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # a file: network file systems lock files opened for writing
+    refused = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            refused = not _same_file(fd, lock)  # its holder removed it as it finished: a new one is in use
         except BlockingIOError:
+            refused = True
+        except OSError:  # a file system without locks (e.g. Lustre without -o flock): train without one
+            pass
+        if refused:
             raise RunFolderError(
                 f"another timm-exits process is training in {run_dir}; nothing was written. Wait for it to end (or "
                 "stop it), or choose another --output."
-            ) from None
+            )
         yield
     finally:
-        os.close(fd)
-        if created:
+        if not refused:
             with contextlib.suppress(OSError):
-                run_dir.rmdir()  # only if nothing was written
+                lock.unlink()  # while still holding it
+        os.close(fd)
+        if created and not refused:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # the folder this call made, if nothing was written in it
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _inputs_inside(run_dir: Path, recipe: Recipe, deleted: set[str]) -> None:

@@ -28,6 +28,7 @@ from types import TracebackType
 from ..hub.files import _host, _pid_alive
 
 __all__ = [
+    "LOCK_NAME",
     "MANIFEST_NAME",
     "atomic_write_text",
     "is_temporary",
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = ".timm-exits-manifest.json"
+LOCK_NAME = ".timm-exits-lock"  # the file a training process holds a lock on (`run_folder.run_lock`)
 
 # The temporaries the tool writes in a run folder, named after the process and host writing them: a staging
 # folder, a private folder a checkpoint is written in (safetensors puts a temporary file of its own next to its
@@ -66,9 +68,11 @@ def is_temporary(rel: str | os.PathLike) -> bool:
         rel: A path relative to the run folder.
 
     Returns:
-        True for staging and checkpoint folders and everything in them, and for files being written.
+        True for staging and checkpoint folders and everything in them, files being written, and the lock file.
     """
     parts = Path(rel).parts
+    if parts == (LOCK_NAME,):
+        return True
     return bool(parts) and _temp_match(parts[0], folder=len(parts) > 1) is not None
 
 

@@ -208,8 +208,9 @@ def _cifar(spec: DataSection, name: str) -> RawSplits:
 def _cifar_tree(root: Path) -> tuple[_ArrayImages, _ArrayImages, list[str]]:
     """A CIFAR copy as ``train/<class>/<image>`` and ``test/<class>/<image>`` trees, decoded into memory.
 
-    Files named ``<index>_<name>`` (``restore.py``'s image trees) are put back in index order, the order of
-    the torchvision and npz copies, so that the held-out split is the same images in every layout.
+    Files named ``<index>_<name>`` (a tree written from the arrays, row ``index`` to that file) are put back in
+    index order, the order of the torchvision and npz copies, so that the held-out split is the same images in
+    every layout.
     """
     from torchvision.datasets import ImageFolder
 
@@ -228,7 +229,8 @@ def _index_order(paths: Sequence[str]) -> list[int]:
     """The positions of `paths` sorted by their ``<index>_`` file-name prefix, when every name has one and the
     prefixes number the files 0..N-1; else the order they came in."""
     prefixes = [Path(p).name.split("_", 1)[0] for p in paths]
-    if not all(p.isdigit() for p in prefixes) or sorted(int(p) for p in prefixes) != list(range(len(paths))):
+    numbered = all(p.isascii() and p.isdecimal() for p in prefixes)
+    if not numbered or sorted(int(p) for p in prefixes) != list(range(len(paths))):
         return list(range(len(paths)))
     return sorted(range(len(paths)), key=lambda i: int(prefixes[i]))
 

@@ -18,8 +18,8 @@ BatchNorm statistics stay as they are; ``epochs`` of joint training follow.
 Runs: ``train()`` writes a run folder (``run.json``, ``recipe.yaml``, ``checkpoint.safetensors``,
 ``train.log``, ``metrics.jsonl``, then ``report.json`` / ``report.md`` / ``plots/`` and ``model/``).
 Checkpoints are safetensors files (model, EMA and optimizer tensors; everything else as JSON in
-the header, all of it but the optimizer state also readable in ``checkpoint.json``), written to a
-temporary file and moved into place, at the end of every epoch and every ``checkpoint_every_steps``
+the header, all of it but the optimizer state also readable in ``checkpoint.json``), written in a
+private folder and moved into place, at the end of every epoch and every ``checkpoint_every_steps``
 steps. ``resume=True`` continues from the last one and ends with the same
 weights as an uninterrupted run: data order and augmentation are seeded from (seed, epoch, sample),
 mixup and dropout from (seed, step, rank), and learning rates and the cost weight are functions of the
@@ -61,7 +61,7 @@ from .distributed import _agree, _all_sum, _Dist, _setup_distributed
 from .progress import RunLog, epoch_line, progress_enabled
 from .recipe import Recipe, RecipeError, _diff, _fingerprint, _identity, load_recipe
 from .report import _eval_keys_changed, evaluate
-from .run_folder import RunFolderError, _clear_run, _default_output, _prepare_run_dir, _write_run_files, run_lock
+from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files, run_lock
 from .runfiles import atomic_write_text
 from .sampling import seed_for
 from .stages import _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages
@@ -123,7 +123,7 @@ def train(
             if d.main:
                 try:
                     held.enter_context(run_lock(run_dir))
-                except RunFolderError as e:
+                except Exception as e:  # any error of rank 0's here must reach the other ranks
                     refused = e
             _agree(d, refused)  # every rank stops on a folder another process trains in
             if recipe.runtime.compile:  # compiled dropout draws eager's random numbers, so runs stay comparable
@@ -535,11 +535,12 @@ def _train(recipe: Recipe, d: _Dist, run_dir: Path, resume: bool, overwrite: boo
         dist.destroy_process_group()
         d.owns_group = False
     if d.main and recipe.eval.report:
-        changed = _eval_keys_changed(run_dir / "report.json", recipe)
-        if not trained_now and changed is None:
-            log(f"the report already exists: {run_dir / 'report.md'}")
+        if not trained_now and (run_dir / "report.json").is_file():
+            changed = _eval_keys_changed(run_dir / "report.json", recipe)  # never undo an `eval` on its own
+            line = f"the report already exists: {run_dir / 'report.md'}"
+            if changed:
+                line += f"; it was made with other keys ({'; '.join(changed)}): `timm-exits eval {run_dir}` uses them"
+            log(line)
         else:
-            if not trained_now:
-                log(f"evaluation keys changed since the report ({'; '.join(changed)}): evaluating again")
             evaluate(run_dir, log=log)
     return run_dir
