@@ -4,6 +4,7 @@ training), the method's loss, the optimizer and the learning-rate schedule (`One
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -147,3 +148,11 @@ def _make_optimizer(model: EarlyExitModel, optim: OptimSection, stage: _Stage, s
         updates_per_epoch=steps_per_epoch,
     )
     return opt, sched
+
+
+def _autocast(amp: str | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """The recipe's mixed precision (``amp``: "bf16", "fp16" or None) for a forward on `device`."""
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

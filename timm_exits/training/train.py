@@ -64,9 +64,9 @@ from .report import _eval_keys_changed, evaluate
 from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files, run_lock
 from .runfiles import atomic_write_text
 from .sampling import seed_for
-from .stages import _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages
+from .stages import _autocast, _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages
 from .timing import machine_name
-from .validation import _autocast, _validate_epoch
+from .validation import _validate_epoch
 
 __all__ = [
     "TrainingInterrupted",

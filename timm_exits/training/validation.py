@@ -4,7 +4,6 @@ policy's accuracy, cost and exit shares on the val split, summed over the DDP ra
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from ..core.model import EarlyExitModel
 from ..inference.calibration import Collected, simulate
 from .distributed import _all_sum, _Dist
 from .recipe_schema import OptimSection
+from .stages import _autocast
 
 __all__: list[str] = []
 
@@ -23,13 +23,6 @@ def _broadcast_buffers(model: torch.nn.Module, d: _Dist) -> None:
     if d.world > 1:
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
-
-
-def _autocast(amp: str | None, device: torch.device) -> contextlib.AbstractContextManager:
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
