@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +14,7 @@ from torch import nn
 from timm_exits import wrap
 from timm_exits.deploy.export import export, run_onnx
 from timm_exits.deploy.split import CloudPart, EdgePart, SplitError, split
+from timm_exits.hub.files import _host
 
 # name -> (create_model kwargs, wrap input size); pretrained=False, small inputs where the model allows.
 MODELS = {
@@ -266,6 +269,25 @@ def test_an_export_that_fails_its_check_leaves_the_earlier_file_as_it_was(tmp_pa
     with pytest.raises(RuntimeError, match="differs from PyTorch"):
         export(_Noisy().eval(), torch.randn(2, 4), tmp_path / "new.pt2", format="torch")
     assert [p.name for p in tmp_path.iterdir()] == ["part.pt2"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process ids are checked on POSIX")
+def test_an_export_removes_the_work_folders_killed_exports_of_the_same_file_left(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = _host()
+    killed = tmp_path / f".part.pt2.export-{ended.pid}-{host}-abcd1234"  # its process is gone
+    running = tmp_path / f".part.pt2.export-{os.getpid()}-{host}-efgh5678"  # another export, still running
+    elsewhere = tmp_path / f".part.pt2.export-{ended.pid}-otherhost-ijkl9012"  # cannot be checked from here
+    other_file = tmp_path / f".other.pt2.export-{ended.pid}-{host}-mnop3456"
+    users = tmp_path / ".part.pt2.export-notes"
+    for folder in (killed, running, elsewhere, other_file, users):
+        folder.mkdir()
+        (folder / "part.pt2").write_bytes(b"half written")
+    export(nn.Sequential(nn.Linear(4, 4)).eval(), torch.randn(2, 4), tmp_path / "part.pt2", format="torch")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["part.pt2", running.name, elsewhere.name, other_file.name, users.name])
+    assert (running / "part.pt2").read_bytes() == b"half written"
 
 
 def test_onnx_export_matches_onnxruntime(models, tmp_path):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hub.files import _host, _pid_alive
 from .split import CloudOutput, CloudPart, EdgeOutput, EdgePart, _max_abs, _Part
 
 __all__ = [
@@ -186,9 +188,33 @@ def export(
 
 def _work_folder(out_path: str) -> str:
     """A new private folder next to `out_path` (the same file system, so moving out of it is atomic), where the
-    file is written under its own name (an ONNX file's external data keeps the name the file refers to)."""
+    file is written under its own name (an ONNX file's external data keeps the name the file refers to).
+
+    Its name, ".<file name>.export-<pid>-<host>-<8 characters>", lets a later export of the same file remove the
+    folder once its process is gone (`_remove_stale_work_folders`)."""
     target = os.path.abspath(out_path)
-    return tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.export-")
+    folder, name = os.path.split(target)
+    _remove_stale_work_folders(folder, name)
+    return tempfile.mkdtemp(dir=folder, prefix=f".{name}.export-{os.getpid()}-{_host()}-")
+
+
+def _remove_stale_work_folders(folder: str, name: str) -> None:
+    """Remove the work folders that exports of `name` into `folder`, killed before they cleaned up, left there:
+    only folders of this host whose process no longer runs; any other folder is left alone."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.export-(\d+)-([A-Za-z0-9._]*)-[a-z0-9_]{{8}}")
+    if os.name != "posix":
+        return
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        path = os.path.join(folder, entry)
+        if m is None or m.group(2) != _host() or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if not _pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _move_into_place(work: str, out_path: str) -> None:
