@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hub.files import _host, _pid_alive
+from ..hub.files import _host, _process_gone
 from .split import CloudOutput, CloudPart, EdgeOutput, EdgePart, _max_abs, _Part
 
 __all__ = [
@@ -202,8 +202,6 @@ def _remove_stale_work_folders(folder: str, name: str) -> None:
     """Remove the work folders that exports of `name` into `folder`, killed before they cleaned up, left there:
     only folders of this host whose process no longer runs; any other folder is left alone."""
     pattern = re.compile(rf"\.{re.escape(name)}\.export-(\d+)-([A-Za-z0-9._]*)-[a-z0-9_]{{8}}")
-    if os.name != "posix":
-        return
     try:
         entries = os.listdir(folder)
     except OSError:
@@ -211,9 +209,9 @@ def _remove_stale_work_folders(folder: str, name: str) -> None:
     for entry in entries:
         m = pattern.fullmatch(entry)
         path = os.path.join(folder, entry)
-        if m is None or m.group(2) != _host() or os.path.islink(path) or not os.path.isdir(path):
+        if m is None or os.path.islink(path) or not os.path.isdir(path):
             continue
-        if not _pid_alive(int(m.group(1))):
+        if _process_gone(m.group(1), m.group(2)):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -262,6 +262,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_gone(pid: str | int, host: str) -> bool | None:
+    """Whether the process `pid` on `host` that named a temporary has ended; None where that cannot be checked
+    (another host, or a system without POSIX process ids)."""
+    if host != _host() or os.name != "posix":
+        return None
+    return not _pid_alive(int(pid))
+
+
 def _publish_mode(path: Path) -> None:
     """Give a file written through a private temporary (safetensors writes 0600) the mode a new file gets under
     the process's umask, as any other file the user writes."""

@@ -39,7 +39,7 @@ from .files import (
     _exit_fields,
     _host,
     _is_exit_key,
-    _pid_alive,
+    _process_gone,
     _publish_mode,
     _sha256,
     _version,
@@ -227,8 +227,9 @@ def _stage_is_stale(path: Path) -> bool:
     folder of another host, or of the older name format, that holds only what a save writes, whether it is older
     than an hour. A folder whose name a save never writes (a user's ".saving-drafts") is never stale."""
     m = _STAGE_NAME.fullmatch(path.name)
-    if m is not None and m.group(2) == _host() and os.name == "posix":
-        return not _pid_alive(int(m.group(1)))
+    gone = None if m is None else _process_gone(m.group(1), m.group(2))
+    if gone is not None:
+        return gone
     if m is None and _OLD_STAGE_NAME.fullmatch(path.name) is None:
         return False
     if not _holds_only_save_files(path):

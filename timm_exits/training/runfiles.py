@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from ..hub.files import _host, _pid_alive
+from ..hub.files import _host, _process_gone
 
 __all__ = [
     "LOCK_NAME",
@@ -99,8 +99,9 @@ def _is_stale(path: Path, match: re.Match[str]) -> bool:
     """Whether the process that wrote temporary `path` is gone: on this host, whether it no longer runs; for
     another host's, or a name without the host, whether nothing in it changed for an hour."""
     host = match.groupdict().get("host")
-    if host is not None and host == _host() and os.name == "posix":
-        return not _pid_alive(int(match["pid"]))
+    gone = None if host is None else _process_gone(match["pid"], host)
+    if gone is not None:
+        return gone
     try:
         return time.time() - _newest_mtime(path) > _TEMP_MAX_AGE_S
     except OSError:
