@@ -121,6 +121,10 @@ def test_method_trains_one_epoch_and_writes_a_valid_report(runs, method):
     assert report["policies"][report["recommended_policy"]]["expected_cost"] == pytest.approx(
         stored.stats.expected_cost, abs=1e-6
     )
+    soft = predict(saved, images, policy="soft", labels=labels)  # the saved gates' mixture of every exit
+    assert report["policies"]["soft"]["accuracy"] == pytest.approx(soft.stats.accuracy)
+    if report["gate_fit"] is not None:
+        assert test["soft_accuracy_fitted_gates"] == pytest.approx(soft.stats.accuracy)
     timing = report["timing"]
     assert timing["batch_size"] == 1 and timing["threads"] == 1 and timing["baseline_ms_per_image"] > 0
     assert isinstance(timing["machine"], str) and timing["repeats"] == 1

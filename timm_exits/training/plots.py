@@ -86,7 +86,14 @@ def write_plots(
     g = pols["gate_0.5"]
     ax.plot(g["expected_cost"], 100 * g["accuracy"], "D", color="tab:blue", mec="k", label="gate @ 0.5")
     s = pols["soft"]
-    ax.plot(s["expected_cost"], 100 * s["accuracy"], "*", color="tab:purple", ms=11, mec="k", label="soft ensemble")
+    refit = "soft_accuracy_fitted_gates" in report["test"]
+    label = "soft ensemble (re-fitted gates)" if refit else "soft ensemble"
+    ax.plot(s["expected_cost"], 100 * s["accuracy"], "*", color="tab:purple", ms=11, mec="k", label=label)
+    if refit:
+        joint = 100 * report["test"]["soft_accuracy"]
+        ax.plot(
+            s["expected_cost"], joint, "*", color="white", ms=11, mec="tab:purple", label="soft ensemble (joint gates)"
+        )
     ax.set_xlabel("expected cost (share of the backbone's FLOPs)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs cost (circles: thresholds calibrated on val)", fontsize=10)
