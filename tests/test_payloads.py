@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import resource
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 import timm
@@ -98,6 +102,26 @@ def test_codec_payload_does_not_depend_on_memory_layout_and_takes_empty_tensors(
 def test_codec_refuses_at_encoding_a_dtype_it_cannot_decode():
     with pytest.raises(TypeError, match=r"'f' has dtype torch.complex64, which payloads do not carry"):
         encode_tensors({"f": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_codec_refuses_values_it_would_not_give_back_finite():
+    big = torch.tensor([[1.0, 7e4, -1e5]])
+    with pytest.raises(ValueError, match=r"'f' holds 2 finite values beyond float16's range \(largest \|x\| 1e\+05"):
+        encode_tensors({"f": big}, "fp16")
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        encode_tensors({"f": big.bfloat16()}, "fp16")
+    assert decode_tensors(encode_tensors({"f": big}, "int8"))["f"].isfinite().all()  # coarse, but finite
+    edge = torch.tensor([65504.0, -65504.0, float("inf"), float("nan")])  # float16's largest; inf and NaN as they are
+    got = decode_tensors(encode_tensors({"f": edge}, "fp16"))["f"]
+    assert torch.equal(got[:3], edge[:3]) and got[3].isnan()
+    for mode in ("int8", "int8-channel"):
+        for bad in (float("inf"), float("nan")):
+            x = torch.tensor([[0.0, 1.0], [2.0, bad]])
+            with pytest.raises(ValueError, match=r"'f' holds 1 NaN or inf values; 8-bit codes cannot carry them"):
+                encode_tensors({"f": x}, mode)
+    with pytest.raises(ValueError, match="spans a range wider than float32"):
+        encode_tensors({"f": torch.tensor([-3e38, 3e38])}, "int8")
+    assert torch.equal(decode_tensors(encode_tensors({"f": edge}))["f"][:3], edge[:3])  # uncompressed: as it is
 
 
 def test_codec_refuses_a_channel_axis_outside_the_tensor():
@@ -215,6 +239,144 @@ def test_served_specs_follow_the_parts(model, parts):
         served_model(model, "soft")
     with pytest.raises(TypeError, match="CloudPart"):
         served_cloud(edge)
+
+
+def test_pixel_and_float_requests_batched_together_get_their_own_answers(model, batch):
+    pixels = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    cfg = model.backbone.pretrained_cfg
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    images = {"pixels": pixels, "float": batch[:2], "half": batch[2:4].half()}
+    as_float = {"pixels": (pixels.float() / 255 - mean) / std, "float": batch[:2], "half": batch[2:4].half().float()}
+    s = served_model(model, "confidence", 0.6)
+    for order in (["pixels", "float", "half"], ["float", "pixels"], ["half", "pixels", "float"]):
+        requests = [decode_request(s, encode_tensors({"image": images[k]})) for k in order]
+        answers = run_batch(s, requests)
+        ref = predict(model, torch.cat([as_float[k] for k in order]), "confidence", 0.6)
+        torch.testing.assert_close(torch.cat([a["logits"] for a in answers]), ref.logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(torch.cat([a["exit_index"] for a in answers]), ref.exit_index)
+
+
+def test_a_model_whose_pretrained_mean_has_other_channels_is_served_float_images_only():
+    torch.manual_seed(0)
+    gray = wrap(timm.create_model("test_resnet", num_classes=10, in_chans=1), input_size=(1, 32, 32)).eval()
+    assert len(gray.backbone.pretrained_cfg["mean"]) == 3  # timm keeps ImageNet's three values
+    x = torch.randn(2, 1, 32, 32)
+    for target, kwargs in ((gray, {}), (gray.backbone, {"input_size": (1, 32, 32)})):
+        s = served_model(target, **kwargs)
+        assert s.describe()["pixels"] is None and torch.uint8 not in s.request["image"].dtypes
+        (answer,) = run_batch(s, [decode_request(s, encode_tensors({"image": x}))])
+        with torch.no_grad():
+            want = predict(gray, x).logits if target is gray else target(x)
+        torch.testing.assert_close(answer["logits"], want, rtol=1e-5, atol=1e-6)
+        with pytest.raises(PayloadError, match=r"uint8 pixels, but this server has no mean and std .*mean=") as err:
+            decode_request(s, encode_tensors({"image": torch.zeros(2, 1, 32, 32, dtype=torch.uint8)}))
+        assert err.value.status == 400
+    with pytest.raises(ValueError, match=r"need one value per channel \(1\)"):  # values given are still checked
+        served_model(gray, mean=[0.5] * 3, std=[0.25] * 3)
+    own = served_model(gray, mean=[0.5], std=[0.25])
+    pixels = torch.full((2, 1, 32, 32), 191, dtype=torch.uint8)
+    (answer,) = run_batch(own, [decode_request(own, encode_tensors({"image": pixels}))])
+    torch.testing.assert_close(answer["logits"], predict(gray, (pixels.float() / 255 - 0.5) / 0.25).logits)
+
+
+def test_a_request_over_the_sample_limit_is_told_so_whatever_its_size_in_bytes(model, parts):
+    s = served_model(model, "gate", 0.5, max_request_samples=8)
+    with torch.no_grad():
+        e = parts.edge(torch.randn(32, 3, 64, 64))
+    bodies = [encode_tensors({"image": torch.zeros(32, 3, 64, 64, dtype=dt)}) for dt in (torch.float32, torch.uint8)]
+    sc = served_cloud(parts.cloud, max_request_samples=8)
+    cloud = [encode_tensors({"features": e.features, "stats": e.stats}, c, only=("features",)) for c in COMPRESSIONS]
+    for served, body in [(s, b) for b in bodies] + [(sc, b) for b in cloud]:
+        with pytest.raises(PayloadError, match=r"holds 32 samples; the limit is max_request_samples=8") as err:
+            decode_request(served, body)
+        assert err.value.status == 413
+    one = encode_tensors({"image": torch.zeros(1, 3, 64, 64)})
+    with pytest.raises(PayloadError, match=r"exceeds the limit of \d+ \(max_request_samples=8 samples") as err:
+        decode_request(s, one + b"\0" * s.max_body_bytes)  # within the sample limit, over the byte limit
+    assert err.value.status == 413
+
+
+# ------------------------------------------------------------------------------- HTTP clients
+@contextlib.contextmanager
+def _http_stub(get: Callable[[], bytes], post: Callable[[bytes], tuple[int, bytes]] | None = None) -> Iterator[str]:
+    """A plain HTTP server in a thread (no Ray): GET answers `get()`, POST answers `post(body)` (status, body)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._answer(200, get())
+
+        def do_POST(self) -> None:
+            assert post is not None
+            self._answer(*post(self.rfile.read(int(self.headers["Content-Length"]))))
+
+        def _answer(self, status: int, data: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/app"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _serving(served, sizes: list[int]) -> dict:
+    """`_http_stub` arguments answering as a replica of `served` does, recording each request's sample count."""
+
+    def post(body: bytes) -> tuple[int, bytes]:
+        try:
+            tensors = decode_request(served, body)
+        except PayloadError as e:
+            return e.status, json.dumps({"error": str(e)}).encode()
+        sizes.append(int(next(iter(tensors.values())).shape[0]))
+        return 200, encode_tensors(run_batch(served, [tensors])[0])
+
+    return {"get": lambda: json.dumps({"status": "ok", **served.describe()}).encode(), "post": post}
+
+
+def test_clients_send_at_most_the_servers_max_request_samples(model, parts, batch):
+    sizes: list[int] = []
+    with _http_stub(**_serving(served_model(model, "gate", 0.5, max_request_samples=8), sizes)) as url:
+        logits, exit_index = ModelClient(url, timeout=30).predict(batch[:20])  # its own limit: 32 per request
+    ref = predict(model, batch[:20], "gate", 0.5)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(exit_index, ref.exit_index) and sizes == [8, 8, 4]
+    sizes.clear()
+    with _http_stub(**_serving(served_cloud(parts.cloud, max_request_samples=8), sizes)) as url:
+        result = EdgeClient(parts.edge, url, "gate", 1.0, timeout=30).run(batch[:20])  # all 20 go to the cloud
+    ref = predict(model, batch[:20], "gate", 1.0)
+    torch.testing.assert_close(result.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    assert sizes == [8, 8, 4] and result.requests == 3
+    sizes.clear()
+    with _http_stub(**_serving(served_cloud(parts.cloud, max_request_samples=8), sizes)) as url:
+        EdgeClient(parts.edge, url, "gate", 1.0, timeout=30, max_request_samples=3).run(batch[:7])
+    assert sizes == [3, 3, 1]  # a lower limit of the client's own stays
+
+
+@pytest.mark.parametrize("answer", [b"<!DOCTYPE HTML><html>listing</html>", b"[1, 2]", b"\xff\xfe", b'"ok"'])
+def test_a_get_answer_that_is_not_a_json_object_is_a_cloud_response_error(parts, answer):
+    with _http_stub(lambda: answer) as url:
+        for call in (
+            lambda: EdgeClient(parts.edge, url, "gate", 0.5, timeout=30).check_server(),
+            lambda: ModelClient(url, timeout=30).predict(torch.randn(1, 3, 64, 64)),
+        ):
+            with pytest.raises(CloudResponseError, match=r"answered GET with .*not a JSON object"):
+                call()
+    described = json.dumps({"kind": "model", "num_classes": "10"}).encode()
+    with (
+        _http_stub(lambda: described) as url,
+        pytest.raises(CloudResponseError, match=r"num_classes='10'; expected a positive int"),
+    ):
+        ModelClient(url, timeout=30).predict(torch.randn(1, 3, 64, 64))
 
 
 # ------------------------------------------------------------------------ edge client, in-process
@@ -387,6 +549,6 @@ def test_images_the_model_would_refuse_are_refused_before_any_compute_or_transfe
         decode_request(served, encode_tensors({"image": nan}))
     assert err.value.status == 400
     assert torch.equal(decode_request(served, encode_tensors({"image": x}))["image"], x)
-    with pytest.raises(PayloadError, match="exceeds the limit") as err:
+    with pytest.raises(PayloadError, match="holds 3 samples; the limit is max_request_samples=1") as err:
         decode_request(served_model(model, "gate", 0.5, max_request_samples=1), encode_tensors({"image": x}))
     assert err.value.status == 413

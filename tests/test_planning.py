@@ -11,7 +11,8 @@ import torch
 from conftest import spread_thresholds as _spread_thresholds
 
 from timm_exits import predict, wrap
-from timm_exits.deploy.planning import LinkModel, plan_split
+from timm_exits.deploy import planning
+from timm_exits.deploy.planning import LinkModel, SplitPlan, plan_split
 from timm_exits.deploy.serve import EdgeClient
 from timm_exits.deploy.split import split
 
@@ -96,3 +97,46 @@ def test_plan_split_with_compression(model, batch):
         assert a["agreement"] == 1.0 and a["accuracy"] == pytest.approx(int((uncompressed == labels).sum()) / 24)
     with pytest.raises(ValueError, match="policy"):
         plan_split(model, loader, policy="soft")
+
+
+def _labels(n: int) -> torch.Tensor:
+    return torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(5))
+
+
+def test_plan_split_takes_the_batch_forms_collect_takes(model, batch):
+    x, y = batch[:8], _labels(8)
+    timings = {"edge": [1.0, 2.0, 3.0], "cloud": [3.0, 2.0, 1.0], "full_forward": 4.0}
+    plans = [
+        plan_split(model, loader, threshold=0.5, compression="int8", timings=timings)
+        for loader in ([(x, y)], [{"image": x, "label": y}], [(x, y, torch.arange(8))], [[x, y, "paths"]])
+    ]
+    for plan in plans[1:]:
+        assert plan.rows == plans[0].rows
+    with pytest.raises(TypeError, match="a loader batch must be"):
+        plan_split(model, [x], threshold=0.5, timings=timings)
+
+
+def test_plan_split_at_another_image_size_than_the_wrap_and_mixed_sizes(model, batch, monkeypatch):
+    small = torch.nn.functional.interpolate(batch[:8], size=(32, 32))  # the model was wrapped at 64 px
+    for compression in ("none", "int8"):
+        plan = plan_split(model, [(small, _labels(8))], threshold=0.5, compression=compression, repeats=1)
+        assert plan.params["input_size"] == [3, 32, 32]
+        assert [r["feature_shape"] for r in plan.rows[1:-1]] == [[64, 8, 8], [128, 4, 4], [256, 2, 2]]
+
+    def no_split(*args, **kwargs):
+        raise AssertionError("split before the loader was checked")
+
+    monkeypatch.setattr(planning, "split", no_split)
+    mixed = [(small, _labels(8)), (batch[:8], _labels(8))]
+    with pytest.raises(ValueError, match=r"images of shape \(3, 64, 64\) after \(3, 32, 32\); .*compression='none'"):
+        plan_split(model, mixed, threshold=0.5, compression="int8", repeats=1)
+
+
+def test_plot_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    row = {"split": "device", "edge_ms": 1.0, "transfer_ms": 0.0, "cloud_ms": 0.0, "bytes_per_request": 0.0}
+    params = {"uplink_mbps": 10, "rtt_ms": 40, "device_speed": 0.2, "server_speed": 1.0, "compression": "none"}
+    png = SplitPlan([row], row, None, params).plot("~/plots/plan.png")
+    assert png == tmp_path / "home" / "plots" / "plan.png" and png.read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "~").exists()

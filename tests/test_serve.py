@@ -228,7 +228,7 @@ def test_bad_payloads_get_4xx_with_a_short_message(apps, port, parts):
         (
             encode_tensors({"features": torch.randn(9, *feat), "stats": torch.rand(9, sd)}),
             413,
-            "the limit is",
+            "holds 9 samples; the limit is max_request_samples=8",
         ),
         (_bomb(*feat), 400, "one per channel"),
     ]

@@ -11,8 +11,9 @@ import timm
 import torch
 from torch import nn
 
-from timm_exits import wrap
+from timm_exits import predict, wrap
 from timm_exits.deploy.export import export, run_onnx
+from timm_exits.deploy.serve import EdgeClient
 from timm_exits.deploy.split import CloudPart, EdgePart, SplitError, split
 from timm_exits.hub.files import _host
 
@@ -96,6 +97,39 @@ def test_a_bf16_model_splits_with_the_default_check_in_its_own_dtype():
         c = cloud(e.features, e.stats)
     assert e.logits.dtype == torch.bfloat16
     torch.testing.assert_close(torch.cat([e.logits, c.logits], 1), torch.stack(ref.logits, dim=1))
+
+
+def test_split_at_an_example_of_another_size_takes_images_of_that_size(models):
+    model = models["resnet18"]  # wrapped at 64 px
+    x = _images(model, batch=3)[..., :32, :32]
+    for check in (True, False):
+        edge, cloud = split(model, at=1, example=x.contiguous(), check=check)
+        assert edge.input_size == cloud.input_size == (3, 32, 32) and cloud.feature_shape == (128, 4, 4)
+        assert edge.example_inputs(2)[0].shape == (2, 3, 32, 32)
+        result = EdgeClient(edge, cloud, "gate", 1.0).run(x)  # every sample through the cloud part
+        ref = predict(model, x, "gate", 1.0)
+        torch.testing.assert_close(result.logits, ref.logits, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match=r"images of shape \(3, 64, 64\); the split was traced for \(3, 32, 32\)"):
+            EdgeClient(edge, cloud, "gate", 1.0).run(_images(model))
+    assert split(model, at=1).edge.input_size == (3, 64, 64)  # without an example: the configured size
+
+
+def test_an_example_the_model_cannot_take_as_it_is_is_a_split_error():
+    torch.manual_seed(0)
+    model = wrap(timm.create_model("test_resnet", num_classes=10), input_size=(3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    bf16 = r"example is torch.float32 on cpu but the model's parameters are torch.bfloat16 on cpu; convert it with "
+    cases = [
+        (torch.bfloat16, x, bf16 + r"example.to\('cpu', torch.bfloat16\)"),
+        (torch.float32, x.to("meta"), r"example is torch.float32 on meta .* example.to\('cpu', torch.float32\)"),
+        (torch.float32, x[:0], r"example must be a non-empty input batch \(B, C, H, W\), got \(0, 3, 32, 32\)"),
+        (torch.float32, x.tolist(), "got list"),
+    ]
+    for dtype, example, match in cases:
+        with pytest.raises(SplitError, match=match):
+            split(model.to(dtype), at=0, example=example)
+    edge, _ = split(model.to(torch.bfloat16), at=0, example=x.to(torch.bfloat16))
+    assert edge(x.to(torch.bfloat16)).logits.dtype == torch.bfloat16
 
 
 def test_split_shares_modules_and_leaves_model_unchanged(models):
@@ -269,6 +303,22 @@ def test_an_export_that_fails_its_check_leaves_the_earlier_file_as_it_was(tmp_pa
     with pytest.raises(RuntimeError, match="differs from PyTorch"):
         export(_Noisy().eval(), torch.randn(2, 4), tmp_path / "new.pt2", format="torch")
     assert [p.name for p in tmp_path.iterdir()] == ["part.pt2"]
+
+
+def test_export_expands_the_home_folder_and_names_a_missing_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    linear, x = nn.Sequential(nn.Linear(4, 4)).eval(), torch.randn(2, 4)
+    result = export(linear, x, "~/part.pt2", format="torch")
+    assert result.path == str(tmp_path / "home" / "part.pt2") and (tmp_path / "home" / "part.pt2").is_file()
+    assert not (tmp_path / "~").exists()
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=f"its folder {missing} does not exist; create it first") as err:
+        export(linear, x, missing / "part.pt2", format="torch")
+    assert ".export-" not in str(err.value) and not missing.exists()
+    with pytest.raises(FileNotFoundError, match="home/new does not exist"):
+        export(linear, x, "~/new/part.pt2", format="torch")
 
 
 @pytest.mark.skipif(os.name != "posix", reason="process ids are checked on POSIX")

@@ -130,9 +130,10 @@ def export(
     Args:
         part: An `EdgePart`, a `CloudPart` or another module, in eval mode (a module in train mode is refused).
         example: Example inputs (one tensor or a tuple); default: `part.example_inputs()` (batch 2).
-        path: Save the result there (.pt2 for "torch", .onnx for "onnx"); None keeps it in memory. The file is
-            written in a temporary folder next to `path` and moved into place only once the check passed: an
-            export that fails (or is killed) leaves a file already at `path` as it was.
+        path: Save the result there (.pt2 for "torch", .onnx for "onnx"; `~` is the home folder, and the folder
+            must exist); None keeps it in memory. The file is written in a temporary folder next to `path` and
+            moved into place only once the check passed: an export that fails (or is killed) leaves a file
+            already at `path` as it was.
         format: "torch" or "onnx".
         dynamic_batch: Export the batch dimension as dynamic.
         check: Compare the exported program's outputs with PyTorch's on `example` (ONNX: through
@@ -145,6 +146,7 @@ def export(
     """
     if format not in ("torch", "onnx"):
         raise ValueError(f"format={format!r}; use 'torch' or 'onnx'.")
+    out_path = _checked_path(path) if path is not None else None
     if example is None:
         if not hasattr(part, "example_inputs"):
             raise ValueError("give example inputs for a module that is not a split part.")
@@ -171,11 +173,8 @@ def export(
         want = _flat_outputs(part(*args))
     if not output_names:
         output_names = [f"output_{i}" for i in range(len(want))]
-    if path is not None and os.path.isdir(path):
-        raise IsADirectoryError(f"export path {os.fspath(path)} is a folder; give a file name (.pt2 or .onnx).")
     result, save = _export(part, args, format, dynamic, check, rtol, atol, want, input_names, output_names)
-    if path is not None:  # only a program that passed its check replaces what the path holds
-        out_path = os.fspath(path)
+    if out_path is not None:  # only a program that passed its check replaces what the path holds
         work = _work_folder(out_path)
         try:
             save(os.path.join(work, os.path.basename(out_path)))
@@ -184,6 +183,20 @@ def export(
             shutil.rmtree(work, ignore_errors=True)
         result.path = out_path
     return result
+
+
+def _checked_path(path: str | os.PathLike) -> str:
+    """`path` with `~` expanded; refused before any export work when it is a folder or its folder does not exist."""
+    out_path = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(out_path):
+        raise IsADirectoryError(f"export path {out_path} is a folder; give a file name (.pt2 or .onnx).")
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"export path {out_path}: its folder {folder} does not exist; create it first (os.makedirs) or give "
+            "another path."
+        )
+    return out_path
 
 
 def _work_folder(out_path: str) -> str:

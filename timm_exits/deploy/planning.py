@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ import torch
 
 from ..core._utils import evaluating
 from ..core.model import EarlyExitModel
-from ..inference.calibration import collect, simulate
+from ..inference.calibration import _images_and_labels, collect, simulate
 from ..inference.policies import EXIT_RULES, resolve_thresholds
 from .serve.client import EdgeClient
 from .serve.codec import COMPRESSIONS, encode_tensors
@@ -159,7 +159,7 @@ class SplitPlan:
             fontsize=10,
         )
         fig.tight_layout()
-        path = Path(path)
+        path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         return path
@@ -209,10 +209,20 @@ def _given_timings(timings: Mapping[str, Any], n: int) -> tuple[list[float], lis
     return edge, cloud, full
 
 
-def _first_batch(loader: Iterable) -> torch.Tensor:
+def _keeping_first(loader: Iterable, first: list[torch.Tensor], one_size: bool) -> Iterator[Any]:
+    """The loader's batches, the first one's images kept in `first`; with `one_size`, images of another size than
+    the first are refused (the split parts that run them through a codec take one image size)."""
     for batch in loader:
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
-    raise ValueError("the loader yielded no batches; planning needs held-out data.")
+        x, _ = _images_and_labels(batch)
+        if not first:
+            first.append(x)
+        elif one_size and x.shape[1:] != first[0].shape[1:]:
+            raise ValueError(
+                f"the loader gives images of shape {tuple(x.shape[1:])} after {tuple(first[0].shape[1:])}; planning "
+                "with a compression runs the split parts, which take one image size: resize the held-out images "
+                "to one size, or plan with compression='none'."
+            )
+        yield batch
 
 
 def _accuracy_with_codec(parts: Split, loader: Iterable, policy: str, thresholds: list[float], compression: str):
@@ -220,7 +230,8 @@ def _accuracy_with_codec(parts: Split, loader: Iterable, policy: str, thresholds
     device = next(parts.edge.parameters()).device
     correct = agree = n = 0
     ref_runner = EdgeClient(parts.edge, parts.cloud, policy, thresholds, compression="none")
-    for x, y in loader:
+    for batch in loader:
+        x, y = _images_and_labels(batch)
         x = x.to(device)
         got = runner.run(x).logits.argmax(-1).cpu()
         ref = ref_runner.run(x).logits.argmax(-1).cpu()
@@ -250,8 +261,10 @@ def plan_split(
 
     Args:
         model: A wrapped model (timed and evaluated in eval mode; its flags are restored).
-        val_loader: Held-out (images, labels) batches for the exit rates and accuracy; iterated more than
-            once (a DataLoader or a list, not a one-shot generator).
+        val_loader: Held-out batches for the exit rates and accuracy, in a form `collect` takes ((images,
+            labels[, ...]) or a dict with "image" and "label"); iterated more than once (a DataLoader or a
+            list, not a one-shot generator). The parts are split and timed at its first batch's image size;
+            with a compression every batch must have that size.
         uplink_mbps: Device-to-server bandwidth in Mbit/s.
         rtt_ms: Round-trip time in ms.
         device_speed: Device compute speed relative to this machine (0.2: five times slower).
@@ -279,8 +292,9 @@ def plan_split(
     link = LinkModel(uplink_mbps, downlink_mbps if downlink_mbps is not None else uplink_mbps, rtt_ms)
     thresholds = resolve_thresholds(model, policy, threshold)
 
+    first: list[torch.Tensor] = []
     with evaluating(model):
-        data = collect(model, val_loader)
+        data = collect(model, _keeping_first(val_loader, first, one_size=compression != "none"))
         index = simulate(data, policy, thresholds)
         n_exits = model.num_exits
         counts = torch.bincount(index, minlength=n_exits).tolist()
@@ -289,7 +303,7 @@ def plan_split(
         accuracy = float((picked.argmax(-1) == data.labels).float().mean())
 
         device = model.exit_costs.device
-        x1 = _first_batch(val_loader)[:1].to(device)
+        x1 = first[0][:1].to(device)
         parts = [split(model, k, example=x1) for k in range(len(model.branches))]
         t_edge, t_cloud, payload, response = [], [], [], []
         for p in parts:

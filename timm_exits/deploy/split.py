@@ -167,6 +167,19 @@ class Split(NamedTuple):
     cloud: CloudPart
 
 
+def _check_example(model: EarlyExitModel, example: Any) -> None:
+    """Refuse an example the model cannot run as it is: not a batch, or another dtype or device than its weights."""
+    if not torch.is_tensor(example) or example.ndim < 2 or example.shape[0] == 0:
+        shape = tuple(example.shape) if torch.is_tensor(example) else type(example).__name__
+        raise SplitError(f"example must be a non-empty input batch (B, C, H, W), got {shape}.")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None and (example.dtype != param.dtype or example.device != param.device):
+        raise SplitError(
+            f"example is {example.dtype} on {example.device} but the model's parameters are {param.dtype} on "
+            f"{param.device}; convert it with example.to({str(param.device)!r}, {param.dtype}) and split again."
+        )
+
+
 def _check_tensor_outputs(model: EarlyExitModel, x: torch.Tensor) -> None:
     """Refuse exits whose module returns more than one tensor: the parts pass one tensor between them."""
     kinds = probe(model.backbone, [b.name for b in model.branches], x).kinds
@@ -479,7 +492,9 @@ def split(
         check: Run the model and the two parts on `example` (default: 2 random images of the configured
             input size) in eval mode and raise `SplitError` unless they agree; also records
             `feature_shape` on the parts.
-        example: Input batch for the check.
+        example: Input batch for the check, in the dtype and on the device of the model. Its image size
+            becomes the parts' `input_size` (it may differ from the configured one): the edge part takes
+            images of that size and the cloud part the features they give.
         rtol: Relative tolerance of the check.
         atol: Absolute tolerance of the check.
 
@@ -487,11 +502,14 @@ def split(
         `Split(edge, cloud)`.
 
     Raises:
-        SplitError: Unknown split point, an untraceable backbone, or a cut that later layers bypass.
+        SplitError: Unknown split point, an untraceable backbone, a cut that later layers bypass, or an
+            example of another dtype or device than the model.
     """
     if not isinstance(model, EarlyExitModel):
         raise TypeError(f"split() needs a wrapped model (timm_exits.wrap), got {type(model).__name__}.")
     k = resolve_split_point(model, at)
+    if example is not None:
+        _check_example(model, example)
     before = set(vars(model.backbone))
     try:
         graph = _trace(model)
@@ -506,6 +524,8 @@ def split(
         for name in set(vars(model.backbone)) - before:
             delattr(model.backbone, name)
     parts = Split(edge, cloud)
+    if example is not None:
+        edge.input_size = cloud.input_size = tuple(example.shape[1:])
     shared = {id(m) for m in model.modules()}
     for part in parts:
         for m in part.modules():

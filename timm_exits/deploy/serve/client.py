@@ -2,10 +2,10 @@
 
 * `EdgeClient` runs the `EdgePart` on a batch, applies the exit policy (`exit_mask`, exactly the rule
   of `timm_exits.predict`) at exits 0..k, sends the intermediate tensor of the samples that did not
-  exit (optionally compressed, in requests of at most `max_request_samples`), applies the policy to
-  the remaining exits the cloud returns and gives every answer back in input order, recording bytes,
-  per-sample latency and where each sample left. If the cloud fails, `fallback="local"` answers those
-  samples with the edge's own last exit instead of raising.
+  exit (optionally compressed, in requests of at most `max_request_samples`, lowered to the server's own
+  limit), applies the policy to the remaining exits the cloud returns and gives every answer back in
+  input order, recording bytes, per-sample latency and where each sample left. If the cloud fails,
+  `fallback="local"` answers those samples with the edge's own last exit instead of raising.
 * `ModelClient` sends images to a whole served model and returns its logits and exit indices.
 
 The cloud is reached by URL (Ray Serve's HTTP proxy; a timeout on every connection), by a Ray Serve
@@ -100,7 +100,17 @@ class _Http:
         return self._request("POST", body)
 
     def describe(self) -> dict[str, Any]:
-        return json.loads(self._request("GET"))
+        data = self._request("GET")
+        try:
+            info = json.loads(data)
+        except (ValueError, RecursionError):  # not UTF-8 or not JSON
+            info = None
+        if not isinstance(info, dict):
+            raise CloudResponseError(
+                f"{self.url} answered GET with {data[:80]!r}, not a JSON object describing a served model; is this "
+                "the URL of a cloud_app or model_app?"
+            )
+        return info
 
 
 class _Handle:
@@ -188,6 +198,14 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _request_limit(info: Mapping[str, Any], own: int) -> int:
+    """Samples per request: the client's own limit, lowered to the server's `max_request_samples`."""
+    limit = info.get("max_request_samples")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+        return min(own, limit)
+    return own
+
+
 # ------------------------------------------------------------------------------------- edge
 @dataclass
 class EdgeResult:
@@ -261,7 +279,8 @@ class EdgeClient:
         fallback: "raise" (default) or "local": when the cloud fails, answer the samples it should
             have handled with the edge's last exit (exit k) and record the error.
         timeout: Seconds to wait for the server on every connection.
-        max_request_samples: Most samples per request (the server's limit; larger sets are sent in parts).
+        max_request_samples: Most samples per request (larger sets are sent in parts); lowered to the server's
+            own `max_request_samples`, asked once before the first request.
     """
 
     def __init__(
@@ -292,6 +311,7 @@ class EdgeClient:
         self.fallback = fallback
         self.max_request_samples = max_request_samples
         self.transport = _transport(cloud, timeout, max_request_samples)
+        self._limit: int | None = None
         m = edge.num_early_exits - edge.split_index
         self.response_specs = {
             "logits": TensorSpec((None, m, edge.num_classes), (torch.float32,)),
@@ -301,6 +321,7 @@ class EdgeClient:
     def check_server(self) -> dict[str, Any]:
         """Ask the server what it serves; raise `CloudResponseError` unless it is this edge part's cloud part."""
         info = self.transport.describe()
+        self._limit = _request_limit(info, self.max_request_samples)
         e = self.edge
         want = {"kind": "cloud", "exit_name": e.exit_name, "split_index": e.split_index, "num_classes": e.num_classes}
         wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
@@ -317,9 +338,11 @@ class EdgeClient:
             alive &= ~leave
 
     def _send(self, features: torch.Tensor, stats: torch.Tensor, result: EdgeResult) -> tuple[torch.Tensor, ...]:
-        """Send the offloaded rows in requests of at most `max_request_samples`; (logits, gate_logits)."""
+        """Send the offloaded rows in requests the server takes; (logits, gate_logits)."""
+        if self._limit is None:
+            self._limit = _request_limit(self.transport.describe(), self.max_request_samples)
         logits, gates = [], []
-        for part in _chunks(features.shape[0], self.max_request_samples):
+        for part in _chunks(features.shape[0], self._limit):
             t0 = time.perf_counter()
             body = encode_tensors(
                 {"features": features[part], "stats": stats[part]},
@@ -410,7 +433,8 @@ class ModelClient:
     Args:
         target: The application's URL (http://host:port/route) or a Ray Serve `DeploymentHandle`.
         timeout: Seconds to wait for the server on every connection.
-        max_request_samples: Most samples per request (larger batches are sent in parts).
+        max_request_samples: Most samples per request (larger batches are sent in parts); lowered to the server's
+            own `max_request_samples`.
     """
 
     def __init__(self, target: str | Any, timeout: float = 30.0, max_request_samples: int = 32) -> None:
@@ -421,6 +445,7 @@ class ModelClient:
         self.transport = _transport(target, timeout, max_request_samples)
         self.max_request_samples = max_request_samples
         self._specs: dict[str, TensorSpec] | None = None
+        self._limit = max_request_samples
 
     def describe(self) -> dict[str, Any]:
         """What the server serves (its GET answer)."""
@@ -431,8 +456,12 @@ class ModelClient:
             info = self.describe()
             if info.get("kind") != "model":
                 raise CloudResponseError(f"the server runs a {info.get('kind')!r} application, not a whole model.")
+            k = info.get("num_classes")
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise CloudResponseError(f"the server describes num_classes={k!r}; expected a positive int.")
+            self._limit = _request_limit(info, self.max_request_samples)
             self._specs = {
-                "logits": TensorSpec((None, int(info["num_classes"])), (torch.float32,)),
+                "logits": TensorSpec((None, k), (torch.float32,)),
                 "exit_index": TensorSpec((None,), (torch.int64,)),
             }
         return self._specs
@@ -450,7 +479,7 @@ class ModelClient:
         _check_images(x, "ModelClient.predict")
         specs = self._response_specs()
         logits, index = [], []
-        for part in _chunks(x.shape[0], self.max_request_samples):
+        for part in _chunks(x.shape[0], self._limit):
             answer = self.transport.post(encode_tensors({"image": x[part]}))
             out = _decode_answer(answer, specs, part.stop - part.start)
             logits.append(out["logits"])

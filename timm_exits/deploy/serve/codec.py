@@ -2,7 +2,8 @@
 
 `encode_tensors` stores named tensors with safetensors; floating tensors can travel as fp16 or as
 8-bit affine codes with a per-tensor or per-channel scale and offset ("fp16", "int8",
-"int8-channel"), recorded in the payload's metadata.
+"int8-channel"), recorded in the payload's metadata. A tensor its codec would not give back finite
+(NaN or inf in 8-bit codes, finite values beyond float16's range in "fp16") is refused.
 
 `decode_tensors` reads only the header before it allocates anything: every entry's dtype, shape and
 byte range are checked against the payload, the quantisation parameters must have the shape of the
@@ -32,6 +33,7 @@ __all__ = [
     "TensorSpec",
     "encode_tensors",
     "decode_tensors",
+    "peek_tensors",
     "describe_specs",
 ]
 
@@ -82,8 +84,14 @@ class TensorSpec:
 
 
 # ------------------------------------------------------------------------------------- encode
-def _quantise(t: torch.Tensor, axis: int | None) -> dict[str, torch.Tensor]:
+def _quantise(name: str, t: torch.Tensor, axis: int | None) -> dict[str, torch.Tensor]:
     x = t.detach().float()
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(
+            f"{name!r} holds {bad} NaN or inf values; 8-bit codes cannot carry them (one would turn every value "
+            "sharing its scale into NaN). Send it with compression 'none' or 'fp16', or fix the values."
+        )
     if axis is None:
         lo, hi = x.amin(), x.amax()
     else:
@@ -92,9 +100,28 @@ def _quantise(t: torch.Tensor, axis: int | None) -> dict[str, torch.Tensor]:
         lo = x.amin(dim=dims, keepdim=True) if dims else x
         hi = x.amax(dim=dims, keepdim=True) if dims else x
     scale = (hi - lo) / 255.0
+    if not torch.isfinite(scale).all():
+        raise ValueError(
+            f"{name!r} spans a range wider than float32 ({float(lo.min()):.3g} to {float(hi.max()):.3g}); 8-bit "
+            "codes of it would decode to NaN. Send it with compression 'none'."
+        )
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = ((x - lo) / scale).round_().clamp_(0, 255).to(torch.uint8)  # keeps the input's memory layout
     return {"q": q.contiguous(), "scale": scale.contiguous(), "offset": lo.contiguous()}
+
+
+def _half(name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t` as float16; refused where a finite value would become inf (NaN and inf themselves travel as they are)."""
+    h = t.half().contiguous()
+    overflow = torch.isinf(h) & torch.isfinite(t)
+    if overflow.any():
+        largest = float(t[overflow].abs().max())
+        raise ValueError(
+            f"{name!r} holds {int(overflow.sum())} finite values beyond float16's range (largest |x| {largest:.3g} > "
+            f"{torch.finfo(torch.float16).max:.0f}), which fp16 would turn into inf. Send it with compression "
+            "'none' or 'int8-channel'."
+        )
+    return h
 
 
 def encode_tensors(
@@ -114,6 +141,10 @@ def encode_tensors(
 
     Returns:
         The payload bytes.
+
+    Raises:
+        ValueError: A tensor to compress holds values its codec would not give back finite: NaN or inf for the
+            8-bit codes, finite values beyond float16's range for "fp16".
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}; use one of {COMPRESSIONS}.")
@@ -144,9 +175,9 @@ def encode_tensors(
         if mode == "none":
             out[name] = t.contiguous()
         elif mode == "fp16":
-            out[name] = t.half().contiguous()
+            out[name] = _half(name, t)
         else:
-            parts = _quantise(t, channel_axis if mode == "int8-channel" else None)
+            parts = _quantise(name, t, channel_axis if mode == "int8-channel" else None)
             for key, value in parts.items():
                 out[f"{name}/{key}"] = value
     return _st_save(out, metadata={_META_KEY: json.dumps(codec), "format": "pt"})
@@ -323,11 +354,11 @@ def decode_tensors(
     data = bytes(data)
     entries, meta = _header(data)
     planned = _plan(entries, meta)
+    if specs is not None:
+        _check_specs(planned, specs, max_batch)
     total = sum(math.prod(p.shape) for p in planned.values())
     if max_elements is not None and total > max_elements:
         raise PayloadError(f"payload decodes to {total} elements; the limit is {max_elements}.", 413)
-    if specs is not None:
-        _check_specs(planned, specs, max_batch)
     try:
         raw = _st_load(data)
     except Exception as e:  # safetensors raises its own error type for malformed data
@@ -340,6 +371,22 @@ def decode_tensors(
             q, scale, offset = (raw[f"{name}/{k}"] for k in ("q", "scale", "offset"))
             out[name] = torch.addcmul(offset, q.float(), scale).to(p.dtype)
     return out
+
+
+def peek_tensors(data: bytes) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """What a payload of `encode_tensors` decodes to, read from its header alone (nothing is decoded).
+
+    Args:
+        data: The payload bytes.
+
+    Returns:
+        Name -> (decoded dtype, shape).
+
+    Raises:
+        PayloadError: The header is malformed or does not match the payload.
+    """
+    planned = _plan(*_header(data if isinstance(data, bytes) else bytes(data)))
+    return {name: (p.dtype, p.shape) for name, p in planned.items()}
 
 
 def describe_specs(specs: Mapping[str, TensorSpec]) -> dict[str, Any]:

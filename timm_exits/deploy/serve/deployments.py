@@ -141,9 +141,8 @@ class ServedReplica:
         length = request.headers.get("content-length", "")
         if not length.isdigit():
             return _json_response(411, {"error": "a Content-Length header is required."})
-        limit = self.served.max_body_bytes
-        if int(length) > limit:
-            return _json_response(413, {"error": f"payload of {length} bytes exceeds the limit of {limit}."})
+        if int(length) > self.served.max_body_bytes:
+            return _json_response(413, {"error": str(self.served.too_large(int(length)))})
         try:
             body = await asyncio.wait_for(_read_body(request, int(length)), self.body_timeout_s)
             answer = await self.infer(body)

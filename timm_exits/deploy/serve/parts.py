@@ -5,9 +5,10 @@ Two kinds of served model share one protocol (a safetensors payload in, one out)
 * a `CloudPart` of `timm_exits.deploy.split`: request `features` (n, *feature_shape) in a floating dtype and
   `stats` (n, stats_dim) float32; answer `logits` (n, m, K) and `gate_logits` (n, m - 1) float32.
 * a whole model: request `image` (n, C, H, W), normalised images in a floating dtype or uint8 pixels (0-255,
-  normalised on the server with the model's mean and std, a quarter of float32's bytes); answer `logits`
-  (n, K) float32 and `exit_index` (n,) int64. An `EarlyExitModel` runs `timm_exits.predict` (hard early
-  exit over the batch); any other module (the plain backbone) runs its forward, every sample at exit 0.
+  normalised on the server with the model's mean and std, a quarter of float32's bytes; each request on its
+  own, so pixel and float requests can share a batch); answer `logits` (n, K) float32 and `exit_index` (n,)
+  int64. An `EarlyExitModel` runs `timm_exits.predict` (hard early exit over the batch); any other module
+  (the plain backbone) runs its forward, every sample at exit 0.
 
 This module needs no Ray: the deployments and the in-process client both use it.
 """
@@ -26,7 +27,7 @@ from ...core.model import EarlyExitModel
 from ...inference.hard_exit import _nonfinite_rows, predict
 from ...inference.policies import EXIT_RULES, resolve_thresholds
 from ..split import CloudPart
-from .codec import FLOAT_DTYPES, PayloadError, TensorSpec, decode_tensors, describe_specs
+from .codec import FLOAT_DTYPES, PayloadError, TensorSpec, decode_tensors, describe_specs, peek_tensors
 
 __all__ = ["Served", "served_cloud", "served_model", "decode_request", "run_batch"]
 
@@ -62,6 +63,15 @@ class Served:
     thresholds: list[float] | None = None
     info: dict[str, Any] | None = None
     pixel_norm: tuple[list[float], list[float]] | None = None
+
+    def too_large(self, size: int) -> PayloadError:
+        """The 413 error of a request body of `size` bytes over `max_body_bytes`."""
+        return PayloadError(
+            f"payload of {size} bytes exceeds the limit of {self.max_body_bytes} (max_request_samples="
+            f"{self.max_request_samples} samples in float32); send at most {self.max_request_samples} samples per "
+            "request.",
+            413,
+        )
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description: kind, specs, limits, policy and the module's fields."""
@@ -136,19 +146,25 @@ def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int
     raise ValueError("give input_size=(C, H, W): the model records none, and requests are checked against it.")
 
 
+def _fits(mean: Sequence[float], std: Sequence[float], channels: int) -> bool:
+    return len(mean) == channels and len(std) == channels and all(v > 0 for v in std)
+
+
 def _pixel_norm(
     model: nn.Module, channels: int, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> tuple[list[float], list[float]] | None:
-    """The (mean, std) uint8 pixels are normalised with: given, else the backbone's timm pretrained_cfg."""
+    """The (mean, std) uint8 pixels are normalised with: given, else the backbone's timm pretrained_cfg when it
+    fits the channels (a 1-channel model keeps ImageNet's three values there: it takes float images only)."""
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std (per channel, for pixels scaled to [0, 1]) or neither.")
-    if mean is None:
+    if mean is None or std is None:
         cfg = getattr(getattr(model, "backbone", model), "pretrained_cfg", None) or {}
-        mean, std = cfg.get("mean"), cfg.get("std")
-        if mean is None or std is None:
+        if cfg.get("mean") is None or cfg.get("std") is None:
             return None
+        m, s = [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+        return (m, s) if _fits(m, s, channels) else None
     m, s = [float(v) for v in mean], [float(v) for v in std]
-    if len(m) != channels or len(s) != channels or not all(v > 0 for v in s):
+    if not _fits(m, s, channels):
         raise ValueError(f"mean={m} and std={s} need one value per channel ({channels}), std > 0.")
     return m, s
 
@@ -175,7 +191,7 @@ def served_model(
         max_request_samples: Most samples one request may hold.
         mean: Per-channel mean that uint8 pixel requests are normalised with (``(x / 255 - mean) / std``);
             default: the backbone's timm ``pretrained_cfg`` (the one `save_pretrained` records). A model
-            that records none takes float images only.
+            that records none, or values of another channel count, takes float images only.
         std: Per-channel standard deviation, given with `mean`.
 
     Returns:
@@ -217,6 +233,26 @@ def _param(module: nn.Module) -> torch.Tensor:
     return next(module.parameters(), torch.empty(0))
 
 
+def _image(served: Served, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One request's images on `device`, uint8 pixels normalised to float32: before they join a batch, where
+    torch.cat would turn them into floats still scaled 0-255."""
+    x = x.to(device)
+    if x.dtype != torch.uint8:
+        return x
+    if served.pixel_norm is None:
+        raise PayloadError(_no_pixel_norm(served))
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in served.pixel_norm)
+    return (x.float() / 255.0 - mean) / std
+
+
+def _no_pixel_norm(served: Served) -> str:
+    channels = served.request["image"].shape[1]
+    return (
+        f"uint8 pixels, but this server has no mean and std to normalise them with ({channels} channels): send "
+        "normalised float images, or serve the model with mean=[...] and std=[...] (one value per channel)."
+    )
+
+
 def _forward(served: Served, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     p = _param(served.module)
     dtype = p.dtype if p.is_floating_point() else torch.float32
@@ -224,16 +260,32 @@ def _forward(served: Served, inputs: dict[str, torch.Tensor]) -> dict[str, torch
         if served.kind == "cloud":
             out = served.module(inputs["features"].to(p.device, dtype), inputs["stats"].to(p.device).float())
             return {"logits": out.logits.float(), "gate_logits": out.gate_logits.float()}
-        x = inputs["image"].to(p.device)
-        if x.dtype == torch.uint8:
-            mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in served.pixel_norm)
-            x = (x.float() / 255.0 - mean) / std
-        x = x.to(dtype)
+        x = inputs["image"].to(p.device, dtype)
         if served.policy is not None:
             pred = predict(served.module, x, served.policy, served.thresholds)
             return {"logits": pred.logits.float(), "exit_index": pred.exit_index.long()}
         logits = served.module(x).float()
         return {"logits": logits, "exit_index": torch.zeros(x.shape[0], dtype=torch.long, device=logits.device)}
+
+
+def _check_header(served: Served, body: bytes) -> None:
+    """Refuse from the header alone a request over the sample limit, or uint8 pixels the server cannot normalise."""
+    declared = peek_tensors(body)
+    for name, spec in served.request.items():
+        if name not in declared or None not in spec.shape:
+            continue
+        dtype, shape = declared[name]
+        axis = spec.shape.index(None)
+        n = shape[axis] if len(shape) > axis else 0
+        if n > served.max_request_samples:
+            m = served.max_request_samples
+            raise PayloadError(
+                f"payload holds {n} samples; the limit is max_request_samples={m} per request: send at most {m} "
+                "samples per request (the clients do so, following the server's max_request_samples).",
+                413,
+            )
+        if served.kind == "model" and dtype == torch.uint8 and served.pixel_norm is None:
+            raise PayloadError(_no_pixel_norm(served))
 
 
 def decode_request(served: Served, body: bytes) -> dict[str, torch.Tensor]:
@@ -247,11 +299,13 @@ def decode_request(served: Served, body: bytes) -> dict[str, torch.Tensor]:
         Name -> (n, ...) tensor.
 
     Raises:
-        PayloadError: Over the size limit (status 413); malformed, not fitting the specs, or images holding
+        PayloadError: Over the sample or size limit (status 413, the sample count read from the header first);
+            malformed, not fitting the specs, uint8 pixels to a model without a mean and std, or images holding
             NaN or inf (400: the hard early exit refuses them, and in a batch they would fail every request).
     """
+    _check_header(served, body)
     if len(body) > served.max_body_bytes:
-        raise PayloadError(f"payload of {len(body)} bytes exceeds the limit of {served.max_body_bytes}.", 413)
+        raise served.too_large(len(body))
     limits = {"max_elements": served.max_elements, "max_batch": served.max_request_samples}
     tensors = decode_tensors(body, served.request, **limits)
     image = tensors.get("image") if served.kind == "model" else None
@@ -272,6 +326,9 @@ def run_batch(served: Served, requests: Sequence[Mapping[str, torch.Tensor]]) ->
         One answer per request (name -> (n_i, ...) CPU tensor), in order.
     """
     sizes = [int(next(iter(r.values())).shape[0]) for r in requests]
+    if served.kind == "model":
+        device = _param(served.module).device
+        requests = [{"image": _image(served, r["image"], device)} for r in requests]
     inputs = {k: torch.cat([r[k] for r in requests]) if len(requests) > 1 else requests[0][k] for k in served.request}
     out = {k: v.cpu() for k, v in _forward(served, inputs).items()}
     pieces = {k: v.split(sizes) for k, v in out.items()}
