@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_backbone
+from conftest import images, make_backbone
 
-from timm_exits import Collected, calibrate, simulate, sweep, wrap
+from timm_exits import Collected, calibrate, collect, simulate, sweep, wrap
 from timm_exits.inference.gate_fitting import fit_gates
 
 
@@ -228,3 +228,57 @@ def test_fit_gates_on_a_float16_model_equals_the_float32_fit_and_keeps_the_dtype
     assert fits[1] == fits[0]  # fitted on float32 copies: the same numbers
     for a, b in zip(gates[0].parameters(), gates[1].parameters()):
         torch.testing.assert_close(b.float(), a.half().float())
+
+
+# ------------------------------------------------------------------------------------ labels and other models
+def test_labels_of_any_integer_dtype_or_whole_floats_fit_and_calibrate_as_int64_labels():
+    data = _data(n=288)
+    model = _model()
+    ref = fit_gates(model, data, steps=20)
+    gates = _gate_state(model)
+    cal = calibrate(model, data, policy="confidence", target_cost=0.7, apply=False)
+    for dtype in (torch.uint8, torch.int16, torch.int32, torch.float32, torch.float64):
+        given = Collected(data.logits, data.gate_logits, data.labels.to(dtype), data.costs)
+        assert given.labels.dtype == torch.int64 and torch.equal(given.labels, data.labels)
+        model = _model()
+        assert fit_gates(model, given, steps=20) == ref
+        _assert_same_gates(model, gates)
+        assert calibrate(model, given, policy="confidence", target_cost=0.7, apply=False) == cal
+    for bad, shown in ((2.5, r"\[2.5\]"), (float("nan"), r"\[nan\]"), (float("inf"), r"\[inf\]")):
+        labels = data.labels.float()
+        labels[3] = bad
+        with pytest.raises(
+            ValueError, match=rf"^labels must be whole class indices; got torch.float32 labels with values {shown}"
+        ):
+            Collected(data.logits, data.gate_logits, labels, data.costs)
+
+
+def test_calibrate_and_fit_gates_refuse_data_collected_from_another_model():
+    def wrapped(exits, num_classes=5):
+        m, size = make_backbone("resnet18", num_classes=num_classes)
+        return wrap(m, exits, input_size=(3, size, size)).eval()
+
+    model = wrapped(["layer1", "layer2", "layer3"])
+    x = images(16, 64, seed=2)
+    data = collect(model, [(x, torch.arange(16) % 5)])
+    others = {
+        r"data has 3 early exits; the model has 2; data has exit costs \[": wrapped(["layer2", "layer3"]),
+        r"data has 5 classes; the model has 10; data has exit costs": wrapped(
+            ["layer1", "layer2", "layer3"], num_classes=10
+        ),
+        r"data has exit costs \[[^]]*\]; the model has \[[^]]*\]\. The data": wrapped(["layer1.0", "layer2", "layer3"]),
+    }
+    for message, other in others.items():
+        before = _gate_state(other)
+        for where, run in (
+            ("calibrate", lambda m: calibrate(m, data, policy="confidence", target_cost=0.7)),
+            ("fit_gates", lambda m: fit_gates(m, data, steps=5)),
+        ):
+            with pytest.raises(ValueError, match=rf"^{where}: {message}") as e:
+                run(other)
+            assert str(e.value).endswith("collect it again with this model, timm_exits.collect(model, loader).")
+        assert other.config.thresholds is None
+        _assert_same_gates(other, before)
+    cal = calibrate(model, data, policy="confidence", target_cost=0.7)  # the model it came from
+    assert model.config.thresholds == [cal.threshold] * 3
+    fit_gates(model, data, steps=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import images, make_backbone, spread_thresholds
 
-from timm_exits import Collected, calibrate, collect, predict, simulate, sweep, wrap
+from timm_exits import Collected, EarlyExitModel, calibrate, collect, predict, simulate, sweep, wrap
 from timm_exits.core.gates import logit_stats
 from timm_exits.core.layout import to_nchw
 from timm_exits.inference.hard_exit import _check_batch_shrink, _run_hard, run_assigned
@@ -20,6 +21,12 @@ from timm_exits.inference.policies import exit_mask, resolve_thresholds
 def _wrapped(name: str, exits="auto"):
     m, size = make_backbone(name)
     return wrap(m, exits, input_size=(3, size, size)).eval(), size
+
+
+def _model_of(data: Collected, exits) -> EarlyExitModel:
+    """A resnet18 with the classes and exit costs of `data` (calibrate refuses another model's data)."""
+    m, size = make_backbone("resnet18", num_classes=data.logits.shape[-1])
+    return wrap(m, exits, input_size=(3, size, size), costs=data.costs.tolist()).eval()
 
 
 def _reference(model, x, policy, thresholds):
@@ -232,7 +239,7 @@ def _loader(x, y, batch=8):
 
 
 def test_sweep_equals_each_threshold_recomputed_from_the_exit_rule():
-    # logits on a coarse grid: many samples share a score, so thresholds fall exactly on ties
+    # logits on a coarse grid: many samples share a score, so many quantiles fall on the same ties
     g = torch.Generator().manual_seed(3)
     n, exits, classes = 300, 4, 6
     logits = torch.randint(-3, 4, (n, exits + 1, classes), generator=g).float() / 2
@@ -241,7 +248,7 @@ def test_sweep_equals_each_threshold_recomputed_from_the_exit_rule():
     data = Collected(logits, gate_logits, labels, torch.tensor([0.1, 0.3, 0.5, 0.7, 1.0]))
     for policy in ("gate", "confidence", "entropy"):
         curve = sweep(data, policy, num=41)
-        assert len(curve) > 10
+        assert len(curve) >= 8
         for point in curve:
             index = torch.full((n,), exits)
             for b in reversed(range(exits)):
@@ -309,6 +316,51 @@ def test_calibration_meets_targets_and_matches_hard_path():
         calibrate(model, data, policy="gate")
     with pytest.raises(ValueError, match="no batches"):
         calibrate(model, [], policy="gate", target_cost=0.5)
+
+
+def _scores(data: Collected, policy: str) -> torch.Tensor:
+    """Every early exit's scores under `policy`, flattened."""
+    if policy == "gate":
+        return torch.sigmoid(data.gate_logits).flatten()
+    col = 0 if policy == "confidence" else 1
+    return torch.cat([logit_stats(data.logits[:, b])[:, col] for b in range(data.gate_logits.shape[1])])
+
+
+def test_swept_thresholds_lie_between_scores_and_give_every_batch_size_the_same_exits():
+    model, size = _wrapped("resnet18")
+    with torch.no_grad():
+        for b in model.branches:  # decisive exits: scores spread over [0, 1]
+            for p in b.head.parameters():
+                p.mul_(30)
+    x = images(12, size, seed=11)
+    data = collect(model, [(x, torch.arange(12) % 10)])
+    for policy in ("gate", "confidence", "entropy"):
+        scores = _scores(data, policy)
+        distinct = torch.unique(scores)
+        # the thresholds the sweep placed on the quantiles themselves, and the samples each let out
+        quantiles = torch.quantile(scores.double(), torch.linspace(0, 1, 9, dtype=torch.float64)).tolist()
+        placed = {tuple(simulate(data, policy, t).tolist()) for t in [0.0, 1.0, *quantiles]}
+        curve = sweep(data, policy, num=9)
+        assert {tuple(simulate(data, policy, p["threshold"]).tolist()) for p in curve} == placed
+        inner = [p["threshold"] for p in curve if p["threshold"] not in (0.0, 1.0)]
+        for t in inner:  # each sample takes the simulated exit, in the batch and alone
+            index = simulate(data, policy, t)
+            assert torch.equal(predict(model, x, policy, t).exit_index, index)
+            alone = torch.cat([predict(model, x[i : i + 1], policy, t).exit_index for i in range(12)])
+            assert torch.equal(alone, index), (policy, t)
+        for t in inner:  # on no sample's score: halfway between two
+            assert not (distinct == t).any(), (policy, t)
+            lo, hi = float(distinct[distinct < t].max()), float(distinct[distinct > t].min())
+            assert t == float(torch.tensor((lo + hi) / 2)), (policy, t, lo, hi)
+        # calibrating picks the same cost and accuracy as the thresholds on the quantiles would
+        cal = calibrate(model, data, policy, target_cost=0.7, apply=False, num=9)
+        correct = data.logits.argmax(-1) == data.labels[:, None]
+        points = [
+            (correct.gather(1, torch.tensor(i)[:, None]).double().mean(), data.costs.double()[list(i)].mean())
+            for i in placed
+        ]
+        acc, cost = max((float(a), -float(c)) for a, c in points if float(c) <= 0.7 + 1e-12)
+        assert (cal.accuracy, cal.cost) == (acc, -cost)
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -393,6 +445,28 @@ def test_predict_with_nonfinite_inputs():
     assert all_bad.stats.nonfinite == [0, 1] and all_bad.exit_index.tolist() == [last, last]
     with pytest.raises(ValueError, match="outside"):
         predict(model, x[[1, 4]], "gate", 2.0, allow_nonfinite=True)
+
+
+def test_nonfinite_samples_leave_a_train_mode_model_as_the_finite_samples_alone_would():
+    model, size = _wrapped("resnet18")
+    model.train()
+    x = images(6, size, seed=4)
+    x[1, 0, 2, 2] = float("nan")
+    x[4] = float("inf")
+    good = torch.tensor([0, 2, 3, 5])
+    alone = copy.deepcopy(model)
+    ref = predict(alone, x[good], "confidence", 0.5)
+    pred = predict(model, x, "confidence", 0.5, allow_nonfinite=True)
+    assert pred.stats.nonfinite == [1, 4]
+    assert torch.equal(pred.logits[good], ref.logits) and torch.equal(pred.exit_index[good], ref.exit_index)
+    _assert_same_state(model, _state(alone))  # BatchNorm's running statistics saw the finite samples only
+    assert model.training and all(m.training for m in model.modules())
+    # a single non-finite sample: no train-mode BatchNorm over one sample, and nothing on the model changes
+    before = _state(model)
+    one = predict(model, x[1:2], "confidence", 0.5, allow_nonfinite=True)
+    assert one.stats.nonfinite == [0] and one.exit_index.tolist() == [model.num_exits - 1]
+    _assert_same_state(model, before)
+    assert torch.isfinite(predict(model.eval(), images(4, size), "confidence", 0.5).logits).all()
 
 
 def test_finite_check_of_predict_agrees_with_an_elementwise_check():
@@ -558,6 +632,34 @@ def test_a_bad_first_input_does_not_switch_predict_to_masking_for_good():
         assert predict(model, x, "confidence", 0.5).stats.batch_shrink
 
 
+def test_outputs_that_overflow_leave_the_batch_shrink_check_to_a_later_call():
+    model, size = _wrapped("resnet18")
+    huge = images(2, size).clamp(-1, 1) * 3e38  # finite images whose outputs overflow to NaN at every exit
+    with torch.no_grad():
+        assert not any(torch.isfinite(t).any() for t in model(huge).logits)
+    x = images(4, size, seed=2)
+    thresholds = spread_thresholds(model, x, "confidence")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot drop exited samples" for a resnet
+        assert not predict(model, huge, "confidence", thresholds).stats.batch_shrink  # masked, this call only
+        assert model._batch_shrink_safe is None
+        pred = predict(model, x, "confidence", thresholds)
+    assert pred.stats.batch_shrink and model._batch_shrink_safe is True
+    index, logits, _ = _reference(model, x, "confidence", thresholds)
+    assert torch.equal(pred.exit_index, index)
+    torch.testing.assert_close(pred.logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_predict_names_integer_images_and_how_to_convert_them():
+    model, size = _wrapped("resnet18")
+    pixels = (images(2, size) * 60 + 128).clamp(0, 255)
+    for dtype in (torch.uint8, torch.int64):
+        with pytest.raises(TypeError, match=rf"^input images are {dtype}; the model takes floating-point images\. "):
+            predict(model, pixels.to(dtype), "confidence", 0.5)
+    assert model._batch_shrink_safe is None
+    assert predict(model, pixels.to(torch.uint8).float() / 255, "confidence", 0.5).logits.shape == (2, 10)
+
+
 def test_predict_refuses_a_soft_threshold_labels_of_another_shape_and_text_thresholds():
     model, size = _wrapped("resnet18")
     x = images(4, size, seed=2)
@@ -588,8 +690,7 @@ def test_the_conservative_threshold_keeps_every_sample_even_where_scores_saturat
     for policy, never, always in (("confidence", 1.0, 0.0), ("gate", 1.0, 0.0), ("entropy", 0.0, 1.0)):
         assert simulate(data, policy, never).tolist() == [1] * 10
         assert simulate(data, policy, always).tolist() == [0] * 10
-        model, _ = _wrapped("resnet18", ["layer1"])
-        cal = calibrate(model, data, policy, max_accuracy_drop=0.0, apply=False)
+        cal = calibrate(_model_of(data, ["layer1"]), data, policy, max_accuracy_drop=0.0, apply=False)
         assert (cal.accuracy, cal.threshold) == (1.0, never)
 
 
@@ -606,9 +707,8 @@ def test_calibration_points_on_a_target_are_not_lost_to_float32_rounding():
     n, logits = 300, torch.zeros(300, 2, 3)
     logits[:180, 1, 0] = logits[:177, 0, 0] = 5.0
     logits[180:, 1, 1] = logits[177:, 0, 1] = 5.0
-    model, _ = _wrapped("resnet18", ["layer1"])
     data = Collected(logits, torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), torch.tensor([0.3, 1.0]))
-    cal = calibrate(model, data, "confidence", max_accuracy_drop=0.01, apply=False)
+    cal = calibrate(_model_of(data, ["layer1"]), data, "confidence", max_accuracy_drop=0.01, apply=False)
     assert (cal.cost, cal.accuracy) == (pytest.approx(0.3), pytest.approx(0.59))
 
 

@@ -38,6 +38,7 @@ class Collected:
     costs: torch.Tensor
 
     def __post_init__(self) -> None:
+        self.labels = _class_indices(self.labels)
         k = self.logits.shape[-1]
         if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= k):
             bad = self.labels[(self.labels < 0) | (self.labels >= k)].unique()[:5].tolist()
@@ -50,6 +51,37 @@ class Collected:
     def exit_accuracy(self) -> list[float]:
         """Accuracy of every exit on all samples."""
         return (self.logits.argmax(-1) == self.labels[:, None]).double().mean(0).tolist()
+
+
+def _class_indices(labels: torch.Tensor) -> torch.Tensor:
+    """`labels` as int64 class indices: integer and bool labels are cast, floats only if they hold whole numbers."""
+    if labels.is_floating_point():
+        whole = torch.isfinite(labels) & (labels == labels.round())
+        if not whole.all():
+            bad = labels[~whole].unique()[:5].tolist()
+            raise ValueError(
+                f"labels must be whole class indices; got {labels.dtype} labels with values {bad}. Give one class "
+                "index per sample (e.g. targets.argmax(-1) for one-hot or soft targets)."
+            )
+    return labels.long()
+
+
+def _require_match(model: EarlyExitModel, data: Collected, where: str) -> None:
+    """Refuse data collected from another model: its early exits, classes and exit costs must be the model's."""
+    problems = []
+    n_early = data.gate_logits.shape[1]
+    if n_early != len(model.branches):
+        problems.append(f"data has {n_early} early exits; the model has {len(model.branches)}")
+    if data.logits.shape[-1] != model.num_classes:
+        problems.append(f"data has {data.logits.shape[-1]} classes; the model has {model.num_classes}")
+    costs = model.exit_costs.detach().double().cpu()
+    if data.costs.shape != costs.shape or not torch.allclose(data.costs.double().cpu(), costs, rtol=1e-5, atol=0):
+        problems.append(f"data has exit costs {data.costs.tolist()}; the model has {costs.tolist()}")
+    if problems:
+        raise ValueError(
+            f"{where}: " + "; ".join(problems) + ". The data was collected from another model (or the model's exits "
+            "or costs changed since): collect it again with this model, timm_exits.collect(model, loader)."
+        )
 
 
 @dataclass
@@ -220,6 +252,7 @@ def _point(costs: torch.Tensor, correct: torch.Tensor, index: torch.Tensor) -> t
 
 
 def _candidates(data: Collected, policy: str, stats: list[torch.Tensor | None], num: int) -> list[float]:
+    """0, 1 and thresholds at `num` quantiles of the policy's scores, each moved off the scores (`_between`)."""
     if policy == "gate":
         scores = torch.sigmoid(data.gate_logits)
     else:
@@ -227,7 +260,33 @@ def _candidates(data: Collected, policy: str, stats: list[torch.Tensor | None], 
         scores = torch.stack([st[:, col] for st in stats], 1) if stats else data.gate_logits
     qs = torch.linspace(0, 1, num, dtype=torch.float64)
     values = torch.quantile(scores.flatten().double(), qs).tolist() if scores.numel() else []
-    return sorted({0.0, 1.0, *[min(max(v, 0.0), 1.0) for v in values]})
+    distinct = torch.unique(scores.flatten())  # sorted
+    return sorted({0.0, 1.0, *[_between(policy, distinct, min(max(v, 0.0), 1.0)) for v in values]})
+
+
+def _between(policy: str, scores: torch.Tensor, t: float) -> float:
+    """A threshold that lets exactly the scores out that `t` does, halfway between the two distinct scores around it.
+
+    A threshold on a calibration sample's score would let a rounding difference (another batch size, another
+    kernel) flip that sample's exit. Where the halfway point rounds onto one of the two scores (in the scores'
+    dtype, as the exit rules compare), `t` is kept.
+
+    Args:
+        policy: "gate", "confidence" (scores at or above the threshold leave) or "entropy" (at or below).
+        scores: The sorted distinct scores of every early exit.
+        t: A threshold in [0, 1].
+
+    Returns:
+        The threshold: 0 or 1 where every score or none leaves, else a value strictly between two scores.
+    """
+    if t in (0.0, 1.0):
+        return t
+    below = int((scores <= t).sum()) if policy == "entropy" else int((scores < t).sum())  # the comparison of `t`
+    if below in (0, scores.numel()):  # every score on one side: 0 and 1 let the same scores out
+        return 0.0 if below == 0 else 1.0
+    lo, hi = float(scores[below - 1]), float(scores[below])
+    mid = float(torch.tensor((lo + hi) / 2, dtype=scores.dtype))
+    return mid if lo < mid < hi else t
 
 
 def sweep(data: Collected, policy: PolicyName, num: int = 201) -> list[dict[str, float]]:
@@ -271,8 +330,9 @@ def calibrate(
         A `Calibration` with the threshold, the cost and accuracy reached and the whole sweep.
 
     Raises:
-        ValueError: If the collected logits, gate logits or costs hold NaN or inf (see `collect`); the model's
-            stored policy is then left as it was.
+        ValueError: If the collected logits, gate logits or costs hold NaN or inf (see `collect`), or if a given
+            `Collected` comes from another model (other early exits, classes or exit costs); the model's stored
+            policy is then left as it was.
     """
     if (target_cost is None) == (max_accuracy_drop is None):
         raise ValueError("give exactly one of target_cost= or max_accuracy_drop=.")
@@ -284,6 +344,7 @@ def calibrate(
     if max_accuracy_drop is not None and max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop={max_accuracy_drop} is negative; give an allowed drop such as 0.01.")
     if isinstance(loader, Collected):
+        _require_match(model, loader, "calibrate")
         _require_finite(loader, "calibrate", _FIX_COLLECTED)
         data = loader
     else:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..core.gates import NUM_STATS, ExitGate, logit_stats
 from ..core.model import EarlyExitModel
 from ..core.soft import exit_log_probs
-from .calibration import _FIX_COLLECTED, Collected, _first, _require_finite
+from .calibration import _FIX_COLLECTED, Collected, _first, _require_finite, _require_match
 
 __all__ = ["GATE_OBJECTIVES", "GateFit", "fit_gates"]
 
@@ -104,8 +104,9 @@ def fit_gates(
         A `GateFit` with the objective and expected cost before and after.
 
     Raises:
-        ValueError: If `data` holds NaN or inf (naming how many samples, the exit and the first indices), or if
-            the fit diverges to non-finite gate parameters; the model's gates are then left exactly as they were.
+        ValueError: If `data` comes from another model (other early exits, classes or exit costs), holds NaN or
+            inf (naming how many samples, the exit and the first indices), or if the fit diverges to non-finite
+            gate parameters; the model's gates are then left exactly as they were.
     """
     if model.config.gate != "stats":
         raise ValueError(
@@ -114,8 +115,7 @@ def fit_gates(
         )
     if objective not in GATE_OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not one of {GATE_OBJECTIVES}.")
-    if data.gate_logits.shape[1] != len(model.branches):
-        raise ValueError(f"data has {data.gate_logits.shape[1]} early exits; the model has {len(model.branches)}.")
+    _require_match(model, data, "fit_gates")
     _require_finite(data, "fit_gates", _FIX_COLLECTED)
     device = model.exit_costs.device
     logits = data.logits.to(device).float()

@@ -201,7 +201,8 @@ def _check_batch_shrink(model: EarlyExitModel, x: torch.Tensor) -> bool:
     """Check once whether dropping a sample at each exit leaves the other samples' results unchanged.
 
     The check runs in eval mode (train-mode BatchNorm mixes the samples by design, and would update its
-    running statistics); every module's own mode is restored afterwards.
+    running statistics); every module's own mode is restored afterwards. Finite inputs whose outputs overflow
+    to NaN or inf cannot show either answer: such a call masks, and nothing is stored or said.
     """
     if model._batch_shrink_safe is not None:
         return model._batch_shrink_safe
@@ -216,6 +217,8 @@ def _check_batch_shrink(model: EarlyExitModel, x: torch.Tensor) -> bool:
     tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
     with no_autocast, evaluating(model):  # outside the try: a bad input raises here and nothing is cached
         ref = _run_hard(model, pair, never, shrink=False).logits
+    if not bool(torch.isfinite(ref).all()):  # NaN never equals NaN: this input cannot tell, so mask this call
+        return False
     try:
         for b in range(len(model.branches)):
 
@@ -224,6 +227,8 @@ def _check_batch_shrink(model: EarlyExitModel, x: torch.Tensor) -> bool:
 
             with no_autocast, evaluating(model):
                 got = _run_hard(model, pair, first_leaves, shrink=True).logits
+            if not bool(torch.isfinite(got).all()):
+                return False
             if not torch.allclose(got[1], ref[1], rtol=tol, atol=tol / 10):
                 reason = f"results change when a sample leaves at exit {b} ({model.branches[b].name!r})"
                 break
@@ -277,20 +282,28 @@ def predict(
             thresholds stored on the model for this policy, else `DEFAULT_THRESHOLDS[policy]`.
         labels: Optional (B,) labels for per-exit accuracy in the stats.
         batch_shrink: Remove exited samples from the batch mid-network. None checks once whether
-            the backbone allows it (see the module docstring).
+            the backbone allows it (see the module docstring; a batch whose outputs overflow to NaN or
+            inf masks and leaves the check to a later call).
         allow_nonfinite: What to do with samples whose input holds NaN or inf. False (default): raise a
-            ValueError naming them. True: run them through the whole network, never letting them exit
-            early, return their final-exit logits (for "soft", the soft output; NaN as a rule) and list
-            them in `stats.nonfinite`; the other samples get exactly what they would get without them.
+            ValueError naming them. True: run them through the whole network in eval mode, never letting
+            them exit early, return their final-exit logits (for "soft", the soft output; NaN as a rule)
+            and list them in `stats.nonfinite`; the other samples get exactly what they would get without
+            them, and the model's state (BatchNorm running statistics included) is as it would be without them.
 
     Returns:
         A `Prediction` with logits, per-sample exit index and stats, in input order.
+
+    Raises:
+        TypeError: If `x` holds integer images (e.g. uint8 pixels): convert and normalise them first.
+        ValueError: If `x`, `labels`, `policy` or `threshold` is malformed, or `x` holds NaN or inf without
+            `allow_nonfinite=True`.
     """
     policy = policy or model.config.policy
     _check_policy(policy)
     if policy == "soft" and threshold is not None:
         resolve_thresholds(model, policy, threshold)  # raises: the soft output takes no threshold
     model.check_input(x)
+    _check_dtype(x)
     if labels is not None and tuple(labels.shape) != (x.shape[0],):
         raise ValueError(
             f"labels of shape {tuple(labels.shape)} for a batch of {x.shape[0]}: give one class index per sample, "
@@ -313,6 +326,15 @@ def predict(
 
         run = _run_hard(model, x, decide, shrink=batch_shrink)
     return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
+
+
+def _check_dtype(x: torch.Tensor) -> None:
+    """Refuse integer or bool images (e.g. uint8 pixels), which the backbone's float layers cannot take."""
+    if not x.is_floating_point():
+        raise TypeError(
+            f"input images are {x.dtype}; the model takes floating-point images. Convert them as the model "
+            "expects, e.g. x.float() / 255 and then normalised with the model's mean and std."
+        )
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -354,7 +376,7 @@ def _predict_nonfinite(
         )
     if policy != "soft":
         resolve_thresholds(model, policy, threshold)  # the same errors as a finite batch gets
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):  # train-mode BatchNorm would take NaN into its running statistics
         out = model(x[rows])
     bad_logits = (out.log_probs if policy == "soft" else out.final).float()
     logits = bad_logits.new_zeros(n, bad_logits.shape[-1])
