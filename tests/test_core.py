@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -179,6 +180,18 @@ def test_config_from_older_json_with_empty_extra():
         ({"policy": "soft", "thresholds": [0.5] * 3}, "policy 'soft' takes no thresholds"),
         ({"layouts": {"layer1": "XYZ"}}, r"layouts \{'layer1': 'XYZ'\} are not layouts"),
         ({"input_size": [32, 32]}, r"must be \(C, H, W\)"),
+        ({"input_size": "224"}, r"input_size='224' must be \(C, H, W\) with positive integer sizes"),
+        ({"exits": "layer1"}, r"exits='layer1' must be a list of module names"),
+        ({"num_classes": 10.0}, r"num_classes=10.0 must be an integer of at least 0"),
+        ({"head_hidden": -5}, r"head_hidden=-5 must be an integer of at least 1"),
+        ({"gate_bias": "-2"}, r"gate_bias='-2' must be a finite number"),
+        ({"drop_rate": "0.1"}, r"drop_rate='0.1' must be a number in \[0, 1\]"),
+        ({"detach_gate_inputs": "no"}, r"detach_gate_inputs='no' must be True or False"),
+        ({"layouts": "NCHW"}, r"layouts='NCHW' must map module names to layouts"),
+        ({"thresholds": ["a", "b", "c"]}, r"one value in \[0, 1\] per early exit \(3\)"),
+        ({"costs": [0.1, 1.0]}, r"costs=\[0.1, 1.0\] must hold one finite, non-negative value per exit.*\(4\)"),
+        ({"costs": "abcd"}, r"costs='abcd' must hold one finite, non-negative value"),
+        ({"token_pool": "cls"}, r"token_pool='cls' is not a pooling"),
     ],
 )
 def test_a_config_that_cannot_work_is_refused_when_built(change, message):
@@ -186,6 +199,22 @@ def test_a_config_that_cannot_work_is_refused_when_built(change, message):
     timm_exits.ExitConfig.from_dict(good)
     with pytest.raises(ValueError, match=message):
         timm_exits.ExitConfig.from_dict({**good, **change})
+
+
+def test_numpy_values_in_a_config_become_python_numbers():
+    cfg = timm_exits.ExitConfig(
+        exits=np.array(["layer1", "layer2", "layer3"]),
+        num_classes=np.int64(10),
+        gate_bias=np.float32(-1.5),
+        thresholds=[np.float32(0.5)] * 3,
+        costs=np.array([0.25, 0.5, 0.75, 1.0], dtype=np.float32),
+        input_size=np.array([3, 32, 32]),
+    )
+    assert cfg.thresholds == [0.5] * 3 and cfg.costs == [0.25, 0.5, 0.75, 1.0] and cfg.input_size == (3, 32, 32)
+    values = [cfg.num_classes, cfg.gate_bias, *cfg.thresholds, *cfg.costs, *cfg.input_size, *cfg.exits]
+    assert {type(v) for v in values} == {int, float, str}
+    cfg.thresholds = np.full(3, 0.25, dtype=np.float32)  # set after the config was built
+    assert timm_exits.ExitConfig.from_json(cfg.to_json()).thresholds == [0.25] * 3
 
 
 def test_state_dict_round_trip():
@@ -271,9 +300,12 @@ def test_token_exits_pool_like_the_backbone():
     t = torch.randn(2, 1 + 36, 192)
     assert torch.equal(pool(t), t[:, 0])
     avg = timm.create_model("vit_tiny_patch16_224", img_size=96, global_pool="avg", num_classes=10)
-    pool = wrap(avg, [0.5], input_size=(3, 96, 96)).branches[0].head.pool
-    assert pool.token_pool == "avg"
+    model = wrap(avg, [0.5], input_size=(3, 96, 96))
+    pool = model.branches[0].head.pool
+    assert pool.token_pool == "avg" and model.config.token_pool == "avg"
     torch.testing.assert_close(pool(t), t[:, 1:].mean(1))
+    chosen = wrap(model.unwrap(), [0.5], input_size=(3, 96, 96), token_pool="token")  # the config's choice wins
+    assert chosen.branches[0].head.pool.token_pool == "token"
 
 
 def _capture_branch_inputs(model) -> dict[str, torch.Tensor]:

@@ -362,7 +362,7 @@ def test_a_config_that_would_not_load_back_is_refused_before_anything_is_written
     n = len(models["resnet"].config.exits)
     cases = (
         ("soft", [0.7] * n, "policy 'soft' takes no thresholds; set thresholds=None"),
-        ("confidence", 0.8, "object of type 'float' has no len()"),
+        ("confidence", 0.8, f"thresholds=0.8 must hold one value in [0, 1] per early exit ({n})"),
         ("gate", [1.5] * n, f"thresholds={[1.5] * n} must hold one value in [0, 1] per early exit ({n})"),
     )
     for policy, thresholds, reason in cases:
@@ -415,6 +415,7 @@ def test_round_trip_local_folder(case, models, tmp_path, monkeypatch):
         assert json.loads(f.metadata()["timm_exits"])["backbone_sha256"] == files["model.safetensors"]
     assert cfg["timm_exits"].pop("dtype") == "float32"
     assert cfg["timm_exits"].pop("upstream_hf_hub_id") == model.backbone.pretrained_cfg["hf_hub_id"]
+    assert cfg["timm_exits"].pop("costs_measured") is True and model.config.costs is None
     expected = model.config.to_dict() | {"costs": model.exit_costs.tolist()}
     assert cfg["timm_exits"] == json.loads(json.dumps(expected))
     assert cfg["timm_exits"]["format_version"] == FORMAT_VERSION
@@ -430,7 +431,7 @@ def test_round_trip_local_folder(case, models, tmp_path, monkeypatch):
     x = _x()
     _assert_equal(_outputs(model, x), _outputs(loaded, x))
     _assert_equal(_state(model), _state(loaded))
-    assert loaded.config == ExitConfig.from_dict(cfg["timm_exits"])
+    assert loaded.config == model.config and ExitConfig.from_dict(cfg["timm_exits"]).costs == expected["costs"]
     assert not loaded.training
 
     plain = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # timm alone loads the backbone
@@ -491,6 +492,84 @@ def test_a_bf16_model_loads_back_in_bf16_and_exits_as_saved(models, tmp_path):
     assert {p.dtype for p in as_float.parameters()} == {torch.float32}
     plain = timm.create_model(f"local-dir:{folder}", pretrained=True)  # timm alone: float32, as always
     assert {p.dtype for p in plain.parameters()} == {torch.float32}
+
+
+def test_token_exits_pool_as_saved_after_the_backbones_pool_changed(models, tmp_path):
+    model = copy.deepcopy(models["vit"])
+    assert model.backbone.global_pool == "token"
+    model.reset_classifier(7, global_pool="avg")  # the exits keep reading the class token
+    assert model.backbone.global_pool == "avg" and model.config.token_pool == "token"
+    folder = save_pretrained(model, tmp_path / "m")
+    assert json.loads((folder / "config.json").read_text())["timm_exits"]["token_pool"] == "token"
+    loaded = from_pretrained(folder)
+    assert [b.head.pool.token_pool for b in loaded.branches] == ["token"] * len(model.branches)
+    _assert_equal(_outputs(model.eval(), _x()), _outputs(loaded, _x()))
+
+    older = save_pretrained(models["vit"], tmp_path / "older")  # as the previous version wrote it: no token_pool
+    _edit_config(older, lambda c: c["timm_exits"].pop("token_pool"))
+    loaded = from_pretrained(older)  # pools as the backbone does, as before
+    assert loaded.config.token_pool == "token"
+    _assert_equal(_outputs(models["vit"], _x()), _outputs(loaded, _x()))
+
+
+def test_measured_costs_are_measured_again_after_a_reload(models, tmp_path):
+    model = copy.deepcopy(models["resnet"])
+    folder = save_pretrained(model, tmp_path / "measured")
+    loaded = from_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["timm_exits"]["costs_measured"] is True
+    assert loaded.config.costs is None and loaded.exit_costs.tolist() == model.exit_costs.tolist()
+    before = model.exit_costs.tolist()
+    model.reset_classifier(1000)
+    loaded.reset_classifier(1000)  # the classifiers' FLOPs changed: both measure again
+    assert loaded.exit_costs.tolist() == model.exit_costs.tolist() != before
+
+    given = copy.deepcopy(models["resnet"])
+    costs = [0.2, 0.4, 0.6, 0.8, 1.0]
+    given.set_costs(costs)
+    folder = save_pretrained(given, tmp_path / "given")
+    assert json.loads((folder / "config.json").read_text())["timm_exits"]["costs_measured"] is False
+    loaded = from_pretrained(folder)
+    loaded.reset_classifier(1000)  # given costs are kept
+    assert loaded.config.costs == pytest.approx(costs) and loaded.exit_costs.tolist() == pytest.approx(costs)
+
+    older = save_pretrained(models["resnet"], tmp_path / "older")  # as the previous version wrote it
+    _edit_config(older, lambda c: c["timm_exits"].pop("costs_measured"))
+    assert from_pretrained(older).config.costs == models["resnet"].exit_costs.tolist()  # taken as given, as before
+
+
+def test_numpy_thresholds_and_costs_are_saved_as_plain_numbers(models, tmp_path):
+    exits = models["resnet"].config.exits
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    thresholds = [np.float32(0.5)] * len(exits)
+    model = wrap(backbone, exits, input_size=(3, SIZE, SIZE), policy="confidence", thresholds=thresholds)
+    assert model.config.thresholds == [0.5] * len(exits) and {type(t) for t in model.config.thresholds} == {float}
+    assert from_pretrained(save_pretrained(model, tmp_path / "m")).config.thresholds == [0.5] * len(exits)
+
+    model.config.thresholds = np.full(len(exits), 0.25)  # set after the config was built
+    assert from_pretrained(save_pretrained(model, tmp_path / "m")).config.thresholds == [0.25] * len(exits)
+
+
+def test_a_backbone_argument_json_cannot_hold_is_saved_with_model_args(hub_server, tmp_path):
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=10, act_layer=torch.nn.SiLU)
+    model = wrap(backbone, input_size=(3, SIZE, SIZE)).eval()
+    earlier = save_pretrained(_make("resnet"), tmp_path / "earlier")
+    before = _files(earlier)
+    for target in (tmp_path / "new" / "m", earlier):
+        with pytest.raises(ValueError, match=r"'act_layer' is not serializable.*model_args=\{'act_layer': 'silu'\}"):
+            save_pretrained(model, target)
+    assert not (tmp_path / "new").exists() and _files(earlier) == before  # nothing made, nothing changed
+
+    folder = save_pretrained(model, tmp_path / "new" / "m", model_args={"act_layer": "silu"})
+    assert json.loads((folder / "config.json").read_text())["model_args"]["act_layer"] == "silu"
+    loaded = from_pretrained(folder)
+    assert isinstance(loaded.backbone.act1, torch.nn.SiLU)
+    _assert_equal(_outputs(model, _x()), _outputs(loaded, _x()))
+    plain = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert isinstance(plain.act1, torch.nn.SiLU)
+
+    push_to_hub(model, "org/silu", endpoint=hub_server.url, token="hf_test", model_args={"act_layer": "silu"})
+    assert json.loads(hub_server.commits[0]["files"]["config.json"])["model_args"]["act_layer"] == "silu"
 
 
 def test_load_exits_keeps_the_users_backbone(models, saved):
@@ -875,6 +954,87 @@ def test_an_incomplete_folder_or_hf_cache_says_what_is_missing(saved, tmp_path):
         )
 
 
+def _hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in module.modules())
+
+
+def test_a_failed_load_exits_leaves_the_backbone_without_hooks(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _flip_byte(folder / EXITS, "data")
+    backbone = timm.create_model(f"local-dir:{saved}", pretrained=True)
+    for _ in range(2):  # a retry adds nothing either
+        with pytest.raises(ExitCheckpointError, match="SHA-256 is"):
+            load_exits(backbone, folder)
+        assert _hooks(backbone) == 0
+    model = load_exits(backbone, saved)  # the backbone is still usable for a good folder
+    assert _hooks(backbone) == len(model.branches)
+
+
+def test_load_exits_refuses_a_backbone_with_a_classifier_for_an_added_final_head(models, tmp_path):
+    folder = save_pretrained(models["added_head"], tmp_path / "m")
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=10)  # the saved model's class count
+    before = _state(backbone)
+    with pytest.raises(ExitCheckpointError) as e:
+        load_exits(backbone, folder)
+    assert str(e.value) == (
+        f"{folder / 'config.json'}, key 'num_classes': the saved model's final exit is a head it added on a backbone "
+        "without a classifier, but this backbone has its own with 10 classes; create it with "
+        "timm.create_model(name, num_classes=0)."
+    )
+    assert _hooks(backbone) == 0
+    _assert_equal(before, _state(backbone))
+
+
+def _deep_json(folder: Path) -> None:
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _set(key: str, value: Any):
+    """An edit of config.json setting `key` ("a.b" for a nested one) to `value`."""
+
+    def edit(cfg: dict[str, Any]) -> None:
+        *path, last = key.split(".")
+        for part in path:
+            cfg = cfg[part]
+        cfg[last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "match", "both"),
+    [
+        (_set("timm_exits.layouts", "NCHW"), "timm_exits", "layouts='NCHW' must map module names to layouts", True),
+        (_set("timm_exits.detach_gate_inputs", "no"), "timm_exits", "detach_gate_inputs='no' must be True", True),
+        (_set("timm_exits.num_classes", 10.0), "timm_exits", "num_classes=10.0 must be an integer", True),
+        (_set("timm_exits.head_hidden", "x"), "timm_exits", "head_hidden='x' must be an integer", True),
+        (_set("timm_exits.costs", "abc"), "timm_exits", "costs='abc' must hold one finite, non-negative value", True),
+        (_set("timm_exits.thresholds", "0.5"), "timm_exits", r"thresholds='0.5' must hold one value in \[0, 1\]", True),
+        (_set("timm_exits.token_pool", "cls"), "timm_exits", "token_pool='cls' is not a pooling", True),
+        (_set("timm_exits.costs_measured", "yes"), "timm_exits.costs_measured", "expected true or false", True),
+        (_set("architecture", 5), "architecture", "expected a timm model name, got 5", True),
+        (_set("pretrained_cfg", []), "pretrained_cfg", "expected a JSON object, got list", True),
+        (_set("model_args", "x"), "model_args", "expected a JSON object, got str", True),
+        (_set("model_args", {"in_chans": "x"}), "model_args", "timm could not create 'test_resnet'", False),
+        (_set("model_args", {"bogus": 1}), "model_args", "unexpected keyword argument 'bogus'", False),
+        (None, None, "nested too deeply", True),
+    ],
+)
+def test_a_damaged_config_json_is_refused_naming_it(saved, tmp_path, edit, key, match, both):
+    folder = _copy(saved, tmp_path)
+    if edit is None:
+        _deep_json(folder)
+    else:
+        _edit_config(folder, edit)
+    loaders = [from_pretrained]
+    if both:  # load_exits does not build the backbone, so it never reads model_args
+        loaders.append(lambda source: load_exits(timm.create_model("test_resnet", num_classes=10), source))
+    for load in loaders:
+        with pytest.raises(ExitCheckpointError, match=match) as e:
+            load(folder)
+        assert e.value.file == str(folder / "config.json") and e.value.key == key
+
+
 def test_costs_must_agree(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     _edit_config(folder, lambda c: c["timm_exits"].update(costs=[0.5 * v for v in c["timm_exits"]["costs"]]))
@@ -885,7 +1045,8 @@ def test_costs_must_agree(saved, tmp_path):
 
 def test_exits_that_do_not_fit_the_backbone(saved, tmp_path):
     folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda c: c["timm_exits"].update(exits=["layer1", "no_such_module"]))
+    edit = {"exits": ["layer1", "no_such_module"], "costs": [0.3, 0.6, 1.0]}  # one cost per exit, as a save writes
+    _edit_config(folder, lambda c: c["timm_exits"].update(edit))
     with pytest.raises(ExitCheckpointError, match="no_such_module") as e:
         from_pretrained(folder)
     assert e.value.file.endswith("config.json") and e.value.key == "timm_exits.exits"
@@ -1009,7 +1170,7 @@ def test_format_version_1_loads_with_a_warning_and_resaves_with_hashes(models, s
         load_exits(timm.create_model(f"local-dir:{folder}", pretrained=True), folder)
 
     again = save_pretrained(loaded, tmp_path / "again" / saved.name, folder / "report.json")
-    for name in FILES:  # saved again: format version 2 with hashes, the bytes of the original save
+    for name in FILES:  # saved again: the current format version with hashes, the bytes of the original save
         assert (again / name).read_bytes() == (saved / name).read_bytes(), name
 
 

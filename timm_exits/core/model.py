@@ -124,7 +124,8 @@ class EarlyExitModel(nn.Module):
         self.backbone = backbone
         self.config = config
         num_prefix = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
-        token_pool = "token" if str(getattr(backbone, "global_pool", "avg")) == "token" else "avg"
+        own_pool = "token" if str(getattr(backbone, "global_pool", "avg")) == "token" else "avg"
+        config.token_pool = token_pool = config.token_pool or own_pool  # recorded: a rebuild pools as these exits
         prefixes = [num_prefix if p.prefix_tokens is None else p.prefix_tokens for p in points]
         self.branches = nn.ModuleList(
             [

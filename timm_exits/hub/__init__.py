@@ -5,7 +5,8 @@ A saved multi-exit model is a folder (or Hub repo) that is at the same time a no
     config.json          timm's own config (architecture, num_classes, model_args, pretrained_cfg), plus the
                          exit configuration (`ExitConfig.to_dict()`) under the top-level key "timm_exits", with
                          the SHA-256 of both weight files under "timm_exits" -> "files", the parameters' floating
-                         dtype under "dtype" (from_pretrained casts to it) and the backbone's pretrained_cfg
+                         dtype under "dtype" (from_pretrained casts to it), whether the costs were measured under
+                         "costs_measured" (reset_classifier measures them again) and the backbone's pretrained_cfg
                          "hf_hub_id" under "upstream_hf_hub_id" (the card's base model)
     model.safetensors    the backbone's weights, written by timm's `save_for_hf(..., safe_serialization=True)`
     exits.safetensors    exit heads, gates, the added final head (if any) and the `exit_costs` buffer, keyed as

@@ -67,7 +67,9 @@ _DTYPE_KEY = "dtype"  # config.json "timm_exits" -> the floating dtype of the sa
 
 _UPSTREAM_KEY = "upstream_hf_hub_id"  # config.json "timm_exits" -> the backbone's pretrained_cfg hf_hub_id
 
-_RECORD_KEYS = ("files", _DTYPE_KEY, _UPSTREAM_KEY)  # what a save records beside the ExitConfig fields
+_MEASURED_KEY = "costs_measured"  # config.json "timm_exits" -> whether the saved costs were measured, not given
+
+_RECORD_KEYS = ("files", _DTYPE_KEY, _UPSTREAM_KEY, _MEASURED_KEY)  # what a save records beside the ExitConfig fields
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -117,7 +119,7 @@ def _read_header(path: Path, label: str) -> tuple[dict[str, Any], dict[str, str]
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ExitCheckpointError(label, None, f"header is not valid JSON ({e}): the file is corrupted.") from e
     if not isinstance(header, dict):
         raise ExitCheckpointError(label, None, "header is not a JSON object: the file is corrupted.")
@@ -241,6 +243,14 @@ def _saved_upstream(hf_config: dict[str, Any], label: str) -> str | None:
             label, f"{CONFIG_KEY}.{_UPSTREAM_KEY}", f"expected a Hub id such as 'timm/name', got {upstream!r}."
         )
     return upstream
+
+
+def _saved_measured(hf_config: dict[str, Any], label: str) -> bool:
+    """Whether config.json records the saved costs as measured (False for a folder that records nothing)."""
+    measured = hf_config[CONFIG_KEY].get(_MEASURED_KEY, False)
+    if not isinstance(measured, bool):
+        raise ExitCheckpointError(label, f"{CONFIG_KEY}.{_MEASURED_KEY}", f"expected true or false, got {measured!r}.")
+    return measured
 
 
 # -------------------------------------------------------------------------------------------- integrity
@@ -390,6 +400,8 @@ def _read_json(path: Path, label: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExitCheckpointError(label, None, f"not valid JSON ({e}).") from e
+    except RecursionError as e:
+        raise ExitCheckpointError(label, None, "not a config: its JSON is nested too deeply to read.") from e
     if not isinstance(data, dict):
         raise ExitCheckpointError(label, None, "not a JSON object.")
     return data

@@ -34,6 +34,7 @@ from .files import (
     _read_safetensors,
     _recorded_hashes,
     _saved_dtype,
+    _saved_measured,
     _saved_upstream,
     _version,
 )
@@ -165,6 +166,7 @@ def _exit_config(hf_config: dict[str, Any], label: str) -> ExitConfig:
     """The `ExitConfig` recorded under config.json's "timm_exits" key, version-checked."""
     if "architecture" not in hf_config:
         raise ExitCheckpointError(label, "architecture", "missing: this is not a timm config.json.")
+    _check_timm_fields(hf_config, label)
     d = hf_config.get(CONFIG_KEY)
     if d is None:
         raise ExitCheckpointError(
@@ -191,6 +193,16 @@ def _exit_config(hf_config: dict[str, Any], label: str) -> ExitConfig:
         raise ExitCheckpointError(label, CONFIG_KEY, f"invalid exit configuration: {e}") from e
 
 
+def _check_timm_fields(hf_config: dict[str, Any], label: str) -> None:
+    """Refuse timm's own fields of config.json that timm.create_model could not read (a damaged file)."""
+    architecture = hf_config["architecture"]
+    if not isinstance(architecture, str) or not architecture:
+        raise ExitCheckpointError(label, "architecture", f"expected a timm model name, got {architecture!r}.")
+    for key in ("model_args", "pretrained_cfg"):
+        if key in hf_config and not isinstance(hf_config[key], dict):
+            raise ExitCheckpointError(label, key, f"expected a JSON object, got {type(hf_config[key]).__name__}.")
+
+
 def _attach(backbone: nn.Module, config: ExitConfig, label: str) -> EarlyExitModel:
     """`wrap(backbone, config=config)`, with errors naming the config file."""
     try:
@@ -209,11 +221,14 @@ def _load_exit_file(
     config_label: str,
     hashes: dict[str, str] | None,
     weights_label: str,
+    measured: bool,
 ) -> None:
     """Strictly load exits.safetensors into `model`'s heads, gates, final head and costs.
 
     With `hashes` (from config.json), the file must have its recorded SHA-256 and must have been saved with the
-    model.safetensors config.json records; nothing is loaded into `model` unless every check passes.
+    model.safetensors config.json records; nothing is loaded into `model` unless every check passes. Costs
+    config.json records as `measured` are used as loaded but stay measured (`model.config.costs` is None), so
+    `reset_classifier` measures them again as it does for the model that was saved.
     """
     tensors, meta = _read_safetensors(path, label)
     info = _exit_metadata(meta, label)
@@ -259,7 +274,7 @@ def _load_exit_file(
         _check_hash(path, label, hashes[EXITS_NAME], config_label)
         _check_pair(info, label, hashes[WEIGHTS_NAME], weights_label, config_label, intact=True)
     model.load_state_dict(tensors, strict=False)  # keys checked above: exactly the non-backbone ones
-    model.config.costs = [float(c) for c in model.exit_costs.tolist()]
+    model.config.costs = None if measured else [float(c) for c in model.exit_costs.tolist()]
 
 
 def _exit_metadata(meta: dict[str, str], label: str) -> dict[str, Any]:
@@ -269,7 +284,7 @@ def _exit_metadata(meta: dict[str, str], label: str) -> dict[str, Any]:
         return {}
     try:
         info = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ExitCheckpointError(label, f"__metadata__.{_META_KEY}", f"not valid JSON ({e}).") from e
     if not isinstance(info, dict):
         raise ExitCheckpointError(label, f"__metadata__.{_META_KEY}", "not a JSON object.")
@@ -288,6 +303,8 @@ class _Saved:
     architecture: str
     dtype: torch.dtype | None
     upstream: str | None
+    measured: bool
+    model_args: dict[str, Any]
 
 
 def _saved_config(src: Any) -> _Saved:
@@ -300,9 +317,11 @@ def _saved_config(src: Any) -> _Saved:
         cfg_label,
         exit_cfg,
         hashes,
-        str(hf_config["architecture"]),
+        hf_config["architecture"],
         _saved_dtype(hf_config, cfg_label),
         _saved_upstream(hf_config, cfg_label),
+        _saved_measured(hf_config, cfg_label),
+        hf_config.get("model_args", {}),
     )
 
 
@@ -340,8 +359,6 @@ def from_pretrained(
     Returns:
         The `EarlyExitModel`, in eval mode.
     """
-    import timm
-
     if "pretrained" in model_kwargs:
         raise TypeError("from_pretrained() builds the backbone itself; do not pass pretrained=.")
     src = _parse_source(source, revision, cache_dir, token, local_files_only)
@@ -350,16 +367,7 @@ def from_pretrained(
     weights_path, weights_label = src.fetch(WEIGHTS_NAME)
     exits_path, exits_label = src.fetch(EXITS_NAME)
 
-    try:
-        backbone = timm.create_model(f"local-dir:{saved.path.parent}", pretrained=False, **model_kwargs)
-    except RuntimeError as e:
-        if "Unknown model" not in str(e):
-            raise
-        raise ExitCheckpointError(
-            cfg_label,
-            "architecture",
-            f"{architecture!r} is not a registered timm model ({e}); import the package that registers it first.",
-        ) from e
+    backbone = _create_backbone(saved, model_kwargs)
     tensors, _ = _read_safetensors(weights_path, weights_label)
     _check_tensors(weights_label, tensors, backbone.state_dict(), context=f"architecture {architecture!r}")
     if hashes is not None:
@@ -369,8 +377,31 @@ def from_pretrained(
     _restore_upstream(backbone, saved.upstream)
 
     model = _attach(backbone, saved.exit_cfg, cfg_label)
-    _load_exit_file(model, exits_path, exits_label, architecture, cfg_label, hashes, weights_label)
+    _load_exit_file(model, exits_path, exits_label, architecture, cfg_label, hashes, weights_label, saved.measured)
     return model.to(device=device, dtype=dtype if dtype is not None else saved.dtype).eval()
+
+
+def _create_backbone(saved: _Saved, model_kwargs: dict[str, Any]) -> nn.Module:
+    """`timm.create_model` of the saved architecture without pretrained weights, its errors naming config.json."""
+    import timm
+
+    try:
+        return timm.create_model(f"local-dir:{saved.path.parent}", pretrained=False, **model_kwargs)
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
+        if isinstance(e, RuntimeError) and "Unknown model" in str(e):
+            raise ExitCheckpointError(
+                saved.label,
+                "architecture",
+                f"{saved.architecture!r} is not a registered timm model ({e}); import the package that registers "
+                "it first.",
+            ) from e
+        given = f" and the keyword arguments {model_kwargs}" if model_kwargs else ""
+        raise ExitCheckpointError(
+            saved.label,
+            "model_args",
+            f"timm could not create {saved.architecture!r} from the model_args {saved.model_args} it records{given} "
+            f"({type(e).__name__}: {e}); the file was edited or damaged, or written for another timm version.",
+        ) from e
 
 
 def _restore_upstream(backbone: nn.Module, upstream: str | None) -> None:
@@ -384,12 +415,20 @@ def _restore_upstream(backbone: nn.Module, upstream: str | None) -> None:
 def _check_classifier(model: nn.Module, num_classes: int, exits_path: Path, exits_label: str, cfg_label: str) -> None:
     """Refuse a backbone whose classifier cannot be the saved model's final exit, saying how to create it."""
     own = getattr(model, "num_classes", None)
-    if not isinstance(own, int) or own == num_classes:
+    if not isinstance(own, int):
         return
-    if own == 0:  # fine when the saved model added its own final head on a headless backbone
-        entries, _ = _read_header(exits_path, exits_label)
-        if any(k.startswith("final_head.") for k in entries):
+    entries, _ = _read_header(exits_path, exits_label)
+    if any(k.startswith("final_head.") for k in entries):  # the saved model added a final head: a headless backbone
+        if own == 0:
             return
+        raise ExitCheckpointError(
+            cfg_label,
+            "num_classes",
+            f"the saved model's final exit is a head it added on a backbone without a classifier, but this backbone "
+            f"has its own with {own} classes; create it with timm.create_model(name, num_classes=0).",
+        )
+    if own == num_classes:
+        return
     raise ExitCheckpointError(
         cfg_label,
         "num_classes",
@@ -443,7 +482,14 @@ def load_exits(
         )
     _check_classifier(model, exit_cfg.num_classes, exits_path, exits_label, cfg_label)
     wrapped = _attach(model, exit_cfg, cfg_label)
-    _load_exit_file(wrapped, exits_path, exits_label, architecture, cfg_label, hashes, f"{src.name}/{WEIGHTS_NAME}")
+    weights_label = f"{src.name}/{WEIGHTS_NAME}"
+    try:
+        _load_exit_file(
+            wrapped, exits_path, exits_label, architecture, cfg_label, hashes, weights_label, saved.measured
+        )
+    except BaseException:
+        wrapped.unwrap()  # the backbone leaves a failed load without hooks, as it came
+        raise
     wrapped.training = model.training
     for m in (wrapped.branches, wrapped.final_head):
         if m is not None:

@@ -6,6 +6,7 @@ at run time: the model is recognised by its attributes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from .card import _architecture, _check_report, _load_report, render_model_card
 from .files import (
     _COSTS_KEY,
     _DTYPE_KEY,
+    _MEASURED_KEY,
     _META_KEY,
     _PICKLE_NAMES,
     _UPSTREAM_KEY,
@@ -77,6 +79,7 @@ def save_pretrained(
     *,
     repo_id: str | None = None,
     data_config: dict[str, Any] | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> Path:
     """Save a multi-exit model as a timm-compatible folder (safetensors only) with a model card.
 
@@ -93,15 +96,18 @@ def save_pretrained(
         repo_id: Hub repo the folder is meant for, used in the card's usage snippets.
         data_config: Preprocessing recorded in timm's pretrained_cfg (e.g. {"input_size": (3, 32, 32),
             "mean": ..., "std": ...}); by default the backbone's own.
+        model_args: JSON replacements for `timm.create_model` arguments of the backbone that JSON cannot hold,
+            recorded in config.json's model_args (timm's `save_for_hf` argument): a backbone created with
+            `act_layer=nn.SiLU` is saved with `model_args={"act_layer": "silu"}`.
 
     Returns:
         The folder's path.
 
     Raises:
-        ValueError: `model.config` would not load back (e.g. thresholds with policy "soft"); nothing is written.
+        ValueError: `model.config` would not load back (e.g. thresholds with policy "soft"), or a backbone argument
+            is not JSON and `model_args` gives no replacement; nothing is written, and a folder the call created
+            is removed again.
     """
-    from timm.models._hub import save_for_hf
-
     model = _unwrap_compiled(model)
     if not _is_exit_model(model):
         raise TypeError(f"expected an EarlyExitModel (from timm_exits.wrap), got {type(model).__name__}")
@@ -114,17 +120,13 @@ def save_pretrained(
 
     folder = Path(save_directory).expanduser()
     _check_target(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove_stale_stages(folder)
     # Everything is written to a private folder inside the target first (the same file system, so each
     # move is atomic), then moved in file by file (config.json last): an interrupted save leaves the
     # earlier files, or files whose hashes config.json does not match, which loading refuses; never a
     # half-written file. A save killed before it cleans up leaves its folder, which a later save removes.
-    with tempfile.TemporaryDirectory(dir=folder, prefix=_stage_prefix()) as tmp:
+    with _target_folder(folder), tempfile.TemporaryDirectory(dir=folder, prefix=_stage_prefix()) as tmp:
         stage = Path(tmp)
-        save_for_hf(
-            model.backbone, stage, model_config={CONFIG_KEY: cfg}, safe_serialization=True, data_config=data_config
-        )
+        _save_backbone(model.backbone, stage, cfg, data_config, model_args)
         written = {n for n in _PICKLE_NAMES if (stage / n).exists()}
         if written:  # guards the no-pickle promise against a change of timm's save_for_hf
             raise RuntimeError(f"timm's save_for_hf wrote pickle files {sorted(written)}; nothing was saved.")
@@ -152,6 +154,62 @@ def save_pretrained(
     return folder
 
 
+@contextlib.contextmanager
+def _target_folder(folder: Path) -> Iterator[None]:
+    """Create `folder` (and its missing parents) for a save, and remove those it created if the save fails.
+
+    Only folders this call created, and only while empty, are removed: a folder the user had, or one another
+    process wrote into meanwhile, stays.
+    """
+    created = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        created.append(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _remove_stale_stages(folder)
+        yield
+    except BaseException:
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _save_backbone(
+    backbone: nn.Module,
+    stage: Path,
+    cfg: dict[str, Any],
+    data_config: dict[str, Any] | None,
+    model_args: dict[str, Any] | None,
+) -> None:
+    """timm's `save_for_hf` of the backbone (config.json with the exit record, model.safetensors) into `stage`."""
+    from timm.models._hub import save_for_hf
+
+    if model_args is not None and not isinstance(model_args, dict):
+        raise TypeError(f"model_args must be a dict of timm.create_model arguments, got {type(model_args).__name__}.")
+    try:
+        save_for_hf(
+            backbone,
+            stage,
+            model_config={CONFIG_KEY: cfg},
+            model_args=model_args,
+            safe_serialization=True,
+            data_config=data_config,
+        )
+    except ValueError as e:
+        if "model_args" not in str(e):
+            raise
+        raise ValueError(
+            f"{e} Pass save_pretrained(..., model_args={{name: value}}) (push_to_hub takes it too) with a JSON value "
+            "timm.create_model accepts in its place, e.g. model_args={'act_layer': 'silu'} for act_layer=nn.SiLU; "
+            "nothing was written."
+        ) from e
+
+
 def _unwrap_compiled(model: Any) -> Any:
     """The module a `torch.compile` wrapper holds (its `_orig_mod`); any other object as it is."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported whenever a compiled module exists
@@ -169,6 +227,7 @@ def _exit_record(model: EarlyExitModel) -> dict[str, Any]:
     """
     cfg = model.config.to_dict()
     cfg["costs"] = [float(c) for c in model.exit_costs.tolist()]  # as used, so a reload needs no FLOP count
+    cfg[_MEASURED_KEY] = model.config.costs is None  # measured costs are measured again after reset_classifier
     cfg["format_version"] = FORMAT_VERSION  # the layout written here, whatever the model was loaded from
     dtype = _dtype_name(model)
     if dtype is not None:
@@ -266,7 +325,7 @@ def _check_target(folder: Path) -> None:
 def _saved_here(folder: Path) -> bool:
     try:
         cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(cfg, dict) and isinstance(cfg.get(CONFIG_KEY), dict)
 
@@ -302,6 +361,7 @@ def push_to_hub(
     token: str | None = None,
     endpoint: str | None = None,
     data_config: dict[str, Any] | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> Any:
     """Upload a multi-exit model to the Hugging Face Hub in one commit.
 
@@ -318,6 +378,7 @@ def push_to_hub(
         token: Hub token (default: the logged-in one).
         endpoint: Hub endpoint (default: HF_ENDPOINT or huggingface.co).
         data_config: Preprocessing recorded in timm's pretrained_cfg (see `save_pretrained`).
+        model_args: JSON replacements for backbone arguments JSON cannot hold (see `save_pretrained`).
 
     Returns:
         The `huggingface_hub.CommitInfo` of the commit.
@@ -331,7 +392,7 @@ def push_to_hub(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     card_id = repo_id if revision in (None, "main") else f"{repo_id}@{revision}"
     with tempfile.TemporaryDirectory(prefix="timm_exits_push_") as tmp:
-        folder = save_pretrained(model, tmp, report, repo_id=card_id, data_config=data_config)
+        folder = save_pretrained(model, tmp, report, repo_id=card_id, data_config=data_config, model_args=model_args)
         ops = [
             CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
             for p in sorted(folder.iterdir())
