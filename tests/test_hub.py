@@ -1257,6 +1257,12 @@ def test_card_numbers_come_from_the_report(models):
     assert "62.31 %" in card and "gives no exit-policy results" in card
     _assert_card_numbers_from_report(card, partial, model)
 
+    # gates re-fitted after training: the card gives the stored gates' soft output beside the trained one
+    report["test"]["soft_accuracy_fitted_gates"] = 0.8655
+    card = render_model_card(model, report)
+    assert "87.12 % accuracy on 10000 test images with the jointly trained gates (86.55 % with the re-fitted" in card
+    _assert_card_numbers_from_report(card, report, model)
+
 
 def test_card_front_matter(models):
     report = _report(models["resnet"]) | {"base_model": "timm/test_resnet.r160_in1k", "license": "mit"}

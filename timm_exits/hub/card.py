@@ -244,7 +244,11 @@ def _headline(report: dict[str, Any], policy: str) -> str:
     n = _real(test.get("num_samples"))
     on = f" on {_fmt(n)} test images" if n is not None else ""
     if _real(test.get("soft_accuracy")) is not None:
-        parts.append(f"The soft-conditional output reaches {_pct(_real(test['soft_accuracy']), 2)} accuracy{on}")
+        soft = f"The soft-conditional output reaches {_pct(_real(test['soft_accuracy']), 2)} accuracy{on}"
+        if _real(test.get("soft_accuracy_fitted_gates")) is not None:
+            fitted = _pct(_real(test["soft_accuracy_fitted_gates"]), 2)
+            soft += f" with the jointly trained gates ({fitted} with the re-fitted gates stored with this model)"
+        parts.append(soft)
     if _real(test.get("final_accuracy")) is not None:
         parts.append(f"the backbone's own head reaches {_pct(_real(test['final_accuracy']), 2)}")
     text = "; ".join(parts) + "." if parts else ""
