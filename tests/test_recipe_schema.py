@@ -291,6 +291,12 @@ def test_wrong_types_name_key_value_and_type_and_choices_are_listed():
         (["interpolation=none"], r"interpolation 'none' is not one of \(None, 'nearest'"),
         (["interpolation=random"], r"interpolation 'random' is not one of"),  # timm's eval transforms have none
         (["sched=cosine", "warmup_epochs=0.5"], r"warmup_epochs=0.5: timm's 'cosine' schedule warms up over whole"),
+        (["calibrate_max_drop=-0.5"], r"'calibrate_max_drop' must lie in \[0, 1\], got -0.5"),
+        (["calibrate_max_drop=5"], r"'calibrate_max_drop' must lie in \[0, 1\], got 5"),
+        (["calibrate_target_cost=0"], r"'calibrate_target_cost' must lie in \(0, inf\], got 0"),
+        (["timing_repeats=0"], r"'timing_repeats' must lie in \[1, inf\], got 0"),
+        (["timing_warmup=-3"], r"'timing_warmup' must lie in \[0, inf\], got -3"),
+        (["timing_images=-1"], r"'timing_images' must lie in \[0, inf\], got -1"),
     ],
 )
 def test_values_out_of_range_are_refused_when_the_recipe_loads(overrides, message):
@@ -334,6 +340,32 @@ def test_model_kwargs_the_model_does_not_take_are_a_recipe_error():
     spec = load_recipe(None, ["model=test_resnet", "model_kwargs.foo=1"]).model
     with pytest.raises(RecipeError, match=r"model_kwargs \{'foo': 1\} are not all arguments of 'test_resnet'"):
         build_model(spec, 10, 32)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["exits=[layer9]"], "the recipe's model keys do not fit model 'test_resnet': exit 'layer9'"),
+        (["exits=[7]"], "the recipe's model keys do not fit model 'test_resnet': feature_info indices [7]"),
+        (["costs=[0.5, 1.0]"], "the recipe's model keys do not fit model 'test_resnet': got 2 costs for 5 exits"),
+        (["head=mlp", "head_hidden=0"], "the recipe's model keys do not fit model 'test_resnet': head_hidden=0"),
+        (["model_kwargs.drop_rate=2"], "the recipe's model keys do not fit model 'test_resnet': a probe"),
+        (
+            ["model_kwargs.global_pool=x"],
+            "recipe key 'model_kwargs' {'global_pool': 'x'} does not fit model 'test_resnet'",
+        ),
+        (["method=branchynet", "branchynet_weights=[1, 1]"], "branchynet_weights has 2 weights but the model has 5"),
+    ],
+)
+def test_model_keys_that_do_not_fit_the_backbone_are_one_line_errors_and_write_nothing(
+    overrides, message, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = ["train", "-c", "digits_quick", "-o", str(out), "model=test_resnet", "max_train_samples=64", "threads=1"]
+    assert cli_main([*argv, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"timm-exits train: error: {message}") and err.count("\n") == 1
+    assert not out.exists()  # the corrected command finds no run to refuse
 
 
 def test_override_values_read_scientific_floats_and_refuse_broken_yaml():

@@ -127,6 +127,8 @@ def test_method_trains_one_epoch_and_writes_a_valid_report(runs, method):
         assert test["soft_accuracy_fitted_gates"] == pytest.approx(soft.stats.accuracy)
     timing = report["timing"]
     assert timing["batch_size"] == 1 and timing["threads"] == 1 and timing["baseline_ms_per_image"] > 0
+    for name, pol in report["policies"].items():  # every row timed against the one baseline the report shows
+        assert pol["speedup"] == timing["baseline_ms_per_image"] / pol["ms_per_image"], name
     assert isinstance(timing["machine"], str) and timing["repeats"] == 1
 
     md = (run / "report.md").read_text()

@@ -146,3 +146,75 @@ def test_a_write_into_a_read_only_folder_reports_the_write_not_the_cleanup(tmp_p
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "no")))
     with pytest.raises(PermissionError):
         atomic_write_text(tmp_path / "x.json", "{}")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_eval_refuses_an_unfinished_run_unless_asked_and_reports_the_epochs_it_trained(tmp_path, capsys):
+    folder = train(tiny(epochs=2, timing_images=0), tmp_path / "run", stop_after_steps=5)  # 4 steps per epoch
+    before = _files(folder)
+    assert cli_main(["eval", str(folder), "--no-timing"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("timm-exits eval: error: ") and err.count("\n") == 1
+    assert "unfinished run (training stopped after 1 of 2 epochs, step 4); nothing was written" in err
+    assert f"`timm-exits train -c {folder / 'recipe.yaml'} --output {folder} --resume stop_after_steps=null`" in err
+    assert _files(folder) == before
+
+    assert cli_main(["eval", str(folder), "--no-timing", "--unfinished"]) == 0
+    training = json.loads((folder / "report.json").read_text())["training"]
+    assert (training["epochs"], training["planned_epochs"], training["steps"]) == (1, 2, 4)
+    assert training["unfinished"] == "1 of 2 epochs, step 4"
+    assert "Trained 1 epochs (4 steps) (unfinished: 1 of 2 epochs, step 4) in " in (folder / "report.md").read_text()
+
+    resume = ["train", "-c", str(folder / "recipe.yaml"), "--output", str(folder), "--resume", "stop_after_steps=null"]
+    assert cli_main(resume) == 0  # the command the error gives finishes the run and reports it
+    training = json.loads((folder / "report.json").read_text())["training"]
+    assert (training["epochs"], training["planned_epochs"], training["steps"], training["unfinished"]) == (
+        2,
+        2,
+        8,
+        None,
+    )
+
+
+def test_evals_policy_and_calibration_options_are_the_recipe_its_report_and_model_card_show(run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    assert cli_main(["eval", str(folder), "--policy", "confidence", "--target-cost", "0.7", "--no-timing"]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert (report["recipe"]["policy"], report["recipe"]["calibrate_target_cost"]) == ("confidence", 0.7)
+    assert report["policies"]["confidence"]["calibration"]["target_cost"] == 0.7
+    card = (folder / "model" / "README.md").read_text()
+    assert "- policy: confidence\n" in card and "- calibrate_target_cost: 0.7\n" in card
+    train(tiny(timing_images=0), folder, resume=True)  # the recipe's own keys differ from those the report applied
+    changed = "(policy: 'confidence' -> 'gate'; calibrate_target_cost: 0.7 -> None)"
+    assert changed in (folder / "train.log").read_text()
+
+    train(tiny(timing_images=0, calibrate_target_cost=0.7), folder, resume=True)  # a target cost in recipe.yaml
+    assert cli_main(["eval", str(folder), "--max-accuracy-drop", "0.05", "--no-timing"]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    recipe = report["recipe"]
+    assert (recipe["policy"], recipe["calibrate_max_drop"], recipe["calibrate_target_cost"]) == ("gate", 0.05, None)
+    calibration = report["policies"]["gate"]["calibration"]
+    assert (calibration["max_accuracy_drop"], calibration["target_cost"]) == (0.05, None)
+
+
+def test_gates_are_re_fitted_only_where_they_are_stats_gates(tmp_path, capsys):
+    folder = train(tiny(gate="features", timing_images=0), tmp_path / "run")
+    report = json.loads((folder / "report.json").read_text())
+    why = "fit_gates 'no_gain' re-fits stats gates only, and this model's gates are 'features'"
+    assert report["gate_fit"] is None and report["recipe"]["fit_gates"] == "no_gain"
+    assert report["gate_fit_skipped"] == why
+    assert f"gates not re-fitted: {why}" in (folder / "train.log").read_text()
+    assert f"use the jointly trained gates (not re-fitted: {why})" in (folder / "report.md").read_text()
+
+    before = _files(folder)
+    assert cli_main(["eval", str(folder), "--fit-gates", "correct", "--no-timing"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("timm-exits eval: error: --fit-gates correct re-fits stats gates only, and this run's gates")
+    assert err.count("\n") == 1 and _files(folder) == before
+    assert cli_main(["eval", str(folder), "--fit-gates", "none", "--no-timing"]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["gate_fit"] is None and report["gate_fit_skipped"] is None

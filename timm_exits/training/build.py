@@ -52,6 +52,10 @@ def _create_backbone(spec: ModelSection, num_classes: int, load: bool) -> nn.Mod
     except (RecipeError, FileNotFoundError):
         raise
     except Exception as e:
+        if kwargs and not load and isinstance(e, (ValueError, AssertionError)):  # timm's checks of its arguments
+            raise RecipeError(
+                f"recipe key 'model_kwargs' {kwargs} does not fit model {name!r} ({type(e).__name__}: {e})."
+            ) from e
         if not load:
             raise
         raise RuntimeError(_weights_hint(name, weights, e)) from e
@@ -109,17 +113,20 @@ def build_model(spec: ModelSection, num_classes: int, img_size: int, pretrained:
     load = bool(spec.pretrained or spec.weights) if pretrained is None else bool(pretrained)
     backbone = _create_backbone(spec, num_classes, load)
     size = int(img_size)
-    return wrap(
-        backbone,
-        exits=spec.exits,
-        num_classes=num_classes,
-        head=spec.head,
-        gate=spec.gate,
-        costs=spec.costs,
-        input_size=(3, size, size),
-        head_hidden=spec.head_hidden,
-        gate_hidden=spec.gate_hidden,
-        gate_bias=spec.gate_bias,
-        detach_gate_inputs=spec.detach_gate_inputs,
-        drop_rate=spec.exit_drop_rate,
-    )
+    try:
+        return wrap(
+            backbone,
+            exits=spec.exits,
+            num_classes=num_classes,
+            head=spec.head,
+            gate=spec.gate,
+            costs=spec.costs,
+            input_size=(3, size, size),
+            head_hidden=spec.head_hidden,
+            gate_hidden=spec.gate_hidden,
+            gate_bias=spec.gate_bias,
+            detach_gate_inputs=spec.detach_gate_inputs,
+            drop_rate=spec.exit_drop_rate,
+        )
+    except ValueError as e:  # wrap's message names its argument (exits, costs, head_hidden, ...)
+        raise RecipeError(f"the recipe's model keys do not fit model {spec.model!r}: {e}") from e

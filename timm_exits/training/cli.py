@@ -3,7 +3,7 @@
     timm-exits train -c cifar10_resnet18 [--data-dir D] [--output runs/x]
                      [--resume | --overwrite] [--set key=value ...] [key=value ...]
     timm-exits eval RUN_DIR [--policy gate|confidence|entropy|soft] [--threshold T]
-                     [--target-cost C | --max-accuracy-drop D] [--data-dir D] [--no-timing]
+                     [--target-cost C | --max-accuracy-drop D] [--data-dir D] [--no-timing] [--unfinished]
     timm-exits bench RUN_DIR [--policy P ...] [--batch-size 1] [--images N] [--repeats R] [--threads T]
     timm-exits push RUN_DIR --repo-id ORG/NAME [--private] [--token T] [--revision BRANCH]
     timm-exits recipes                                      # the shipped recipes, one line each
@@ -88,6 +88,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--fit-gates", choices=("no_gain", "correct", "soft", "none"), help="gate re-fit objective (default: recipe's)"
     )
     p.add_argument("--no-save", action="store_true", help="do not rewrite run_dir/model")
+    p.add_argument(
+        "--unfinished", action="store_true", help="evaluate the last checkpoint of a run that has not finished training"
+    )
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -199,6 +202,7 @@ def _run(args: argparse.Namespace) -> None:
             threads=args.threads,
             timing_images=args.timing_images,
             fit_gates_objective=args.fit_gates,
+            unfinished=args.unfinished,
         )
     elif args.command == "bench":
         from .timing import benchmark

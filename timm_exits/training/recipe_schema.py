@@ -33,7 +33,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin, get_
 import yaml
 
 from ..core.config import GateKind, HeadKind, PolicyName
-from .recipe_types import RecipeError, convert_key, load_yaml
+from .recipe_types import RecipeError, convert_key, in_range, load_yaml
 
 __all__ = [
     "METHODS",
@@ -110,20 +110,6 @@ def _floats(*values: float) -> Any:
     return field(default_factory=lambda: list(values))
 
 
-def _in_range(
-    section: Any, key: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    """Raise a `RecipeError` naming `key` unless its value lies in the interval (None passes)."""
-    value = getattr(section, key)
-    if value is None:
-        return
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if below or above:  # NaN never gets here: converting the key refuses it
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise RecipeError(f"recipe key {key!r} must lie in {interval}, got {value}.")
-
-
 _INF = float("inf")
 INTERPOLATIONS = (None, "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # learning-rate schedules: ours, then the timm schedulers that step every update and span the stage (timm's step
@@ -161,9 +147,9 @@ class MethodSection(_Section):
     def check(self) -> None:
         if not 0 <= self.cost_warmup <= 1:
             raise RecipeError(f"cost_warmup must be a fraction in [0, 1], got {self.cost_warmup}.")
-        _in_range(self, "cost_weight", 0, _INF)
-        _in_range(self, "exit_weight", 0, _INF)
-        _in_range(self, "label_smoothing", 0, 1, high_open=True)
+        in_range(self, "cost_weight", 0, _INF)
+        in_range(self, "exit_weight", 0, _INF)
+        in_range(self, "label_smoothing", 0, 1, high_open=True)
         if self.branchynet_weights is not None and any(w < 0 for w in self.branchynet_weights):
             raise RecipeError(f"branchynet_weights must be >= 0, got {self.branchynet_weights}.")
 
@@ -227,10 +213,10 @@ class DataSection(_Section):
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             raise RecipeError("mixup / cutmix need an even batch_size.")
         for key in ("hflip", "mixup_prob", "re_prob"):
-            _in_range(self, key, 0, 1)
+            in_range(self, key, 0, 1)
         for key in ("mixup", "cutmix", "color_jitter", "crop_padding"):
-            _in_range(self, key, 0, _INF)
-        _in_range(self, "crop_pct", 0, 1, low_open=True)
+            in_range(self, key, 0, _INF)
+        in_range(self, "crop_pct", 0, 1, low_open=True)
         if self.interpolation not in INTERPOLATIONS:
             raise RecipeError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}.")
         low, high = self.crop_scale
@@ -271,13 +257,13 @@ class OptimSection(_Section):
     def check(self) -> None:
         if self.epochs < 0 or self.frozen_epochs < 0 or self.epochs + self.frozen_epochs == 0:
             raise RecipeError("epochs and frozen_epochs must be >= 0 and not both 0.")
-        _in_range(self, "lr", 0, _INF, low_open=True)
-        _in_range(self, "frozen_lr", 0, _INF, low_open=True)
-        _in_range(self, "momentum", 0, 1, high_open=True)
-        _in_range(self, "ema_decay", 0, 1, high_open=True)
-        _in_range(self, "clip_grad", 0, _INF, low_open=True)
+        in_range(self, "lr", 0, _INF, low_open=True)
+        in_range(self, "frozen_lr", 0, _INF, low_open=True)
+        in_range(self, "momentum", 0, 1, high_open=True)
+        in_range(self, "ema_decay", 0, 1, high_open=True)
+        in_range(self, "clip_grad", 0, _INF, low_open=True)
         for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr"):
-            _in_range(self, key, 0, _INF)
+            in_range(self, key, 0, _INF)
         sched = "none" if self.sched is None else self.sched
         if sched not in SCHEDULES:
             raise RecipeError(f"sched {self.sched!r} is not one of {SCHEDULES}.")
@@ -314,6 +300,13 @@ class EvalSection(_Section):
     timing_images: int = 100  # test images timed one by one (batch 1)
     timing_repeats: int = 5  # timing passes; the median is reported
     timing_warmup: int = 10  # untimed images before timing
+
+    def check(self) -> None:  # the ranges of `timm-exits eval` / `bench`'s options
+        in_range(self, "calibrate_max_drop", 0, 1)
+        in_range(self, "calibrate_target_cost", 0, _INF, low_open=True)
+        in_range(self, "timing_repeats", 1, _INF)
+        for key in ("timing_images", "timing_warmup"):
+            in_range(self, key, 0, _INF)
 
 
 @dataclass

@@ -4,7 +4,8 @@ The annotations recipe fields may use: ``bool``, ``int``, ``float``, ``str``, ``
 ``typing.Literal`` choices, unions of these (``X | None``), and ``Annotated[T, post]`` where ``post`` turns
 the converted value into its final form. Conversion accepts what YAML and ``key=value`` overrides produce
 (``"1e-3"`` for a float, ``"true"`` for a bool, ``"none"`` for None where the type has no ``str``), and
-nothing that would lose information (``2.5`` is not an int, ``True`` not a number).
+nothing that would lose information (``2.5`` is not an int, ``True`` not a number). `in_range` is the sections'
+range check of a converted value.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-__all__ = ["RecipeError", "RecipeYamlLoader", "convert_key", "type_name", "choices_of", "load_yaml"]
+__all__ = ["RecipeError", "RecipeYamlLoader", "convert_key", "in_range", "type_name", "choices_of", "load_yaml"]
 
 
 class RecipeError(ValueError):
@@ -202,3 +203,17 @@ def convert_key(key: str, hint: Any, value: Any) -> Any:
         if choices is not None:
             raise RecipeError(f"recipe key {key!r}: {value!r} is not one of {list(choices)}.") from None
         raise RecipeError(f"recipe key {key!r}: {value!r} is not a valid {type_name(hint)} value.") from None
+
+
+def in_range(
+    section: Any, key: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Raise a `RecipeError` naming `key` unless the value of ``section.key`` lies in the interval (None passes)."""
+    value = getattr(section, key)
+    if value is None:
+        return
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:  # NaN never gets here: converting the key refuses it
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise RecipeError(f"recipe key {key!r} must lie in {interval}, got {value}.")

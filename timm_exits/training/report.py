@@ -20,28 +20,32 @@ policy's accuracy (what `predict(model, x, policy="soft")` gives). Test numbers 
 path (`EarlyExitModel.predict`), not a simulation. Times are measured at batch 1: the median over
 ``timing_repeats`` passes over ``timing_images`` test images (after ``timing_warmup`` untimed
 images), all candidates interleaved within each pass, against ``model.backbone`` called directly
-(its exit hooks inactive: the plain model's forward) in the same process.
+(its exit hooks inactive: the plain model's forward) in the same process; every row ("gate_joint" and "gate_0.5"
+on a copy of the model holding the jointly trained gates) is timed against that one baseline. A run whose training
+has not finished is refused unless ``unfinished=True`` (``--unfinished``) asks for its last checkpoint as it is.
 
 report.json::
 
-    {"model", "dataset", "method", "recipe": {...},
+    {"model", "dataset", "method", "recipe": {...: the recipe as applied, eval's options included},
      "exits": [{"name", "cost"}, ..., final last],
      "test": {"exit_accuracy": [...], "soft_accuracy", "soft_accuracy_fitted_gates", "final_accuracy",
               "num_samples"},
      "policies": {name: {"threshold", "accuracy", "expected_cost", "exit_distribution", "ms_per_image",
                          "speedup", ...}},
+     "gate_fit": {"objective", ...} or None, "gate_fit_skipped": why fit_gates did not apply, or None,
      "timing": {"machine", "threads", "batch_size", "repeats", "baseline_ms_per_image", ...},
-     "training": {"epochs", "steps", "seconds", "median_epoch_seconds",
+     "training": {"epochs" (trained), "planned_epochs", "unfinished" (where it stopped, or None), "steps",
+                  "seconds", "median_epoch_seconds",
                   "runtimes": [{"machine", "threads", "processes", "epochs"}, ...], "last_epoch"}, ...}
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -54,10 +58,11 @@ from ..core.model import EarlyExitModel
 from ..core.soft import exit_log_probs, soft_log_output
 from ..inference.calibration import Collected, calibrate, collect, sweep
 from ..inference.gate_fitting import fit_gates
-from ..inference.policies import EXIT_RULES, POLICIES
+from ..inference.policies import EXIT_RULES
 from .plots import write_plots
 from .recipe_schema import Recipe
 from .recipe_types import RecipeError
+from .run_state import check_finished, training_summary
 from .runfiles import Staging
 from .timing import _time_model, _timing_inputs, machine_name
 
@@ -136,6 +141,7 @@ def evaluate(
     threads: int | None = None,
     timing_images: int | None = None,
     fit_gates_objective: str | None = None,
+    unfinished: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate a trained run and write its report, plots and saved model (see the module docstring).
@@ -146,6 +152,7 @@ def evaluate(
         threshold: Use this threshold for `policy` instead of the calibrated one.
         target_cost: Calibrate for the best accuracy at this expected cost.
         max_accuracy_drop: Calibrate for the lowest cost within this accuracy drop (default: the recipe's).
+            `policy`, `target_cost` and `max_accuracy_drop` replace the recipe's keys in the report's recipe.
         data_dir: Where the data set lives now, if it moved.
         timing: Measure inference times (batch 1).
         save_model: Save the model to ``run_dir/model`` (via `timm_exits.hub`).
@@ -153,7 +160,9 @@ def evaluate(
         threads: torch threads (default: the recipe's ``threads``, else torch's default).
         timing_images: Test images timed at batch 1 (default: the recipe's ``timing_images``).
         fit_gates_objective: Objective of the gate re-fit on the val split, or "none" (default: the
-            recipe's ``fit_gates``).
+            recipe's ``fit_gates``); an objective other than "none" needs stats gates.
+        unfinished: Evaluate the last checkpoint of a run whose training has not finished, as it is (else such a
+            run is refused); the report says so.
         log: Where progress lines go.
 
     Returns:
@@ -171,17 +180,18 @@ def evaluate(
         threads=threads,
         timing_images=timing_images,
         fit_gates=fit_gates_objective,
+        **_calibration_keys(policy, target_cost, max_accuracy_drop),
     )
     recipe, model = run.recipe, run.model
+    check_finished(run, unfinished)
     ev = recipe.eval
+    skipped = _refit_skipped(ev.fit_gates, model.config.gate, explicit=fit_gates_objective is not None)
     cheapest = float(model.exit_costs.min())
-    explicit = target_cost is not None or max_accuracy_drop is not None
-    asked = target_cost if explicit else ev.calibrate_target_cost
-    if asked is not None and asked < cheapest - 1e-9:
-        raise CalibrationError(_unreachable(asked, cheapest, run_dir))
-    policy = policy or ev.policy
-    if policy not in POLICIES:
-        raise RecipeError(f"unknown policy {policy!r}; choose one of {POLICIES}.")
+    target_cost = ev.calibrate_target_cost
+    max_accuracy_drop = None if target_cost is not None else ev.calibrate_max_drop
+    if target_cost is not None and target_cost < cheapest - 1e-9:
+        raise CalibrationError(_unreachable(target_cost, cheapest, run_dir))
+    policy = ev.policy
     if threshold is not None and policy == "soft":
         raise RecipeError(
             f"a threshold applies to the {', '.join(EXIT_RULES)} policies; 'soft' averages every exit and has "
@@ -189,10 +199,6 @@ def evaluate(
         )
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
-    if target_cost is None and max_accuracy_drop is None:
-        target_cost, max_accuracy_drop = ev.calibrate_target_cost, ev.calibrate_max_drop
-    if target_cost is not None:
-        max_accuracy_drop = None
     t0 = time.time()
     data = build_datasets(recipe.data, model, load_splits(recipe.data), seed=recipe.seed)
     bs = recipe.data.eval_batch_size
@@ -207,17 +213,6 @@ def evaluate(
     curves: dict[str, list[dict[str, float]]] = {}
     do_timing = timing and ev.timing_images > 0
     inputs = _timing_inputs(data.test, ev.timing_images, device) if do_timing else []
-
-    def time_policies(entries: dict[str, dict[str, Any]]) -> float | None:
-        """Time `entries` at batch 1 against the plain backbone, in place; return the backbone's ms/image."""
-        if not do_timing:
-            return None
-        thresholds = {k: v["threshold"] for k, v in entries.items()}
-        base, ms = _time_model(model, thresholds, inputs, ev.timing_repeats, ev.timing_warmup)
-        for k, v in ms.items():
-            entries[k]["ms_per_image"] = v
-            entries[k]["speedup"] = base / v if v > 0 else None
-        return base
 
     def calibrated(p: str, val: Collected, test: Collected, user_threshold: bool = True) -> dict[str, Any]:
         entry: dict[str, Any] = {"calibration": {"split": "val", "target_cost": target_cost}}
@@ -241,18 +236,21 @@ def evaluate(
     # The soft ensemble is the jointly trained gates' mixture: measured before any re-fit of the gates.
     soft_acc, soft_val_acc = _soft_accuracy(test), _soft_accuracy(val)
     gate_fit = None
-    timed_joint: dict[str, Any] = {}
+    joint_models: dict[str, EarlyExitModel] = {}  # rows timed on the jointly trained gates
     objective = ev.fit_gates
     if objective != "none" and model.config.gate == "stats" and len(model.branches):
         # The jointly trained gates, kept for comparison, then gates re-fitted on the val split.
         policies["gate_joint"] = calibrated("gate", val, test, user_threshold=False)  # the threshold is for the re-fit
         policies["gate_0.5"] = _hard(model, test_loader, "gate", 0.5, device)
         curves["gate_joint"] = curves.pop("gate")
-        timed_joint = {k: policies[k] for k in ("gate_joint", "gate_0.5")}
-        time_policies(timed_joint)
+        if do_timing:
+            joint = copy.deepcopy(model)
+            joint_models = {"gate_joint": joint, "gate_0.5": joint}
         gate_fit = {"objective": objective, "split": "val", **fit_gates(model, val, objective=objective).__dict__}
         val = collect(model, val_loader, device=device)
         test = collect(model, test_loader, device=device)
+    elif skipped:
+        log(f"gates not re-fitted: {skipped}")
     saved_soft_acc = _soft_accuracy(test)  # the mixture of the gates saved with the model (re-fitted or not)
     for p in EXIT_RULES:
         policies[p] = calibrated(p, val, test)
@@ -275,8 +273,13 @@ def evaluate(
         "warmup": int(ev.timing_warmup),
         "baseline_ms_per_image": None,
     }
-    # policies of the jointly trained gates were timed before the gates were re-fitted
-    timing_info["baseline_ms_per_image"] = time_policies({k: v for k, v in policies.items() if k not in timed_joint})
+    if do_timing:  # every row in one pass against one baseline
+        thresholds = {k: v["threshold"] for k, v in policies.items()}
+        base, ms = _time_model(model, thresholds, inputs, ev.timing_repeats, ev.timing_warmup, joint_models)
+        for k, v in ms.items():
+            policies[k]["ms_per_image"] = v
+            policies[k]["speedup"] = base / v if v > 0 else None
+        timing_info["baseline_ms_per_image"] = base
 
     report: dict[str, Any] = {
         "model": recipe.model.model,
@@ -299,12 +302,13 @@ def evaluate(
         },
         "policies": policies,
         "gate_fit": gate_fit,
+        "gate_fit_skipped": skipped,
         "recommended_policy": policy,
         "static": [
             {"exit": i + 1, "cost": c, "accuracy": a} for i, (c, a) in enumerate(zip(costs, test.exit_accuracy))
         ],
         "timing": timing_info,
-        "training": _training_summary(run.meta),
+        "training": training_summary(run.meta, recipe.optim.frozen_epochs + recipe.optim.epochs),
         "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "timm_exits_version": __version__,
@@ -327,6 +331,30 @@ def evaluate(
         stage.commit()
     log(_summary(report, policy) + f" (evaluated in {time.time() - t0:.1f} s; report: {run_dir / 'report.md'})")
     return report
+
+
+def _calibration_keys(policy: str | None, target_cost: float | None, max_drop: float | None) -> dict[str, Any]:
+    """The recipe keys `evaluate`'s policy and calibration arguments replace (None: the recipe's stays); a target
+    cost takes the place of the accuracy drop as in a recipe, an accuracy drop clears the recipe's target cost."""
+    keys: dict[str, Any] = {"policy": policy}
+    if target_cost is not None:
+        keys["calibrate_target_cost"] = target_cost
+    elif max_drop is not None:  # "none": the override that clears a key (a None is left out by load_run)
+        keys.update(calibrate_max_drop=max_drop, calibrate_target_cost="none")
+    return keys
+
+
+def _refit_skipped(objective: str, gate: str, explicit: bool) -> str | None:
+    """Why the gates are not re-fitted though `objective` asks for it (None: they are, or none is asked); an
+    objective given explicitly for gates it cannot re-fit is an error."""
+    if objective == "none" or gate == "stats":
+        return None
+    if explicit:
+        raise RecipeError(
+            f"--fit-gates {objective} re-fits stats gates only, and this run's gates are {gate!r} (recipe key gate); "
+            "nothing was written. Leave --fit-gates out, or pass --fit-gates none."
+        )
+    return f"fit_gates {objective!r} re-fits stats gates only, and this model's gates are {gate!r}"
 
 
 def _stored(report: Mapping[str, Any]) -> str:
@@ -363,36 +391,6 @@ def _eval_keys_changed(report_path: Path, recipe: Recipe) -> list[str] | None:
     now = json.loads(json.dumps({k: getattr(recipe.eval, k) for k in _POLICY_KEYS}))
     diff = [f"{k}: {made_with[k]!r} -> {v!r}" for k, v in now.items() if k in made_with and made_with[k] != v]
     return diff or None
-
-
-def _training_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
-    history = list(meta.get("history", []))
-    if not history:
-        return {}
-    last = history[-1]
-    return {
-        "epochs": last.get("epochs"),
-        "steps": last.get("step"),
-        "seconds": sum(float(h.get("seconds", 0.0)) for h in history),
-        "median_epoch_seconds": statistics.median(float(h.get("seconds", 0.0)) for h in history),
-        "runtimes": _runtimes(history),
-        "last_epoch": last,
-    }
-
-
-def _runtimes(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Each machine and thread count the epochs ran on, in order, with how many epochs each (empty for
-    runs that did not record it)."""
-    out: list[dict[str, Any]] = []
-    for h in history:
-        where = h.get("runtime")
-        if not where:
-            continue
-        if out and {k: v for k, v in out[-1].items() if k != "epochs"} == where:
-            out[-1]["epochs"] += 1
-        else:
-            out.append({**where, "epochs": 1})
-    return out
 
 
 def _save_model(model: EarlyExitModel, folder: Path, report: dict[str, Any], data_config: dict, log: Callable) -> None:
@@ -455,7 +453,10 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_di
             where = ": " + "; ".join(f"{w['epochs']} epochs on {p}" for w, p in zip(runtimes, places))
         else:
             where = "".join(f" on {p}" for p in places)
-        lines.append(f"Trained {tr['epochs']} epochs ({tr['steps']} steps) in {tr['seconds']:.1f} s{where}.")
+        unfinished = f" (unfinished: {tr['unfinished']})" if tr.get("unfinished") else ""
+        lines.append(
+            f"Trained {tr['epochs']} epochs ({tr['steps']} steps){unfinished} in {tr['seconds']:.1f} s{where}."
+        )
     lines += [
         "",
         "## Test accuracy per exit",
@@ -481,10 +482,11 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_di
     fit = report.get("gate_fit")
     gates = (
         f"`gate` uses gates re-fitted on the val split on frozen exits (objective `{fit['objective']}`, "
-        "`timm_exits.fit_gates`); `gate_joint` and `gate_0.5` use the jointly trained gates (timed before the "
-        "re-fit; the saved model holds the re-fitted gates)"
+        "`timm_exits.fit_gates`); `gate_joint` and `gate_0.5` use the jointly trained gates (a copy kept from before "
+        "the re-fit; the saved model holds the re-fitted gates)"
         if fit
         else "`gate` and `gate_0.5` use the jointly trained gates"
+        + (f" (not re-fitted: {report['gate_fit_skipped']})" if report.get("gate_fit_skipped") else "")
     )
     lines += [
         f"Thresholds of gate / confidence / entropy calibrated on the val split ({how}); `gate_0.5` is the "

@@ -159,8 +159,16 @@ def _batch_per_rank(recipe: Recipe, d: _Dist) -> int:
     return per_rank
 
 
-def _check_target_cost(recipe: Recipe, model: EarlyExitModel) -> None:
-    """A calibration target below the cheapest exit's cost can never be met: fail before training."""
+def _check_against_model(recipe: Recipe, model: EarlyExitModel) -> None:
+    """Keys that only the built model can check, before anything is written: one BranchyNet weight per exit, and a
+    calibration target the cheapest exit can meet."""
+    weights = recipe.method.branchynet_weights
+    if recipe.method.method == "branchynet" and weights is not None and len(weights) != model.num_exits:
+        raise RecipeError(
+            f"branchynet_weights has {len(weights)} weights but the model has {model.num_exits} exits "
+            f"({', '.join(b.name for b in model.branches)} and the final one); give one weight per exit, the final "
+            "exit last, or null for 1 each."
+        )
     target = recipe.eval.calibrate_target_cost
     cheapest = float(model.exit_costs.min())
     if recipe.eval.report and target is not None and target < cheapest - 1e-9:
@@ -190,7 +198,7 @@ class _Trainer:
         self.data = build_datasets(recipe.data, self.model, raw, seed=recipe.seed)
         self.ckpt_path = run_dir / CHECKPOINT_NAME
         self.ckpt, self.ckpt_meta = self._restore_weights()
-        _check_target_cost(recipe, self.model)
+        _check_against_model(recipe, self.model)
         self._build_loop()
         kept: list[str] = []
         if d.main:  # everything above could still fail: only now is the old run's output deleted
