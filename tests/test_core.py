@@ -292,6 +292,21 @@ def test_layouts_detected():
     assert {e.layout for e in wrap(r, input_size=(3, s, s)).exits} == {"NCHW"}
 
 
+def test_layout_overrides_must_name_an_exit_and_fit_its_tensor():
+    r, s = make_backbone("resnet18")
+    unknown = r"layouts= names \['layer9'\], which are not among the exits placed \['layer1', 'layer2', 'layer3'\]"
+    with pytest.raises(ValueError, match=unknown):
+        wrap(r, input_size=(3, s, s), layouts={"layer9": "NHWC"})
+    rank = (
+        r"layouts\['layer2'\]='NLC' needs a 3-D tensor, but 'layer2' returns one of shape \(1, 128, 8, 8\); give NCHW"
+    )
+    with pytest.raises(ValueError, match=rank):
+        wrap(r, input_size=(3, s, s), layouts={"layer2": "NLC"})
+    model = wrap(r, input_size=(3, s, s), layouts={"layer2": "NHWC"})
+    assert [(e.layout, e.channels) for e in model.exits] == [("NCHW", 64), ("NHWC", 8), ("NCHW", 256)]
+    assert model.config.layouts == {"layer2": "NHWC"} and _hook_count(model.unwrap()) == 0
+
+
 def test_token_exits_pool_like_the_backbone():
     m, size = make_backbone("vit_tiny_patch16_224")
     model = wrap(m, [0.5], input_size=(3, size, size))

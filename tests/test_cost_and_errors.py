@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import images, make_alexnet, spread_thresholds
+from conftest import images, make_alexnet, make_backbone, spread_thresholds
 from torch import nn
 
 from timm_exits import predict, wrap
@@ -440,3 +440,140 @@ def test_wrap_and_reset_classifier_check_what_they_are_given():
         0.8,
         1.0,
     ]
+
+
+# ------------------------------------------------------------------ blocks: what a block is, and its layout
+class _Unit(nn.Sequential):
+    def __init__(self, c: int = 8):
+        super().__init__(nn.Conv2d(c, c, 3, padding=1), nn.ReLU())
+
+
+class _OneOrMany(nn.Module):
+    """Three repeated composite children, wired one after another ("chain") or as the parts of one block."""
+
+    def __init__(self, wiring: str):
+        super().__init__()
+        self.wiring, self.a, self.b, self.c = wiring, _Unit(), _Unit(), _Unit()
+
+    def forward(self, x):
+        if self.wiring == "chain":
+            return self.c(self.b(self.a(x)))
+        if self.wiring == "parallel":  # Inception's branches
+            return self.a(x) + self.b(x) + self.c(x)
+        if self.wiring == "residual":  # Mixer's and ReXNet's sub-layers
+            x = x + self.a(x)
+            x = x + self.b(x)
+            return x + self.c(x)
+        return torch.cat([x, self.c(self.b(self.a(x)))], 1)[:, :8]  # a chain whose output the stage reworks
+
+
+class _StagedNet(nn.Module):
+    def __init__(self, wiring: str):
+        super().__init__()
+        self.stem, self.s1, self.s2 = nn.Conv2d(3, 8, 3, padding=1), _OneOrMany(wiring), nn.Sequential(_Unit(), _Unit())
+        self.head = nn.Linear(8, 4)
+        self.feature_info = [{"module": m, "num_chs": 8, "reduction": 1} for m in ("stem", "s1", "s2")]
+
+    def forward(self, x):
+        return self.head(self.s2(self.s1(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("wiring", "s1_points"),
+    [("chain", ["s1.a", "s1.b", "s1.c"]), ("parallel", ["s1"]), ("residual", ["s1"]), ("reworked", ["s1"])],
+)
+def test_block_points_descend_only_into_stages_whose_children_run_one_after_another(wiring, s1_points):
+    torch.manual_seed(0)
+    assert block_points(_StagedNet(wiring)) == ["stem", *s1_points, "s2.0", "s2.1"]
+
+
+def test_blocks_of_real_models_are_whole_blocks():
+    """A Mixer block, an Inception mixed block and a ReXNet bottleneck are one point each (not their token
+    MLP, branches or convs); RegNet's stages are chains of blocks, one point per block."""
+    torch.manual_seed(0)
+    mixer = timm.models.mlp_mixer.MlpMixer(num_classes=4, img_size=64, patch_size=16, num_blocks=4, embed_dim=32)
+    model = wrap(mixer, "blocks", input_size=(3, 64, 64))
+    assert [e.name for e in model.exits] == [f["module"] for f in mixer.feature_info][:-1]
+    assert [(e.layout, e.channels) for e in model.exits] == [("NLC", 32)] * 3
+    inception = timm.create_model("inception_v3", num_classes=4)
+    assert block_points(inception, images(1, 80)) == [f["module"] for f in inception.feature_info]
+    rexnet = timm.create_model("rexnet_100", num_classes=4)
+    bottlenecks = [n for n, m in rexnet.named_modules() if type(m).__name__ == "LinearBottleneck"]
+    assert block_points(rexnet, images(1, 32)) == bottlenecks
+    regnet = timm.create_model("regnetx_002", num_classes=4)
+    assert [n for n in block_points(regnet, images(1, 32)) if n.startswith("s4")] == [
+        f"s4.{n}" for n, _ in regnet.s4.named_children()
+    ]
+
+
+def test_blocks_keep_their_own_layout_inside_stages_that_return_another():
+    """swinv2_cr's stages return NCHW maps, their blocks NHWC ones: a block exit takes its stage's width
+    and pools over the block's own spatial axes; one whose map fits both layouts follows its class."""
+    torch.manual_seed(0)
+    m = timm.create_model(
+        "swinv2_cr_tiny_224", num_classes=4, img_size=(64, 64), embed_dim=24, depths=(1, 2, 2, 1),
+        num_heads=(1, 1, 2, 2), window_size=4,
+    )  # fmt: skip
+    widths = {f["module"]: f["num_chs"] for f in m.feature_info}
+    model = wrap(m, "blocks", input_size=(3, 64, 64)).eval()
+    assert len(model.exits) == 6
+    seen = {}
+    hooks = [
+        m.get_submodule(e.name).register_forward_hook(lambda _m, _i, o, n=e.name: seen.__setitem__(n, o))
+        for e in model.exits
+    ]
+    with torch.no_grad():
+        model(images(2, 64))
+    for h in hooks:
+        h.remove()
+    for e, branch in zip(model.exits, model.branches):
+        width = widths[e.name.rpartition(".blocks.")[0]]
+        assert (e.layout, e.channels, seen[e.name].shape[-1]) == ("NHWC", width, width)
+        torch.testing.assert_close(branch.head.pool(seen[e.name]), seen[e.name].mean((1, 2)))
+    narrow = timm.create_model(
+        "swinv2_cr_tiny_224", num_classes=4, img_size=(64, 64), embed_dim=16, depths=(1, 2, 2, 1),
+        num_heads=(1, 1, 2, 2), window_size=4,
+    )  # fmt: skip
+    # stages.0.blocks.0 returns 16 channels on a 16 x 16 grid in a stage of 16: read as its class's other blocks
+    model = wrap(narrow, "blocks", input_size=(3, 64, 64))
+    assert [(e.name, e.layout, e.channels) for e in model.exits][:2] == [
+        ("stages.0.blocks.0", "NHWC", 16), ("stages.1.blocks.0", "NHWC", 32)
+    ]  # fmt: skip
+
+
+def test_a_square_map_of_another_width_than_its_stage_is_read_as_the_backbones_maps():
+    """densenet121 at growth rate 8: a dense layer adds 8 channels on an 8 x 8 grid, which neither its
+    block's width (128) nor its sizes tell apart; densenet's maps are NCHW, and so is the layer read."""
+    m, size = make_backbone("densenet121")
+    model = wrap(m, ["features.denseblock2.denselayer3"], input_size=(3, size, size))
+    assert [(e.layout, e.channels) for e in model.exits] == [("NCHW", 8)]
+    seen = {}
+    hook = m.features.denseblock2.denselayer3.register_forward_hook(lambda _m, _i, o: seen.__setitem__("o", o))
+    with torch.no_grad():
+        model.eval()(images(2, size))
+    hook.remove()
+    assert seen["o"].shape == (2, 8, 8, 8)
+    torch.testing.assert_close(model.branches[0].head.pool(seen["o"]), seen["o"].mean((2, 3)))
+
+
+class _Maps(nn.Module):
+    """No feature_info: `square` returns (B, 8, 8, 8) for a 16 x 16 input, `nhwc` (B, 8, 8, 12)."""
+
+    def __init__(self):
+        super().__init__()
+        self.square, self.nhwc, self.head = nn.Conv2d(3, 8, 3, 2, 1), nn.Linear(8, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = self.nhwc(self.square(x).permute(0, 2, 3, 1))
+        return self.head(x.mean((1, 2)))
+
+
+def test_a_map_without_a_channel_count_is_read_by_its_spatial_sizes_or_refused():
+    model = wrap(_Maps(), ["nhwc"], num_classes=4, input_size=(3, 16, 16))
+    assert [(e.layout, e.channels) for e in model.exits] == [("NHWC", 12)]
+    model.unwrap()
+    both = r"exit 'square': its output of shape \(1, 8, 8, 8\) reads as NCHW and as NHWC alike .*layouts=\{'square'"
+    with pytest.raises(ValueError, match=both):
+        wrap(_Maps(), ["square", "nhwc"], num_classes=4, input_size=(3, 16, 16))
+    model = wrap(_Maps(), ["square", "nhwc"], num_classes=4, input_size=(3, 16, 16), layouts={"square": "NCHW"})
+    assert [(e.layout, e.channels) for e in model.exits] == [("NCHW", 8), ("NHWC", 12)]

@@ -194,9 +194,12 @@ def test_fit_gates_refuses_nonfinite_data_and_leaves_the_gates_bit_identical():
     assert str(e.value) == f"fit_gates: {_NONFINITE}"
     _assert_same_gates(model, before)
 
-    data = _data(n=288)  # finite logits too large to normalise: their statistics overflow
+    data = _data(n=288)  # finite logits too large to normalise: the label's log-probability overflows
     logits = data.logits.clone()
-    logits[7, 0] = torch.tensor([3e38, -3e38, 0.0, 0.0, 0.0])
+    label = int(data.labels[7])
+    logits[7, 0] = 0.0
+    logits[7, 0, (label + 1) % logits.shape[-1]] = 3e38
+    logits[7, 0, label] = -3e38
     huge = Collected(logits, data.gate_logits, data.labels, data.costs)
     with pytest.raises(ValueError, match=r"^fit_gates: 1 of 288 samples have non-finite exit statistics .*first: 7\)"):
         fit_gates(model, huge, objective="soft")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from timm_exits import SoftConditionalLoss, exit_log_probs, expected_cost, soft_log_output
+from timm_exits import SoftConditionalLoss, cross_entropy, exit_log_probs, expected_cost, soft_log_output
 from timm_exits.core.losses import BranchyNetLoss, FinalExitLoss
 from timm_exits.core.model import ExitOutput
 
@@ -123,3 +123,97 @@ def test_cost_term_pushes_gates_open():
     # and the loss adds exactly cost_weight times it to the gradient of its cross-entropy
     torch.testing.assert_close(grad(1.0) - grad(0.0), cost_grad)
     torch.testing.assert_close(grad(2.5) - grad(0.0), 2.5 * cost_grad)
+
+
+def test_a_class_no_exit_can_predict_leaves_the_gate_statistics_finite():
+    """A -inf logit is a class of probability 0: it adds nothing to the entropy, which is still normalised
+    by the log of every class, and no NaN reaches the gradient or the gates."""
+    from timm_exits.core.gates import logit_stats
+
+    logits = torch.tensor([[2.0, 0.0, -float("inf")], [1.0, -1.0, 0.5]], requires_grad=True)
+    stats = logit_stats(logits)
+    p = torch.softmax(torch.tensor([2.0, 0.0]), -1)
+    expected = torch.stack([p[0], -(p * p.log()).sum() / torch.log(torch.tensor(3.0)), p[0] - p[1]])
+    torch.testing.assert_close(stats[0], expected)
+    torch.testing.assert_close(stats[1], logit_stats(logits[1:].detach())[0])
+    stats.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 2] == 0
+
+
+def test_a_class_no_exit_can_predict_leaves_the_gates_and_loss_finite():
+    import timm
+
+    from timm_exits import wrap
+
+    torch.manual_seed(0)
+    model = wrap(timm.create_model("resnet18", num_classes=5), input_size=(3, 32, 32))
+    x, y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1])
+    with torch.no_grad():
+        model.branches[0].head.fc.bias[3] = -1e4  # probability exactly 0 in float32, with finite logits
+        reference = model(x)
+        model.branches[0].head.fc.bias[3] = -float("inf")
+    out = model(x)
+    torch.testing.assert_close(out.gate_logits, reference.gate_logits)
+    loss = SoftConditionalLoss()(out, y)
+    torch.testing.assert_close(loss, SoftConditionalLoss()(reference, y))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SoftConditionalLoss(label_smoothing=1.5), r"label_smoothing=1.5 must be in \[0, 1\]"),
+        (lambda: SoftConditionalLoss(label_smoothing=-0.5), r"label_smoothing=-0.5 must be in \[0, 1\]"),
+        (lambda: SoftConditionalLoss(cost_weight=float("nan")), "cost_weight=nan must be a finite, non-negative"),
+        (lambda: SoftConditionalLoss(exit_weight=-1.0), "exit_weight=-1.0 must be a finite, non-negative"),
+        (lambda: BranchyNetLoss(weights=[float("nan"), 1.0]), r"weights\[0\]=nan must be a finite, non-negative"),
+        (lambda: BranchyNetLoss(weights=[1.0, -0.5]), r"weights\[1\]=-0.5 must be a finite, non-negative"),
+        (lambda: BranchyNetLoss(label_smoothing=float("inf")), r"label_smoothing=inf must be in \[0, 1\]"),
+        (lambda: FinalExitLoss(label_smoothing=2), r"label_smoothing=2 must be in \[0, 1\]"),
+    ],
+)
+def test_loss_settings_that_make_the_objective_meaningless_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+def test_cross_entropy_matches_torch_for_every_integer_label_dtype(smoothing):
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(6, 5, generator=g), torch.tensor([0, 1, 2, 3, 4, 0])
+    reference = torch.nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        torch.testing.assert_close(cross_entropy(logits, y.to(dtype), smoothing), reference)
+    out, _ = _output()
+    loss = SoftConditionalLoss(label_smoothing=smoothing)
+    torch.testing.assert_close(loss(out, y.int()), loss(out, y))
+    with pytest.raises(ValueError, match=r"-0.5"):
+        cross_entropy(logits, y, -0.5)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(("bad", "low", "high"), [(-100, -100, 4), (5, 0, 5)])
+def test_labels_outside_the_classes_are_refused_with_or_without_smoothing(smoothing, bad, low, high):
+    out, _ = _output()
+    y = torch.tensor([0, 1, bad, 3, 4, 0])
+    message = rf"class indices must be in \[0, 5\) for 5 classes, got labels from {low} to {high}"
+    for loss in (SoftConditionalLoss(label_smoothing=smoothing), BranchyNetLoss(), FinalExitLoss()):
+        with pytest.raises(ValueError, match=message):
+            loss(out, y)
+    with pytest.raises(ValueError, match=message):
+        cross_entropy(out.final, y, smoothing)
+    with pytest.raises(ValueError, match="class indices must be integers, got torch.float32"):
+        cross_entropy(out.final, y.float().clamp(0, 4), smoothing)
+
+
+def test_soft_output_and_cost_refuse_counts_that_do_not_match():
+    logits = [torch.randn(2, 5) for _ in range(4)]
+    with pytest.raises(ValueError, match=r"the logits of 4 exits but log_pi of shape \(2, 1\)"):
+        soft_log_output(logits, exit_log_probs(torch.zeros(2, 0)))
+    log_pi = exit_log_probs(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"costs of shape \(1,\) for log_pi of shape \(2, 4\).*a \(4,\) tensor"):
+        expected_cost(log_pi, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match=r"costs of shape \(2, 4\)"):
+        expected_cost(log_pi, torch.ones(2, 4))
+    assert soft_log_output(logits, log_pi).exp().sum(-1).tolist() == pytest.approx([1.0, 1.0])

@@ -49,8 +49,10 @@ def append_stats(prev: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return torch.cat([prev, one, one.new_zeros(one.shape), one], dim=-1)
     logp = F.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
+    # a class of probability 0 (a -inf logit) adds 0 to the entropy, not 0 * -inf = NaN, and no NaN gradient
+    plogp = p * logp.masked_fill(p == 0, 0.0)
     # rounding can put a uniform output's entropy a hair above 1 (K = 7 gives 1.0000001); the column is in [0, 1]
-    entropy = (p * logp).sum(-1, keepdim=True).mul_(-1.0 / math.log(k)).clamp_(0.0, 1.0)
+    entropy = plogp.sum(-1, keepdim=True).mul_(-1.0 / math.log(k)).clamp_(0.0, 1.0)
     top2 = p.topk(2, dim=-1).values
     pmax = top2[:, :1]
     return torch.cat([prev, pmax, entropy, pmax - top2[:, 1:]], dim=-1)

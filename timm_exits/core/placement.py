@@ -7,7 +7,9 @@ Requests:
     four points remain (isotropic models such as ViT list every block), the three whose
     cumulative cost is closest to 25 %, 50 % and 75 % are kept.
   * "blocks": one exit per block inside the stages (the children of each `feature_info` stage), with
-    the same two exclusions, e.g. seven exits plus the final head on resnet18.
+    the same two exclusions, e.g. seven exits plus the final head on resnet18. A stage that is itself
+    one block (Inception's mixed blocks, a Mixer or ReXNet block) is one point: the parallel branches
+    and residual sub-layers inside a block never are.
   * a list of module names, of `feature_info` indices, or of cost fractions in (0, 1) (each placed
     at the block whose cumulative cost is closest).
 
@@ -31,7 +33,7 @@ from torch import nn
 
 from ._utils import evaluating, feature_tensor
 from .cost import cumulative_flops
-from .layout import channels_of, detect_layout
+from .layout import channels_of, check_layouts, detect_layout, layouts_by_kind, module_layout
 
 __all__ = [
     "AUTO_MAX_EXITS",
@@ -86,6 +88,7 @@ class Probe:
     outputs: dict[str, Any]
     final: Any
     kinds: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 def feature_points(model: nn.Module) -> list[dict[str, Any]]:
@@ -133,7 +136,9 @@ def _final_features(pr: Probe, name: str, last_point: str) -> bool:
     return same and (pr.kinds.get(last_point) == "Tensor" or _nested(name, last_point))
 
 
-def _block_children(model: nn.Module, stage_name: str) -> list[str]:
+def _block_children(model: nn.Module, stage_name: str) -> tuple[list[str], bool]:
+    """The blocks of a stage, and whether they were guessed as its repeated composite children (a custom
+    stage), which only a forward can confirm (`_one_block_stages`)."""
     stage = model.get_submodule(stage_name)
     container, prefix = stage, stage_name
     for child in ("blocks", "layers"):
@@ -143,14 +148,38 @@ def _block_children(model: nn.Module, stage_name: str) -> list[str]:
             break
     named = [(n, m) for n, m in container.named_children() if not isinstance(m, nn.Identity)]
     if isinstance(container, (nn.Sequential, nn.ModuleList)):
-        return [f"{prefix}.{n}" for n, _ in named] or [stage_name]
-    # A custom stage (e.g. RegStage, DenseBlock): its blocks are the repeated composite children.
+        return [f"{prefix}.{n}" for n, _ in named] or [stage_name], False
+    # A custom stage (e.g. RegStage): its blocks are the repeated composite children.
     kinds = Counter(type(m) for _, m in named if any(True for _ in m.children()))
     if kinds:
         kind, count = kinds.most_common(1)[0]
         if count >= 2:
-            return [f"{prefix}.{n}" for n, m in named if type(m) is kind]
-    return [stage_name]
+            return [f"{prefix}.{n}" for n, m in named if type(m) is kind], True
+    return [stage_name], False
+
+
+def _one_block_stages(model: nn.Module, guessed: dict[str, list[str]], example: torch.Tensor) -> set[str]:
+    """The stages among `guessed` that are one block: their repeated children do not run one after
+    another, each on the previous one's output, the last one returning the stage's output. They are
+    the parallel branches (Inception, RepVGG) or residual sub-layers (Mixer, ReXNet) of one block, or
+    layers whose outputs the stage concatenates (DenseNet)."""
+    pr = probe(model, list(dict.fromkeys([*guessed, *itertools.chain(*guessed.values())])), example)
+
+    def chained(stage: str, kids: list[str]) -> bool:
+        if any(pr.calls[k] != 1 for k in kids) or pr.outputs.get(kids[-1]) is None:
+            return False
+        linked = all(pr.inputs.get(b) is pr.outputs[a] for a, b in zip(kids, kids[1:]))
+        return linked and pr.outputs.get(stage) is pr.outputs[kids[-1]]
+
+    return {stage for stage, kids in guessed.items() if not chained(stage, kids)}
+
+
+def _example_input(model: nn.Module) -> torch.Tensor:
+    """A one-image batch of the backbone's pretrained input size (3 x 224 x 224 when it has none)."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    return torch.randn(1, *size, device=param.device if param is not None else None, dtype=dtype)
 
 
 def _is_stage(module: nn.Module) -> bool:
@@ -204,14 +233,23 @@ def _stages(model: nn.Module) -> list[str]:
     return stages
 
 
-def block_points(model: nn.Module) -> list[str]:
-    """One candidate exit point per block inside each stage, in model order."""
-    names: list[str] = []
+def block_points(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    """One candidate exit point per block inside each stage, in model order.
+
+    Args:
+        model: The backbone.
+        example: Input batch for the forward that tells a custom stage's blocks from the parts of one
+            block (only run when the backbone has such a stage); default: one random image of the
+            backbone's pretrained input size.
+    """
     modules = dict(model.named_modules())
-    for stage in _stages(model):
-        if stage not in modules:  # feature_info naming a module that does not exist (e.g. mvitv2)
-            continue
-        for n in _block_children(model, stage):
+    # feature_info may name a module that does not exist (e.g. mvitv2)
+    found = {stage: _block_children(model, stage) for stage in _stages(model) if stage in modules}
+    guessed = {stage: kids for stage, (kids, unsure) in found.items() if unsure}
+    single = _one_block_stages(model, guessed, _example_input(model) if example is None else example) if guessed else ()
+    names: list[str] = []
+    for stage, (kids, _) in found.items():
+        for n in [stage] if stage in single else kids:
             if n not in names:
                 names.append(n)
     return names
@@ -227,14 +265,16 @@ def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Prob
     calls: Counter = Counter()
     outputs: dict[str, Any] = {}
     kinds: dict[str, str] = {}
+    inputs: dict[str, Any] = {}
     tick = itertools.count()
     handles = []
     for name in names:
 
-        def hook(_m, _i, out, name=name):
+        def hook(_m, args, out, name=name):
             calls[name] += 1
             if name not in order:
                 order[name] = next(tick)
+                inputs[name] = args[0] if args else None
                 feat = feature_tensor(out, example.shape[0])
                 if feat is not None and (feat.ndim < 2 or feat.shape[0] != example.shape[0]):
                     # e.g. TNT's inner pixel tokens: batch * patches rows, not one row per image
@@ -257,7 +297,7 @@ def probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Prob
     finally:
         for h in handles:
             h.remove()
-    return Probe(order, calls, outputs, final, kinds)
+    return Probe(order, calls, outputs, final, kinds, inputs)
 
 
 def _runnable(modules: dict[str, nn.Module], name: str) -> str:
@@ -378,10 +418,10 @@ def resolve_exits(
         if bad:
             raise ValueError(f"cost fractions {bad} are outside (0, 1); give fractions of the backbone's FLOPs.")
         requested = []
-        candidates = block_points(model)
+        candidates = block_points(model, example)
     elif kind == "blocks":
         requested = []
-        candidates = block_points(model)
+        candidates = block_points(model, example)
         if not candidates:
             raise ValueError(
                 f"{type(model).__name__}.feature_info names modules that do not exist in the model; pass explicit "
@@ -396,7 +436,7 @@ def resolve_exits(
                 f"({[f['module'] for f in info]}); pass explicit module names instead."
             )
 
-    probe_names = list(dict.fromkeys(candidates + ([last_point] if last_point else [])))
+    probe_names = list(dict.fromkeys(candidates + existing))  # every branch point: the layouts of their blocks
     pr = probe(model, probe_names, example)
 
     if kind in ("names", "indices"):
@@ -434,11 +474,14 @@ def resolve_exits(
     elif kind == "fractions":
         chosen = _nearest(chosen, cum, list(exits), strict=True)
 
-    hint = _layout_hint(pr, fi_chs)
+    hint, grid = _layout_hint(pr, fi_chs), (int(example.shape[-2]), int(example.shape[-1]))
+    kinds = {n: type(modules[n]) for n in pr.outputs}
+    by_kind = layouts_by_kind(pr.outputs, kinds, fi_chs, grid)
+    check_layouts(layouts or {}, chosen, pr.outputs)
     points = []
     for n in chosen:
         t = pr.outputs[n]
-        layout = (layouts or {}).get(n) or detect_layout(t, fi_chs.get(n), hint)
+        layout = (layouts or {}).get(n) or module_layout(n, t, fi_chs, hint, by_kind.get(kinds[n]), grid)
         points.append(
             ExitPoint(
                 name=n,

@@ -46,6 +46,12 @@ def soft_log_output(exit_logits: Sequence[torch.Tensor], log_pi: torch.Tensor) -
     Returns:
         (B, K) log-probabilities of the soft-conditional ensemble.
     """
+    if len(exit_logits) != log_pi.shape[-1]:
+        raise ValueError(
+            f"got the logits of {len(exit_logits)} exits but log_pi of shape {tuple(log_pi.shape)}, one column per "
+            "exit; give one (B, K) logits tensor per column (exit_log_probs gives B_exits columns for B_exits - 1 "
+            "gate logits)."
+        )
     logp = torch.stack([F.log_softmax(f.float(), dim=-1) for f in exit_logits], dim=1)
     return torch.logsumexp(logp + log_pi.unsqueeze(-1), dim=1)
 
@@ -60,6 +66,11 @@ def expected_cost(log_pi: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
     Returns:
         (B,) expected cost of each sample.
     """
+    if costs.ndim != 1 or costs.shape[0] != log_pi.shape[-1]:
+        raise ValueError(
+            f"costs of shape {tuple(costs.shape)} for log_pi of shape {tuple(log_pi.shape)}; give one cost per "
+            f"exit, the final exit last: a ({log_pi.shape[-1]},) tensor."
+        )
     return (log_pi.exp() * costs.to(log_pi)).sum(dim=1)
 
 
