@@ -239,7 +239,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         if path == "/api/repos/create":
             payload = json.loads(body)
             srv.created.append(payload)
-            repo = f"{payload['organization']}/{payload['name']}"
+            repo = f"{payload.get('organization') or 'me'}/{payload['name']}"  # 'me': the token's own namespace
             return self._send(200, {"url": f"{srv.url}/{repo}", "name": repo, "id": "0" * 24})
         if path == "/api/validate-yaml":
             srv.validated.append(json.loads(body)["content"])
@@ -568,6 +568,9 @@ def test_a_backbone_argument_json_cannot_hold_is_saved_with_model_args(hub_serve
     plain = timm.create_model(f"local-dir:{folder}", pretrained=True)
     assert isinstance(plain.act1, torch.nn.SiLU)
 
+    with pytest.raises(ValueError, match=r"'act_layer' is not serializable"):
+        push_to_hub(model, "org/silu", endpoint=hub_server.url, token="hf_test")
+    assert not hub_server.created and not hub_server.commits  # a model that cannot be saved never reaches the Hub
     push_to_hub(model, "org/silu", endpoint=hub_server.url, token="hf_test", model_args={"act_layer": "silu"})
     assert json.loads(hub_server.commits[0]["files"]["config.json"])["model_args"]["act_layer"] == "silu"
 
@@ -710,6 +713,15 @@ def test_push_to_hub_sends_one_commit(models, hub_server, tmp_path):
     for text in ("87.12 %", "86.34 %", "84.92 %", "1.58x", "3.45 ms", "Xeon 8480 VM", "#1: 0.4 %, #2: 22.4 %"):
         assert text in card, text
     _assert_card_numbers_from_report(card, report, model)
+
+
+def test_push_to_hub_names_the_repository_the_hub_created_on_the_card(models, hub_server):
+    model, report = models["resnet"], _report(models["resnet"])
+    push_to_hub(model, "resnet-exits", report, endpoint=hub_server.url, token="hf_test")  # no namespace given
+    commit = hub_server.commits[0]
+    assert commit["repo"] == "me/resnet-exits"
+    card = commit["files"]["README.md"].decode()
+    assert "hf-hub:me/resnet-exits" in card and "hf-hub:resnet-exits" not in card
 
 
 def test_push_run_to_a_branch(models, hub_server, tmp_path):

@@ -365,7 +365,8 @@ def push_to_hub(
 ) -> Any:
     """Upload a multi-exit model to the Hugging Face Hub in one commit.
 
-    Creates the repo if needed (`HfApi.create_repo(exist_ok=True)`) and the branch `revision` if it is not
+    Saves the model first (a model `save_pretrained` refuses never reaches the Hub), then creates the repo if
+    needed (`HfApi.create_repo(exist_ok=True)`) and the branch `revision` if it is not
     there yet, then commits config.json, model.safetensors, exits.safetensors, README.md (and report.json).
 
     Args:
@@ -387,12 +388,19 @@ def push_to_hub(
 
     model = _unwrap_compiled(model)
     api = HfApi(endpoint=endpoint, token=token, library_name="timm-exits", library_version=_version())
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and revision != "main" and not revision.startswith("refs/"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    card_id = repo_id if revision in (None, "main") else f"{repo_id}@{revision}"
+
+    def save(folder: str, repo: str) -> Path:
+        card_id = repo if revision in (None, "main") else f"{repo}@{revision}"
+        return save_pretrained(model, folder, report, repo_id=card_id, data_config=data_config, model_args=model_args)
+
     with tempfile.TemporaryDirectory(prefix="timm_exits_push_") as tmp:
-        folder = save_pretrained(model, tmp, report, repo_id=card_id, data_config=data_config, model_args=model_args)
+        folder = save(os.path.join(tmp, "model"), repo_id)  # a model that cannot be saved never reaches the Hub
+        created = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and revision != "main" and not revision.startswith("refs/"):
+            api.create_branch(created, branch=revision, exist_ok=True)
+        if created != repo_id:  # the Hub completed the name (its namespace): the card names the repository
+            folder = save(os.path.join(tmp, "named"), created)
+        repo_id = created
         ops = [
             CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
             for p in sorted(folder.iterdir())
