@@ -47,16 +47,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_PROXY_READY = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+
+
 @pytest.fixture(scope="module")
 def port():
     root = str(Path(timm_exits.__file__).resolve().parents[1])  # replicas import this checkout's package
+    # Serve kills an HTTP proxy not ready within 5 s, which a busy 2-core machine can miss; the raylet and
+    # the Serve controller inherit this process's environment
+    os.environ.setdefault(_PROXY_READY, "60")
     ray.init(
         address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"}},
+        runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1", _PROXY_READY: os.environ[_PROXY_READY]}},
     )
     try:
         p = _free_port()
