@@ -650,12 +650,14 @@ def test_outputs_that_overflow_leave_the_batch_shrink_check_to_a_later_call():
     torch.testing.assert_close(pred.logits, logits, rtol=1e-4, atol=1e-4)
 
 
-def test_predict_names_integer_images_and_how_to_convert_them():
+def test_predict_and_forward_name_integer_images_and_how_to_convert_them():
     model, size = _wrapped("resnet18")
     pixels = (images(2, size) * 60 + 128).clamp(0, 255)
     for dtype in (torch.uint8, torch.int64):
         with pytest.raises(TypeError, match=rf"^input images are {dtype}; the model takes floating-point images\. "):
             predict(model, pixels.to(dtype), "confidence", 0.5)
+        with pytest.raises(TypeError, match=rf"^input images are {dtype}; the model takes floating-point images\. "):
+            model(pixels.to(dtype))
     assert model._batch_shrink_safe is None
     assert predict(model, pixels.to(torch.uint8).float() / 255, "confidence", 0.5).logits.shape == (2, 10)
 

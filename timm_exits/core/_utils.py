@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["evaluating", "feature_tensor", "take_rows"]
+__all__ = ["default_input_size", "evaluating", "feature_tensor", "take_rows"]
 
 
 @contextlib.contextmanager
@@ -45,3 +45,16 @@ def take_rows(output: Any, rows: torch.Tensor, batch: int) -> Any:
     return type(output)(
         t.index_select(0, rows) if torch.is_tensor(t) and t.ndim and t.shape[0] == batch else t for t in output
     )
+
+
+def default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, int, int]:
+    """The (C, H, W) input size: `input_size` checked, else the model's pretrained_cfg, else (3, 224, 224)."""
+    if input_size is not None:
+        size = tuple(int(v) for v in input_size)
+        if len(size) != 3:
+            raise ValueError(f"input_size must be (C, H, W), got {input_size}")
+        return size  # type: ignore[return-value]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
+    return (3, 224, 224)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._utils import evaluating, feature_tensor
+from ._utils import default_input_size, evaluating, feature_tensor
 from .branch import ExitBranch
 from .compiled_exit import CompiledExit, compile_options
 from .config import ExitConfig, GateKind, HeadKind, PolicyName
@@ -333,7 +333,7 @@ class EarlyExitModel(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a clear error unless `x` is a non-empty (B, C, H, W) batch with the right channels."""
+        """Raise a clear error unless `x` is a non-empty floating-point (B, C, H, W) batch with the right channels."""
         if not torch.is_tensor(x):
             raise TypeError(f"expected a tensor, got {type(x).__name__}")
         if x.ndim != 4:
@@ -346,6 +346,11 @@ class EarlyExitModel(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError("empty batch: the input has 0 samples.")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"input images are {x.dtype}; the model takes floating-point images. Convert them as the model "
+                "expects, e.g. x.float() / 255 and then normalised with the model's mean and std."
+            )
 
     def final_logits(self, backbone_out: torch.Tensor) -> torch.Tensor:
         """Logits of the final exit from the backbone's output."""
@@ -404,18 +409,6 @@ class EarlyExitModel(nn.Module):
         return push_to_hub(self, repo_id, report, **kwargs)
 
 
-def _default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, int, int]:
-    if input_size is not None:
-        size = tuple(int(v) for v in input_size)
-        if len(size) != 3:
-            raise ValueError(f"input_size must be (C, H, W), got {input_size}")
-        return size  # type: ignore[return-value]
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
-    return (3, 224, 224)
-
-
 def wrap(
     model: nn.Module,
     exits: ExitRequest = "auto",
@@ -452,7 +445,7 @@ def wrap(
         exits = config.exits
         input_size = config.input_size
         costs = config.costs
-    size = _default_input_size(model, input_size)
+    size = default_input_size(model, input_size)
     backbone_classes = getattr(model, "num_classes", None)
     if num_classes is None and config is not None:
         num_classes = config.num_classes

@@ -303,7 +303,6 @@ def predict(
     if policy == "soft" and threshold is not None:
         resolve_thresholds(model, policy, threshold)  # raises: the soft output takes no threshold
     model.check_input(x)
-    _check_dtype(x)
     if labels is not None and tuple(labels.shape) != (x.shape[0],):
         raise ValueError(
             f"labels of shape {tuple(labels.shape)} for a batch of {x.shape[0]}: give one class index per sample, "
@@ -326,15 +325,6 @@ def predict(
 
         run = _run_hard(model, x, decide, shrink=batch_shrink)
     return Prediction(run.logits, run.exit_index, _summarise(model, run.exit_index, run.logits, labels, batch_shrink))
-
-
-def _check_dtype(x: torch.Tensor) -> None:
-    """Refuse integer or bool images (e.g. uint8 pixels), which the backbone's float layers cannot take."""
-    if not x.is_floating_point():
-        raise TypeError(
-            f"input images are {x.dtype}; the model takes floating-point images. Convert them as the model "
-            "expects, e.g. x.float() / 255 and then normalised with the model's mean and std."
-        )
 
 
 def _all_finite(x: torch.Tensor) -> bool:
