@@ -392,3 +392,74 @@ def test_a_rank_whose_shard_of_a_held_out_split_is_empty_gets_no_batch():
     split = ArraySplit(images, labels, range(1), CFG)
     assert [len(y) for _, y in make_loader(split, 4, train=False, num_replicas=2, rank=0)] == [1]
     assert list(make_loader(split, 4, train=False, num_replicas=2, rank=1)) == []
+
+
+def _squashing_resize(x: torch.Tensor, size: int, crop_pct: float = 1.0, mode: str = "bilinear") -> torch.Tensor:
+    """`_resize` as it was before it kept the aspect ratio: every batch went to scaled x scaled."""
+    import torch.nn.functional as F
+
+    scaled = int(math.floor(size / crop_pct))
+    if x.shape[-2:] != (scaled, scaled):
+        mode = mode if mode in ("bilinear", "bicubic", "nearest") else "bilinear"
+        x = F.interpolate(x, size=(scaled, scaled), mode=mode, antialias=mode != "nearest", align_corners=None)
+        if mode == "bicubic":
+            x = x.clamp_(0.0, 1.0)
+    if scaled != size:
+        top = (scaled - size) // 2
+        x = x[..., top : top + size, top : top + size]
+    return x
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest", "lanczos"])
+def test_resizing_square_batches_is_unchanged(mode):
+    from timm_exits.training.augment import _resize
+
+    g = torch.Generator().manual_seed(0)
+    for side in (8, 32, 35):
+        x = torch.rand(3, 3, side, side, generator=g)
+        for size, crop_pct in ((32, 1.0), (32, 0.875), (32, 0.9), (24, 0.95), (35, 1.0), (8, 1.0)):
+            old = _squashing_resize(x.clone(), size, crop_pct, mode)
+            assert torch.equal(_resize(x.clone(), size, crop_pct, mode), old), (side, size, crop_pct)
+
+
+def _non_square_datasets(root, shape: tuple[int, int], crop_pct: float) -> dict:
+    """A 10-class npz CIFAR-10 copy of `shape` images, built with each augment (test_resnet at 32 px)."""
+    from timm_exits.training.build import build_model
+
+    rng = np.random.default_rng(0)
+    (root / "cifar10").mkdir()
+    for split, n in (("train", 40), ("test", 10)):
+        x = rng.integers(0, 256, (n, *shape, 3), dtype=np.uint8)
+        np.savez(root / "cifar10" / f"{split}.npz", x=x, y=np.arange(n) % 10)
+    out = {}
+    for augment in ("crop_flip", "rrc", "timm"):
+        keys = {"dataset": "cifar10", "data_dir": str(root), "model": "test_resnet", "val_split": 10}
+        recipe = load_recipe({**keys, "augment": augment, "crop_pct": crop_pct, "interpolation": "bilinear"})
+        model = build_model(recipe.model, 10, 32, pretrained=False)
+        out[augment] = build_datasets(recipe.data, model, load_splits(recipe.data), seed=0)
+    return out
+
+
+@pytest.mark.parametrize(("shape", "crop_pct"), [((24, 32), 1.0), ((40, 30), 0.875)])
+def test_non_square_images_keep_their_aspect_ratio_on_the_in_memory_path(tmp_path, shape, crop_pct):
+    from timm_exits.training.augment import _resize
+
+    data = _non_square_datasets(tmp_path, shape, crop_pct)
+    ours, _ = data["crop_flip"].test.batch(torch.arange(10))
+    timms = torch.stack([data["timm"].test[i][0] for i in range(10)])  # shorter side, then centre crop (PIL)
+    assert ours.shape == timms.shape == (10, 3, 32, 32)
+    level = 1 / 255 / data["crop_flip"].test.std.min()  # PIL resamples in fixed point and rounds to uint8
+    assert (ours - timms).abs().max() <= 1.5 * level
+
+    # training: both augments give 32 x 32 batches; crop_flip's centred, unflipped window is the whole image with
+    # its shorter side resized to 32 and centre-cropped (training reads no crop_pct)
+    for augment in ("crop_flip", "rrc"):
+        train = data[augment].train
+        x, _ = train.batch(torch.arange(8))
+        assert x.shape == (8, 3, 32, 32), augment
+    train = data["crop_flip"].train
+    p = train.augment.padding
+    train._params = torch.tensor([[p, p, 0.0, 0.0]], dtype=torch.float64).expand(len(train), 4).clone()
+    x, _ = train.batch(torch.arange(8))
+    reference = _resize(train.images[train.indices[:8]].float() / 255.0, 32, 1.0, "bilinear")
+    torch.testing.assert_close(x * train.std + train.mean, reference, rtol=0, atol=1e-5)

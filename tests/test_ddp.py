@@ -130,3 +130,53 @@ def test_validation_under_ddp_is_that_of_the_model_rank_0_saves(tmp_path):
     recipe_file.write_text(yaml.safe_dump({**recipe, "max_eval_samples": 1}))
     one_image = _torchrun(recipe_file, tmp_path / "one_image")
     assert load_checkpoint(one_image)[1]["history"][-1]["val"]["num_samples"] == 1
+
+
+def _fake_gpus(monkeypatch, count: int) -> list:
+    """Pretend `count` CUDA devices are visible; returns the list `torch.cuda.set_device` records into."""
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("pref", "local_rank", "expected"),
+    [("cuda", 0, "cuda:0"), ("cuda", 1, "cuda:1"), ("cuda:1", 0, "cuda:1"), ("auto", 1, "cuda:1")],
+)
+def test_device_cuda_gets_the_local_rank_index(monkeypatch, pref, local_rank, expected):
+    from timm_exits.training.distributed import _setup_distributed
+
+    calls = _fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    d = _setup_distributed(pref)
+    assert d.device == torch.device(expected) and d.world == 1
+    assert calls == [torch.device(expected)]  # torch refuses a bare "cuda" here
+
+
+@pytest.mark.parametrize(("pref", "count", "visible"), [("cuda", 0, 0), ("cuda:0", 0, 0), ("cuda:2", 2, 2)])
+def test_device_cuda_without_that_gpu_is_a_recipe_error(monkeypatch, tmp_path, pref, count, visible):
+    from timm_exits.training.recipe_types import RecipeError
+
+    calls = _fake_gpus(monkeypatch, count)
+    index = pref.partition(":")[2] or "0"
+    with pytest.raises(RecipeError) as err:
+        train({**RECIPE, "device": pref}, tmp_path / "run")
+    assert str(err.value) == (
+        f"device={pref}: no such CUDA device is visible (cuda:{index} asked for, {visible} visible); "
+        "use device=cpu or device=auto."
+    )
+    assert calls == [] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("pref", ["gpu", "cuda:x"])
+def test_a_device_torch_does_not_know_is_a_recipe_error(tmp_path, pref):
+    from timm_exits.training.recipe_types import RecipeError
+
+    with pytest.raises(RecipeError) as err:
+        train({**RECIPE, "device": pref}, tmp_path / "run")
+    assert str(err.value) == f"device={pref}: not a device; use auto, cpu, cuda or cuda:N."
+    assert not (tmp_path / "run").exists()

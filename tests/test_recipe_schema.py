@@ -10,6 +10,7 @@ import json
 from typing import get_args
 
 import pytest
+import torch
 import yaml
 
 from timm_exits.core.config import GATE_TYPES, HEAD_TYPES
@@ -421,3 +422,60 @@ def test_momentum_reaches_every_timm_optimizer_that_has_one():
         assert {g["momentum"] for g in made.param_groups} == {0.5}, opt
     made, _ = _make_optimizer(model, OptimSection(opt="adamw", momentum=0.5), _stages(OptimSection())[0], 10)
     assert "momentum" not in made.param_groups[0]
+
+
+def _stage_lrs(optim: OptimSection, stage_index: int, steps_per_epoch: int = 10) -> list[float]:
+    """Learning rate of every update of one stage's schedule."""
+    from timm_exits.training.stages import _make_optimizer
+
+    model = build_model(ModelSection(model="test_resnet", exits=[1]), 10, 32)
+    stage = _stages(optim)[stage_index]
+    opt, sched = _make_optimizer(model, optim, stage, steps_per_epoch)
+    lrs = []
+    for update in range(stage.epochs * steps_per_epoch):
+        sched.step_update(num_updates=update)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_a_stage_warms_up_for_at_most_half_its_epochs_then_anneals():
+    optim = OptimSection(sched="onecycle", warmup_epochs=4.5, frozen_epochs=2, epochs=30, lr=0.1)
+    frozen = _stage_lrs(optim, 0)
+    assert frozen[0] == pytest.approx(0.1 / 25) and frozen[10] == pytest.approx(0.1)  # peak after its first epoch
+    assert max(frozen) == frozen[10] and all(a > b for a, b in zip(frozen[10:], frozen[11:]))
+    assert frozen[-1] < frozen[0]
+    timm_optim = OptimSection(sched="cosine", warmup_epochs=5, frozen_epochs=2, epochs=30, lr=0.1)
+    timm_frozen = _stage_lrs(timm_optim, 0)  # timm: whole warm-up epochs, then cosine from its update 10
+    assert timm_frozen.index(max(timm_frozen)) == 9 and all(a > b for a, b in zip(timm_frozen[9:], timm_frozen[10:]))
+
+    from timm_exits.training.stages import _warmup_note  # the training log's line
+
+    assert _warmup_note(optim, _stages(optim)[0]) == (
+        "stage frozen: warm-up capped at 1 epoch(s), half the stage's 2 (warmup_epochs 4.5)"
+    )
+    assert _warmup_note(timm_optim, _stages(timm_optim)[0]).startswith("stage frozen: warm-up capped at 1 epoch(s)")
+
+
+def test_a_stage_longer_than_twice_the_warm_up_keeps_its_schedule():
+    from timm.scheduler import create_scheduler_v2
+
+    from timm_exits.training.stages import OneCycle
+
+    optim = OptimSection(sched="onecycle", warmup_epochs=4.5, frozen_epochs=2, epochs=30, lr=0.1)
+    joint = _stage_lrs(optim, 1)
+    old = OneCycle(torch.optim.SGD([torch.zeros(1)], lr=0.1), 300, 45)  # the recipe's whole warm-up
+    for update in (0, 20, 44, 45, 46, 150, 299):
+        assert joint[update] == pytest.approx(0.1 * old.factor(update), rel=1e-12), update
+    assert joint.index(max(joint)) == 45
+    timm_optim = OptimSection(sched="cosine", warmup_epochs=5, epochs=30, lr=0.1)
+    opt = torch.optim.SGD([torch.zeros(1)], lr=0.1)
+    kwargs = {"num_epochs": 30, "warmup_lr": 1e-5, "min_lr": 0.0, "step_on_epochs": False, "updates_per_epoch": 10}
+    old, _ = create_scheduler_v2(opt, sched="cosine", warmup_epochs=5, **kwargs)
+    joint = _stage_lrs(timm_optim, 0)
+    for update in (0, 20, 49, 50, 51, 150, 299):
+        old.step_update(num_updates=update)
+        assert joint[update] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), update
+
+    from timm_exits.training.stages import _warmup_note
+
+    assert _warmup_note(optim, _stages(optim)[1]) is _warmup_note(timm_optim, _stages(timm_optim)[0]) is None

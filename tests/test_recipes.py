@@ -161,7 +161,10 @@ def test_method_trains_one_epoch_and_writes_a_valid_report(runs, method):
 
 
 def test_frozen_stage_keeps_backbone_and_batchnorm_fixed(tmp_path):
-    run = train(tiny(method="soft", frozen_epochs=1, epochs=0, report=False), tmp_path / "frozen")
+    recipe = tiny(method="soft", frozen_epochs=1, epochs=0, sched="onecycle", warmup_epochs=3, report=False)
+    run = train(recipe, tmp_path / "frozen")
+    log = (run / "train.log").read_text().splitlines()
+    assert "stage frozen: warm-up capped at 0.5 epoch(s), half the stage's 1 (warmup_epochs 3)" in log
     torch.manual_seed(0)
     fresh = build_model(load_recipe(tiny()).model, 10, 32).state_dict()
     saved = model_tensors(run)

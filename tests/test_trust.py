@@ -463,6 +463,7 @@ def test_overwrite_takes_a_killed_commands_temporaries_for_the_tools_files(kille
         (["push", "RUN", "--repo-id", "name"], "argument --repo-id: 'name' is not of the form ORG/NAME"),
         (["eval", "RUN", "--bogus"], "unrecognized arguments: --bogus"),
         (["recipe", "-c", "digits_quick", "--data-dir", "x"], "unrecognized arguments: --data-dir"),
+        (["eval", "RUN", "--device", "gpu"], "argument --device: device=gpu: not a device; use auto, cpu, cuda"),
     ],
 )
 def test_out_of_range_arguments_exit_2_with_the_valid_range(argv, message, capsys, tmp_path):
@@ -472,6 +473,22 @@ def test_out_of_range_arguments_exit_2_with_the_valid_range(argv, message, capsy
     err = capsys.readouterr().err
     assert f"timm-exits {argv[0]}: error: {message}" in err  # the command's name and its usage
     assert err.startswith(f"usage: timm-exits {argv[0]} ")
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_eval_and_bench_refuse_a_gpu_that_is_not_visible_and_take_cuda_as_cuda_0(command, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        cli_main([command, "RUN", "--device", "cuda:1"])
+    assert e.value.code == 2
+    assert "argument --device: device=cuda:1: no such CUDA device is visible (cuda:1 asked for, 0 visible)" in (
+        capsys.readouterr().err
+    )
+    from timm_exits.training.cli import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [_device(d) for d in ("cuda", "cuda:1", "cpu")] == ["cuda:0", "cuda:1", "cpu"]
 
 
 # ----------------------------------------------------------------------------------------------- wrap

@@ -89,17 +89,25 @@ class BatchAugment:
         return out.clamp_(0.0, 1.0) if mode == "bicubic" else out
 
 
+def _keep_ratio(h: int, w: int, shorter: int) -> tuple[int, int]:
+    """(height, width) with the shorter side `shorter` and the aspect ratio kept (torchvision's rounding)."""
+    if h <= w:
+        return shorter, int(shorter * w / h)
+    return int(shorter * h / w), shorter
+
+
 def _resize(x: torch.Tensor, size: int, crop_pct: float = 1.0, mode: str = "bilinear") -> torch.Tensor:
     """Resize a float batch so its shorter side is size / crop_pct, then centre-crop size x size."""
     scaled = int(math.floor(size / crop_pct))
-    if x.shape[-2:] != (scaled, scaled):
+    target = _keep_ratio(*x.shape[-2:], scaled)
+    if x.shape[-2:] != target:
         mode = mode if mode in ("bilinear", "bicubic", "nearest") else "bilinear"
-        x = F.interpolate(x, size=(scaled, scaled), mode=mode, antialias=mode != "nearest", align_corners=None)
+        x = F.interpolate(x, size=target, mode=mode, antialias=mode != "nearest", align_corners=None)
         if mode == "bicubic":
             x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL's resize (the per-image path) clips the same way
-    if scaled != size:
-        top = (scaled - size) // 2
-        x = x[..., top : top + size, top : top + size]
+    if target != (size, size):
+        top, left = (target[0] - size) // 2, (target[1] - size) // 2
+        x = x[..., top : top + size, left : left + size]
     return x
 
 

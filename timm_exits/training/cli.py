@@ -47,6 +47,17 @@ def _number(kind: type, low: float, high: float = math.inf, low_open: bool = Fal
     return parse
 
 
+def _device(text: str) -> str:
+    """A ``--device`` value checked as the recipe's ``device`` is (``cuda`` means ``cuda:0``)."""
+    from .distributed import _pick_device
+    from .recipe_types import RecipeError
+
+    try:
+        return str(_pick_device(text, 0))
+    except RecipeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 _UNIT = _number(float, 0.0, 1.0)
 _COUNT = _number(int, 1)
 _COUNT0 = _number(int, 0)
@@ -80,7 +91,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--max-accuracy-drop", type=_UNIT, help="calibrate: lowest cost within this drop (e.g. 0.01)")
     p.add_argument("--data-dir", help="where the data set lives now")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=_COUNT, help="torch threads (default: the recipe's)")
     p.add_argument("--no-timing", action="store_true", help="skip the batch-1 timing")
     p.add_argument("--timing-images", type=_COUNT0, help="test images timed at batch 1 (default: the recipe's)")
@@ -109,7 +120,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_COUNT0, help="untimed calls first")
     p.add_argument("--threads", type=_COUNT, help="torch threads")
     p.add_argument("--data-dir", help="where the data set lives now")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 

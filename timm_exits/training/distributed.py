@@ -34,16 +34,33 @@ class _Dist:
         return self.rank == 0
 
 
+def _pick_device(device_pref: str, local_rank: int) -> torch.device:
+    """The recipe's ``device`` as a torch device: ``auto`` and ``cuda`` take this process's GPU (``cuda:<local_rank>``).
+
+    Raises:
+        RecipeError: Not a device string, or ``cuda`` / ``cuda:N`` where no such CUDA device is visible.
+    """
+    if device_pref == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(f"cuda:{local_rank}" if device_pref == "cuda" else device_pref)
+    except RuntimeError:
+        raise RecipeError(f"device={device_pref}: not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        index = device.index
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= visible:
+            raise RecipeError(
+                f"device={device_pref}: no such CUDA device is visible (cuda:{index} asked for, {visible} visible); "
+                "use device=cpu or device=auto."
+            )
+    return device
+
+
 def _setup_distributed(device_pref: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
-    if device_pref == "auto":
-        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    elif device_pref == "cuda" and world > 1:
-        device = torch.device(f"cuda:{local_rank}")
-    else:
-        device = torch.device(device_pref)
+    device = _pick_device(device_pref, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     d = _Dist(device=device)

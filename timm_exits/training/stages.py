@@ -124,6 +124,28 @@ class OneCycle:
             group["lr"] = peak * f
 
 
+_CONSTANT = (None, "none", "const", "constant")
+
+
+def _stage_warmup(optim: OptimSection, stage: _Stage) -> float:
+    """Warm-up epochs of `stage`: the recipe's ``warmup_epochs``, at most half the stage (timm's schedules: whole
+    epochs), so every stage reaches its peak and anneals."""
+    if optim.sched == "onecycle":
+        return min(optim.warmup_epochs, stage.epochs / 2)
+    return min(int(round(optim.warmup_epochs)), stage.epochs // 2)
+
+
+def _warmup_note(optim: OptimSection, stage: _Stage) -> str | None:
+    """The training log's line when `stage` warms up for less than ``warmup_epochs`` (None: it does not)."""
+    warmup = _stage_warmup(optim, stage)
+    if optim.sched in _CONSTANT or warmup >= optim.warmup_epochs:
+        return None
+    return (
+        f"stage {stage.name}: warm-up capped at {warmup:g} epoch(s), half the stage's {stage.epochs} "
+        f"(warmup_epochs {optim.warmup_epochs:g})"
+    )
+
+
 def _make_optimizer(model: EarlyExitModel, optim: OptimSection, stage: _Stage, steps_per_epoch: int):
     """The stage's optimizer and learning-rate schedule (None: a constant rate) from the optim section."""
     from timm.optim import create_optimizer_v2
@@ -133,15 +155,16 @@ def _make_optimizer(model: EarlyExitModel, optim: OptimSection, stage: _Stage, s
     opt = create_optimizer_v2(
         model, opt=optim.opt, lr=stage.lr, weight_decay=optim.weight_decay, momentum=optim.momentum
     )
-    if optim.sched in (None, "none", "const", "constant"):
+    if optim.sched in _CONSTANT:
         return opt, None
+    warmup = _stage_warmup(optim, stage)
     if optim.sched == "onecycle":
-        return opt, OneCycle(opt, stage.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch)
+        return opt, OneCycle(opt, stage.epochs * steps_per_epoch, warmup * steps_per_epoch)
     sched, _ = create_scheduler_v2(
         opt,
         sched=optim.sched,
         num_epochs=stage.epochs,
-        warmup_epochs=int(round(optim.warmup_epochs)),
+        warmup_epochs=int(warmup),
         warmup_lr=optim.warmup_lr,
         min_lr=optim.min_lr,
         step_on_epochs=False,

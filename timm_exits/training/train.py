@@ -64,7 +64,7 @@ from .report import _eval_keys_changed, evaluate
 from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files, run_lock
 from .runfiles import atomic_write_text
 from .sampling import seed_for
-from .stages import _autocast, _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages
+from .stages import _autocast, _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages, _warmup_note
 from .timing import machine_name
 from .validation import _validate_epoch
 
@@ -388,6 +388,8 @@ class _Trainer:
             self.log(
                 f"stage {stage.name}: {stage.epochs} epoch(s), {n_trainable:,} trainable parameters, lr {stage.lr:g}"
             )
+            if note := _warmup_note(self.recipe.optim, stage):
+                self.log(note)
         first_epoch = sum(s.epochs for s in self.stages[:si])
         while pos.stage == si:
             if not self._epoch(si, first_epoch + pos.epoch, net, opt, sched, first_epoch * self.steps_per_epoch):
