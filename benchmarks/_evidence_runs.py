@@ -16,7 +16,16 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from run_evidence import ALLTRAIN_VAL_SPLIT, EXIT_MEAN, GRID, LAMBDA_A, LAMBDA_B, TARGET_TIMING, WHOLE_SPLIT
+from run_evidence import (
+    ALLTRAIN_VAL_SPLIT,
+    EXIT_MEAN,
+    GRID,
+    LAMBDA_A,
+    LAMBDA_B,
+    TARGET_TIMING,
+    WHOLE_SPLIT,
+    unfinished,
+)
 
 __all__ = [
     "BACKBONES",
@@ -180,6 +189,17 @@ def _check_name(dataset: str, name: str, variant: str, seed: int, report: dict) 
         )
 
 
+def _check_finished(dataset: str, name: str, report: dict) -> None:
+    """Refuse the report of a run whose training stopped before its last epoch: the tables show finished runs."""
+    stopped = unfinished(report)
+    if stopped:
+        raise SystemExit(
+            f"{dataset}/{name}: its report is of an unfinished run (training stopped after {stopped}); finish it "
+            f"with `python benchmarks/run_evidence.py --only {dataset}/{name} --data-dir DATA --out RUNS --results "
+            "RESULTS` (it resumes from the run's checkpoint), or keep the run out of the results tree"
+        )
+
+
 # Recipe keys that make up the training budget. Every from-scratch run of one backbone on one data set
 # (each method and seed) must share them: the grid compares methods on one budget.
 BUDGET_KEYS = (
@@ -200,8 +220,11 @@ BUDGET_KEYS = (
 
 
 def budget(report: dict) -> dict:
-    """The budget keys of a run's recipe."""
-    return {key: report["recipe"].get(key) for key in BUDGET_KEYS}
+    """The budget keys of a run's recipe, its epochs those it trained (``training.epochs``; reports written
+    before that field existed are of finished runs: their recipe's epochs)."""
+    keys = {key: report["recipe"].get(key) for key in BUDGET_KEYS}
+    trained = (report.get("training") or {}).get("epochs")
+    return keys | {"epochs": keys["epochs"] if trained is None else trained}
 
 
 def _check_budgets(found: dict[tuple[str, str, str], list[Run]]) -> None:
@@ -248,6 +271,7 @@ def load_rows(results: Path) -> dict[tuple[str, str, str], Row]:
         if not m:
             raise SystemExit(f"{path.parent}: not a run name of the form <backbone>_<method>[_l<lambda>]_s<seed>")
         seed, report = int(m["seed"]), json.loads(path.read_text())
+        _check_finished(dataset, name, report)
         _check_name(dataset, name, m["variant"], seed, report)
         policy = not on_whole_split(m["variant"])  # no held-out split: no policy files are read, even if present
         run = Run(

@@ -11,17 +11,22 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import timm
 import torch
 
 __all__ = [
     "device_sync",
+    "fail",
     "interleaved_samples",
     "machine",
+    "non_negative_int",
     "paired_ratio",
+    "positive_int",
     "resolve_device",
     "time_interleaved",
     "write_json",
@@ -151,11 +156,25 @@ def paired_ratio(samples: dict[str, list[float]], name: str, baseline: str) -> f
     return statistics.median(a / b for a, b in zip(samples[name], samples[baseline]))
 
 
+def fail(message: str) -> NoReturn:
+    """Stop a benchmark script on bad input as argparse does: one line ``PROG: error: MESSAGE``, exit status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1 (a count of timed rounds or steps)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive count; give 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0 (a count where 0 means none, e.g. no images timed)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
     return value
 
 

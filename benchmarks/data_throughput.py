@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from _timing import interleaved_samples, machine, paired_ratio
+from _timing import interleaved_samples, machine, paired_ratio, positive_int
 
 from timm_exits.training.distributed import _Dist
 from timm_exits.training.recipe import load_recipe
@@ -72,9 +72,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="cifar10_resnet18", help="shipped recipe name or YAML path")
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed round")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds")
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--steps", type=positive_int, default=10, help="optimizer steps per timed round")
+    p.add_argument("--repeats", type=positive_int, default=7, help="timed rounds")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     args = p.parse_args()
     with recipe_trainer(args.recipe, args.data_dir, args.threads, args.set) as (trainer, opt, sched):

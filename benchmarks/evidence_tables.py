@@ -75,6 +75,9 @@ DOCS = (ROOT / "docs" / "evidence.md", ROOT / "README.md")
 
 BLOCK = re.compile(r"(<!-- evidence tables: (\w+) -->\n)(.*?)(<!-- end evidence tables: \2 -->)", re.DOTALL)
 
+# the blocks each repository doc must hold (any other doc given with --docs: at least one)
+DOC_BLOCKS = {DOCS[0]: ("table1", "targets", "runs"), DOCS[1]: ("summary",)}
+
 # Table 2 of the paper (CIFAR-10, hard early exit): accuracy, time per image, speed-up
 PAPER_T2 = {
     ("cifar10", "resnet18"): "84.92 %, 2.18 ms, 58 % speed-up",
@@ -457,14 +460,40 @@ def fill_blocks(text: str, tables: dict[str, str], where: str) -> str:
     return BLOCK.sub(sub, text)
 
 
+def marker_problems(text: str, doc: Path) -> list[str]:
+    """What is wrong with `doc`'s blocks, one line each: a line outside every whole block that holds an
+    evidence-tables marker (damaged, or without its pair: the block would be skipped, its table never
+    compared), and a block the doc must hold that it lacks. Markers quoted in inline code are text."""
+    names, inside = [], set()
+    for m in BLOCK.finditer(text):
+        names.append(m[2])
+        inside.update(range(text.count("\n", 0, m.start()) + 1, text.count("\n", 0, m.end()) + 2))
+    problems = [
+        f"{doc}:{i}: damaged or unpaired evidence tables marker {line.strip()!r}; a block runs from "
+        "`<!-- evidence tables: NAME -->` to `<!-- end evidence tables: NAME -->`"
+        for i, line in enumerate(text.splitlines(), 1)
+        if i not in inside and "evidence tables:" in re.sub(r"`[^`]*`", "", line)
+    ]
+    missing = [n for n in DOC_BLOCKS.get(doc.resolve(), ()) if n not in names]
+    problems += [f"{doc}: the evidence tables block {n!r} is missing" for n in missing]
+    if not names and not problems:
+        problems.append(f"{doc}: holds no evidence tables block")
+    return problems
+
+
 def expected_files(results: Path, docs: list[Path]) -> dict[Path, str]:
-    """Every text file this script writes, with the content it would write now."""
+    """Every text file this script writes, with the content it would write now; refuses docs whose blocks
+    are damaged or missing (they would be left stale without a word)."""
+    texts = {doc: doc.read_text() for doc in docs}
+    problems = [line for doc, text in texts.items() for line in marker_problems(text, doc)]
+    if problems:
+        raise SystemExit("\n".join(problems))
     rows = load_rows(results)
     minutes = epoch_minutes(results)
     files = {results / "tables.md": tables_md(rows, minutes)}
     tables = blocks(rows, minutes)
-    for doc in docs:
-        files[doc] = fill_blocks(doc.read_text(), tables, str(doc))
+    for doc, text in texts.items():
+        files[doc] = fill_blocks(text, tables, str(doc))
     return files
 
 

@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import timm
 import torch
-from _timing import machine, positive_int
+from _timing import machine, non_negative_int, positive_int
 
 from timm_exits import wrap
 from timm_exits.core._utils import feature_tensor
@@ -91,9 +91,9 @@ def _measure(name: str, rounds: int, warmup: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--rounds", type=positive_int, default=40, help="timed rounds (the medians' samples)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=non_negative_int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = {

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _timing import machine
+from _timing import machine, non_negative_int, positive_int
 
 from timm_exits.training.recipe import load_recipe
 from timm_exits.training.recipe_schema import RecipeError, _flat_pairs, parse_overrides
@@ -134,11 +134,11 @@ def main() -> None:
         default=["1x2", "2x1"],
         help="PROCESSESxTHREADS[+KEY=VALUE...], the first is the baseline",
     )
-    p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per process and round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
-    p.add_argument("--repeats", type=int, default=3, help="rounds, the layouts alternating")
+    p.add_argument("--steps", type=positive_int, default=12, help="timed optimizer steps per process and round")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps before the timed ones")
+    p.add_argument("--repeats", type=positive_int, default=3, help="rounds, the layouts alternating")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
-    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)  # a worker's threads
+    p.add_argument("--threads", type=positive_int, default=1, help=argparse.SUPPRESS)  # a worker's threads
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

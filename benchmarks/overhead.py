@@ -41,7 +41,16 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
-from _timing import device_sync, interleaved_samples, machine, paired_ratio, resolve_device, write_json
+from _timing import (
+    device_sync,
+    interleaved_samples,
+    machine,
+    non_negative_int,
+    paired_ratio,
+    positive_int,
+    resolve_device,
+    write_json,
+)
 from torch._dynamo.utils import counters
 
 from timm_exits import SoftConditionalLoss, predict, wrap
@@ -189,15 +198,20 @@ def _training(name: str, batch: int, repeats: int, warmup: int, device: torch.de
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
-    p.add_argument("--models", nargs="+", default=["resnet18", "vit_tiny_patch16_224"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    p.add_argument("--train-batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=41, help="rounds at batch 1 (a third, at least 5, for larger)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=["resnet18", "vit_tiny_patch16_224"], help="timm model names")
+    p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 64])
+    p.add_argument("--train-batch", type=positive_int, default=32)
+    p.add_argument(
+        "--repeats", type=positive_int, default=41, help="rounds at batch 1 (a third, at least 5, for larger)"
+    )
+    p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--out", default=None, help="write the JSON here (after every model) instead of printing it")
     args = p.parse_args()
+    unknown = [name for name in args.models if not timm.is_model(name)]
+    if unknown:
+        p.error(f"--models: timm has no model {', '.join(map(repr, unknown))} (timm.list_models() lists them)")
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     result = {

@@ -3,7 +3,8 @@
 Without ``--run`` a multi-exit resnet18 is trained here in about a minute on 2 CPU cores:
 scikit-learn's 8x8 digits upscaled to 32x32 (60 / 20 / 20 train / val / test, fixed seed), the
 soft-conditional loss, SGD with a cosine schedule. With ``--run DIR`` a run folder written by
-``timm_exits.training.train`` is loaded instead (its recipe's val / test splits are used).
+``timm_exits.training.train`` is loaded instead (its recipe's val / test splits are used; a run whose
+training has not finished is refused unless ``--unfinished`` asks for its last checkpoint as it is).
 
 Then, on the held-out data:
 
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _serving import local_serve
-from _timing import machine
+from _timing import machine, positive_int
 from torch.utils.data import DataLoader, TensorDataset
 
 from timm_exits import SoftConditionalLoss, calibrate, collect, fit_gates, predict, wrap
@@ -106,15 +107,17 @@ def _train(args: argparse.Namespace, data: dict[str, TensorDataset]) -> tuple[An
 
 def _load_run(args: argparse.Namespace) -> tuple[Any, DataLoader, DataLoader, dict[str, Any]]:
     try:
-        from timm_exits.training.checkpoint import load_run
+        from _runs import load_finished_run, trained
+
         from timm_exits.training.data import build_datasets
     except ImportError as e:
         sys.exit(f"--run needs timm_exits.training: {e}")
-    run = load_run(args.run, data_dir=args.data_dir)
+    run = load_finished_run(args.run, args.unfinished, data_dir=args.data_dir)
     splits = build_datasets(run.recipe.data, run.model, seed=run.recipe.seed)
     val = DataLoader(splits.val, batch_size=128)
     test = DataLoader(splits.test, batch_size=128)
     info = {"run": str(args.run), "arch": run.recipe.model.model, "dataset": run.recipe.data.dataset}
+    info["training"] = trained(run)
     return run.model, val, test, info
 
 
@@ -202,9 +205,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--run", type=Path, help="a run folder written by timm_exits.training.train (default: train here)")
     p.add_argument("--out", type=Path, default=Path("runs/plan_split"))
     p.add_argument("--data-dir", help="where the --run's data set lives now, if it moved")
+    p.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="with --run: use the last checkpoint of a run whose training has not finished (else it is refused)",
+    )
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--img-size", type=positive_int, default=32)
+    p.add_argument("--epochs", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy", default="gate", choices=["gate", "confidence", "entropy"])
     p.add_argument("--threshold", type=float, help="fixed threshold (default: calibrated on val)")
@@ -216,9 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--server-speed", type=float, default=1.0)
     p.add_argument("--compression", default="none", choices=list(COMPRESSIONS))
     p.add_argument("--min-accuracy", type=float)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--requests", type=int, default=100, help="batch-of-one requests in the HTTP run")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadier on a shared box)")
+    p.add_argument("--repeats", type=positive_int, default=7)
+    p.add_argument("--requests", type=positive_int, default=100, help="batch-of-one requests in the HTTP run")
+    p.add_argument(
+        "--threads", type=positive_int, default=1, help="torch intra-op threads (1 is steadier on a shared box)"
+    )
     p.add_argument(
         "--fit-gates",
         default="no_gain",

@@ -17,6 +17,11 @@ has the best validation accuracy at a validation cost within the budget; ties go
 validation cost. Every row also carries a bootstrap 95 % interval over test images (1,000 resamples)
 of its accuracy and of the recommended policy's accuracy minus each other policy's (paired).
 
+A run whose gates are not stats gates (recipe key ``gate: features`` or ``both``) gets no fitted-gate
+policies (``fit_gates`` re-fits stats gates only): ``gate_fit_skipped`` says why, and the recommended
+policy is chosen among the other candidates. A run whose training has not finished is refused unless
+``--unfinished`` asks for its last checkpoint as it is (``training`` records the epochs it holds).
+
     python benchmarks/policy_frontier.py --run runs/digits_quick --threads 1 \
         > benchmarks/results/policy_frontier_digits.json
 """
@@ -28,11 +33,12 @@ import copy
 import json
 
 import torch
-from _timing import machine
+from _runs import add_unfinished_argument, load_finished_run, trained
+from _timing import machine, positive_int
 
 from timm_exits import Collected, collect, fit_gates, simulate, sweep
+from timm_exits.core.model import EarlyExitModel
 from timm_exits.inference.gate_fitting import GATE_OBJECTIVES
-from timm_exits.training.checkpoint import load_run
 from timm_exits.training.data import build_datasets, make_loader
 
 BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -95,9 +101,9 @@ def _with_intervals(row: dict, correct: dict[str, torch.Tensor], seed: int) -> N
                 row[name]["recommended_minus_this_ci95"] = _interval(means["recommended"] - m)
 
 
-def _recommended(row: dict, correct: dict[str, torch.Tensor]) -> None:
+def _recommended(row: dict, correct: dict[str, torch.Tensor], candidates: list[str]) -> None:
     """The pre-registered choice: the candidate with the best validation accuracy within the budget."""
-    picks = [(row[c]["val_accuracy"], -row[c]["val_cost"], c) for c in RECOMMENDED_CANDIDATES if row.get(c)]
+    picks = [(row[c]["val_accuracy"], -row[c]["val_cost"], c) for c in candidates if row.get(c)]
     if not picks:
         row["recommended"] = None
         return
@@ -106,17 +112,27 @@ def _recommended(row: dict, correct: dict[str, torch.Tensor]) -> None:
     correct["recommended"] = correct[choice]
 
 
+def gate_fit_skipped(model: EarlyExitModel) -> str | None:
+    """Why the fitted-gate policies do not apply to `model` (None: they do)."""
+    if not len(model.branches):
+        return "the model has no early exits, so no gates to fit"
+    if model.config.gate != "stats":
+        return f"fit_gates re-fits stats gates only, and this model's gates are {model.config.gate!r} (recipe key gate)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line (``argv``: the arguments, default ``sys.argv[1:]``); prints the frontier as JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a run folder written by timm-exits train")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     p.add_argument("--device", default="cpu", help="where the exits' outputs are collected (cpu, cuda)")
     p.add_argument("--data-dir", help="where the run's data set lives now, if it moved")
+    add_unfinished_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    run = load_run(args.run, device=args.device, data_dir=args.data_dir)
+    run = load_finished_run(args.run, args.unfinished, device=args.device, data_dir=args.data_dir)
     model = run.model.eval()
     splits = build_datasets(run.recipe.data, model, seed=run.recipe.seed)
     loaders = {name: make_loader(getattr(splits, name), 256, train=False) for name in ("val", "test")}
@@ -131,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
         "gate_joint": (val, test, "gate"),
     }
     fits = {}
-    for objective in GATE_OBJECTIVES:
+    skipped = gate_fit_skipped(model)
+    for objective in GATE_OBJECTIVES if skipped is None else ():
         fitted = copy.deepcopy(model)
         fits[objective] = fit_gates(fitted, val, objective=objective).__dict__
         fval, ftest = outputs(fitted)
         policies[f"gate_fitted_{objective}"] = (fval, ftest, "gate")
+    candidates = [c for c in RECOMMENDED_CANDIDATES if c in policies or c == "static"]
     curves = {name: sweep(v, policy) for name, (v, _, policy) in policies.items()}  # the same at every budget
     table = []
     for i, budget in enumerate(args.budgets):
@@ -147,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             row[name] = result and result[0]
             if result:
                 correct[name] = result[1]
-        _recommended(row, correct)
+        _recommended(row, correct, candidates)
         _with_intervals(row, correct, seed=i)
         table.append(row)
     flat = run.recipe.flat()
@@ -156,12 +174,14 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(args.threads) | {"device": args.device},
         "run": args.run,
         "recipe": {k: flat[k] for k in ("model", "dataset", "method", "img_size", "epochs", "exits")},
+        "training": trained(run),
         "splits": {"val": int(val.labels.shape[0]), "test": int(test.labels.shape[0])},
         "exit_costs": test.costs.tolist(),
         "val_exit_accuracy": val.exit_accuracy,
         "test_exit_accuracy": test.exit_accuracy,
         "gate_fits": fits,
-        "recommended": {"candidates": list(RECOMMENDED_CANDIDATES), "chosen_on": "val", "bootstrap": BOOTSTRAP},
+        "gate_fit_skipped": skipped,
+        "recommended": {"candidates": candidates, "chosen_on": "val", "bootstrap": BOOTSTRAP},
         "table": table,
     }
     print(json.dumps(result, indent=2))

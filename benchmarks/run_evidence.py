@@ -1,9 +1,10 @@
 """Train the evidence grid (the paper's Tables 1 and 2) on one budget and collect what the tables report.
 
 Runs the entries of `GRID` one after another (or several at a time), each as its own `timm-exits train`
-process with checkpoints: a stopped driver started again resumes every run from its last checkpoint and
-skips finished ones. Each finished soft / B-Net run on the grid's split gets its policy frontier (`policy_frontier.py`)
-right away and, with ``--timing-images N``, the batch-1 timing of its recommended policy against the
+process with checkpoints: a stopped driver started again resumes every run from its last checkpoint (also
+one whose report says its training is unfinished, e.g. after ``stop_after_steps``) and skips finished ones.
+Each finished soft / B-Net run on the grid's split gets its policy frontier (`policy_frontier.py`) right away
+and, with ``--timing-images N``, the batch-1 timing of its recommended policy against the
 plain backbone (`time_recommended.py`): at the budget its rule picks on the held-out split
 (``timing.json``) and, where the rule picks another budget, at the hard-exit target's own cost bound,
 0.5 of the FLOPs (``timing_budget0.5.json``); then the small files of the run (report, metrics, recipe,
@@ -38,6 +39,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from _timing import non_negative_int, positive_int
 
 from timm_exits.training.recipe import load_recipe
 from timm_exits.training.report import PLOTS_HEADING
@@ -185,6 +188,26 @@ def _run_dir(out: Path, name: str) -> Path:
     return out / name
 
 
+def unfinished(report: dict) -> str | None:
+    """Where the training of a report's run stopped (``"3 of 30 epochs, step 1053"``); None when it finished
+    (reports written before the field existed are of finished runs)."""
+    return (report.get("training") or {}).get("unfinished")
+
+
+def _not_done(run: Path) -> str | None:
+    """Why the run folder holds no finished run (no report, or where its training stopped); None if it does."""
+    report = run / "report.json"
+    if not report.exists():
+        return "no report.json"
+    stopped = unfinished(json.loads(report.read_text()))
+    return stopped and f"training stopped after {stopped}"
+
+
+def _finished(run: Path) -> bool:
+    """Whether the run folder holds the report of a run whose training finished."""
+    return _not_done(run) is None
+
+
 def _train_cmd(name: str, args: argparse.Namespace) -> list[str]:
     recipe, overrides = GRID[name]
     run = _run_dir(args.out, name)
@@ -292,12 +315,12 @@ def _next(queue: list[str], running: dict, summary: dict, args: argparse.Namespa
     is not selected is skipped. None: every queued run waits for one still training."""
     for name in list(queue):
         need = REQUIRES.get(name)
-        if need is None or (_run_dir(args.out, need) / "report.json").exists():
+        if need is None or _finished(_run_dir(args.out, need)):
             queue.remove(name)
             return name
         if need not in queue and need not in running:
             queue.remove(name)
-            summary[name] = {"status": f"skipped: needs {need}, which has no report"}
+            summary[name] = {"status": f"skipped: needs {need}, which has not finished"}
     return None
 
 
@@ -321,12 +344,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder of the run folders")
     p.add_argument("--results", type=Path, help="copy each finished run's small files to RESULTS/NAME")
     p.add_argument("--only", nargs="+", choices=sorted(GRID), help="run these entries (default: all, in order)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
-    p.add_argument("--threads", type=int, default=2, help="threads of the frontier and timing steps")
+    p.add_argument("--parallel", type=positive_int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=positive_int, default=2, help="threads of the frontier and timing steps")
     p.add_argument(
-        "--timing-images", type=int, default=0, help="time each run's recommended policy on N test images (0: no)"
+        "--timing-images",
+        type=non_negative_int,
+        default=0,
+        help="time each run's recommended policy on N test images (0: no)",
     )
-    p.add_argument("--timing-repeats", type=int, default=7, help="timed passes of the timing step (median)")
+    p.add_argument("--timing-repeats", type=positive_int, default=7, help="timed passes of the timing step (median)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides shared by every run")
     args = p.parse_args(argv)
     names = args.only or list(GRID)
@@ -340,9 +366,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             if name is None:
                 break
             run = _run_dir(args.out, name)
-            if (run / "report.json").exists():
+            if _finished(run):
                 summary[name] = {"status": "done before", **_finish(name, args, _procs(running))}
-                continue
+                continue  # an unfinished run's report is not: its training resumes from its checkpoint
             run.parent.mkdir(parents=True, exist_ok=True)
             with open(args.out / f"{name.replace('/', '_')}.out", "a") as log:
                 proc = subprocess.Popen(
@@ -352,11 +378,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, (proc, t0) in list(running.items()):
             if proc.poll() is not None:
                 del running[name]
-                summary[name] = {
-                    "status": "done" if proc.returncode == 0 else "failed",
-                    "seconds": time.monotonic() - t0,
-                }
-                if proc.returncode == 0:
+                why = _not_done(_run_dir(args.out, name)) if proc.returncode == 0 else None
+                status = "failed" if proc.returncode else f"unfinished: {why}" if why else "done"
+                summary[name] = {"status": status, "seconds": time.monotonic() - t0}
+                if status == "done":
                     summary[name].update(_finish(name, args, _procs(running)))
         time.sleep(1.0)
     print(json.dumps({"set": args.set, "seconds": time.monotonic() - start, "runs": summary}))

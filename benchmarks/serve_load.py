@@ -39,7 +39,7 @@ from typing import Any
 import timm
 import torch
 from _serving import local_serve
-from _timing import machine, time_interleaved
+from _timing import machine, non_negative_int, positive_int, time_interleaved
 
 from timm_exits import predict, split, wrap
 from timm_exits.deploy.serve import EdgeClient, ModelClient, cloud_app, model_app
@@ -144,19 +144,19 @@ def _median_cells(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--split-at", type=int, default=1, help="early exit the split cuts at (0-based)")
+    p.add_argument("--size", type=positive_int, default=32)
+    p.add_argument("--split-at", type=non_negative_int, default=1, help="early exit the split cuts at (0-based)")
     p.add_argument("--mix", type=float, nargs="+", default=list(MIX))
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=400, help="requests per cell and round")
+    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=positive_int, default=400, help="requests per cell and round")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time limit per cell and round")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--images-per-request", type=positive_int, default=1)
     p.add_argument("--transport", choices=("http", "handle"), default="http")
-    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=positive_int, default=32)
     p.add_argument("--wait-ms", type=float, default=5.0, help="batch_wait_timeout_s in ms")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per replica and in this process")
-    p.add_argument("--pool", type=int, default=256)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per replica and in this process")
+    p.add_argument("--pool", type=positive_int, default=256)
     p.add_argument("--out", type=Path, help="also write the JSON there (Ray may print to stdout at shutdown)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -41,7 +41,7 @@ import json
 
 import timm
 import torch
-from _timing import machine, resolve_device, time_interleaved, write_json
+from _timing import machine, non_negative_int, positive_int, resolve_device, time_interleaved, write_json
 from torch._dynamo.utils import counters
 
 from timm_exits import wrap
@@ -174,11 +174,11 @@ def _running(index: torch.Tensor, k: int) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    p.add_argument("--repeats", type=int, default=21)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 64])
+    p.add_argument("--repeats", type=positive_int, default=21)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
     names = sorted({n for n, _ in CASES + NAMED_ONLY})
     p.add_argument(
         "--models", nargs="+", default=None, choices=names, help="the cases' models (default: all but NAMED_ONLY)"

@@ -33,20 +33,37 @@ def rows(result: dict) -> list[str]:
     return out
 
 
+def speed_results(path: str) -> list[dict]:
+    """The results of a speed.py JSON file; ValueError, saying why, for a file that is not one."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("benchmark") != "speed" or "results" not in data:
+        kind = data.get("benchmark") if isinstance(data, dict) else None
+        raise ValueError(f"{path} is not speed.py output (benchmark: {kind})")
+    return data["results"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+", help="JSON files written by speed.py")
     args = p.parse_args()
+    try:  # every file checked before the table starts
+        results = [result for path in args.files for result in speed_results(path)]
+    except ValueError as e:
+        p.error(str(e))
     print(
         "| model @ input | memory format | batch | exits taken | ms | measured speed-up | predicted "
         "| measured / predicted | ms, compiled exits | speed-up, compiled | compiled / predicted "
         "| bare backbone's limit |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for path in args.files:
-        with open(path) as f:
-            for result in json.load(f)["results"]:
-                print("\n".join(rows(result)))
+    for result in results:
+        print("\n".join(rows(result)))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ Models whose parameters alone (weights + gradients, counted on the meta device) 
 limit are not built; they are recorded as "excluded" with the reason.
 
 Results are written after every model to `--out` (one short record per model) and printed as JSON at
-the end; a rerun skips the models already recorded there, so the sweep can be resumed.
+the end; a rerun skips the models already recorded there, so the sweep can be resumed. The summary
+always counts every listed model; a `--filter` run updates its models' records and keeps the file's
+machine and config (those of the sweep that wrote it; each record keeps its sources' hash, "src").
 
     nice -n 19 .venv/bin/python benchmarks/sweep_models.py --limit 30
     nice -n 19 .venv/bin/python benchmarks/sweep_models.py --filter 'resnet*' --timeout 60
@@ -590,14 +592,16 @@ def main(argv: list[str] | None = None) -> int:
         "filter": args.filter,
     }
     payload: dict[str, Any] = {"machine": machine_info(args.jobs), "config": config}
+    if args.filter != "*":  # part of the list: the file keeps the machine and config of the sweep that wrote it
+        payload.update({k: previous[k] for k in ("machine", "config") if k in previous})
 
     def save() -> dict[str, Any]:
         payload.update(
-            summary=summarize(records, names),
-            failures=group_failures(records, names),
+            summary=summarize(records, all_names),
+            failures=group_failures(records, all_names),
             excluded=[
                 {"model": n, "reason": records[n]["message"]}
-                for n in names
+                for n in all_names
                 if records.get(n, {}).get("status") == "excluded"
             ],
             records=records,

@@ -41,8 +41,8 @@ def main() -> None:
     args = p.parse_args()
     data = json.loads(args.results.read_text())
     records = data["records"]
-    listed = data["summary"]["models_listed"]
     done = len(records)
+    listed = max(done, data["summary"]["models_listed"])  # the records count, whatever a summary says
     as_is = [n for n, r in records.items() if r["status"] == "ok"]
     nc0 = [n for n, r in records.items() if "nc1000" in r]
     nc0_ok = [n for n in nc0 if records[n]["nc1000"].startswith("ok")]

@@ -16,6 +16,8 @@ the same policy are kept beside them as a check.
 Timing: the first ``--images`` test images at batch 1, the policy and the plain backbone (a copy of
 the same weights with every exit hook removed) called in the same process on the same images,
 interleaved within each of ``--repeats`` passes, median ms per image of each (``time_per_image``).
+A run whose training has not finished is refused unless ``--unfinished`` asks for its last checkpoint
+as it is (``training`` records the epochs it holds).
 
     python benchmarks/time_recommended.py --run runs/evidence/cifar10/resnet18_soft_l0.1_s0 \\
         --data-dir DATA --threads 2 --images 500 --repeats 7 --out RUN/timing.json
@@ -31,12 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _timing import machine, write_json
+from _runs import add_unfinished_argument, load_finished_run, trained
+from _timing import fail, machine, non_negative_int, positive_int, write_json
 
 from timm_exits import collect, fit_gates
 from timm_exits.core.model import EarlyExitModel
 from timm_exits.inference.hard_exit import run_assigned
-from timm_exits.training.checkpoint import load_run
 from timm_exits.training.data import build_datasets, make_loader
 from timm_exits.training.timing import time_per_image
 
@@ -113,10 +115,15 @@ def run(args: argparse.Namespace) -> dict:
     """Load the run, rebuild its recommended policy, evaluate it on the test split and time it."""
     torch.set_num_threads(args.threads)
     folder = Path(args.run)
+    if not (folder / "frontier.json").is_file():
+        fail(
+            f"{folder} has no frontier.json: run python benchmarks/policy_frontier.py --run {folder} > "
+            f"{folder / 'frontier.json'} first"
+        )
     frontier = json.loads((folder / "frontier.json").read_text())
     row, rule = choose(frontier, args.budget, args.max_drop)
     choice = row["recommended"]
-    loaded = load_run(folder, data_dir=args.data_dir)
+    loaded = load_finished_run(folder, args.unfinished, data_dir=args.data_dir)
     model = loaded.model.eval()
     splits = build_datasets(loaded.recipe.data, model, seed=loaded.recipe.seed)
     val_loader = make_loader(splits.val, EVAL_BATCH, train=False)
@@ -137,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": machine(args.threads),
         "run": str(folder),
         "recipe": {k: recipe.flat()[k] for k in ("model", "dataset", "method", "cost_weight", "seed", "img_size")},
+        "training": trained(loaded),
         "budget": row["budget"],
         "budget_rule": rule,
         "policy": {k: choice[k] for k in ("policy", "threshold", "exit") if k in choice},
@@ -162,13 +170,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a run folder with its checkpoint and frontier.json")
     p.add_argument("--data-dir", help="where the run's data set lives now, if it moved")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--images", type=int, default=500, help="test images timed at batch 1")
-    p.add_argument("--repeats", type=int, default=7, help="timed passes over the images (median reported)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed calls of each candidate first")
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--images", type=positive_int, default=500, help="test images timed at batch 1")
+    p.add_argument("--repeats", type=positive_int, default=7, help="timed passes over the images (median reported)")
+    p.add_argument("--warmup", type=non_negative_int, default=10, help="untimed calls of each candidate first")
     p.add_argument("--budget", type=float, help="frontier budget whose recommended policy is timed")
     p.add_argument("--max-drop", type=float, default=0.01, help="validation accuracy drop allowed without --budget")
     p.add_argument("--out", help="write the JSON here as well as to stdout")
+    add_unfinished_argument(p)
     return p.parse_args(argv)
 
 
