@@ -23,21 +23,21 @@ machine and config (those of the sweep that wrote it; each record keeps its sour
     nice -n 19 .venv/bin/python benchmarks/sweep_models.py --limit 30
     nice -n 19 .venv/bin/python benchmarks/sweep_models.py --filter 'resnet*' --timeout 60
     nice -n 19 .venv/bin/python benchmarks/sweep_models.py --jobs 2 --filter 'coat_*' --rerun
+
+This file is the parent (arguments, the model list, workers, records and the results file); what runs
+inside a worker process is in `_sweep_worker.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import fnmatch
-import gc
 import json
 import os
 import platform
 import random
 import re
-import resource
 import selectors
 import signal
 import subprocess
@@ -47,7 +47,23 @@ import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+from _sweep_worker import source_hash, vm_kb, worker_main  # imports no torch: threads are set first
+
+__all__ = [
+    "THREAD_ENV",
+    "Worker",
+    "group_failures",
+    "machine_info",
+    "main",
+    "non_negative_int",
+    "parse_args",
+    "positive_int",
+    "reason_key",
+    "summarize",
+    "write_results",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "results" / "sweep_models.json"
@@ -57,91 +73,7 @@ MEMORY_ERRORS = ("MemoryError", "OutOfMemory", "MemoryKill")
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
 
 
-# ------------------------------------------------------------------------------------------ worker
-def source_hash() -> str:
-    """Short hash of the timm_exits sources a result was measured with (the package changes during a sweep)."""
-    import hashlib
-
-    import timm_exits
-
-    h = hashlib.sha1()
-    for f in sorted(Path(timm_exits.__file__).parent.rglob("*.py")):
-        h.update(f.relative_to(Path(timm_exits.__file__).parent).as_posix().encode() + f.read_bytes())
-    return h.hexdigest()[:8]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else "")[:200]
-
-
-class NonFiniteError(RuntimeError):
-    """An output, the loss or a gradient contains NaN or Inf."""
-
-
-def _vm_kb(field: str, pid: int | str = "self") -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _exercise(model: Any, size: tuple[int, ...], state: dict[str, str], send: Any, **wrap_kwargs: Any) -> int:
-    """Wrap with exits="auto", forward a batch of 2, back-propagate and check; return the number of exits."""
-    import torch
-
-    import timm_exits
-
-    def enter(stage: str) -> None:
-        state["stage"] = stage
-        send({"stage": stage})
-
-    enter("wrap")
-    wrapped = timm_exits.wrap(model, exits="auto", **wrap_kwargs)
-    wrapped.train()
-
-    enter("forward")
-    x = torch.randn(2, *size)
-    out = wrapped(x)
-    tensors = {f"logits[{i}]": t for i, t in enumerate(out.logits)}
-    tensors.update(log_probs=out.log_probs, expected_cost=out.expected_cost, gate_logits=out.gate_logits)
-    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
-        with torch.no_grad():
-            plain = wrapped.backbone(x)
-        plain_ok = bool(torch.isfinite(plain).all()) if torch.is_tensor(plain) else None
-        raise NonFiniteError(f"non-finite {bad}; plain backbone output finite: {plain_ok}")
-
-    enter("backward")
-    target = torch.randint(0, wrapped.num_classes, (2,))
-    loss = timm_exits.SoftConditionalLoss(cost_weight=0.1)(out, target)
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"loss is {loss.item()}")
-    loss.backward()
-    no_grad = [b.name for b in wrapped.branches if all(p.grad is None for p in b.parameters())]
-    if no_grad:
-        raise RuntimeError(f"exit branches {no_grad} received no gradient")
-    grads = [(n, p.grad) for n, p in wrapped.named_parameters() if p.grad is not None]
-    bad_grads = [n for n, g in grads if not torch.isfinite(g).all()]
-    if bad_grads:
-        raise NonFiniteError(f"non-finite gradients in {len(bad_grads)} tensors, e.g. {bad_grads[:3]}")
-    n = wrapped.num_exits
-    wrapped.unwrap()
-    return n
-
-
-def _error_fields(e: BaseException) -> tuple[str, str]:
-    msg = _first_line(e)
-    err = type(e).__name__
-    if "can't allocate memory" in msg or "not enough memory" in msg:
-        err = "OutOfMemory"
-    return err, msg
-
-
+# ------------------------------------------------------------------------------------------ parent
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process."""
     try:
@@ -153,6 +85,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _mem_available_kb() -> int:
+    """The machine's available memory in kB (MemAvailable of /proc/meminfo); 2**40 where unknown."""
     with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -160,104 +93,10 @@ def _mem_available_kb() -> int:
     return 2**40
 
 
-def _run_one(name: str, mem_bytes: int, send: Any) -> dict[str, Any]:
-    """Create, wrap, forward and backward one model; return its record (without time and name)."""
-    import timm
-    import torch
-
-    rec: dict[str, Any] = {}
-    state = {"stage": "create"}
-    model = None
-    try:
-        send({"stage": "size"})
-        n_params = None
-        with contextlib.suppress(Exception), torch.device("meta"):  # a size estimate only; the real build decides
-            n_params = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
-            rec["params_m"] = round(n_params / 1e6, 1)
-        need = (n_params or 0) * 4 * 2  # fp32 weights + gradients, before any activation
-        if n_params and need > mem_bytes:
-            rec.update(
-                status="excluded",
-                stage="create",
-                error="TooLarge",
-                message=f"{n_params / 1e9:.2f}B params need > {need / 2**30:.1f} GiB for weights + grads "
-                f"(limit {mem_bytes / 2**30:.1f} GiB)",
-            )
-            return rec
-
-        send({"stage": "create"})
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False)
-        rec["cls"] = type(model).__name__
-        size = tuple(int(v) for v in model.pretrained_cfg["input_size"])
-        rec["input"] = list(size)
-        rec["exits"] = _exercise(model, size, state, send)
-        rec["status"] = "ok"
-    except Exception as e:  # noqa: BLE001 - every failure (MemoryError included) is a result here
-        err, msg = _error_fields(e)
-        rec.update(status="fail", stage=state["stage"], error=err, message=msg)
-    if rec.get("status") == "fail" and model is not None and getattr(model, "num_classes", None) == 0:
-        # A pooled-feature model (num_classes=0 by default): wrap() asks for num_classes by design. Say
-        # whether the exits themselves would work once a head is requested.
-        send({"primary": dict(rec)})  # the parent keeps this if the retry times out or crashes
-        try:
-            rec["nc1000"] = f"ok, {_exercise(model, rec['input'], state, send, num_classes=1000)} exits"
-        except Exception as e:  # noqa: BLE001
-            err, msg = _error_fields(e)
-            rec["nc1000"] = f"{state['stage']} {err}: {msg[:150]}"
-    return rec
-
-
-def worker_main(mem_gb: float) -> None:
-    """Serve model names from stdin; answer stage markers and records on the original stdout."""
-    proto: TextIO = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything the models print goes to stderr, not into the protocol
-    sys.stdout = sys.stderr
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import timm  # noqa: F401
-    import torch
-
-    import timm_exits  # noqa: F401
-
-    torch.set_num_threads(1)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-    mem_bytes = int(mem_gb * 2**30)
-    base = _vm_kb("VmSize") * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (base + mem_bytes, base + mem_bytes))
-
-    src = source_hash()
-
-    def send(msg: dict[str, Any]) -> None:
-        proto.write(json.dumps(msg) + "\n")
-
-    send({"ready": True})
-    for line in sys.stdin:
-        name = line.strip()
-        if not name:
-            continue
-        print(f"### {name}", file=sys.stderr, flush=True)
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) so rss_gb is this model's
-        t0, c0 = time.perf_counter(), time.process_time()
-        rec = _run_one(name, mem_bytes, send)
-        rec["time_s"] = round(time.perf_counter() - t0, 1)
-        rec["cpu_s"] = round(time.process_time() - c0, 1)
-        rec["rss_gb"] = round(_vm_kb("VmHWM") / 2**20, 1)
-        rec["src"] = src
-        gc.collect()
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back before the next model
-        send({"result": rec})
-
-
-# ------------------------------------------------------------------------------------------ parent
 class Worker:
-    """A worker subprocess speaking the JSON-lines protocol of `worker_main`."""
+    """A worker subprocess (`sweep_models.py --worker`) speaking the protocol of `_sweep_worker.worker_main`."""
 
-    def __init__(self, mem_gb: float, log_path: Path):
+    def __init__(self, mem_gb: float, log_path: Path) -> None:
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         env = {**os.environ, **THREAD_ENV, "PYTHONUNBUFFERED": "1"}
@@ -289,7 +128,7 @@ class Worker:
                 return "timeout"
             if cpu_deadline is not None and _cpu_seconds(self.proc.pid) > cpu_deadline:
                 return "cpu-timeout"
-            if rss_limit_kb and _vm_kb("VmRSS", self.proc.pid) > rss_limit_kb:
+            if rss_limit_kb and vm_kb("VmRSS", self.proc.pid) > rss_limit_kb:
                 return "memory"
             if rss_limit_kb and _mem_available_kb() < MIN_AVAILABLE_KB:
                 return "system-memory"
@@ -487,6 +326,22 @@ def write_results(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (as in _timing.py, which this script cannot import: torch)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count; give 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0 (0 meaning none)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -494,7 +349,12 @@ def _terminate(signum: int, frame: Any) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--filter", default="*", help="fnmatch pattern(s) on timm model names, comma-separated")
-    p.add_argument("--limit", type=int, default=None, help="run at most this many models not yet in --out")
+    p.add_argument(
+        "--limit",
+        type=non_negative_int,
+        default=None,
+        help="run at most this many models not yet in --out (0: none, only rewrite the summary)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="CPU seconds per model (default 120)")
     p.add_argument(
         "--wall-factor", type=float, default=5.0, help="wall-clock limit per model, as a multiple of --timeout"
@@ -515,12 +375,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=1,
         help="workers in parallel, one torch thread each (a model killed for the machine's memory is best "
         "retried with --jobs 1)",
     )
-    p.add_argument("--restart-every", type=int, default=40, help="restart the worker after this many models")
+    p.add_argument(
+        "--restart-every", type=positive_int, default=40, help="restart the worker after this many models (1 or more)"
+    )
     p.add_argument(
         "--retry-failed",
         nargs="?",
@@ -633,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = worker.run(name, args.timeout, args.timeout * args.wall_factor, rss_limit_kb)
             if stop.is_set():  # the worker was killed by the stop, not by the model: record nothing
                 return
-            dead = worker.proc.poll() is not None or _vm_kb("VmRSS", worker.proc.pid) > RESTART_RSS_KB
+            dead = worker.proc.poll() is not None or vm_kb("VmRSS", worker.proc.pid) > RESTART_RSS_KB
             if dead or worker.served >= args.restart_every or rec.get("error") in MEMORY_ERRORS:
                 workers.pop(slot).close()
             with lock:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -179,6 +180,52 @@ def test_a_filtered_sweep_keeps_the_files_summary_config_and_machine(tmp_path, m
     assert data["config"] == config and data["machine"] == machine and data["records"] == records
     assert data["summary"]["models_listed"] == len(timm.list_models())
     assert data["summary"]["models_done"] == 3 and data["summary"]["ok"] == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--limit", "-1"], "argument --limit: -1 is negative; give 0 or more"),
+        (["--jobs", "0"], "argument --jobs: 0 is not a positive count; give 1 or more"),
+        (["--jobs", "-2"], "argument --jobs: -2 is not a positive count; give 1 or more"),
+        (["--restart-every", "0"], "argument --restart-every: 0 is not a positive count; give 1 or more"),
+    ],
+    ids=["limit-negative", "jobs-zero", "jobs-negative", "restart-every-zero"],
+)
+def test_sweep_models_refuses_bad_counts(tmp_path, monkeypatch, capsys, argv, message):
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(sweep_models, "Worker", no_worker)  # were a count let through, no model is run
+    for key in sweep_models.THREAD_ENV:
+        monkeypatch.setenv(key, os.environ.get(key, "1"))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    out = tmp_path / "sweep.json"
+    code, line = _exit(capsys, sweep_models.main, ["--out", str(out), "--filter", "resnet18", "--quiet", *argv])
+    assert code == 2 and line == f"{Path(sys.argv[0]).name}: error: {message}"
+    assert not out.exists()  # refused before any model list or results file
+
+
+def test_sweep_models_imports_no_torch_before_its_thread_settings():
+    """The script sets the thread variables before torch is first imported; its helper module imports none."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import sweep_models; print({'torch', 'timm'} & set(sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "set()"
+
+
+def test_sweep_table_prints_the_committed_sweep_as_the_docs_quote_it():
+    """All of its output on the committed results/sweep_models.json, the list of models beyond the limits included,
+    is the block docs/compatibility.md quotes."""
+    results = BENCH.parent / "results" / "sweep_models.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "sweep_table.py"), str(results)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    doc = (BENCH.parent / "docs" / "compatibility.md").read_text()
+    assert run.stdout.strip() in doc
 
 
 def test_sweep_table_counts_the_records_whatever_the_summary_says(tmp_path, monkeypatch):
