@@ -1310,6 +1310,56 @@ def test_card_of_a_soft_policy_model_says_every_exit_runs(models):
     assert "With hard early exit by the stored policy (`gate`) it reaches 84.92 % accuracy" in gate_card
 
 
+def test_card_of_an_unfinished_run_says_training_did_not_finish(models):
+    report = _report(models["resnet"])
+    report["recipe"]["epochs"] = 3
+    report["training"] = {"epochs": 1, "planned_epochs": 3, "steps": 17, "unfinished": "1 of 3 epochs, step 17"}
+    card = render_model_card(models["resnet"], report)
+    top, training = card.split("## How to use")[0], card.split("## Training")[1]
+    stopped = "Training did not finish: it stopped after 1 of 3 epochs, step 17 (1 of the 3 planned epochs trained)."
+    assert stopped in top and stopped in training
+    assert "These weights are its last checkpoint, not a fully trained model." in top
+    report["training"]["unfinished"] = None  # a finished run's report: no such line
+    assert "did not finish" not in render_model_card(models["resnet"], report)
+
+
+def test_card_claims_no_timing_when_the_report_timed_nothing(models):
+    report = _report(models["resnet"])
+    report["timing"]["baseline_ms_per_image"] = None  # `eval --no-timing` still writes the machine and threads
+    for pol in report["policies"].values():
+        pol.pop("ms_per_image", None), pol.pop("speedup", None)
+    speed = render_model_card(models["resnet"], report).split("### Speed")[1]
+    assert "Times were measured" not in speed and "The report gives no timing." in speed
+
+
+def test_card_of_an_older_report_does_not_give_the_joint_soft_figure_as_this_models(models):
+    model = copy.deepcopy(models["resnet"])
+    model.config.policy, model.config.thresholds = "soft", None
+    report = _report(model)  # written before test.soft_accuracy_fitted_gates: policies.soft is the joint one
+    report["gate_fit"] = {"objective": "no_gain", "split": "val"}
+    dist = [0.0] * (model.num_exits - 1) + [1.0]
+    report["policies"]["soft"] = {
+        "threshold": None,
+        "accuracy": 0.8712,
+        "expected_cost": 1.0,
+        "exit_distribution": dist,
+    }
+    card = render_model_card(model, report)
+    assert "| `soft` (jointly trained gates' ensemble, not this model's re-fitted gates) | none | 87.12 %" in card
+    assert "With the stored policy (`soft`)" in card and "it reaches 87.12 % accuracy" not in card
+    assert "with the jointly trained gates (the report gives none for the re-fitted gates of this model)" in card
+    report["test"]["soft_accuracy_fitted_gates"] = 0.8712  # the current format: the row is this model's
+    card = render_model_card(model, report)
+    assert "| `soft` | none | 87.12 %" in card and "it reaches 87.12 % accuracy" in card
+
+
+def test_card_number_format_is_what_its_docstring_says():
+    from timm_exits.hub.card import _fmt
+
+    assert (_fmt(0.99996), _fmt(1.99996), _fmt(0.12344), _fmt(123.44), _fmt(3.0)) == ("1", "2", "0.1234", "123.4", "3")
+    assert "rounding may change the integer part" in _fmt.__doc__
+
+
 def test_card_licence_defaults_to_the_pretrained_backbones(tmp_path):
     torch.manual_seed(0)
     backbone = timm.create_model(

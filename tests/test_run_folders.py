@@ -161,12 +161,20 @@ def test_eval_refuses_an_unfinished_run_unless_asked_and_reports_the_epochs_it_t
     assert "unfinished run (training stopped after 1 of 2 epochs, step 4); nothing was written" in err
     assert f"`timm-exits train -c {folder / 'recipe.yaml'} --output {folder} --resume stop_after_steps=null`" in err
     assert _files(folder) == before
+    bench = ["bench", str(folder), "--images", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert cli_main(bench) == 2  # bench refuses it as eval does
+    err = capsys.readouterr().err
+    assert err.startswith("timm-exits bench: error: ") and err.count("\n") == 1
+    assert "unfinished run (training stopped after 1 of 2 epochs, step 4)" in err and "--unfinished" in err
 
     assert cli_main(["eval", str(folder), "--no-timing", "--unfinished"]) == 0
     training = json.loads((folder / "report.json").read_text())["training"]
     assert (training["epochs"], training["planned_epochs"], training["steps"]) == (1, 2, 4)
     assert training["unfinished"] == "1 of 2 epochs, step 4"
     assert "Trained 1 epochs (4 steps) (unfinished: 1 of 2 epochs, step 4) in " in (folder / "report.md").read_text()
+    card = (folder / "model" / "README.md").read_text()  # the card pushed to the Hub says so too
+    assert "Training did not finish: it stopped after 1 of 2 epochs, step 4 (1 of the 2 planned epochs trained)" in card
+    assert cli_main([*bench, "--unfinished", "--policy", "gate"]) == 0
 
     resume = ["train", "-c", str(folder / "recipe.yaml"), "--output", str(folder), "--resume", "stop_after_steps=null"]
     assert cli_main(resume) == 0  # the command the error gives finishes the run and reports it
@@ -218,3 +226,43 @@ def test_gates_are_re_fitted_only_where_they_are_stats_gates(tmp_path, capsys):
     assert cli_main(["eval", str(folder), "--fit-gates", "none", "--no-timing"]) == 0
     report = json.loads((folder / "report.json").read_text())
     assert report["gate_fit"] is None and report["gate_fit_skipped"] is None
+
+
+def test_bench_refuses_a_saved_model_and_report_made_from_another_step(run, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    path = folder / "model" / "report.json"
+    report = json.loads(path.read_text())
+    steps = report["training"]["steps"]
+    report["training"]["steps"] = steps - 1  # as after `train --resume` moved the checkpoint on
+    path.write_text(json.dumps(report))
+    bench = ["bench", str(folder), "--images", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert cli_main([*bench, "--policy", "confidence"]) == 2
+    assert capsys.readouterr().err == (
+        f"timm-exits bench: error: the saved model and report were made from step {steps - 1}; the checkpoint is "
+        f"at step {steps}: run `timm-exits eval {folder}` first\n"
+    )
+    del report["training"]["steps"]  # a report from before `training.steps` was written: not checked
+    path.write_text(json.dumps(report))
+    assert cli_main([*bench, "--policy", "confidence"]) == 0
+
+
+def test_report_md_after_no_save_names_no_stored_policy_and_no_saved_gates(run, tmp_path):
+    stored = (run / "report.md").read_text()  # written with the model saved
+    assert "| `gate` (stored) |" in stored and "the saved model holds the re-fitted gates" in stored
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    evaluate(folder, policy="entropy", timing=False, save_model=False, log=lambda line: None)
+    md = (folder / "report.md").read_text()
+    assert "| `entropy` (recommended) |" in md and "(stored)" not in md
+    assert "the saved model holds" not in md
+    assert "This evaluation did not rewrite `run/model` (--no-save): the model saved there keeps the policy" in md
+
+
+def test_report_md_states_the_accuracy_drop_as_report_json_does(run):
+    from timm_exits.training.report import render_markdown
+
+    report = json.loads((run / "report.json").read_text())
+    for drop, text in ((0.0025, "within 0.25 points"), (0.0004, "within 0.04 points"), (0.01, "within 1 points")):
+        report["policies"]["gate"]["calibration"]["max_accuracy_drop"] = drop
+        assert text in render_markdown(report, {}, run), drop

@@ -6,6 +6,7 @@ Training runs use `tiny()` from test_recipes (digits, `test_resnet`, one short e
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -188,14 +189,34 @@ def test_unreachable_target_cost_fails_and_rewrites_nothing(run, tmp_path, capsy
     cheapest = float(hub.from_pretrained(folder / "model").exit_costs.min())
     assert cli_main(["eval", str(folder), "--target-cost", "0.01", "--no-timing"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "out of reach" in err and f"{cheapest:.4f}" in err
+    assert err.count("\n") == 1 and "out of reach" in err and f"{math.ceil(cheapest * 1e4) / 1e4:.4f}" in err
     assert snapshot(folder) == before
-    # a reachable target close above it works and records what it reached
-    target = round(cheapest + 0.05, 4)
+    # the smallest target the message gives is accepted, and records what it reached
+    target = float(re.search(r"at least ([0-9.]+)", err).group(1))
     assert cli_main(["eval", str(folder), "--target-cost", str(target), "--no-timing", "--threads", "1"]) == 0
     gate = json.loads((folder / "report.json").read_text())["policies"]["gate"]["calibration"]
     assert gate["target_cost"] == target and gate["val_expected_cost"] <= target + 1e-9
     assert "error" not in gate
+
+
+def test_the_smallest_target_cost_an_error_gives_is_rounded_up():
+    from timm_exits.training.report import _unreachable
+
+    message = _unreachable(0.3209, 0.320917, Path("run"))
+    assert "reaches on the val split is 0.3210 " in message
+    assert "Give a target of at least 0.3210, e.g. --target-cost 0.3210." in message
+
+
+@pytest.mark.parametrize("content", ['{"policies": ', "[1, 2]", '{"policies": {"gate": {"threshold": "x"}}}'])
+def test_bench_on_a_damaged_model_report_json_is_a_one_line_error(run, tmp_path, capsys, content):
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    (folder / "model" / "report.json").write_text(content)
+    argv = ["bench", str(folder), "--images", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"timm-exits bench: error: {folder / 'model' / 'report.json'}") and err.count("\n") == 1
+    assert f"run `timm-exits eval {folder}` again" in err
 
 
 def test_a_threshold_for_the_soft_policy_is_a_one_line_error(run, tmp_path, capsys):

@@ -119,8 +119,8 @@ def _real(v: Any) -> float | None:
 
 
 def _fmt(v: float) -> str:
-    """A report number as printed: integers whole, others to four significant digits (never rounded up to
-    a different integer part)."""
+    """A report number as printed: integers whole, numbers of 100 or more to one decimal, others rounded to
+    four significant digits (rounding may change the integer part: 0.99996 prints as 1, 1.99996 as 2)."""
     if float(v).is_integer():
         return str(int(v))
     if abs(v) >= 100:
@@ -178,6 +178,15 @@ def _exit_table(report: dict[str, Any], model: EarlyExitModel) -> str | None:
 
 _SOFT = "soft"  # the policy without early exit: every exit runs, their predictions averaged by the gates
 
+_JOINT_SOFT = "jointly trained gates' ensemble, not this model's re-fitted gates"
+
+
+def _soft_is_joint(report: dict[str, Any]) -> bool:
+    """Whether the report's ``policies.soft`` figures are the jointly trained gates' ensemble though the model
+    holds re-fitted gates: reports written before ``test.soft_accuracy_fitted_gates`` existed."""
+    return bool(report.get("gate_fit")) and "soft_accuracy_fitted_gates" not in _dict(report, "test")
+
+
 _SOFT_TEXT = (
     "every exit runs and the prediction is the soft-conditional output, the exits' class probabilities averaged "
     "with the gates' exit probabilities as weights"
@@ -186,6 +195,7 @@ _SOFT_TEXT = (
 
 def _policy_section(report: dict[str, Any]) -> str | None:
     policies = _dict(report, "policies")
+    joint = _soft_is_joint(report)
     rows, dists = [], []
     for name, pol in policies.items():
         if not isinstance(pol, dict):
@@ -197,7 +207,8 @@ def _policy_section(report: dict[str, Any]) -> str | None:
             _fmt(_real(pol["ms_per_image"])) if _real(pol.get("ms_per_image")) is not None else None,
             f"{_fmt(_real(pol['speedup']))}x" if _real(pol.get("speedup")) is not None else None,
         ]
-        rows.append(f"| `{name}` | " + " | ".join(c if c is not None else "not reported" for c in cells) + " |")
+        label = f"`{name}` ({_JOINT_SOFT})" if joint and name == _SOFT else f"`{name}`"
+        rows.append(f"| {label} | " + " | ".join(c if c is not None else "not reported" for c in cells) + " |")
         d = _distribution(pol.get("exit_distribution"))
         if d is not None:
             dists.append(f"- `{name}`: {d}")
@@ -211,6 +222,11 @@ def _policy_section(report: dict[str, Any]) -> str | None:
     text = "\n".join(head + rows)
     if _SOFT in policies:
         text += f"\n\nThe `{_SOFT}` policy exits nowhere early: {_SOFT_TEXT}."
+        if joint:
+            text += (
+                f" The report predates the figures of re-fitted gates: its `{_SOFT}` row is the {_JOINT_SOFT}, "
+                "and it gives no figure for the gates stored with this model."
+            )
     if dists:
         text += "\n\nShare of test images leaving at each exit:\n\n" + "\n".join(dists)
     return text
@@ -230,7 +246,12 @@ def _speed_text(report: dict[str, Any]) -> str | None:
     if details:
         parts.append(f"({', '.join(details)})")
     baseline = _real(timing.get("baseline_ms_per_image"))
-    if not parts and baseline is None:
+    timed = [
+        p
+        for p in _dict(report, "policies").values()
+        if isinstance(p, dict) and _real(p.get("ms_per_image")) is not None
+    ]
+    if baseline is None and not timed:  # evaluation writes the machine even when it timed nothing
         return None
     text = "Times were measured " + (" ".join(parts) if parts else "on a machine the report does not name") + "."
     if baseline is not None:
@@ -248,13 +269,16 @@ def _headline(report: dict[str, Any], policy: str) -> str:
         if _real(test.get("soft_accuracy_fitted_gates")) is not None:
             fitted = _pct(_real(test["soft_accuracy_fitted_gates"]), 2)
             soft += f" with the jointly trained gates ({fitted} with the re-fitted gates stored with this model)"
+        elif _soft_is_joint(report):
+            soft += " with the jointly trained gates (the report gives none for the re-fitted gates of this model)"
         parts.append(soft)
     if _real(test.get("final_accuracy")) is not None:
         parts.append(f"the backbone's own head reaches {_pct(_real(test['final_accuracy']), 2)}")
     text = "; ".join(parts) + "." if parts else ""
     pol = _dict(_dict(report, "policies"), policy)
     bits = []
-    if _real(pol.get("accuracy")) is not None:
+    joint = policy == _SOFT and _soft_is_joint(report)  # not this model's figure: left out of the headline
+    if _real(pol.get("accuracy")) is not None and not joint:
         bits.append(f"{_pct(_real(pol['accuracy']), 2)} accuracy")
     if _real(pol.get("expected_cost")) is not None:
         bits.append(f"an expected cost of {_fmt(_real(pol['expected_cost']))} of the backbone's FLOPs")
@@ -274,6 +298,24 @@ def _predict_note(policy: str) -> str:
     return "hard early exit with the stored policy"
 
 
+def _unfinished(report: dict[str, Any]) -> str | None:
+    """ "Training did not finish: ..." for the report of a run evaluated before its training finished."""
+    training = _dict(report, "training")
+    stopped = training.get("unfinished")
+    if not isinstance(stopped, str) or not stopped:
+        return None
+    epochs, planned = _real(training.get("epochs")), _real(training.get("planned_epochs"))
+    trained = (
+        f" ({_fmt(epochs)} of the {_fmt(planned)} planned epochs trained)"
+        if epochs is not None and planned is not None
+        else ""
+    )
+    return (
+        f"Training did not finish: it stopped after {stopped}{trained}. These weights are its last checkpoint, "
+        "not a fully trained model."
+    )
+
+
 def _recipe_text(report: dict[str, Any]) -> str:
     lines = []
     for key in ("model", "dataset", "method"):
@@ -284,9 +326,13 @@ def _recipe_text(report: dict[str, Any]) -> str:
         for k, v in recipe.items():
             shown = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
             lines.append(f"- {k}: {shown}")
+    stopped = _unfinished(report)
     if not lines:
-        return "The report does not describe the training recipe."
-    return "From the training report:\n\n" + "\n".join(lines)
+        return stopped or "The report does not describe the training recipe."
+    recipe_lines = "From the training report:\n\n" + "\n".join(lines)
+    if stopped:
+        return f"{stopped} The recipe below gives the planned epochs.\n\n{recipe_lines}"
+    return recipe_lines
 
 
 def _license(report: dict[str, Any], backbone_cfg: dict[str, Any]) -> str:
@@ -376,6 +422,8 @@ def render_model_card(
             else ""
         )
         trained = f"{trained}." if trained else ""
+        stopped = _unfinished(report_dict)
+        trained += f"\n\n**{stopped}**" if stopped else ""
 
     return _template("model_card.md").substitute(
         front_matter=_front_matter(model, report_dict),

@@ -5,6 +5,7 @@
     timm-exits eval RUN_DIR [--policy gate|confidence|entropy|soft] [--threshold T]
                      [--target-cost C | --max-accuracy-drop D] [--data-dir D] [--no-timing] [--unfinished]
     timm-exits bench RUN_DIR [--policy P ...] [--batch-size 1] [--images N] [--repeats R] [--threads T]
+                     [--unfinished]
     timm-exits push RUN_DIR --repo-id ORG/NAME [--private] [--token T] [--revision BRANCH]
     timm-exits recipes                                      # the shipped recipes, one line each
     timm-exits recipe -c NAME_OR_FILE [--sections | --json] [key=value ...]   # print the resolved recipe
@@ -122,6 +123,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="where the data set lives now")
     p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--unfinished", action="store_true", help="time the last checkpoint of a run that has not finished training"
+    )
 
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
@@ -228,6 +232,7 @@ def _run(args: argparse.Namespace) -> None:
             threads=args.threads,
             data_dir=args.data_dir,
             device=args.device,
+            unfinished=args.unfinished,
         )
         _print_bench(res, as_json=args.json)
     elif args.command == "push":

@@ -325,7 +325,8 @@ def evaluate(
         staged = write_plots(stage.path("plots"), test, report, curves)
         plot_paths = {k: stage.final(v) for k, v in staged.items()}
         stage.path("report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-        stage.path("report.md").write_text(render_markdown(report, plot_paths, run_dir), encoding="utf-8")
+        md = render_markdown(report, plot_paths, run_dir, saved=save_model)
+        stage.path("report.md").write_text(md, encoding="utf-8")
         if save_model:
             _save_model(model, stage.path("model"), report, data.data_config, log)
         stage.commit()
@@ -406,10 +407,11 @@ def _save_model(model: EarlyExitModel, folder: Path, report: dict[str, Any], dat
 
 def _unreachable(target: float, reach: float, run_dir: Path, policy: str | None = None) -> str:
     who = f"policy {policy!r}" if policy else "any policy"
+    least = math.ceil(round(reach * 1e4, 6)) / 1e4  # rounded up (4 decimals): the value stated is accepted
     return (
         f"target cost {target:g} is out of reach: the cheapest expected cost {who} reaches on the val split is "
-        f"{reach:.4f} (every image at the first exit it allows). Give a target of at least {reach:.4f}, e.g. "
-        f"--target-cost {math.ceil(reach * 1e4) / 1e4:.4f}. Nothing in {run_dir} was changed."
+        f"{least:.4f} (every image at the first exit it allows). Give a target of at least {least:.4f}, e.g. "
+        f"--target-cost {least:.4f}. Nothing in {run_dir} was changed."
     )
 
 
@@ -432,8 +434,8 @@ def _pct(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{100 * v:.{digits}f} %"
 
 
-def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_dir: Path) -> str:
-    """The human-readable report.md of a report dict."""
+def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_dir: Path, saved: bool = True) -> str:
+    """The human-readable report.md of a report dict; `saved` False: ``model/`` was not rewritten with it."""
     r = report["recipe"]
     t = report["test"]
     tm = report["timing"]
@@ -478,12 +480,12 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_di
     if cal.get("target_cost") is not None:
         how = f"best val accuracy at an expected cost of at most {cal['target_cost']}"
     else:
-        how = f"lowest val cost within {100 * (cal.get('max_accuracy_drop') or 0):.1f} points of the final exit"
+        how = f"lowest val cost within {100 * (cal.get('max_accuracy_drop') or 0):.4g} points of the final exit"
     fit = report.get("gate_fit")
     gates = (
         f"`gate` uses gates re-fitted on the val split on frozen exits (objective `{fit['objective']}`, "
         "`timm_exits.fit_gates`); `gate_joint` and `gate_0.5` use the jointly trained gates (a copy kept from before "
-        "the re-fit; the saved model holds the re-fitted gates)"
+        f"the re-fit{'; the saved model holds the re-fitted gates' if saved else ''})"
         if fit
         else "`gate` and `gate_0.5` use the jointly trained gates"
         + (f" (not re-fitted: {report['gate_fit_skipped']})" if report.get("gate_fit_skipped") else "")
@@ -491,6 +493,14 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_di
     lines += [
         f"Thresholds of gate / confidence / entropy calibrated on the val split ({how}); `gate_0.5` is the "
         f"paper's plain hard gating, `soft` runs every exit; {gates}. Test numbers from the real early-exit path.",
+    ]
+    if not saved:
+        lines += [
+            "",
+            f"This evaluation did not rewrite `{run_dir.name}/model` (--no-save): the model saved there keeps the "
+            "policy, thresholds and gates of an earlier evaluation, which its own `model/report.json` describes.",
+        ]
+    lines += [
         "",
         "| policy | threshold | accuracy | expected cost | ms / image | speed-up | exit distribution |",
         "|---|---|---|---|---|---|---|",
@@ -499,7 +509,7 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], run_di
         thr = "-" if p.get("threshold") is None else f"{p['threshold']:.4g}"
         ms = "-" if p.get("ms_per_image") is None else f"{p['ms_per_image']:.3f}"
         su = "-" if p.get("speedup") is None else f"{p['speedup']:.2f}x"
-        mark = " (stored)" if name == report.get("recommended_policy") else ""
+        mark = (" (stored)" if saved else " (recommended)") if name == report.get("recommended_policy") else ""
         lines.append(
             f"| `{name}`{mark} | {thr} | {_pct(p['accuracy'])} | {p['expected_cost']:.3f} | {ms} | {su} | "
             f"{format_distribution(p['exit_distribution'])} |"

@@ -123,6 +123,7 @@ def benchmark(
     threads: int | None = None,
     data_dir: str | None = None,
     device: str | torch.device = "cpu",
+    unfinished: bool = False,
 ) -> dict[str, Any]:
     """Measured inference time of a trained run's policies against its plain backbone.
 
@@ -140,6 +141,11 @@ def benchmark(
         threads: torch threads (default: the recipe's, else torch's).
         data_dir: Where the data set lives now.
         device: Device to time on.
+        unfinished: Time the last checkpoint of a run whose training has not finished (else refused).
+
+    Raises:
+        RunFolderError: An unfinished run (without `unfinished`), a report.json that cannot be read, or one made
+            from another step of training than the checkpoint's.
 
     Returns:
         {"timing": {...}, "policies": {name: {"threshold", "ms_per_image", "speedup", "exit_distribution"}}},
@@ -147,10 +153,12 @@ def benchmark(
     """
     from .checkpoint import load_run
     from .data import build_datasets, load_splits
+    from .run_state import check_finished
 
     run_dir = Path(run_dir).expanduser()
     run = load_run(run_dir, device=device, data_dir=data_dir)
     recipe, model = run.recipe, run.model
+    check_finished(run, unfinished)
     device = torch.device(device)
     if threads or recipe.runtime.threads:
         torch.set_num_threads(int(threads or recipe.runtime.threads))
@@ -158,8 +166,9 @@ def benchmark(
     # the report saved with model/ matches its gates (`eval --no-save` rewrites only run_dir/report.json)
     report_path = run_dir / "model" / "report.json"
     report_path = report_path if report_path.is_file() else run_dir / "report.json"
-    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
-    saved = report.get("policies", {})
+    report = _read_report(report_path, run_dir) if report_path.is_file() else {}
+    _check_report_step(report, run, unfinished)
+    saved = report.get("policies") or {}
     thresholds: dict[str, float | None] = {}
     for name in names:
         pol = name.split("_")[0]
@@ -196,6 +205,47 @@ def benchmark(
             for k, v in ms.items()
         },
     }
+
+
+def _read_report(path: Path, run_dir: Path) -> dict[str, Any]:
+    """The report `bench` takes its thresholds from; a RunFolderError naming the file when it cannot be used."""
+    from .run_folder import RunFolderError
+
+    again = f"run `timm-exits eval {run_dir}` again to write it"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{path} cannot be read ({e}); {again}.") from None
+    policies = report.get("policies") if isinstance(report, dict) else None
+    if not isinstance(report, dict) or not isinstance(policies, (dict, type(None))):
+        raise RunFolderError(f"{path} is not a timm-exits report (no policies object); {again}.")
+    for name, entry in (policies or {}).items():
+        thr = entry.get("threshold") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or (
+            thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)))
+        ):
+            raise RunFolderError(f"{path}: policy {name!r} has no numeric threshold ({thr!r}); {again}.")
+    return report
+
+
+def _check_report_step(report: dict[str, Any], run: Any, unfinished: bool) -> None:
+    """Refuse a report (and the model saved with it) made from another step of training than the checkpoint's:
+    its thresholds and re-fitted gates belong to other weights. Reports without ``training.steps`` pass."""
+    from .run_folder import RunFolderError
+    from .run_state import training_summary
+
+    training = report.get("training")
+    made = training.get("steps") if isinstance(training, dict) else None
+    if made is None:
+        return
+    planned = run.recipe.optim.frozen_epochs + run.recipe.optim.epochs
+    now = training_summary(run.meta, planned).get("steps")
+    if now is not None and made != now:
+        again = f"timm-exits eval {run.run_dir}" + (" --unfinished" if unfinished else "")
+        raise RunFolderError(
+            f"the saved model and report were made from step {made}; the checkpoint is at step {now}: "
+            f"run `{again}` first"
+        )
 
 
 def _refitted(model: EarlyExitModel, run_dir: Path) -> EarlyExitModel:
