@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -40,6 +40,15 @@ class _Stage(nn.Sequential):
         super().__init__(*layers)
 
 
+def _check_pool(name: str, global_pool: str, num_classes: int) -> str:
+    """timm's pooling argument: "avg", or "" (no pooling, as timm allows it: only without a classifier)."""
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"{name} pools with 'avg' only, got global_pool={global_pool!r}")
+    if not global_pool and num_classes > 0:
+        raise ValueError(f"{name}: global_pool='' (no pooling) needs num_classes=0, as in timm")
+    return global_pool
+
+
 class _SmallNet(nn.Module):
     """What the small CIFAR networks share: conv ``stages``, a linear ``head``, timm's classifier API.
 
@@ -48,17 +57,36 @@ class _SmallNet(nn.Module):
 
     stages: nn.Sequential
     head: nn.Module
-    num_features: int
+    num_features: int  # channels of forward_features' output, as in timm
+    head_hidden_size: int  # width the classifier reads (forward_head(pre_logits=True))
     num_classes: int
+    global_pool: str
+    grad_checkpointing: bool = False
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        return "head" if name_only else self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier, on the model's device and dtype; ``global_pool=""`` (with 0 classes) unpooled."""
+        if global_pool is not None:
+            self.global_pool = _check_pool(type(self).__name__, global_pool, num_classes)
+        ref = next(self.stages.parameters())
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = (
+            nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
         return self.stages(x)
 
     def forward_intermediates(
@@ -89,7 +117,7 @@ class _SmallNet(nn.Module):
         stages = self.stages[: last + 1] if stop_early else self.stages
         intermediates = []
         for i, stage in enumerate(stages):
-            x = stage(x)
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
             if i in take:
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)
@@ -135,7 +163,7 @@ class AlexNetCifar(_SmallNet):
         drop_rate: Dropout before each classifier layer (AlexNet: 0.5).
         norm: BatchNorm after each convolution.
         pool_size: Side of the adaptive average pool before the classifier.
-        global_pool: Pooling before the classifier; only "avg" (kept as timm's model argument).
+        global_pool: Pooling before the classifier: "avg", or "" (with ``num_classes=0``) for the unpooled map.
     """
 
     def __init__(
@@ -150,8 +178,7 @@ class AlexNetCifar(_SmallNet):
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"AlexNetCifar pools with 'avg' only, got global_pool={global_pool!r}")
+        self.global_pool = _check_pool("AlexNetCifar", global_pool, num_classes)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         pools = (True, True, False, False, True)
@@ -168,12 +195,13 @@ class AlexNetCifar(_SmallNet):
             nn.Linear(widths[-1] * pool_size * pool_size, hidden),
             nn.ReLU(inplace=True),
         )
-        self.num_features = self.head_hidden_size = hidden
+        self.num_features, self.head_hidden_size = widths[-1], hidden
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
-        self.global_pool = "avg"  # timm reads it when saving the model's arguments
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.global_pool:  # timm's num_classes=0, global_pool="": the unpooled map
+            return x
         x = self.pre_logits(self.pool(x))
         return x if pre_logits else self.head(self.head_drop(x))
 
@@ -190,7 +218,7 @@ class VggCifar(_SmallNet):
         in_chans: Input channels.
         stages: Convolution widths of each stage.
         drop_rate: Dropout before the classifier.
-        global_pool: Pooling before the classifier; only "avg".
+        global_pool: Pooling before the classifier: "avg", or "" (with ``num_classes=0``) for the unpooled map.
     """
 
     def __init__(
@@ -202,8 +230,7 @@ class VggCifar(_SmallNet):
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"VggCifar pools with 'avg' only, got global_pool={global_pool!r}")
+        self.global_pool = _check_pool("VggCifar", global_pool, num_classes)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         blocks, cin = [], in_chans
@@ -221,9 +248,10 @@ class VggCifar(_SmallNet):
         self.num_features = self.head_hidden_size = cin
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(cin, num_classes) if num_classes > 0 else nn.Identity()
-        self.global_pool = "avg"
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.global_pool:  # timm's num_classes=0, global_pool="": the unpooled map
+            return x
         x = x.mean((2, 3))
         return x if pre_logits else self.head(self.head_drop(x))
 
