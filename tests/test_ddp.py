@@ -180,3 +180,51 @@ def test_a_device_torch_does_not_know_is_a_recipe_error(tmp_path, pref):
         train({**RECIPE, "device": pref}, tmp_path / "run")
     assert str(err.value) == f"device={pref}: not a device; use auto, cpu, cuda or cuda:N."
     assert not (tmp_path / "run").exists()
+
+
+_FAIL_ON_RANK_1 = """
+import sys
+from timm_exits.training import train as T
+from timm_exits.training.sources import DataError
+
+step = T._Trainer._step
+
+
+def failing_step(self, *args, **kwargs):
+    if self.d.rank == 1 and self.pos.step == 2:
+        raise DataError("bad image on rank 1")
+    return step(self, *args, **kwargs)
+
+
+T._Trainer._step = failing_step
+from timm_exits.training.cli import main
+
+sys.exit(main())
+"""
+
+
+def test_an_error_on_one_rank_is_one_line_on_every_rank(tmp_path):
+    """Rank 1 fails mid-epoch; rank 0, waiting in the gradient all-reduce, stops with one line too (no traceback)."""
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(_FAIL_ON_RANK_1)
+    recipe_file = tmp_path / "ddp.yaml"
+    recipe_file.write_text(yaml.safe_dump(RECIPE))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
+    env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d"]
+    cmd += [
+        "--rdzv-endpoint=127.0.0.1:0",
+        str(script),
+        "train",
+        "-c",
+        str(recipe_file),
+        "--output",
+        str(tmp_path / "r"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "timm-exits train: error: bad image on rank 1" in out
+    assert "[rank0]:" not in out and "[rank1]:" not in out, out[-3000:]  # no worker's traceback
+    errors = [line for line in out.splitlines() if line.startswith("timm-exits train: error:")]
+    assert len(errors) <= 2 and all(("rank 1" in e) or ("another process" in e) for e in errors), errors

@@ -496,6 +496,16 @@ def test_out_of_range_arguments_exit_2_with_the_valid_range(argv, message, capsy
     assert err.startswith(f"usage: timm-exits {argv[0]} ")
 
 
+def test_a_diverging_training_is_one_line_saying_how_to_fix_it(tmp_path, capsys):
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(json.dumps(tiny(lr=1e12, epochs=2)))
+    assert cli_main(["train", "-c", str(recipe_file), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("timm-exits train: error:")]
+    assert re.search(r"error: loss is (nan|-?inf) at step \d+ .*lower lr, set clip_grad, or switch amp off\.$", line)
+
+
 @pytest.mark.parametrize("command", ["eval", "bench"])
 def test_eval_and_bench_refuse_a_gpu_that_is_not_visible_and_take_cuda_as_cuda_0(command, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

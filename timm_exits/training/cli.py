@@ -288,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DataError,
         ExitCheckpointError,
         OSError,  # the file system's (no space, read-only, no such folder) and the Hub client's HTTP errors
+        FloatingPointError,  # a diverging training's loss, with what to change
     )
     if args.command == "push":
         expected += (ValueError,)

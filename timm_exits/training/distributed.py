@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +19,15 @@ from .sources import DataError
 # rank 0's errors that the other ranks raise as the same class (the command line makes them one line, exit 2)
 _SHARED_ERRORS = (RunFolderError, CheckpointError, RecipeError, DataError, FileNotFoundError)
 
-__all__ = []
+__all__ = ["PeerFailedError"]
+
+
+class PeerFailedError(ConnectionError):
+    """Another process of a distributed run stopped (its own error is printed above), so this one stops too."""
+
+
+# what a collective raises on the ranks that survive a rank that stopped: gloo closes the connection, nccl aborts
+_PEER_GONE = ("closed by peer", "reset by peer", "remote worker", "remote process exited")
 
 
 # ----------------------------------------------------------------------------------- distributed
@@ -93,3 +103,18 @@ def _agree(d: _Dist, error: BaseException | None) -> None:
         kind, msg = box[0]
         cls = {c.__name__: c for c in _SHARED_ERRORS}.get(kind, RuntimeError)
         raise cls(f"(from rank 0) {msg}")
+
+
+@contextlib.contextmanager
+def _peer_errors(d: _Dist) -> Iterator[None]:
+    """Turn the communication error a rank gets when another rank stopped into one `PeerFailedError` line (the CLI
+    prints it and exits with status 2) instead of a traceback of the collective it was waiting in."""
+    try:
+        yield
+    except RuntimeError as e:
+        if d.world > 1 and (isinstance(e, dist.DistBackendError) or any(m in str(e) for m in _PEER_GONE)):
+            raise PeerFailedError(
+                f"rank {d.rank} of {d.world}: another process of this run stopped (its error is printed above), so "
+                "this one stops too."
+            ) from e
+        raise

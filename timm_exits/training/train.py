@@ -57,7 +57,7 @@ from ..core.model import EarlyExitModel
 from .build import build_model
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, _load_optimizer, _load_state, load_checkpoint, save_checkpoint
 from .data import build_datasets, load_splits, make_loader, make_mixup
-from .distributed import _agree, _all_sum, _Dist, _setup_distributed
+from .distributed import _agree, _all_sum, _Dist, _peer_errors, _setup_distributed
 from .progress import RunLog, epoch_line, progress_enabled
 from .recipe import Recipe, RecipeError, _diff, _fingerprint, _identity, load_recipe
 from .report import _eval_keys_changed, evaluate
@@ -118,7 +118,7 @@ def train(
     d = _setup_distributed(recipe.runtime.device)
     run_dir = Path(output).expanduser() if output else _default_output(recipe)
     try:
-        with contextlib.ExitStack() as held:
+        with contextlib.ExitStack() as held, _peer_errors(d):
             refused = None
             if d.main:
                 try:
