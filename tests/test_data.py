@@ -463,3 +463,39 @@ def test_non_square_images_keep_their_aspect_ratio_on_the_in_memory_path(tmp_pat
     x, _ = train.batch(torch.arange(8))
     reference = _resize(train.images[train.indices[:8]].float() / 255.0, 32, 1.0, "bilinear")
     torch.testing.assert_close(x * train.std + train.mean, reference, rtol=0, atol=1e-5)
+
+
+def test_hidden_files_and_folders_in_an_image_folder_are_left_out(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()  # Jupyter's, in the split and in a class folder
+        (tmp_path / split / ".ipynb_checkpoints" / "x-checkpoint.ipynb").write_text("{}")
+        (tmp_path / split / "a" / ".ipynb_checkpoints").mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "a" / ".ipynb_checkpoints" / "0-checkpoint.png")
+        (tmp_path / split / ".DS_Store").write_bytes(b"\0")
+        (tmp_path / split / "b" / "._0.png").write_bytes(b"\0\5\26\7 macOS resource fork")  # not an image
+    cfg = load_recipe(None, {"dataset": "imagefolder", "data_dir": str(tmp_path), "img_size": 16}).data
+    data = build_datasets(cfg, seed=0)
+    assert data.classes == ["a", "b"]
+    for split in (data.train, data.val, data.test):
+        assert len(split) == 6 and split.targets == [0, 0, 0, 1, 1, 1]
+        assert all(split[i][0].shape == (3, 16, 16) for i in range(len(split)))
+
+
+def test_16_bit_grey_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    from PIL import Image
+
+    grey = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(grey).save(tmp_path / split / cls / f"{i}.png")
+    raw = load_splits(load_recipe(None, {"dataset": "imagefolder", "data_dir": str(tmp_path), "val_split": 2}).data)
+    img = np.asarray(raw.test[0][0][0])
+    assert img.shape == (8, 8, 3) and np.array_equal(img[..., 0], np.round(grey / 257).astype(np.uint8))

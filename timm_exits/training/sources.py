@@ -21,6 +21,7 @@ per-epoch logs, never trained on) and ``test``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .recipe_schema import DataSection
 from .recipe_types import RecipeError
@@ -212,8 +215,6 @@ def _cifar_tree(root: Path) -> tuple[_ArrayImages, _ArrayImages, list[str]]:
     index order, the order of the torchvision and npz copies, so that the held-out split is the same images in
     every layout.
     """
-    from torchvision.datasets import ImageFolder
-
     if not (root / "test").is_dir():
         raise FileNotFoundError(
             f"{root / 'test'} is missing: a CIFAR image tree holds train/ and test/ side by side (restore both "
@@ -249,6 +250,38 @@ def _decoded(folder: Any) -> _ArrayImages:
     return _ArrayImages(np.stack(images), [folder.targets[i] for i in order])
 
 
+def _visible(root: str, path: str) -> bool:
+    """Whether `path` under `root` is an image file with no hidden part (``.DS_Store``, macOS's ``._name.jpg``
+    resource forks, ``.ipynb_checkpoints/``)."""
+    parts = Path(path).relative_to(root).parts
+    return not any(p.startswith(".") for p in parts) and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
+def _load_rgb(path: str) -> Image.Image:
+    """An image file as RGB; 16-bit grey (PNG, TIFF) is scaled to 8 bits, not clipped at 255 (all white)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+            x = np.asarray(img).astype(np.float64)
+            img = Image.fromarray(np.clip(np.round(x / 257.0), 0, 255).astype(np.uint8))
+        return img.convert("RGB")
+
+
+class _ImageFolder(ImageFolder):
+    """torchvision's ImageFolder with hidden files and folders left out (a hidden folder is no class) and
+    16-bit images read as 8-bit."""
+
+    def __init__(self, path: Path, allow_empty: bool = False):
+        valid = functools.partial(_visible, str(path))
+        super().__init__(str(path), loader=_load_rgb, is_valid_file=valid, allow_empty=allow_empty)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = [c for c in super().find_classes(directory)[0] if not c.startswith(".")]
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
 def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
     for n in names:
         if (root / n).is_dir():
@@ -258,7 +291,6 @@ def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
 
 def _folder_tree(spec: DataSection, root: Path, what: str) -> RawSplits:
     """train/ [val|valid|validation/] [test/] ImageFolder tree; missing splits are held out of train."""
-    from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
         raise FileNotFoundError(
@@ -267,7 +299,7 @@ def _folder_tree(spec: DataSection, root: Path, what: str) -> RawSplits:
         )
     if not (root / "train").is_dir():
         raise _missing(f"{what} train split", root, [root / "train"], "the tree must hold train/<class>/<image>")
-    train = ImageFolder(str(root / "train"))
+    train = _ImageFolder(root / "train")
     val_dir, test_dir = _find_dir(root, _VAL_DIRS), _find_dir(root, _TEST_DIRS)
     if test_dir is None and val_dir is not None:  # the usual ImageNet-style layout: val is the test set
         test_dir, val_dir = val_dir, None
@@ -276,7 +308,7 @@ def _folder_tree(spec: DataSection, root: Path, what: str) -> RawSplits:
     labels = train.targets
     for split, folder, size, salt in (("test", test_dir, spec.test_split, 0), ("val", val_dir, spec.val_split, 1)):
         if folder is not None:
-            ds = ImageFolder(str(folder), allow_empty=True)
+            ds = _ImageFolder(folder, allow_empty=True)
             if ds.classes != train.classes:
                 missing, extra = (
                     sorted(set(train.classes) - set(ds.classes)),
