@@ -479,3 +479,27 @@ def test_a_stage_longer_than_twice_the_warm_up_keeps_its_schedule():
     from timm_exits.training.stages import _warmup_note
 
     assert _warmup_note(optim, _stages(optim)[1]) is _warmup_note(timm_optim, _stages(timm_optim)[0]) is None
+
+
+@pytest.mark.parametrize("form", [["--sections"], ["--json"], []])
+def test_a_printed_recipe_fed_back_gives_the_same_recipe_and_fingerprint(form, tmp_path, capsys):
+    # strings that read as floats in a recipe file (1e-3, 2.5e+1) are printed quoted; `name: null` stays None
+    overrides = ["name='1e-3'", "model_kwargs.tag='2.5e+1'", "auto_augment='1E5'"]
+    for extra in ([], ["name=null"]):
+        assert cli_main(["recipe", "-c", "digits_quick", *overrides, *extra, *form]) == 0
+        printed = tmp_path / "printed.yaml"
+        printed.write_text(capsys.readouterr().out)
+        expected = load_recipe("digits_quick", [*overrides, *extra])
+        again = load_recipe(printed)
+        assert again == expected and _fingerprint(again) == _fingerprint(expected)
+    assert load_recipe(tmp_path / "printed.yaml").name is None
+    (tmp_path / "unnamed.yaml").write_text("lr: 0.2\n")  # no name key: the file's name
+    assert load_recipe(tmp_path / "unnamed.yaml").name == "unnamed"
+
+
+def test_an_override_given_again_wins_whatever_form_each_takes():
+    assert load_recipe(None, ["lr=0.1", "optim.lr=0.2", "lr=0.3"]).optim.lr == 0.3
+    assert load_recipe(None, ["optim.lr=0.1", "lr=0.2", "optim.lr=0.3"]).optim.lr == 0.3
+    recipe = load_recipe(None, ["model_kwargs.drop_rate=0.1", "model_kwargs={}", "model_kwargs.drop_rate=0.2"])
+    assert recipe.model.model_kwargs == {"drop_rate": 0.2}
+    assert load_recipe(None, ["model_kwargs.a=1", "model_kwargs={b: 2}"]).model.model_kwargs == {"b": 2}

@@ -139,7 +139,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         merged.update(_read_yaml(_base_file(path, b), (*seen, path)))
     merged.update(own)
     merged.setdefault("name", None)
-    if own.get("name") is None and not seen:
+    if "name" not in own and not seen:  # an explicit `name: null` (a printed or stored recipe's) stays None
         merged["name"] = path.stem
     return merged
 

@@ -33,7 +33,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin, get_
 import yaml
 
 from ..core.config import GateKind, HeadKind, PolicyName
-from .recipe_types import RecipeError, convert_key, in_range, load_yaml
+from .recipe_types import RecipeError, RecipeYamlDumper, convert_key, in_range, load_yaml
 
 __all__ = [
     "METHODS",
@@ -430,7 +430,7 @@ class Recipe:
 
     def to_yaml(self, flat: bool = False) -> str:
         """The recipe as YAML text, sectioned (default) or flat; ``load_recipe`` and `from_yaml` read both."""
-        return yaml.safe_dump(self.flat() if flat else self.to_dict(), sort_keys=False)
+        return yaml.dump(self.flat() if flat else self.to_dict(), Dumper=RecipeYamlDumper, sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
@@ -582,6 +582,7 @@ def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str
         key = key.strip()
         if not key:
             raise RecipeError(f"override {item!r} has no key.")
+        out.pop(key, None)  # a key given again moves to its last place: the last value given wins
         try:
             out[key] = load_yaml(text) if text.strip() else None
         except RecipeError as e:

@@ -19,7 +19,16 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-__all__ = ["RecipeError", "RecipeYamlLoader", "convert_key", "in_range", "type_name", "choices_of", "load_yaml"]
+__all__ = [
+    "RecipeError",
+    "RecipeYamlLoader",
+    "RecipeYamlDumper",
+    "convert_key",
+    "in_range",
+    "type_name",
+    "choices_of",
+    "load_yaml",
+]
 
 
 class RecipeError(ValueError):
@@ -30,11 +39,16 @@ class RecipeYamlLoader(yaml.SafeLoader):
     """YAML 1.1's safe loader, reading ``1e-3`` as a float as YAML 1.2 does (1.1 wants ``1.0e-3``)."""
 
 
-RecipeYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class RecipeYamlDumper(yaml.SafeDumper):
+    """YAML 1.1's safe dumper, quoting strings that `RecipeYamlLoader` would read as floats (``'1e-3'``)."""
+
+
+for _cls in (RecipeYamlLoader, RecipeYamlDumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
 
 
 def load_yaml(text: str) -> Any:
