@@ -6,7 +6,6 @@ launches, the host syncs inside the call and the kernels themselves."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -18,6 +17,7 @@ from typing import NoReturn
 
 import timm
 import torch
+from _args import non_negative_int, positive_int  # re-exported: the scripts import them from here
 
 __all__ = [
     "device_sync",
@@ -160,22 +160,6 @@ def fail(message: str) -> NoReturn:
     """Stop a benchmark script on bad input as argparse does: one line ``PROG: error: MESSAGE``, exit status 2."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (a count of timed rounds or steps)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive count; give 1 or more")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0 (a count where 0 means none, e.g. no images timed)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
 
 
 def write_json(path: str, result: dict) -> None:

@@ -49,6 +49,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from _args import non_negative_int, positive_int
 from _sweep_worker import source_hash, vm_kb, worker_main  # imports no torch: threads are set first
 
 __all__ = [
@@ -57,9 +58,7 @@ __all__ = [
     "group_failures",
     "machine_info",
     "main",
-    "non_negative_int",
     "parse_args",
-    "positive_int",
     "reason_key",
     "summarize",
     "write_results",
@@ -324,22 +323,6 @@ def write_results(path: Path, payload: dict[str, Any]) -> None:
         f.write(text)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (as in _timing.py, which this script cannot import: torch)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive count; give 1 or more")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0 (0 meaning none)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
 
 
 def _terminate(signum: int, frame: Any) -> None:
