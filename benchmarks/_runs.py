@@ -32,8 +32,7 @@ def add_unfinished_argument(p: argparse.ArgumentParser) -> None:
 
 def trained(run: LoadedRun) -> dict[str, Any]:
     """The training the run's checkpoint holds: epochs trained, planned epochs, where it stopped (None: finished)."""
-    optim = run.recipe.optim
-    summary = training_summary(run.meta, optim.frozen_epochs + optim.epochs)
+    summary = training_summary(run)
     return {k: summary.get(k) for k in ("epochs", "planned_epochs", "unfinished")}
 
 

@@ -55,6 +55,6 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tu
             raise ValueError(f"input_size must be (C, H, W), got {input_size}")
         return size  # type: ignore[return-value]
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
+    if cfg.get("input_size"):
         return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
     return (3, 224, 224)

@@ -77,8 +77,7 @@ def _smoothed(log_probs: torch.Tensor, target: torch.Tensor, eps: float) -> torc
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy that accepts class indices or soft targets (float32 internally)."""
-    smoothing = _smoothing(label_smoothing)
-    return _nll(F.log_softmax(logits.float(), dim=-1), _targets(target, logits), smoothing)
+    return _ce(logits, _targets(target, logits), _smoothing(label_smoothing))
 
 
 def _smoothing(value: float) -> float:

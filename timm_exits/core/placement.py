@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import evaluating, feature_tensor
+from ._utils import default_input_size, evaluating, feature_tensor
 from .cost import cumulative_flops
 from .layout import channels_of, check_layouts, detect_layout, layouts_by_kind, module_layout
 
@@ -176,7 +176,7 @@ def _one_block_stages(model: nn.Module, guessed: dict[str, list[str]], example: 
 
 def _example_input(model: nn.Module) -> torch.Tensor:
     """A one-image batch of the backbone's pretrained input size (3 x 224 x 224 when it has none)."""
-    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
+    size = default_input_size(model, None)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None else torch.float32
     return torch.randn(1, *size, device=param.device if param is not None else None, dtype=dtype)

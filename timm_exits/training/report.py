@@ -308,7 +308,7 @@ def evaluate(
             {"exit": i + 1, "cost": c, "accuracy": a} for i, (c, a) in enumerate(zip(costs, test.exit_accuracy))
         ],
         "timing": timing_info,
-        "training": training_summary(run.meta, recipe.optim.frozen_epochs + recipe.optim.epochs),
+        "training": training_summary(run),
         "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "timm_exits_version": __version__,

@@ -18,7 +18,7 @@ __all__ = ["check_finished", "training_summary"]
 
 def check_finished(run: LoadedRun, unfinished: bool) -> None:
     """Refuse a run whose training has not finished, unless `unfinished` asks to evaluate its checkpoint as it is."""
-    stopped = _stopped_at(run.meta, run.recipe.optim.frozen_epochs + run.recipe.optim.epochs)
+    stopped = _stopped_at(run.meta, _planned(run))
     if stopped is None or unfinished:
         return
     again = f"timm-exits train -c {run.run_dir / 'recipe.yaml'} --output {run.run_dir} --resume"
@@ -28,6 +28,11 @@ def check_finished(run: LoadedRun, unfinished: bool) -> None:
         f"{run.run_dir} holds an unfinished run (training stopped after {stopped}); nothing was written. Continue "
         f"it with `{again}`, or pass --unfinished to evaluate its last checkpoint as it is."
     )
+
+
+def _planned(run: LoadedRun) -> int:
+    """The epochs the run's recipe plans, frozen stage included."""
+    return run.recipe.optim.frozen_epochs + run.recipe.optim.epochs
 
 
 def _stopped_at(meta: Mapping[str, Any], planned: int) -> str | None:
@@ -40,8 +45,9 @@ def _stopped_at(meta: Mapping[str, Any], planned: int) -> str | None:
     return f"{epochs} of {planned} epochs{into}, step {position.get('step', 0)}"
 
 
-def training_summary(meta: Mapping[str, Any], planned: int) -> dict[str, Any]:
-    """The training the checkpoint holds: the epochs trained of the `planned` ones, its steps and times."""
+def training_summary(run: LoadedRun) -> dict[str, Any]:
+    """The training the run's checkpoint holds: the epochs trained of those planned, its steps and times."""
+    meta, planned = run.meta, _planned(run)
     history = list(meta.get("history", []))
     stopped = _stopped_at(meta, planned)
     if not history and stopped is None:

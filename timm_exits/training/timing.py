@@ -238,8 +238,7 @@ def _check_report_step(report: dict[str, Any], run: Any, unfinished: bool) -> No
     made = training.get("steps") if isinstance(training, dict) else None
     if made is None:
         return
-    planned = run.recipe.optim.frozen_epochs + run.recipe.optim.epochs
-    now = training_summary(run.meta, planned).get("steps")
+    now = training_summary(run).get("steps")
     if now is not None and made != now:
         again = f"timm-exits eval {run.run_dir}" + (" --unfinished" if unfinished else "")
         raise RunFolderError(
