@@ -158,6 +158,14 @@ def test_codec_refuses_a_channel_axis_outside_the_tensor():
             st_save({"x": torch.zeros(2), "y": torch.zeros(1)}, metadata={"timm_exits.codec": '{"x": {}}'}),
             "does not list",
         ),
+        pytest.param(
+            st_save(
+                {"image": torch.full((1, 3, 2, 2), 200, dtype=torch.uint8)},
+                metadata={"timm_exits.codec": json.dumps({"image": {"mode": "none", "dtype": "float32"}})},
+            ),
+            "stored as torch.uint8 but its codec metadata says torch.float32",
+            id="stored-dtype-differs-from-metadata",
+        ),
     ],
 )
 def test_codec_rejects_bad_payloads(data, match):

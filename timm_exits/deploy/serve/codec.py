@@ -277,6 +277,11 @@ def _plan(entries: Mapping[str, _Entry], meta: Mapping[str, str]) -> dict[str, _
                 raise PayloadError(f"payload lists {name!r} but does not contain it.")
             if mode == "fp16" and (entry.dtype != torch.float16 or not dtype.is_floating_point):
                 raise PayloadError(f"fp16 tensor {name!r} is stored as {entry.dtype} for {dtype}.")
+            if mode == "none" and entry.dtype != dtype:
+                raise PayloadError(
+                    f"tensor {name!r} is stored as {entry.dtype} but its codec metadata says {dtype}; send the "
+                    "payload as encode_tensors writes it."
+                )
             planned[name] = _Planned(mode, dtype, entry.shape)
             used.add(name)
         elif mode in ("int8", "int8-channel"):
