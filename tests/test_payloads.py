@@ -490,6 +490,11 @@ def test_client_rejects_bad_options(parts):
         EdgeClient(edge, 42)
     with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 3, 32, 32\)\)"):
         EdgeClient(edge, cloud).run(torch.zeros(0, 3, 32, 32))
+    for bad in (0, 2.5, True, "8"):
+        with pytest.raises(ValueError, match=rf"max_request_samples={bad!r} must be a positive int"):
+            EdgeClient(edge, "http://host:1/edge", max_request_samples=bad)
+        with pytest.raises(ValueError, match=rf"max_request_samples={bad!r} must be a positive int"):
+            ModelClient("http://host:1/model", max_request_samples=bad)
 
 
 def test_plain_model_is_served_by_its_forward():

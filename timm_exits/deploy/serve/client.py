@@ -31,7 +31,7 @@ from ...inference.hard_exit import _nonfinite_rows
 from ...inference.policies import EXIT_RULES, exit_mask, resolve_thresholds
 from ..split import CloudPart, EdgePart
 from .codec import COMPRESSIONS, PayloadError, TensorSpec, decode_tensors, encode_tensors
-from .parts import Served, decode_request, run_batch, served_cloud
+from .parts import Served, _check_samples, decode_request, run_batch, served_cloud
 
 __all__ = [
     "CloudError",
@@ -302,8 +302,7 @@ class EdgeClient:
             raise ValueError(f"compression={compression!r}; use one of {COMPRESSIONS}.")
         if fallback not in ("raise", "local"):
             raise ValueError(f"fallback={fallback!r}; use 'raise' or 'local'.")
-        if max_request_samples < 1:
-            raise ValueError(f"max_request_samples={max_request_samples} must be >= 1.")
+        _check_samples(max_request_samples)
         self.edge = edge
         self.policy = policy
         self.thresholds = _edge_thresholds(edge, policy, threshold)
@@ -440,8 +439,7 @@ class ModelClient:
     def __init__(self, target: str | Any, timeout: float = 30.0, max_request_samples: int = 32) -> None:
         if isinstance(target, nn.Module):
             raise TypeError("ModelClient reaches a served model; call timm_exits.predict for a local one.")
-        if max_request_samples < 1:
-            raise ValueError(f"max_request_samples={max_request_samples} must be >= 1.")
+        _check_samples(max_request_samples)
         self.transport = _transport(target, timeout, max_request_samples)
         self.max_request_samples = max_request_samples
         self._specs: dict[str, TensorSpec] | None = None
