@@ -494,6 +494,37 @@ def test_a_bf16_model_loads_back_in_bf16_and_exits_as_saved(models, tmp_path):
     assert {p.dtype for p in plain.parameters()} == {torch.float32}
 
 
+def test_a_revision_with_a_local_folder_is_refused(models, saved):
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    for source in (saved, f"local-dir:{saved}"):
+        with pytest.raises(
+            ValueError, match=r"revision='v2' was given but .* is a local folder, which has no revisions"
+        ):
+            from_pretrained(source, revision="v2")
+        with pytest.raises(ValueError, match=r"revision='v2' was given but .* is a local folder"):
+            load_exits(backbone, source, revision="v2")
+    assert _hooks(backbone) == 0
+
+
+def test_a_channels_last_model_saves_as_the_contiguous_one(models, tmp_path):
+    model = copy.deepcopy(models["resnet"]).to(memory_format=torch.channels_last)
+    folder = save_pretrained(model, tmp_path / "channels_last" / "m")
+
+    assert _files(folder) == _files(save_pretrained(models["resnet"], tmp_path / "contiguous" / "m"))
+    assert next(model.backbone.parameters()).is_contiguous(memory_format=torch.channels_last)  # left as it was
+    x = _x()
+    _assert_equal(_outputs(models["resnet"], x), _outputs(from_pretrained(folder), x))
+
+
+def test_a_model_on_the_meta_device_is_refused_before_anything_is_written(models, tmp_path):
+    model = copy.deepcopy(models["resnet"]).to("meta")
+    with pytest.raises(
+        ValueError, match=r"'backbone\.conv1\.0\.weight'\) are on the 'meta' device .*nothing was written"
+    ):
+        save_pretrained(model, tmp_path / "new" / "m")
+    assert not (tmp_path / "new").exists()
+
+
 def test_token_exits_pool_as_saved_after_the_backbones_pool_changed(models, tmp_path):
     model = copy.deepcopy(models["vit"])
     assert model.backbone.global_pool == "token"

@@ -8,7 +8,7 @@ A saved multi-exit model is a folder (or Hub repo) that is at the same time a no
                          dtype under "dtype" (from_pretrained casts to it), whether the costs were measured under
                          "costs_measured" (reset_classifier measures them again) and the backbone's pretrained_cfg
                          "hf_hub_id" under "upstream_hf_hub_id" (the card's base model)
-    model.safetensors    the backbone's weights, written by timm's `save_for_hf(..., safe_serialization=True)`
+    model.safetensors    the backbone's weights, as timm's `save_for_hf(..., safe_serialization=True)` writes them
     exits.safetensors    exit heads, gates, the added final head (if any) and the `exit_costs` buffer, keyed as
                          in `EarlyExitModel.state_dict()`; its header metadata repeats the format version,
                          the architecture and the exit names, and records the SHA-256 of the model.safetensors

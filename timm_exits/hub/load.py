@@ -159,6 +159,11 @@ def _parse_source(
         raise FileNotFoundError(
             f"{source!r} is not an existing folder; use 'hf-hub:org/name' to load from the Hugging Face Hub."
         )
+    if revision is not None:
+        raise ValueError(
+            f"revision={revision!r} was given but {source!r} is a local folder, which has no revisions; load "
+            "'hf-hub:org/name' for a Hub revision, or leave revision out to load the folder as it is."
+        )
     return _Source(folder=folder)
 
 
@@ -347,7 +352,7 @@ def from_pretrained(
 
     Args:
         source: "hf-hub:org/name", "hf-hub:org/name@revision", "local-dir:/path" or a folder.
-        revision: Hub revision (branch, tag or commit), unless given in `source`.
+        revision: Hub revision (branch, tag or commit), unless given in `source`; refused for a folder.
         cache_dir: HF cache folder (default: HF_HUB_CACHE).
         token: Hub token for private repos.
         local_files_only: Use the HF cache only.
@@ -459,7 +464,7 @@ def load_exits(
     Args:
         model: A timm backbone (not wrapped), e.g. `timm.create_model("hf-hub:org/name", pretrained=True)`.
         source: "hf-hub:org/name[@revision]", "local-dir:/path" or a folder.
-        revision: Hub revision, unless given in `source`.
+        revision: Hub revision, unless given in `source`; refused for a folder.
         cache_dir: HF cache folder.
         token: Hub token for private repos.
         local_files_only: Use the HF cache only.

@@ -111,6 +111,7 @@ def save_pretrained(
     model = _unwrap_compiled(model)
     if not _is_exit_model(model):
         raise TypeError(f"expected an EarlyExitModel (from timm_exits.wrap), got {type(model).__name__}")
+    _check_materialized(model)
     architecture = _architecture(model.backbone)
     report_dict = _load_report(report)
     if report_dict is not None:
@@ -186,18 +187,21 @@ def _save_backbone(
     data_config: dict[str, Any] | None,
     model_args: dict[str, Any] | None,
 ) -> None:
-    """timm's `save_for_hf` of the backbone (config.json with the exit record, model.safetensors) into `stage`."""
-    from timm.models._hub import save_for_hf
+    """What timm's `save_for_hf` writes for the backbone (model.safetensors, then config.json with the exit record)
+    into `stage`, with tensors in a non-default memory format (a channels_last model) saved as contiguous copies."""
+    from timm.models._hub import save_config_for_hf
 
     if model_args is not None and not isinstance(model_args, dict):
         raise TypeError(f"model_args must be a dict of timm.create_model arguments, got {type(model_args).__name__}.")
+    tensors = {k: v.contiguous() for k, v in backbone.state_dict().items()}  # the same tensors where contiguous
+    safetensors.torch.save_file(tensors, str(stage / WEIGHTS_NAME))
+    del tensors
     try:
-        save_for_hf(
+        save_config_for_hf(
             backbone,
-            stage,
+            str(stage / CONFIG_NAME),
             model_config={CONFIG_KEY: cfg},
             model_args=model_args,
-            safe_serialization=True,
             data_config=data_config,
         )
     except ValueError as e:
@@ -217,6 +221,22 @@ def _unwrap_compiled(model: Any) -> Any:
     while optimized is not None and isinstance(model, optimized):
         model = model._orig_mod
     return model
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose tensors are on the 'meta' device (shapes without values).
+
+    Raises:
+        ValueError: Some parameter or buffer is a meta tensor; nothing is written.
+    """
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    meta = [name for name, t in tensors if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} of the model's {len(tensors)} tensors (e.g. {meta[0]!r}) are on the 'meta' device and hold "
+            "no values; nothing was written. Give them values first (model.to_empty(device='cpu'), then "
+            "load_state_dict) and save again."
+        )
 
 
 def _exit_record(model: EarlyExitModel) -> dict[str, Any]:
