@@ -187,6 +187,7 @@ class _HubServer(http.server.ThreadingHTTPServer):
         self.preuploads: list[dict] = []
         self.commits: list[dict] = []
         self.unknown: list[str] = []
+        self.files: dict[str, set[str]] = {}  # "org/name@revision" -> the file paths its commits left there
 
     @property
     def url(self) -> str:
@@ -230,7 +231,13 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         self._not_found()
 
     def do_HEAD(self) -> None:
-        self._not_found()
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", urllib.parse.urlsplit(self.path).path)
+        if m is None:
+            return self._not_found()
+        repo, rev, name = m.group(1), urllib.parse.unquote(m.group(2)), urllib.parse.unquote(m.group(3))
+        if name not in self.server.files.get(f"{repo}@{rev}", set()):
+            return self._send(404, {"error": "not found"}, {"X-Error-Code": "EntryNotFound"})
+        self._send(200, {}, {"ETag": '"0"', "X-Repo-Commit": "0" * 40})
 
     def do_POST(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
@@ -250,6 +257,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         repo, kind, rev = m.group(1), m.group(2), urllib.parse.unquote(m.group(3))
         if kind == "branch":
             srv.branches.append(f"{repo}@{rev}")
+            srv.files[f"{repo}@{rev}"] = set(srv.files.get(f"{repo}@main", set()))
             return self._send(200, {})
         if kind == "preupload":
             files = json.loads(body)["files"]
@@ -258,8 +266,12 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             return self._send(200, {"files": modes})
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         files = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines if v["key"] == "file"}
+        deleted = [v["value"]["path"] for v in lines if v["key"] == "deletedFile"]
         oid = hashlib.sha1(body).hexdigest()
-        srv.commits.append({"repo": repo, "revision": rev, "header": lines[0], "files": files, "oid": oid})
+        srv.commits.append(
+            {"repo": repo, "revision": rev, "header": lines[0], "files": files, "deleted": deleted, "oid": oid}
+        )
+        srv.files[f"{repo}@{rev}"] = (srv.files.get(f"{repo}@{rev}", set()) | set(files)) - set(deleted)
         self._send(200, {"commitUrl": f"{srv.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
 
 
@@ -744,6 +756,22 @@ def test_push_to_hub_sends_one_commit(models, hub_server, tmp_path):
     for text in ("87.12 %", "86.34 %", "84.92 %", "1.58x", "3.45 ms", "Xeon 8480 VM", "#1: 0.4 %, #2: 22.4 %"):
         assert text in card, text
     _assert_card_numbers_from_report(card, report, model)
+
+
+def test_a_push_without_a_report_deletes_the_report_an_earlier_push_left(models, hub_server):
+    model, report = models["resnet"], _report(models["resnet"])
+    push_to_hub(model, "org/resnet-exits", report, endpoint=hub_server.url, token="hf_test")
+    push_to_hub(model, "org/resnet-exits", endpoint=hub_server.url, token="hf_test")
+    first, second = hub_server.commits
+    assert "report.json" in first["files"] and first["deleted"] == []
+    assert "report.json" not in second["files"] and second["deleted"] == ["report.json"]
+    assert hub_server.files["org/resnet-exits@main"] == FILES - {"report.json"}
+    assert "87.12 %" not in second["files"]["README.md"].decode()
+
+    push_to_hub(model, "org/resnet-exits", endpoint=hub_server.url, token="hf_test")  # nothing left to delete
+    push_to_hub(model, "org/other-exits", endpoint=hub_server.url, token="hf_test", revision="v1")
+    assert [c["deleted"] for c in hub_server.commits[2:]] == [[], []]
+    assert not hub_server.unknown
 
 
 def test_push_to_hub_names_the_repository_the_hub_created_on_the_card(models, hub_server):

@@ -386,8 +386,9 @@ def push_to_hub(
     """Upload a multi-exit model to the Hugging Face Hub in one commit.
 
     Saves the model first (a model `save_pretrained` refuses never reaches the Hub), then creates the repo if
-    needed (`HfApi.create_repo(exist_ok=True)`) and the branch `revision` if it is not
-    there yet, then commits config.json, model.safetensors, exits.safetensors, README.md (and report.json).
+    needed (`HfApi.create_repo(exist_ok=True)`) and the branch `revision` if it is not there yet, then commits
+    config.json, model.safetensors, exits.safetensors, README.md and report.json; without a report, the commit
+    deletes a report.json an earlier push left there (it would contradict the new card).
 
     Args:
         model: The `EarlyExitModel` to upload (or a `torch.compile`d one).
@@ -404,7 +405,7 @@ def push_to_hub(
     Returns:
         The `huggingface_hub.CommitInfo` of the commit.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     model = _unwrap_compiled(model)
     api = HfApi(endpoint=endpoint, token=token, library_name="timm-exits", library_version=_version())
@@ -421,9 +422,11 @@ def push_to_hub(
         if created != repo_id:  # the Hub completed the name (its namespace): the card names the repository
             folder = save(os.path.join(tmp, "named"), created)
         repo_id = created
-        ops = [
+        ops: list[Any] = [
             CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
             for p in sorted(folder.iterdir())
             if p.is_file()
         ]
+        if not (folder / REPORT_NAME).exists() and api.file_exists(repo_id, REPORT_NAME, revision=revision):
+            ops.append(CommitOperationDelete(path_in_repo=REPORT_NAME))  # an earlier push's report contradicts the card
         return api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision)
