@@ -354,6 +354,30 @@ def test_a_report_with_numpy_and_torch_values_is_saved_as_plain_json(models, tmp
     assert saved["soft_accuracy"] == pytest.approx(0.8712)
 
 
+@pytest.mark.parametrize(
+    ("repo_id", "match"),
+    [
+        ("a b/c", "alphanumeric"),
+        ("org/na/me", "namespace/repo_name"),
+        ("org/name--x", "Cannot have --"),
+        ("org/name@", "names no revision"),
+    ],
+)
+def test_a_repo_id_the_hub_would_refuse_is_refused_before_anything_is_written(
+    models, hub_server, tmp_path, repo_id, match
+):
+    model = models["resnet"]
+    with pytest.raises(ValueError, match=rf"repo_id={re.escape(repr(repo_id))} .*{match}"):
+        save_pretrained(model, tmp_path / "m", repo_id=repo_id)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match=match):
+        render_model_card(model, repo_id=repo_id)
+    with pytest.raises(ValueError, match=match):
+        push_to_hub(model, repo_id, endpoint=hub_server.url, token="hf_test")
+    assert not hub_server.created and not hub_server.commits and not hub_server.unknown
+    assert "hf-hub:org/name@v1" in render_model_card(model, repo_id="org/name@v1")
+
+
 def test_a_home_relative_folder_is_expanded_when_saving_and_loading(models, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)

@@ -367,6 +367,25 @@ def _front_matter(model: EarlyExitModel, report: dict[str, Any] | None) -> str:
     return yaml.safe_dump(fm, sort_keys=False, allow_unicode=True).strip()
 
 
+def _check_repo_id(repo_id: str) -> None:
+    """Refuse a repo id ("org/name" or "org/name@revision") the Hub would not accept, naming what is wrong.
+
+    Raises:
+        ValueError: `repo_id` is not a string or not a valid Hub repo id.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str):
+        raise ValueError(f"repo_id must be a string like 'org/name', got {type(repo_id).__name__}.")
+    name, _, revision = repo_id.partition("@")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise ValueError(f"repo_id={repo_id!r} is not a Hub repo id: {e}") from None
+    if "@" in repo_id and not revision:
+        raise ValueError(f"repo_id={repo_id!r} ends with '@' but names no revision; give 'org/name@branch'.")
+
+
 def render_model_card(
     model: EarlyExitModel,
     report: Mapping[str, Any] | str | os.PathLike | None = None,
@@ -388,6 +407,8 @@ def render_model_card(
     Returns:
         The card's markdown text, with YAML front matter.
     """
+    if repo_id:
+        _check_repo_id(repo_id)
     report_dict = _load_report(report)
     if report_dict is not None:
         _check_report(report_dict, model)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.config import FORMAT_VERSION, ExitConfig
-from .card import _architecture, _check_report, _load_report, render_model_card
+from .card import _architecture, _check_repo_id, _check_report, _load_report, render_model_card
 from .files import (
     _COSTS_KEY,
     _DTYPE_KEY,
@@ -112,6 +112,8 @@ def save_pretrained(
     if not _is_exit_model(model):
         raise TypeError(f"expected an EarlyExitModel (from timm_exits.wrap), got {type(model).__name__}")
     _check_materialized(model)
+    if repo_id:
+        _check_repo_id(repo_id)
     architecture = _architecture(model.backbone)
     report_dict = _load_report(report)
     if report_dict is not None:
