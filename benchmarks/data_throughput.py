@@ -46,17 +46,21 @@ def recipe_trainer(
         sets: Recipe overrides, ``KEY=VALUE``.
 
     Yields:
-        (trainer, optimizer, scheduler).
+        (trainer, optimizer, scheduler); torch's thread count is the caller's again on leaving.
     """
+    caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    loaded = load_recipe(recipe, [f"data_dir={data_dir}", f"threads={threads}", *sets])
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = _Trainer(loaded, _Dist(), Path(tmp) / "run", resume=False, overwrite=False)
-        opt, sched = _make(trainer)
-        trainer.data.train.set_epoch(0)
-        trainer.train_loader.sampler.set_epoch(0)
-        trainer.model.train()
-        yield trainer, opt, sched
+    try:
+        loaded = load_recipe(recipe, [f"data_dir={data_dir}", f"threads={threads}", *sets])
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = _Trainer(loaded, _Dist(), Path(tmp) / "run", resume=False, overwrite=False)
+            opt, sched = _make(trainer)
+            trainer.data.train.set_epoch(0)
+            trainer.train_loader.sampler.set_epoch(0)
+            trainer.model.train()
+            yield trainer, opt, sched
+    finally:
+        torch.set_num_threads(caller_threads)
 
 
 WARMUP_ROUNDS = 1  # untimed rounds of each side before the timed ones

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _args import non_negative_float, positive_float
 from _serving import local_serve
 from _timing import machine, positive_int
 from torch.utils.data import DataLoader, TensorDataset
@@ -217,11 +218,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--policy", default="gate", choices=["gate", "confidence", "entropy"])
     p.add_argument("--threshold", type=float, help="fixed threshold (default: calibrated on val)")
     p.add_argument("--max-accuracy-drop", type=float, default=0.01)
-    p.add_argument("--uplink", type=float, default=10.0, help="Mbit/s")
-    p.add_argument("--downlink", type=float, help="Mbit/s (default: --uplink)")
-    p.add_argument("--rtt", type=float, default=40.0, help="ms")
-    p.add_argument("--device-speed", type=float, default=0.2)
-    p.add_argument("--server-speed", type=float, default=1.0)
+    p.add_argument("--uplink", type=positive_float, default=10.0, help="Mbit/s")
+    p.add_argument("--downlink", type=positive_float, help="Mbit/s (default: --uplink)")
+    p.add_argument("--rtt", type=non_negative_float, default=40.0, help="ms")
+    p.add_argument("--device-speed", type=positive_float, default=0.2)
+    p.add_argument("--server-speed", type=positive_float, default=1.0)
     p.add_argument("--compression", default="none", choices=list(COMPRESSIONS))
     p.add_argument("--min-accuracy", type=float)
     p.add_argument("--repeats", type=positive_int, default=7)
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tiered_http": tiered,
         "machine": machine(args.threads),
         "threads": args.threads,
+        "batch_size": 1,
         "repeats": args.repeats,
         "files": {"table": str(args.out / "plan.md"), "plot": str(png), "json": str(args.out / "plan.json")},
     }

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 from test_recipes import tiny
 
 from timm_exits.training.train import train
@@ -342,3 +343,35 @@ def test_speed_table_refuses_a_file_that_is_not_speed_output(monkeypatch, capsys
     code, line = _cli(monkeypatch, capsys, speed_table.main, str(other))
     assert code == 2 and line.endswith(f"error: {other} is not speed.py output (benchmark: overhead)")
     assert capsys.readouterr().out == ""  # no half table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--uplink", "0"], "argument --uplink: 0 is not a positive finite number; give e.g. 10 or 0.5"),
+        (["--downlink", "nan"], "argument --downlink: nan is not a positive finite number"),
+        (["--rtt", "-5"], "argument --rtt: -5 is negative or not finite; give 0 or more"),
+        (["--device-speed", "0"], "argument --device-speed: 0 is not a positive finite number"),
+        (["--server-speed", "inf"], "argument --server-speed: inf is not a positive finite number"),
+    ],
+    ids=["uplink-0", "downlink-nan", "rtt-negative", "device-speed-0", "server-speed-inf"],
+)
+def test_plan_split_script_refuses_a_bad_link_before_training(monkeypatch, capsys, argv, message):
+    """A zero bandwidth trained the model for a minute, then stopped with a traceback (NaN gave a NaN plan)."""
+    monkeypatch.setattr(plan_split, "_train", lambda *a, **k: pytest.fail("a model was trained"))
+    code, line = _exit(capsys, plan_split.main, argv)
+    assert code == 2 and message in line
+
+
+def test_bench_restores_the_callers_thread_count_and_reports_the_one_it_timed_with(runs):
+    """`benchmark(threads=N)` left torch at N threads for the rest of the caller's process."""
+    from timm_exits.training.timing import benchmark
+
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    res = benchmark(runs["features"], policies=["confidence"], images=2, repeats=1, warmup=0, threads=other)
+    assert torch.get_num_threads() == before
+    assert res["timing"]["threads"] == other
+    with pytest.raises(ValueError, match=r"batch_size=0: give 1 or more images per call"):
+        benchmark(runs["features"], batch_size=0)
+    assert torch.get_num_threads() == before

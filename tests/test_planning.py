@@ -140,3 +140,48 @@ def test_plot_expands_the_home_folder(tmp_path, monkeypatch):
     png = SplitPlan([row], row, None, params).plot("~/plots/plan.png")
     assert png == tmp_path / "home" / "plots" / "plan.png" and png.read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        {"uplink_mbps": math.nan},
+        {"downlink_mbps": math.inf},
+        {"rtt_ms": math.nan},
+        {"rtt_ms": math.inf},
+    ],
+    ids=["nan-uplink", "inf-downlink", "nan-rtt", "inf-rtt"],
+)
+def test_link_model_refuses_nan_and_infinity(link):
+    """NaN passed the `<= 0` checks and the plan recommended a row whose expected latency was NaN."""
+    with pytest.raises(ValueError, match=r"needs positive bandwidths and a non-negative RTT \(finite numbers"):
+        LinkModel(**link)
+
+
+def _unread_loader():
+    raise AssertionError("the loader was read before the inputs were checked")
+    yield
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"uplink_mbps": math.nan}, "needs positive bandwidths"),
+        ({"device_speed": math.nan}, r"device_speed=nan, server_speed=1.0: both must be positive finite numbers"),
+        ({"server_speed": math.inf}, r"device_speed=0.2, server_speed=inf: both must be positive finite numbers"),
+        (
+            {"timings": {"edge": [math.nan, 1.0, 1.0], "cloud": [1.0, 1.0, 1.0], "full_forward": 2.0}},
+            r"timings must be positive finite numbers of ms \(not NaN or infinity\)",
+        ),
+        (
+            {"timings": {"edge": [1.0, 1.0, 1.0], "cloud": [1.0, 1.0, 1.0], "full_forward": math.inf}},
+            r"timings must be positive finite numbers of ms",
+        ),
+        ({"repeats": 0}, r"repeats=0: give 1 or more timed runs per part"),
+    ],
+    ids=["nan-link", "nan-device-speed", "inf-server-speed", "nan-edge-timing", "inf-full-timing", "no-repeats"],
+)
+def test_plan_split_refuses_non_finite_inputs_before_reading_the_loader(model, kwargs, message):
+    """NaN speeds and timings gave a plan of NaN latencies whose first row ("device") was recommended."""
+    with pytest.raises(ValueError, match=message):
+        plan_split(model, _unread_loader(), threshold=0.5, **kwargs)

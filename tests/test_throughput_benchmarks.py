@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_recipes import tiny
 
@@ -57,6 +58,15 @@ def test_data_throughput_compares_the_loop_with_in_memory_steps(recipe, tmp_path
         assert len(rounds) == 2
         median_s = statistics.median(rounds) / 1e3
         assert out["images_per_s"][name] == pytest.approx(3 * 32 / median_s, rel=0.01, abs=0.1)
+
+
+def test_recipe_trainer_gives_back_the_callers_thread_count(recipe, tmp_path):
+    """Building a benchmark's trainer left torch at the benchmark's thread count for the rest of the process."""
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    with data_throughput.recipe_trainer(recipe, str(tmp_path), other, []) as (trainer, _, _):
+        assert torch.get_num_threads() == other and trainer.recipe.runtime.threads == other
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.slow  # three training processes, each importing torch and timm: about a minute on 2 cores

@@ -29,6 +29,7 @@ compressed (then measured by running edge, codec and cloud on the held-out data)
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -70,8 +71,11 @@ class LinkModel:
     rtt_ms: float = 40.0
 
     def __post_init__(self) -> None:
-        if self.uplink_mbps <= 0 or self.downlink_mbps <= 0 or self.rtt_ms < 0:
-            raise ValueError(f"link {self} needs positive bandwidths and a non-negative RTT.")
+        bandwidths = (self.uplink_mbps, self.downlink_mbps)
+        if not all(math.isfinite(b) and b > 0 for b in bandwidths) or not (
+            math.isfinite(self.rtt_ms) and self.rtt_ms >= 0
+        ):
+            raise ValueError(f"link {self} needs positive bandwidths and a non-negative RTT (finite numbers, not NaN).")
 
     def transfer_ms(self, up_bytes: float, down_bytes: float) -> float:
         """One request/response: RTT plus serialisation of both payloads."""
@@ -204,8 +208,8 @@ def _given_timings(timings: Mapping[str, Any], n: int) -> tuple[list[float], lis
         ) from e
     if len(edge) != n or len(cloud) != n:
         raise ValueError(f"timings give {len(edge)} edge / {len(cloud)} cloud times for {n} split points.")
-    if min(edge + cloud + [full]) <= 0:
-        raise ValueError("timings must be positive.")
+    if not all(math.isfinite(t) and t > 0 for t in edge + cloud + [full]):
+        raise ValueError("timings must be positive finite numbers of ms (not NaN or infinity).")
     return edge, cloud, full
 
 
@@ -287,10 +291,16 @@ def plan_split(
         raise ValueError(f"policy {policy!r} has no early exit to plan for; use one of {EXIT_RULES}.")
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}; use one of {COMPRESSIONS}.")
-    if device_speed <= 0 or server_speed <= 0:
-        raise ValueError("device_speed and server_speed must be positive (relative to this machine).")
+    if not all(math.isfinite(v) and v > 0 for v in (device_speed, server_speed)):
+        raise ValueError(
+            f"device_speed={device_speed}, server_speed={server_speed}: both must be positive finite numbers "
+            "(relative to this machine, e.g. 0.2 for five times slower)."
+        )
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r}: give 1 or more timed runs per part.")
     link = LinkModel(uplink_mbps, downlink_mbps if downlink_mbps is not None else uplink_mbps, rtt_ms)
     thresholds = resolve_thresholds(model, policy, threshold)
+    given = _given_timings(timings, len(model.branches)) if timings is not None else None
 
     first: list[torch.Tensor] = []
     with evaluating(model):
@@ -324,10 +334,10 @@ def plan_split(
                 )
             )
             response.append(len(encode_tensors({"logits": c.logits.float(), "gate_logits": c.gate_logits.float()})))
-        if timings is None:
+        if given is None:
             t_full = time_module(lambda: model(x1), repeats)
         else:
-            t_edge, t_cloud, t_full = _given_timings(timings, len(parts))
+            t_edge, t_cloud, t_full = given
 
         codec_acc: list[tuple[float, float] | None] = [None] * len(parts)
         if compression != "none":

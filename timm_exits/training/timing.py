@@ -138,7 +138,8 @@ def benchmark(
         images: Test images to time (default: the recipe's ``timing_images``).
         repeats: Timed passes (median reported).
         warmup: Untimed calls per candidate first.
-        threads: torch threads (default: the recipe's, else torch's).
+        threads: torch threads for the timing (default: the recipe's, else torch's); the caller's count is
+            restored afterwards.
         data_dir: Where the data set lives now.
         device: Device to time on.
         unfinished: Time the last checkpoint of a run whose training has not finished (else refused).
@@ -155,13 +156,14 @@ def benchmark(
     from .data import build_datasets, load_splits
     from .run_state import check_finished
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: give 1 or more images per call.")
     run_dir = Path(run_dir).expanduser()
     run = load_run(run_dir, device=device, data_dir=data_dir)
     recipe, model = run.recipe, run.model
     check_finished(run, unfinished)
     device = torch.device(device)
-    if threads or recipe.runtime.threads:
-        torch.set_num_threads(int(threads or recipe.runtime.threads))
+    n_threads = int(threads or recipe.runtime.threads or torch.get_num_threads())
     names = list(policies or ("gate", "confidence", "entropy", "soft"))
     # the report saved with model/ matches its gates (`eval --no-save` rewrites only run_dir/report.json)
     report_path = run_dir / "model" / "report.json"
@@ -183,13 +185,20 @@ def benchmark(
     inputs = [torch.cat(singles[i : i + batch_size]) for i in range(0, len(singles), batch_size)]
     reps = int(repeats or ev.timing_repeats)
     models = {"gate": _refitted(model, run_dir)} if "gate" in names and report.get("gate_fit") else {}
-    base, ms = _time_model(model, thresholds, inputs, reps, int(ev.timing_warmup if warmup is None else warmup), models)
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:  # the caller's thread count comes back, as it was, after the timing
+        base, ms = _time_model(
+            model, thresholds, inputs, reps, int(ev.timing_warmup if warmup is None else warmup), models
+        )
+    finally:
+        torch.set_num_threads(caller_threads)
     shares = {k: _exit_shares(models.get(k, model), k, thresholds[k], inputs) for k in ms}
     return {
         "timing": {
             "machine": machine_name(device),
             "device": str(device),
-            "threads": torch.get_num_threads(),
+            "threads": n_threads,
             "batch_size": batch_size,
             "images": count,
             "repeats": reps,
