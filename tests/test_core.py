@@ -492,6 +492,44 @@ def test_timm_conventions_pass_through():
     model.set_grad_checkpointing(False)
 
 
+@pytest.mark.parametrize("arch", ["test_vit", "test_resnet", "test_convnext", "alexnet_cifar"])
+def test_layer_decay_groups_the_backbone_as_timm_does_and_each_exit_with_its_block(arch):
+    from timm.models import group_parameters
+    from timm.optim import auto_group_layers
+
+    if arch == "alexnet_cifar":
+        import timm_exits.training.models  # noqa: F401  (registers the CIFAR networks)
+    m = timm.create_model(arch, num_classes=10)
+    plain = (
+        group_parameters(m, m.group_matcher(coarse=False), reverse=True)
+        if hasattr(m, "group_matcher")
+        else auto_group_layers(m)
+    )
+    model = wrap(m, exits="auto", input_size=(3, 32, 32))
+    grouped = group_parameters(model, model.group_matcher(), reverse=True)
+    assert {k.removeprefix("backbone."): v for k, v in grouped.items() if k.startswith("backbone.")} == plain
+    # reference from the forward order: an exit's group is the deepest among the parameters used up to its module
+    fired: list[str] = []
+    hooks = [
+        mod.register_forward_hook(lambda *_, name=name: fired.append(name)) for name, mod in m.named_modules() if name
+    ]
+    with torch.no_grad():
+        m.eval()(images(2, 32))
+    for h in hooks:
+        h.remove()
+    for i, point in enumerate(model.exits[: len(model.branches)]):
+        used = fired[: fired.index(point.name) + 1]
+        ref = max(plain[f"{mod}.{n}"] for mod in used for n, _ in m.get_submodule(mod).named_parameters(recurse=False))
+        ids = {grouped[n] for n, _ in model.named_parameters() if n.startswith(f"branches.{i}.")}
+        assert ids == {ref}, point.name
+
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    top = max(plain.values())
+    for name, p in model.named_parameters():
+        assert scale[id(p)] == pytest.approx(0.5 ** (top - grouped[name])), name
+
+
 def test_costs_measured_and_overridable():
     m, size = make_backbone("resnet18")
     model = wrap(m, input_size=(3, 224, 224))

@@ -141,7 +141,7 @@ def test_fingerprint_with_overrides_is_unchanged(source, overrides, expected):
 
 def test_runtime_keys_are_declared_in_the_sections_and_match_the_old_table():
     assert RUNTIME_KEYS == FLAT_DICT_RUNTIME_KEYS
-    assert schema.LATER_KEYS == {"weights": None, "exit_reduction": "sum"}
+    assert schema.LATER_KEYS == {"weights": None, "exit_reduction": "sum", "layer_decay": None}
     for name, section in SECTIONS.items():
         for f in dataclasses.fields(section):
             assert (f.name in RUNTIME_KEYS) == bool(section.RUNTIME or f.metadata.get(schema._RUNTIME)), (name, f.name)
@@ -422,6 +422,31 @@ def test_momentum_reaches_every_timm_optimizer_that_has_one():
         assert {g["momentum"] for g in made.param_groups} == {0.5}, opt
     made, _ = _make_optimizer(model, OptimSection(opt="adamw", momentum=0.5), _stages(OptimSection())[0], 10)
     assert "momentum" not in made.param_groups[0]
+
+
+@pytest.mark.parametrize("sched", ["onecycle", "cosine", "none"])
+def test_layer_decay_scales_each_groups_rate_under_every_schedule(sched):
+    from timm_exits.training.stages import _make_optimizer
+
+    model = build_model(ModelSection(model="test_resnet", exits=[1]), 10, 32)
+    optim = OptimSection(opt="sgd", lr=0.1, sched=sched, warmup_epochs=1, epochs=4, layer_decay=0.5)
+    opt, sched_ = _make_optimizer(model, optim, _stages(optim)[0], 10)
+    by_name = {id(p): n for n, p in model.named_parameters()}
+    scale = {by_name[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert scale["backbone.fc.weight"] == 1.0 and scale["backbone.conv1.0.weight"] == 0.5**5
+    assert [p.name for p in model.exits] == ["layer1"]
+    assert scale["branches.0.head.fc.weight"] == scale["backbone.layer1.0.conv1.weight"] == 0.5**4
+    if sched_ is not None:
+        sched_.step_update(num_updates=20)  # after the warm-up
+    rates = {by_name[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    top = rates["backbone.fc.weight"]
+    assert top > 0 and all(rates[n] == pytest.approx(top * scale[n]) for n in rates)
+    plain, _ = _make_optimizer(
+        model, OptimSection(opt="sgd", lr=0.1, sched=sched, warmup_epochs=1, epochs=4), _stages(optim)[0], 10
+    )
+    assert all("lr_scale" not in g for g in plain.param_groups)
+    with pytest.raises(RecipeError, match="layer_decay"):
+        OptimSection(layer_decay=0.0).check()
 
 
 def _stage_lrs(optim: OptimSection, stage_index: int, steps_per_epoch: int = 10) -> list[float]:

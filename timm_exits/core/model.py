@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +38,7 @@ from .branch import ExitBranch
 from .compiled_exit import CompiledExit, compile_options
 from .config import ExitConfig, GateKind, HeadKind, PolicyName
 from .cost import module_flops
+from .grouping import exit_group_matcher
 from .heads import FinalHead
 from .layout import channels_of, detect_layout
 from .placement import ExitPoint, ExitRequest, resolve_exits
@@ -274,6 +275,10 @@ class EarlyExitModel(nn.Module):
         fn = getattr(self.backbone, "no_weight_decay", None)
         names = fn() if callable(fn) else set()
         return {f"backbone.{n}" for n in names}
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[int]]:
+        """timm's parameter grouping (layer-wise lr decay): the backbone's groups, each exit in its block's."""
+        return exit_group_matcher(self.backbone, [p.name for p in self._points], coarse)
 
     def get_classifier(self) -> nn.Module:
         """The final exit's classifier (the added final head, else the backbone's)."""

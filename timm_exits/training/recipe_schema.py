@@ -243,6 +243,7 @@ class OptimSection(_Section):
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5.0e-4
+    layer_decay: float | None = later(None)  # timm's layer-wise lr decay: group lr times layer_decay ** depth from top
     sched: str | None = "cosine"  # onecycle | any timm scheduler (create_scheduler_v2), stepped every update | none
     warmup_epochs: float = 0.0  # linear warm-up (onecycle: from lr / 25 up to lr, then cosine to lr / 2.5e5)
     warmup_lr: float = 1.0e-5
@@ -262,6 +263,7 @@ class OptimSection(_Section):
         in_range(self, "momentum", 0, 1, high_open=True)
         in_range(self, "ema_decay", 0, 1, high_open=True)
         in_range(self, "clip_grad", 0, _INF, low_open=True)
+        in_range(self, "layer_decay", 0, 1, low_open=True)
         for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr"):
             in_range(self, key, 0, _INF)
         sched = "none" if self.sched is None else self.sched

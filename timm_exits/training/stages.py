@@ -88,7 +88,7 @@ class OneCycle:
     which runs a little above it); momentum stays fixed.
 
     Args:
-        optimizer: Its param groups' current ``lr`` is the peak.
+        optimizer: Its param groups' current ``lr`` (times their ``lr_scale``: timm's layer decay) is the peak.
         total_updates: Updates of the whole schedule.
         warmup_updates: Updates of the warm-up.
         div: Peak over initial learning rate.
@@ -104,7 +104,7 @@ class OneCycle:
         final_div: float = 1.0e4,
     ) -> None:
         self.optimizer = optimizer
-        self.peaks = [float(g["lr"]) for g in optimizer.param_groups]
+        self.peaks = [float(g["lr"]) * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
         self.total, self.warmup = max(int(total_updates), 1), max(float(warmup_updates), 0.0)
         self.div, self.final_div = float(div), float(final_div)
 
@@ -153,9 +153,16 @@ def _make_optimizer(model: EarlyExitModel, optim: OptimSection, stage: _Stage, s
 
     # timm hands momentum to the optimizers that have one (sgd, rmsprop, lars, ...) and drops it for the others
     opt = create_optimizer_v2(
-        model, opt=optim.opt, lr=stage.lr, weight_decay=optim.weight_decay, momentum=optim.momentum
+        model,
+        opt=optim.opt,
+        lr=stage.lr,
+        weight_decay=optim.weight_decay,
+        momentum=optim.momentum,
+        layer_decay=optim.layer_decay,
     )
     if optim.sched in _CONSTANT:
+        for group in opt.param_groups:  # timm's schedulers apply lr_scale (layer decay); a constant rate has none
+            group["lr"] *= group.get("lr_scale", 1.0)
         return opt, None
     warmup = _stage_warmup(optim, stage)
     if optim.sched == "onecycle":
