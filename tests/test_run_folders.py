@@ -152,6 +152,17 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def test_a_stop_before_any_checkpoint_says_resume_cannot_continue(tmp_path):
+    early = train(tiny(epochs=2, timing_images=0), tmp_path / "early", stop_after_steps=2)  # 4 steps per epoch
+    assert not (early / "checkpoint.safetensors").exists()
+    log = (early / "train.log").read_text()
+    assert "stopped after 2 steps (stop_after_steps); no checkpoint was written yet" in log
+    assert "--resume continues" not in log
+    later = train(tiny(epochs=2, timing_images=0), tmp_path / "later", stop_after_steps=5)  # after epoch 1's
+    log = (later / "train.log").read_text()
+    assert "stopped after 5 steps (stop_after_steps); --resume continues from the last checkpoint." in log
+
+
 def test_eval_refuses_an_unfinished_run_unless_asked_and_reports_the_epochs_it_trained(tmp_path, capsys):
     folder = train(tiny(epochs=2, timing_images=0), tmp_path / "run", stop_after_steps=5)  # 4 steps per epoch
     before = _files(folder)

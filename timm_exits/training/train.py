@@ -331,10 +331,12 @@ class _Trainer:
             while not pos.done:
                 if not self._stage(pos.stage):
                     if d.main:
-                        self.log(
-                            f"stopped after {pos.step} steps (stop_after_steps); --resume continues from the last "
-                            "checkpoint."
+                        resume = (
+                            "--resume continues from the last checkpoint."
+                            if (self.run_dir / CHECKPOINT_NAME).exists()
+                            else "no checkpoint was written yet (checkpoint_every_steps), so --resume cannot continue."
                         )
+                        self.log(f"stopped after {pos.step} steps (stop_after_steps); {resume}")
                     return False
         finally:
             if previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
