@@ -160,6 +160,15 @@ def test_method_trains_one_epoch_and_writes_a_valid_report(runs, method):
     assert model.config.thresholds == pytest.approx([thr] * (len(exits) - 1))
 
 
+def test_logged_lr_is_the_schedules_rate_with_layer_decay(tmp_path):
+    """With `layer_decay` the log and metrics.jsonl give the schedule's rate, not the stem's decayed one."""
+    recipe = tiny(method="soft", frozen_epochs=1, epochs=1, sched="cosine", warmup_epochs=0, report=False)
+    plain = history(train(recipe, tmp_path / "plain"))
+    decayed = history(train({**recipe, "layer_decay": 0.5}, tmp_path / "decayed"))
+    assert [h["lr"] for h in decayed] == pytest.approx([h["lr"] for h in plain])
+    assert all(h["lr"] > 0 for h in plain)
+
+
 def test_frozen_stage_keeps_backbone_and_batchnorm_fixed(tmp_path):
     recipe = tiny(method="soft", frozen_epochs=1, epochs=0, sched="onecycle", warmup_epochs=3, report=False)
     run = train(recipe, tmp_path / "frozen")
@@ -291,6 +300,19 @@ def test_backbone_starts_from_a_users_timm_checkpoint(runs, tmp_path):
         build_model(load_recipe(tiny(), {"weights": f"local-dir:{saved}", "model": "resnet18"}).model, 10, 32)
     with pytest.raises(FileNotFoundError, match="weights file .*not found"):
         build_model(load_recipe(tiny(), {"weights": str(tmp_path / "missing.safetensors")}).model, 10, 32)
+
+
+def test_a_weights_file_of_another_image_size_is_a_recipe_error(tmp_path):
+    vit = timm.create_model("test_vit", num_classes=10, img_size=32)
+    safetensors.torch.save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
+    recipe = load_recipe(tiny(), {"model": "test_vit", "weights": str(tmp_path / "vit.safetensors")})
+    with pytest.raises(RecipeError, match=r"of another shape \['pos_embed \(1, 5, 64\) \(model: \(1, 101, 64\)\)'\]"):
+        build_model(recipe.model, 10, 32)  # the recipe forgot model_kwargs: {img_size: 32}
+    fits = load_recipe(
+        tiny(), {"model": "test_vit", "weights": str(tmp_path / "vit.safetensors"), "model_kwargs": {"img_size": 32}}
+    )
+    state = build_model(fits.model, 10, 32).backbone.state_dict()
+    assert torch.equal(state["pos_embed"], vit.state_dict()["pos_embed"])
 
 
 def test_every_recipe_file_resolves():

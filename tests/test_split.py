@@ -348,6 +348,7 @@ def test_onnx_export_matches_onnxruntime(models, tmp_path):
     assert re.input_names == ["image"] and rc.input_names == ["features", "stats"]
     assert (tmp_path / "edge.onnx").is_file() and isinstance(rc.program, bytes)
     assert re.max_abs_diff < 1e-4 and rc.max_abs_diff < 1e-4
+    assert len(repr(rc)) < 1000 and "edge.onnx" in repr(re)  # the repr leaves out the model's bytes
     x = _images(model, batch=5)  # another batch size than the example's: the batch is dynamic
     with torch.no_grad():
         e = edge(x)

@@ -46,7 +46,7 @@ class Exported:
     """
 
     format: str
-    program: Any
+    program: Any = field(repr=False)  # ONNX bytes run to megabytes: the repr names the path and the check
     path: str | None
     input_names: list[str]
     output_names: list[str]

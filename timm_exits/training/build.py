@@ -77,12 +77,17 @@ def _load_weights_file(backbone: nn.Module, path: Path) -> None:
     for key in [k for k in state if any(k.startswith(f"{h}.") for h in heads)]:
         if key in own and state[key].shape != own[key].shape:
             del state[key]  # another number of classes: the new head keeps its initialisation
+    resized = [k for k in state if k in own and state[k].shape != own[k].shape]  # e.g. another img_size
+    shapes = [f"{k} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})" for k in resized[:5]]
+    for key in resized:
+        del state[key]
     missing, unexpected = backbone.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not any(k.startswith(f"{h}.") for h in heads)]
-    if missing or unexpected:
+    missing = [k for k in missing if not any(k.startswith(f"{h}.") for h in heads) and k not in resized]
+    if missing or unexpected or resized:
         raise RecipeError(
             f"weights file {str(path)!r} does not fit {backbone.pretrained_cfg.get('architecture')!r}: missing "
-            f"{missing[:5]}, unexpected {unexpected[:5]}; check the recipe's model and model_kwargs."
+            f"{missing[:5]}, unexpected {unexpected[:5]}, of another shape {shapes}; check the "
+            "recipe's model and model_kwargs."
         )
 
 

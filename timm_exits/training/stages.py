@@ -180,6 +180,13 @@ def _make_optimizer(model: EarlyExitModel, optim: OptimSection, stage: _Stage, s
     return opt, sched
 
 
+def schedule_lr(opt: torch.optim.Optimizer) -> float:
+    """The schedule's current learning rate: a param group's rate without its ``lr_scale`` (timm's layer decay),
+    i.e. the rate of the top layer group, whichever group comes first."""
+    group = opt.param_groups[0]
+    return float(group["lr"]) / group.get("lr_scale", 1.0)
+
+
 def _autocast(amp: str | None, device: torch.device) -> contextlib.AbstractContextManager:
     """The recipe's mixed precision (``amp``: "bf16", "fp16" or None) for a forward on `device`."""
     if not amp:

@@ -64,7 +64,16 @@ from .report import _eval_keys_changed, evaluate
 from .run_folder import _clear_run, _default_output, _prepare_run_dir, _write_run_files, run_lock
 from .runfiles import atomic_write_text
 from .sampling import seed_for
-from .stages import _autocast, _configure_stage, _make_loss, _make_optimizer, _set_modes, _stages, _warmup_note
+from .stages import (
+    _autocast,
+    _configure_stage,
+    _make_loss,
+    _make_optimizer,
+    _set_modes,
+    _stages,
+    _warmup_note,
+    schedule_lr,
+)
 from .timing import machine_name
 from .validation import _validate_epoch
 
@@ -450,7 +459,7 @@ class _Trainer:
             "epochs": self.total_epochs,
             "stage": stage.name,
             "step": pos.step,
-            "lr": float(opt.param_groups[0]["lr"]),
+            "lr": schedule_lr(opt),
             "train": train_stats,
             "val": val,
             "seconds": time.time() - t0,
