@@ -300,6 +300,10 @@ def test_backbone_starts_from_a_users_timm_checkpoint(runs, tmp_path):
         build_model(load_recipe(tiny(), {"weights": f"local-dir:{saved}", "model": "resnet18"}).model, 10, 32)
     with pytest.raises(FileNotFoundError, match="weights file .*not found"):
         build_model(load_recipe(tiny(), {"weights": str(tmp_path / "missing.safetensors")}).model, 10, 32)
+    with pytest.raises(FileNotFoundError, match=r"weights local-dir: folder '.*missing' not found; give a folder"):
+        build_model(load_recipe(tiny(), {"weights": f"local-dir:{tmp_path / 'missing'}"}).model, 10, 32)
+    with pytest.raises(FileNotFoundError, match=r"weights local-dir: '.*' has no config.json; give a folder saved"):
+        build_model(load_recipe(tiny(), {"weights": f"local-dir:{tmp_path}"}).model, 10, 32)
 
 
 def test_a_weights_file_of_another_image_size_is_a_recipe_error(tmp_path):

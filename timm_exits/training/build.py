@@ -25,6 +25,8 @@ def _create_backbone(spec: ModelSection, num_classes: int, load: bool) -> nn.Mod
     if weights and weights.startswith("local-dir:"):
         weights = "local-dir:" + str(Path(weights.removeprefix("local-dir:")).expanduser())
     kwargs = dict(spec.model_kwargs or {})
+    if load and weights and weights.startswith("local-dir:"):
+        _check_weights_folder(Path(weights.removeprefix("local-dir:")))
     try:
         if load and weights and weights.startswith(("local-dir:", "hf-hub:")):
             backbone = timm.create_model(weights, pretrained=True, num_classes=num_classes, **kwargs)
@@ -88,6 +90,16 @@ def _load_weights_file(backbone: nn.Module, path: Path) -> None:
             f"weights file {str(path)!r} does not fit {backbone.pretrained_cfg.get('architecture')!r}: missing "
             f"{missing[:5]}, unexpected {unexpected[:5]}, of another shape {shapes}; check the "
             "recipe's model and model_kwargs."
+        )
+
+
+def _check_weights_folder(folder: Path) -> None:
+    """Refuse a ``weights: local-dir:`` folder timm could not load from, saying what the folder lacks."""
+    if not (folder / "config.json").is_file():
+        what = f"{str(folder)!r} has no config.json" if folder.is_dir() else f"folder {str(folder)!r} not found"
+        raise FileNotFoundError(
+            f"weights local-dir: {what}; give a folder saved by timm (save_for_hf) or timm-exits "
+            "(save_pretrained), or the path of a weights file."
         )
 
 
