@@ -285,3 +285,20 @@ def test_calibrate_and_fit_gates_refuse_data_collected_from_another_model():
     cal = calibrate(model, data, policy="confidence", target_cost=0.7)  # the model it came from
     assert model.config.thresholds == [cal.threshold] * 3
     fit_gates(model, data, steps=5)
+
+
+def test_an_empty_collected_is_refused_and_leaves_the_gates_and_policy_as_they_were():
+    model, data = _model(), _data()
+    model.config.policy, model.config.thresholds = "gate", [0.7]
+    before = _gate_state(model)
+    empty = Collected(data.logits[:0], data.gate_logits[:0], data.labels[:0], data.costs)
+    for call in (
+        lambda: fit_gates(model, empty, steps=3),
+        lambda: calibrate(model, empty, "confidence", target_cost=0.7),
+        lambda: calibrate(model, empty, "gate", max_accuracy_drop=0.01),
+        lambda: sweep(empty, "entropy"),
+    ):
+        with pytest.raises(ValueError, match=r"the collected data holds no sample"):
+            call()
+    _assert_same_gates(model, before)
+    assert (model.config.policy, model.config.thresholds) == ("gate", [0.7])

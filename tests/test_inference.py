@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import images, make_backbone, spread_thresholds
 
-from timm_exits import Collected, EarlyExitModel, calibrate, collect, predict, simulate, sweep, wrap
+from timm_exits import Collected, EarlyExitModel, calibrate, collect, fit_gates, predict, simulate, sweep, wrap
 from timm_exits.core.gates import logit_stats
 from timm_exits.core.layout import to_nchw
 from timm_exits.inference.hard_exit import _check_batch_shrink, _run_hard, run_assigned
@@ -24,9 +24,10 @@ def _wrapped(name: str, exits="auto"):
 
 
 def _model_of(data: Collected, exits) -> EarlyExitModel:
-    """A resnet18 with the classes and exit costs of `data` (calibrate refuses another model's data)."""
+    """A resnet18 with the classes and exit costs of `data` (calibrate refuses another model's data); its gates
+    read features, which calibrate cannot recompute from logits, so made-up gate logits are taken as given."""
     m, size = make_backbone("resnet18", num_classes=data.logits.shape[-1])
-    return wrap(m, exits, input_size=(3, size, size), costs=data.costs.tolist()).eval()
+    return wrap(m, exits, input_size=(3, size, size), costs=data.costs.tolist(), gate="features").eval()
 
 
 def _reference(model, x, policy, thresholds):
@@ -732,3 +733,50 @@ def test_calibrate_checks_the_policy_before_the_loader_and_simulate_checks_thres
             simulate(data, "confidence", bad)
     with pytest.raises(ValueError, match=r"policy 'soft' has no exit rule"):
         simulate(data, "soft", 0.5)
+
+
+def test_collected_refuses_rows_that_do_not_line_up():
+    logits, gates, labels = torch.randn(6, 2, 3), torch.zeros(6, 1), torch.zeros(6, dtype=torch.long)
+    for bad in (
+        (logits, gates, labels[:4]),
+        (logits, gates[:5], labels),
+        (logits, torch.zeros(6, 2), labels),
+        (logits, gates, labels[:, None]),
+    ):
+        with pytest.raises(ValueError, match=r"do not describe the same samples: give logits \(N, E \+ 1, K\)"):
+            Collected(*bad, torch.tensor([0.3, 1.0]))
+
+
+def test_calibrated_exit_distribution_is_the_one_predict_reports_and_gives_the_cost():
+    model, size = _wrapped("resnet18")
+    x, y = images(40, size, seed=3), torch.arange(40) % 10
+    data = collect(model, _loader(x, y))
+    for policy in ("confidence", "entropy", "gate"):
+        cal = calibrate(model, data, policy, target_cost=0.8, apply=False)
+        pred = predict(model, x, policy, cal.threshold)
+        assert cal.exit_distribution == pred.stats.distribution
+        assert sum(cal.exit_distribution) == pytest.approx(1.0, abs=1e-15)
+        shares = sum(d * c for d, c in zip(cal.exit_distribution, data.costs.double().tolist()))
+        assert shares == pytest.approx(cal.cost, abs=1e-12)
+
+
+def test_calibrating_the_gates_on_outputs_collected_before_fit_gates_is_refused():
+    model, size = _wrapped("resnet18", ["layer1", "layer2"])
+    x = images(48, size, seed=5)
+    with torch.no_grad():
+        y = model(x).logits[-1].argmax(-1)
+    y[::3] = (y[::3] + 1) % 10
+    data = collect(model, _loader(x, y))
+    fresh = calibrate(model, data, "gate", max_accuracy_drop=0.0, apply=False)  # the gates it was collected with
+    assert torch.equal(predict(model, x, "gate", fresh.threshold).exit_index, simulate(data, "gate", fresh.threshold))
+    fit_gates(model, data, steps=300)
+    model.config.policy, model.config.thresholds = "confidence", [0.5, 0.5]
+    with pytest.raises(ValueError, match=r"calibrate: the model's gates give other gate logits than the data holds"):
+        calibrate(model, data, "gate", max_accuracy_drop=0.0)
+    assert (model.config.policy, model.config.thresholds) == ("confidence", [0.5, 0.5])
+    again = collect(model, _loader(x, y))
+    cal = calibrate(model, again, "gate", max_accuracy_drop=0.0, apply=False)
+    pred = predict(model, x, "gate", cal.threshold, labels=y)
+    assert torch.equal(pred.exit_index, simulate(again, "gate", cal.threshold))
+    assert pred.stats.accuracy == pytest.approx(cal.accuracy) and cal.accuracy >= again.exit_accuracy[-1] - 1e-12
+    assert calibrate(model, data, "confidence", max_accuracy_drop=0.0, apply=False).policy == "confidence"

@@ -21,7 +21,7 @@ import torch
 
 from ..core._utils import evaluating
 from ..core.config import PolicyName
-from ..core.gates import logit_stats
+from ..core.gates import NUM_STATS, logit_stats
 from ..core.model import EarlyExitModel
 from .policies import EXIT_RULES, exit_mask, per_exit
 
@@ -39,6 +39,18 @@ class Collected:
 
     def __post_init__(self) -> None:
         self.labels = _class_indices(self.labels)
+        rows = (self.logits.shape[0], self.gate_logits.shape[0], self.labels.shape[0])
+        if (
+            len(set(rows)) > 1
+            or self.labels.ndim != 1
+            or self.gate_logits.ndim != 2
+            or self.gate_logits.shape[1] != self.logits.shape[1] - 1
+        ):
+            raise ValueError(
+                f"logits {tuple(self.logits.shape)}, gate_logits {tuple(self.gate_logits.shape)} and labels "
+                f"{tuple(self.labels.shape)} do not describe the same samples: give logits (N, E + 1, K), gate_logits "
+                "(N, E) and labels (N,), indexing all three with the same rows."
+            )
         k = self.logits.shape[-1]
         if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= k):
             bad = self.labels[(self.labels < 0) | (self.labels >= k)].unique()[:5].tolist()
@@ -81,6 +93,25 @@ def _require_match(model: EarlyExitModel, data: Collected, where: str) -> None:
         raise ValueError(
             f"{where}: " + "; ".join(problems) + ". The data was collected from another model (or the model's exits "
             "or costs changed since): collect it again with this model, timm_exits.collect(model, loader)."
+        )
+
+
+def _require_current_gates(model: EarlyExitModel, data: Collected, where: str) -> None:
+    """Refuse gate logits that the model's "stats" gates no longer give on the collected logits (refitted since)."""
+    if model.config.gate != "stats" or not len(model.branches):
+        return  # gates that read features cannot be recomputed from the logits
+    params = next(model.branches[0].gate.parameters())
+    stats = torch.cat([logit_stats(data.logits[:, b]) for b in range(len(model.branches))], dim=1)
+    stats = stats.to(params.device)
+    with torch.no_grad():
+        now = torch.stack([b.gate(None, stats[:, : NUM_STATS * (i + 1)]) for i, b in enumerate(model.branches)], dim=1)
+    # rounding of half-precision gates or another batch size moves a gate logit far less than this
+    stale = ~torch.isclose(now.float().cpu(), data.gate_logits.float(), rtol=5e-2, atol=5e-2).all(1)
+    if stale.any():
+        raise ValueError(
+            f"{where}: the model's gates give other gate logits than the data holds for {int(stale.sum())} of "
+            f"{stale.shape[0]} samples (first: {_first(stale)}); the gates changed since it was collected (e.g. by "
+            "fit_gates). Collect again with this model, timm_exits.collect(model, loader), to calibrate the gates."
         )
 
 
@@ -132,7 +163,12 @@ def _nonfinite(data: Collected, inputs_ok: torch.Tensor | None = None) -> list[s
 
 
 def _require_finite(data: Collected, where: str, fix: str, inputs_ok: torch.Tensor | None = None) -> None:
-    """Raise a ValueError naming every non-finite value in `data` (exit indices are 0-based, final last)."""
+    """Raise a ValueError if `data` holds no sample, or naming every non-finite value (exits 0-based, final last)."""
+    if data.labels.shape[0] == 0:
+        raise ValueError(
+            f"{where}: the collected data holds no sample; thresholds and gates need held-out samples. Collect them "
+            "with timm_exits.collect(model, loader) (check the row selection if you filtered a Collected)."
+        )
     problems = _nonfinite(data, inputs_ok)
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems) + f". {fix}")
@@ -346,6 +382,8 @@ def calibrate(
     if isinstance(loader, Collected):
         _require_match(model, loader, "calibrate")
         _require_finite(loader, "calibrate", _FIX_COLLECTED)
+        if policy == "gate":
+            _require_current_gates(model, loader, "calibrate")
         data = loader
     else:
         data = collect(model, loader)
@@ -372,7 +410,7 @@ def calibrate(
             )
         best = min(ok, key=lambda p: (p["cost"], -p["accuracy"]))
     index = simulate(data, policy, best["threshold"])
-    dist = (torch.bincount(index, minlength=data.logits.shape[1]).float() / index.shape[0]).tolist()
+    dist = (torch.bincount(index, minlength=data.logits.shape[1]).double() / index.shape[0]).tolist()
     if apply:
         model.config.policy = policy
         model.config.thresholds = [best["threshold"]] * len(model.branches)
