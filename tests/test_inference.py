@@ -260,6 +260,9 @@ def test_sweep_equals_each_threshold_recomputed_from_the_exit_rule():
             assert point["cost"] == pytest.approx(float(data.costs[index].mean()), abs=1e-7)
     with pytest.raises(ValueError, match="got 2 thresholds for 4 early exits"):
         simulate(data, "gate", [0.5, 0.5])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"num={bad!r}: give 1 or more candidate thresholds"):
+            sweep(data, "gate", num=bad)
     for given in (np.float32(0.25), torch.tensor(0.25), np.full(4, 0.25)):  # numpy and torch numbers act as floats
         assert torch.equal(simulate(data, "gate", given), simulate(data, "gate", 0.25))
     for bad in (-100, classes):

@@ -329,6 +329,8 @@ def sweep(data: Collected, policy: PolicyName, num: int = 201) -> list[dict[str,
     """Cost and accuracy of `policy` over thresholds at `num` quantiles of its scores (plus 0 and 1)."""
     if policy not in EXIT_RULES:
         raise ValueError(f"cannot sweep policy {policy!r}; use one of {EXIT_RULES}.")
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num={num!r}: give 1 or more candidate thresholds (the default is 201).")
     _require_finite(data, "sweep", _FIX_COLLECTED)
     stats = _exit_stats(data, policy)  # once: only the comparison depends on the threshold
     correct = data.logits.argmax(-1) == data.labels[:, None]
