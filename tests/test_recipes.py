@@ -306,6 +306,29 @@ def test_backbone_starts_from_a_users_timm_checkpoint(runs, tmp_path):
         build_model(load_recipe(tiny(), {"weights": f"local-dir:{tmp_path}"}).model, 10, 32)
 
 
+def test_weights_for_other_classes_need_a_stage_that_trains_the_classifier(tmp_path):
+    from timm.models import save_for_hf
+
+    seven = timm.create_model("test_resnet", num_classes=7)
+    save_for_hf(seven, tmp_path / "seven", safe_serialization=True)
+    file = tmp_path / "seven.safetensors"
+    safetensors.torch.save_file(seven.state_dict(), str(file))
+    frozen_only = {"method": "soft", "frozen_epochs": 1, "epochs": 0, "frozen_train_classifier": False}
+    for weights in (f"local-dir:{tmp_path / 'seven'}", str(file)):
+        spec = load_recipe(tiny(), {"weights": weights, **frozen_only}).model
+        with pytest.raises(RecipeError, match=r"made for another number of classes than the data's 10, .*stay random"):
+            build_model(spec, 10, 32, classifier_trained=False)
+        fresh = build_model(spec, 10, 32, classifier_trained=True).backbone  # a stage trains the new classifier
+        assert fresh.fc.weight.shape[0] == 10
+        assert torch.equal(fresh.layer1[0].conv1.weight, seven.layer1[0].conv1.weight)
+        kept = build_model(spec, 7, 32, classifier_trained=False).backbone  # its own classes: nothing to train
+        assert torch.equal(kept.fc.weight, seven.fc.weight)
+    recipe = load_recipe(tiny(), {"weights": str(file), **frozen_only})
+    with pytest.raises(RecipeError, match="frozen_train_classifier: true or epochs above 0"):
+        train(recipe, tmp_path / "run")
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
+
+
 def test_a_weights_file_of_another_image_size_is_a_recipe_error(tmp_path):
     vit = timm.create_model("test_vit", num_classes=10, img_size=32)
     safetensors.torch.save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))

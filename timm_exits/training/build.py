@@ -17,8 +17,9 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------- model
-def _create_backbone(spec: ModelSection, num_classes: int, load: bool) -> nn.Module:
-    """The recipe's timm model, with the weights it names (``weights``) or timm's pretrained ones."""
+def _create_backbone(spec: ModelSection, num_classes: int, load: bool) -> tuple[nn.Module, bool]:
+    """The recipe's timm model, with the weights it names (``weights``) or timm's pretrained ones, and whether its
+    classifier kept its initialisation (the weights were made for another number of classes)."""
     import timm
 
     name, weights = spec.model, spec.weights
@@ -35,11 +36,11 @@ def _create_backbone(spec: ModelSection, num_classes: int, load: bool) -> nn.Mod
                 raise RecipeError(
                     f"weights {weights!r} hold a {arch!r}, but the recipe's model is {name!r}; set model: {arch}."
                 )
-            return backbone
+            return backbone, _classes_differ(backbone, num_classes)
         backbone = timm.create_model(name, pretrained=load and not weights, num_classes=num_classes, **kwargs)
         if load and weights:
-            _load_weights_file(backbone, Path(weights).expanduser())
-        return backbone
+            return backbone, _load_weights_file(backbone, Path(weights).expanduser())
+        return backbone, load and _classes_differ(backbone, num_classes)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
@@ -63,8 +64,17 @@ def _create_backbone(spec: ModelSection, num_classes: int, load: bool) -> nn.Mod
         raise RuntimeError(_weights_hint(name, weights, e)) from e
 
 
-def _load_weights_file(backbone: nn.Module, path: Path) -> None:
-    """Load a timm model's weights file (safetensors or a torch state dict); a classifier of another size is skipped."""
+def _classes_differ(backbone: nn.Module, num_classes: int) -> bool:
+    """Whether timm's pretrained weights were made for another number of classes (timm then skips the classifier)."""
+    return (backbone.pretrained_cfg or {}).get("num_classes", num_classes) != num_classes
+
+
+def _load_weights_file(backbone: nn.Module, path: Path) -> bool:
+    """Load a timm model's weights file (safetensors or a torch state dict); a classifier of another size is skipped.
+
+    Returns:
+        Whether the classifier kept its initialisation (the file holds none of its size).
+    """
     from timm.models import load_state_dict
 
     if not path.is_file():
@@ -84,6 +94,7 @@ def _load_weights_file(backbone: nn.Module, path: Path) -> None:
     for key in resized:
         del state[key]
     missing, unexpected = backbone.load_state_dict(state, strict=False)
+    fresh = any(any(k.startswith(f"{h}.") for h in heads) for k in missing)
     missing = [k for k in missing if not any(k.startswith(f"{h}.") for h in heads) and k not in resized]
     if missing or unexpected or resized:
         raise RecipeError(
@@ -91,6 +102,7 @@ def _load_weights_file(backbone: nn.Module, path: Path) -> None:
             f"{missing[:5]}, unexpected {unexpected[:5]}, of another shape {shapes}; check the "
             "recipe's model and model_kwargs."
         )
+    return fresh
 
 
 def _check_weights_folder(folder: Path) -> None:
@@ -112,7 +124,14 @@ def _weights_hint(name: str, weights: str | None, e: Exception) -> str:
     )
 
 
-def build_model(spec: ModelSection, num_classes: int, img_size: int, pretrained: bool | None = None) -> EarlyExitModel:
+def build_model(
+    spec: ModelSection,
+    num_classes: int,
+    img_size: int,
+    pretrained: bool | None = None,
+    *,
+    classifier_trained: bool = True,
+) -> EarlyExitModel:
     """Create the model section's timm backbone, load the weights it asks for, and attach its exits.
 
     Args:
@@ -121,6 +140,8 @@ def build_model(spec: ModelSection, num_classes: int, img_size: int, pretrained:
         img_size: Input size (``recipe.data.img_size``), at which the exits' costs are measured.
         pretrained: Load the backbone's weights (``weights``, else timm's pretrained ones); default: whether
             the section sets ``pretrained`` or ``weights``.
+        classifier_trained: Whether a training stage trains the backbone's classifier; if not, weights made for
+            another number of classes (which leave it at its initialisation) are refused.
 
     Returns:
         The `EarlyExitModel` (on the CPU).
@@ -128,7 +149,13 @@ def build_model(spec: ModelSection, num_classes: int, img_size: int, pretrained:
     from . import models as _models  # noqa: F401  (registers alexnet_cifar and vgg13_cifar with timm)
 
     load = bool(spec.pretrained or spec.weights) if pretrained is None else bool(pretrained)
-    backbone = _create_backbone(spec, num_classes, load)
+    backbone, fresh = _create_backbone(spec, num_classes, load)
+    if fresh and not classifier_trained:
+        raise RecipeError(
+            f"the weights of {spec.model!r} were made for another number of classes than the data's {num_classes}, "
+            "so its classifier starts untrained, and no stage trains it (epochs: 0, frozen_train_classifier: "
+            "false): the final exit would stay random. Set frozen_train_classifier: true or epochs above 0."
+        )
     size = int(img_size)
     try:
         return wrap(

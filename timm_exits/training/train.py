@@ -203,7 +203,13 @@ class _Trainer:
         raw = self._on_rank0_first(lambda: load_splits(recipe.data), share=False)
         torch.manual_seed(recipe.seed)
         pretrained = False if self.resuming else None  # a resumed run's weights come from its checkpoint
-        self.model = build_model(recipe.model, len(raw.classes), recipe.data.img_size, pretrained=pretrained)
+        self.model = build_model(
+            recipe.model,
+            len(raw.classes),
+            recipe.data.img_size,
+            pretrained=pretrained,
+            classifier_trained=bool(recipe.optim.epochs or recipe.optim.frozen_train_classifier),
+        )
         self.data = build_datasets(recipe.data, self.model, raw, seed=recipe.seed)
         self.ckpt_path = run_dir / CHECKPOINT_NAME
         self.ckpt, self.ckpt_meta = self._restore_weights()
