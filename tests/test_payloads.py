@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import http.server
 import json
 import resource
@@ -565,3 +566,21 @@ def test_images_the_model_would_refuse_are_refused_before_any_compute_or_transfe
     with pytest.raises(PayloadError, match="holds 3 samples; the limit is max_request_samples=1") as err:
         decode_request(served_model(model, "gate", 0.5, max_request_samples=1), encode_tensors({"image": x}))
     assert err.value.status == 413
+
+
+def test_images_that_overflow_a_half_precision_model_are_refused_alone(model, batch):
+    half = copy.deepcopy(model).half()
+    served = served_model(half, "confidence", 0.6)
+    big = batch[:2].clone()
+    big[1] *= 1e5  # finite in float32, inf once cast to the model's float16
+    with pytest.raises(
+        PayloadError, match=r"1 of 2 images hold NaN or inf, or values beyond .*float16 \(first: \[1\]\)"
+    ) as err:
+        decode_request(served, encode_tensors({"image": big}))
+    assert err.value.status == 400
+    # what passes the check runs in a batch with the others
+    requests = [decode_request(served, encode_tensors({"image": x})) for x in (batch[2:3], batch[3:6].half())]
+    answers = run_batch(served, requests)
+    ref = predict(half, torch.cat([batch[2:3], batch[3:6]]).half(), "confidence", 0.6)
+    torch.testing.assert_close(torch.cat([a["logits"] for a in answers]), ref.logits)
+    assert torch.equal(torch.cat([a["exit_index"] for a in answers]), ref.exit_index)

@@ -233,6 +233,12 @@ def _param(module: nn.Module) -> torch.Tensor:
     return next(module.parameters(), torch.empty(0))
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype the module's inputs are cast to before its forward."""
+    p = _param(module)
+    return p.dtype if p.is_floating_point() else torch.float32
+
+
 def _image(served: Served, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """One request's images on `device`, uint8 pixels normalised to float32: before they join a batch, where
     torch.cat would turn them into floats still scaled 0-255."""
@@ -254,8 +260,7 @@ def _no_pixel_norm(served: Served) -> str:
 
 
 def _forward(served: Served, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    p = _param(served.module)
-    dtype = p.dtype if p.is_floating_point() else torch.float32
+    p, dtype = _param(served.module), _dtype(served.module)
     with torch.inference_mode():
         if served.kind == "cloud":
             out = served.module(inputs["features"].to(p.device, dtype), inputs["stats"].to(p.device).float())
@@ -301,7 +306,8 @@ def decode_request(served: Served, body: bytes) -> dict[str, torch.Tensor]:
     Raises:
         PayloadError: Over the sample or size limit (status 413, the sample count read from the header first);
             malformed, not fitting the specs, uint8 pixels to a model without a mean and std, or images holding
-            NaN or inf (400: the hard early exit refuses them, and in a batch they would fail every request).
+            NaN or inf, in the model's dtype (400: the hard early exit refuses them, and in a batch they would fail
+            every request).
     """
     _check_header(served, body)
     if len(body) > served.max_body_bytes:
@@ -309,9 +315,17 @@ def decode_request(served: Served, body: bytes) -> dict[str, torch.Tensor]:
     limits = {"max_elements": served.max_elements, "max_batch": served.max_request_samples}
     tensors = decode_tensors(body, served.request, **limits)
     image = tensors.get("image") if served.kind == "model" else None
-    bad = _nonfinite_rows(image) if image is not None and image.is_floating_point() else []
+    if image is None or not image.is_floating_point():
+        return tensors
+    # checked as the model gets them: finite values beyond a half-precision model's range turn to inf there
+    dtype = _dtype(served.module)
+    narrower = torch.finfo(dtype).max < torch.finfo(image.dtype).max
+    bad = _nonfinite_rows(image.to(dtype) if narrower else image)
     if bad:
-        raise PayloadError(f"{len(bad)} of {len(image)} images hold NaN or inf (first: {bad[:5]}); send finite images.")
+        beyond = f", or values beyond the range of the model's {dtype}" if narrower else ""
+        raise PayloadError(
+            f"{len(bad)} of {len(image)} images hold NaN or inf{beyond} (first: {bad[:5]}); send finite images."
+        )
     return tensors
 
 
