@@ -180,7 +180,7 @@ def _make_optimizer(model: EarlyExitModel, optim: OptimSection, stage: _Stage, s
     return opt, sched
 
 
-def schedule_lr(opt: torch.optim.Optimizer) -> float:
+def _schedule_lr(opt: torch.optim.Optimizer) -> float:
     """The schedule's current learning rate: a param group's rate without its ``lr_scale`` (timm's layer decay),
     i.e. the rate of the top layer group, whichever group comes first."""
     group = opt.param_groups[0]

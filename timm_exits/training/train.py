@@ -69,10 +69,10 @@ from .stages import (
     _configure_stage,
     _make_loss,
     _make_optimizer,
+    _schedule_lr,
     _set_modes,
     _stages,
     _warmup_note,
-    schedule_lr,
 )
 from .timing import machine_name
 from .validation import _validate_epoch
@@ -465,7 +465,7 @@ class _Trainer:
             "epochs": self.total_epochs,
             "stage": stage.name,
             "step": pos.step,
-            "lr": schedule_lr(opt),
+            "lr": _schedule_lr(opt),
             "train": train_stats,
             "val": val,
             "seconds": time.time() - t0,
