@@ -275,6 +275,17 @@ def test_placement_rules_resnet18():
     frac.unwrap()
 
 
+def test_a_set_of_exit_names_is_placed_in_run_order():
+    """A set has no order of its own (it iterates in hash order): its exits go in the order they run."""
+    m = timm.create_model("resnet18")
+    names = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0"]
+    for request in (set(names), frozenset(names)):
+        model = wrap(m, request, input_size=(3, 32, 32))
+        assert model.config.exits == names and [e.name for e in model.exits] == names
+        model.unwrap()
+    assert sum(len(x._forward_hooks) for x in m.modules()) == 0
+
+
 def test_auto_on_isotropic_vit_keeps_three_exits():
     m, size = make_backbone("vit_tiny_patch16_224")
     model = wrap(m, "auto", input_size=(3, size, size))
@@ -454,6 +465,29 @@ def test_unpooled_headless_backbone_gets_pooled_final_head(name, kwargs, layout)
     assert 0.0 < float(model.costs[0]) < 1.0 and float(model.costs[-1]) >= 1.0
     model.reset_classifier(3)
     assert model.final_head.pool.layout == layout and model(x).logits[-1].shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"),
+    [
+        ("test_resnet", {"in_chans": 1}, (1, 160, 160)),
+        ("test_vit", {"in_chans": 1}, (1, 160, 160)),
+        ("vit_tiny_patch16_224", {"img_size": (64, 96), "depth": 4}, (3, 64, 96)),
+        ("test_vit", {"img_size": (64, 96)}, (3, 64, 96)),
+    ],
+)
+def test_wrap_probes_the_input_the_model_was_created_for(name, kwargs, size):
+    """timm leaves pretrained_cfg's input size as it is for in_chans=... or img_size=...: wrap() probes
+    and counts FLOPs at the model's own channels and ViT image size, without input_size."""
+    torch.manual_seed(0)
+    m = timm.create_model(name, **kwargs).eval()
+    model = wrap(m).eval()
+    assert tuple(model.config.input_size) == size
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out.logits[-1], m(x))
+    assert 0.0 < float(model.costs[0]) < 1.0 and model.unwrap() is m
 
 
 def test_feature_extractor_gets_pooled_final_head():

@@ -416,6 +416,17 @@ def test_a_failed_flop_trace_leaves_no_hook_and_says_why():
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules()) == 0
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("test_convnext", {}), ("test_vit", {}), ("resnet18", {"num_classes": 10})]
+)
+def test_features_only_models_are_refused_clearly(name, kwargs):
+    """A features_only model is refused whether or not num_classes is given, whatever its feature class."""
+    m = timm.create_model(name, features_only=True)
+    with pytest.raises(ValueError, match=r"features_only model returns a list of maps and cannot be wrapped"):
+        wrap(m, **kwargs)
+    assert sum(len(x._forward_hooks) for x in m.modules()) == 0
+
+
 def test_wrap_and_reset_classifier_check_what_they_are_given():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"thresholds=\[0.9\] must hold one value per early exit; the exits placed"):

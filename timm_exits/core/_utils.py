@@ -48,13 +48,20 @@ def take_rows(output: Any, rows: torch.Tensor, batch: int) -> Any:
 
 
 def default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, int, int]:
-    """The (C, H, W) input size: `input_size` checked, else the model's pretrained_cfg, else (3, 224, 224)."""
+    """The (C, H, W) input size: `input_size` checked, else the model's pretrained_cfg (with its own `in_chans`
+    and ViT `patch_embed.img_size` when it has them), else (3, 224, 224)."""
     if input_size is not None:
         size = tuple(int(v) for v in input_size)
         if len(size) != 3:
             raise ValueError(f"input_size must be (C, H, W), got {input_size}")
         return size  # type: ignore[return-value]
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("input_size"):
-        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
-    return (3, 224, 224)
+    size = tuple(int(v) for v in cfg["input_size"]) if cfg.get("input_size") else (3, 224, 224)
+    # timm keeps the pretrained_cfg's size for a model created with in_chans=... or img_size=...
+    chans = getattr(model, "in_chans", None)
+    grid = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(chans, int) and chans > 0:
+        size = (chans, *size[1:])
+    if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid):
+        size = (size[0], *grid)
+    return size  # type: ignore[return-value]

@@ -436,7 +436,7 @@ def wrap(
         head: Exit head type ("linear", "mlp", "conv").
         gate: Gate input ("stats", "features", "both").
         costs: Per-exit costs gamma_b overriding the fvcore measurement (final exit included).
-        input_size: (C, H, W) used to probe shapes and count FLOPs (default: the model's pretrained_cfg).
+        input_size: (C, H, W) used to probe shapes and count FLOPs (default: the model's own size).
         config: A full `ExitConfig` (e.g. from a saved model); overrides the other options. The model
             gets a copy; the caller's config is left as it is.
         **config_kwargs: Further `ExitConfig` fields (head_hidden, gate_bias, drop_rate, ...).

@@ -25,6 +25,7 @@ import itertools
 import numbers
 from collections import Counter
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -319,13 +320,23 @@ def _unknown_module_error(model: nn.Module, name: str) -> ValueError:
     )
 
 
+def _refuse_feature_extractor(model: nn.Module) -> None:
+    """A clear error for a timm `features_only=True` model (FeatureListNet, FeatureGetterNet, ...), whose
+    forward returns a list of maps and whose modules are renamed (`stages_0`), so no exit can be placed."""
+    if type(model).__module__ == "timm.models._features" and type(model).__name__.startswith("Feature"):
+        raise ValueError(
+            f"{type(model).__name__}: a features_only model returns a list of maps and cannot be wrapped: wrap the "
+            "model created without features_only (num_classes=0 for a headless one) and give num_classes=N."
+        )
+
+
 def _as_request(exits: Any) -> ExitRequest:
     """The request with numpy / torch values as Python ones; a single value is refused with the list to give."""
     if hasattr(exits, "tolist"):  # a numpy array or a tensor of indices or fractions
         exits = exits.tolist()
     if isinstance(exits, str):
         return exits
-    if not isinstance(exits, Sequence | set):
+    if not isinstance(exits, Sequence | AbstractSet):
         one = f" (one exit: exits=[{exits!r}])" if isinstance(exits, numbers.Number) else ""
         raise TypeError(
             f"exits={exits!r} is not understood; give 'auto', 'blocks', or a list of module names, feature_info "
@@ -383,6 +394,8 @@ def resolve_exits(
     Returns:
         (exit points in execution order, the probe, the backbone's total FLOPs or None).
     """
+    _refuse_feature_extractor(model)
+    unordered = isinstance(exits, AbstractSet)  # a set iterates in hash order: its exits go in run order
     exits = _as_request(exits)
     kind = _request_kind(exits)
     info = feature_points(model) if kind != "names" or hasattr(model, "feature_info") else []
@@ -440,6 +453,8 @@ def resolve_exits(
     pr = probe(model, probe_names, example)
 
     if kind in ("names", "indices"):
+        if unordered:
+            requested.sort(key=lambda n: pr.order.get(n, -1))
         _validate_explicit(model, requested, pr, last_point)
         chosen = requested
     else:
