@@ -9,6 +9,7 @@ the confidence statistics of their exit (and the earlier ones) do not, so "stats
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch import nn
 
 from .config import GateKind
 
-__all__ = ["NUM_STATS", "logit_stats", "append_stats", "ExitGate"]
+__all__ = ["NUM_STATS", "logit_stats", "append_stats", "early_exit_stats", "stats_gate_logits", "ExitGate"]
 
 NUM_STATS = 3
 
@@ -56,6 +57,23 @@ def append_stats(prev: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     top2 = p.topk(2, dim=-1).values
     pmax = top2[:, :1]
     return torch.cat([prev, pmax, entropy, pmax - top2[:, 1:]], dim=-1)
+
+
+def early_exit_stats(logits: torch.Tensor) -> torch.Tensor:
+    """The statistics stats gates read, from stored outputs.
+
+    Args:
+        logits: (N, E + 1, K) logits of every exit, the final one last.
+
+    Returns:
+        (N, 3 * E) float32 statistics of the E early exits, in exit order.
+    """
+    return torch.cat([logit_stats(logits[:, b]) for b in range(logits.shape[1] - 1)], dim=1)
+
+
+def stats_gate_logits(gates: Sequence[nn.Module], stats: torch.Tensor) -> torch.Tensor:
+    """(N, E) logits of stats gates, gate b reading the statistics of exits 0..b (`early_exit_stats`)."""
+    return torch.stack([g(None, stats[:, : NUM_STATS * (b + 1)]) for b, g in enumerate(gates)], dim=1)
 
 
 class ExitGate(nn.Module):

@@ -21,7 +21,7 @@ import torch
 
 from ..core._utils import evaluating
 from ..core.config import PolicyName
-from ..core.gates import NUM_STATS, logit_stats
+from ..core.gates import early_exit_stats, logit_stats, stats_gate_logits
 from ..core.model import EarlyExitModel
 from .policies import EXIT_RULES, exit_mask, per_exit
 
@@ -100,11 +100,9 @@ def _require_current_gates(model: EarlyExitModel, data: Collected, where: str) -
     """Refuse gate logits that the model's "stats" gates no longer give on the collected logits (refitted since)."""
     if model.config.gate != "stats" or not len(model.branches):
         return  # gates that read features cannot be recomputed from the logits
-    params = next(model.branches[0].gate.parameters())
-    stats = torch.cat([logit_stats(data.logits[:, b]) for b in range(len(model.branches))], dim=1)
-    stats = stats.to(params.device)
+    stats = early_exit_stats(data.logits).to(next(model.branches[0].gate.parameters()).device)
     with torch.no_grad():
-        now = torch.stack([b.gate(None, stats[:, : NUM_STATS * (i + 1)]) for i, b in enumerate(model.branches)], dim=1)
+        now = stats_gate_logits([b.gate for b in model.branches], stats)
     # rounding of half-precision gates or another batch size moves a gate logit far less than this
     stale = ~torch.isclose(now.float().cpu(), data.gate_logits.float(), rtol=5e-2, atol=5e-2).all(1)
     if stale.any():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.gates import NUM_STATS, ExitGate, logit_stats
+from ..core.gates import ExitGate, early_exit_stats, stats_gate_logits
 from ..core.model import EarlyExitModel
 from ..core.soft import exit_log_probs
 from .calibration import _FIX_COLLECTED, Collected, _first, _require_finite, _require_match
@@ -64,7 +64,7 @@ def _objective(
     lam: float,
     objective: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    gate_logits = torch.stack([g(None, stats[:, : NUM_STATS * (b + 1)]) for b, g in enumerate(gates)], dim=1).float()
+    gate_logits = stats_gate_logits(gates, stats).float()
     log_pi = exit_log_probs(gate_logits)
     cost = (log_pi.exp() * costs).sum(1).mean()
     if objective != "soft":
@@ -120,7 +120,7 @@ def fit_gates(
     device = model.exit_costs.device
     logits = data.logits.to(device).float()
     labels = data.labels.to(device)
-    stats = torch.cat([logit_stats(logits[:, b]) for b in range(logits.shape[1] - 1)], dim=1)
+    stats = early_exit_stats(logits)
     logp_y = F.log_softmax(logits, dim=-1).gather(-1, labels[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
     _require_finite_stats(stats, logp_y if objective == "soft" else None)
     correct = (logits.argmax(-1) == labels[:, None]).float()  # every exit, the final one last

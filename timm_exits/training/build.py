@@ -85,8 +85,8 @@ def _load_weights_file(backbone: nn.Module, path: Path) -> bool:
     state = load_state_dict(str(path))
     own = backbone.state_dict()
     head = backbone.pretrained_cfg.get("classifier")
-    heads = [head] if isinstance(head, str) else list(head or [])
-    for key in [k for k in state if any(k.startswith(f"{h}.") for h in heads)]:
+    heads = tuple(f"{h}." for h in ([head] if isinstance(head, str) else list(head or [])))
+    for key in [k for k in state if k.startswith(heads)]:
         if key in own and state[key].shape != own[key].shape:
             del state[key]  # another number of classes: the new head keeps its initialisation
     resized = [k for k in state if k in own and state[k].shape != own[k].shape]  # e.g. another img_size
@@ -94,8 +94,8 @@ def _load_weights_file(backbone: nn.Module, path: Path) -> bool:
     for key in resized:
         del state[key]
     missing, unexpected = backbone.load_state_dict(state, strict=False)
-    fresh = any(any(k.startswith(f"{h}.") for h in heads) for k in missing)
-    missing = [k for k in missing if not any(k.startswith(f"{h}.") for h in heads) and k not in resized]
+    fresh = any(k.startswith(heads) for k in missing)
+    missing = [k for k in missing if not k.startswith(heads) and k not in resized]
     if missing or unexpected or resized:
         raise RecipeError(
             f"weights file {str(path)!r} does not fit {backbone.pretrained_cfg.get('architecture')!r}: missing "
